@@ -1,0 +1,219 @@
+"""CTC search in numpy (torch-free): greedy and prefix beam search with token times.
+
+Shared by the toolkit's `decode` and the streaming server, so training-side decoding
+and serving run the same code. Inputs are CTC log-posteriors `(T, V)` (natural log,
+one row per encoder frame). Token times are encoder-frame indices of each emitted
+token's peak: the frame, within the run of frames the best alignment assigns to the
+token, where the token's posterior is highest.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+NEG_INF = float("-inf")
+
+Hypothesis = Tuple[List[int], float, List[int]]  # (tokens, log score, token times)
+
+
+def _check_log_probs(log_probs: np.ndarray) -> np.ndarray:
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    if log_probs.ndim != 2:
+        raise ValueError(f"log_probs must be 2-D (T, V), got shape {log_probs.shape}")
+    return log_probs
+
+
+def ctc_greedy_search(log_probs: np.ndarray, blank_id: int = 0) -> Tuple[List[int], List[int]]:
+    """Best-path decoding: argmax per frame, merge repeats, drop blanks.
+
+    Args:
+        log_probs: (T, V) CTC log-posteriors of one utterance.
+        blank_id: index of the blank symbol.
+    Returns:
+        (tokens, times): token ids and, per token, the frame of its peak posterior
+        within its run of consecutive frames.
+    """
+    log_probs = _check_log_probs(log_probs)
+    if log_probs.shape[0] == 0:
+        return [], []
+    best = log_probs.argmax(axis=1)
+    best_lp = log_probs[np.arange(best.shape[0]), best]
+    # Run boundaries: a new run starts where the argmax changes.
+    starts = np.flatnonzero(np.concatenate(([True], best[1:] != best[:-1])))
+    ends = np.concatenate((starts[1:], [best.shape[0]]))
+    tokens: List[int] = []
+    times: List[int] = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        tok = int(best[s])
+        if tok == blank_id:
+            continue
+        tokens.append(tok)
+        times.append(s + int(np.argmax(best_lp[s:e])))
+    return tokens, times
+
+
+class _Prefix:
+    """Scores of one prefix: total log probs ending in blank / non-blank, plus the
+    Viterbi (best single alignment) scores and token times used for timestamps."""
+
+    __slots__ = ("pb", "pnb", "vb", "vnb", "times_b", "times_nb", "peak_nb")
+
+    def __init__(self) -> None:
+        self.pb = NEG_INF
+        self.pnb = NEG_INF
+        self.vb = NEG_INF
+        self.vnb = NEG_INF
+        self.times_b: Tuple[int, ...] = ()
+        self.times_nb: Tuple[int, ...] = ()
+        self.peak_nb = NEG_INF  # posterior of the last token at its recorded time
+
+    def total(self) -> float:
+        return float(np.logaddexp(self.pb, self.pnb))
+
+    def best_times(self) -> Tuple[int, ...]:
+        return self.times_nb if self.vnb > self.vb else self.times_b
+
+    def offer_nb(self, viterbi: float, times: Tuple[int, ...], peak: float) -> None:
+        if viterbi > self.vnb:
+            self.vnb, self.times_nb, self.peak_nb = viterbi, times, peak
+
+
+class CtcPrefixBeamSearch:
+    """Incremental CTC prefix beam search (for streaming and whole utterances).
+
+    Args:
+        beam_size: number of prefixes kept after each frame.
+        blank_id: index of the blank symbol.
+        top_k: tokens considered per frame (the k most probable); defaults to
+            `beam_size`. Use the vocabulary size for an exact (unpruned) search.
+
+    `advance(chunk)` consumes (T, V) log-posteriors; `nbest()` returns the current
+    hypotheses best first; `reset()` starts a new utterance. Frame indices in the
+    times keep counting across chunks.
+    """
+
+    def __init__(self, beam_size: int, blank_id: int = 0, top_k: int = 0) -> None:
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        self.beam_size = int(beam_size)
+        self.blank_id = int(blank_id)
+        self.top_k = int(top_k) if top_k > 0 else self.beam_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all frames (start of a new utterance)."""
+        root = _Prefix()
+        root.pb = 0.0
+        root.vb = 0.0
+        self._beam: Dict[Tuple[int, ...], _Prefix] = {(): root}
+        self.num_frames = 0
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        """Consume a chunk of frames.
+
+        Args:
+            log_probs: (T, V) log-posteriors of the next T encoder frames.
+        """
+        log_probs = _check_log_probs(log_probs)
+        vocab = log_probs.shape[1]
+        if vocab and not 0 <= self.blank_id < vocab:
+            raise ValueError(f"blank_id {self.blank_id} outside vocabulary of size {vocab}")
+        k = min(self.top_k, vocab)
+        if k < vocab:
+            top_all = np.argpartition(-log_probs, k - 1, axis=1)[:, :k]
+        else:
+            top_all = np.broadcast_to(np.arange(vocab), log_probs.shape)
+        for row, top in zip(log_probs, top_all):
+            self._step(row, top)
+            self.num_frames += 1
+
+    def _step(self, row: np.ndarray, top: np.ndarray) -> None:
+        t = self.num_frames
+        blank = self.blank_id
+        prefixes = list(self._beam.items())
+        pb = np.array([p.pb for _, p in prefixes])
+        pnb = np.array([p.pnb for _, p in prefixes])
+        ptot = np.logaddexp(pb, pnb)
+        vtot = np.maximum([p.vb for _, p in prefixes], [p.vnb for _, p in prefixes])
+        tok_lp = row[top]
+        # Scores of every (prefix, token) pair, vectorised over the pruned tokens.
+        ext_any = ptot[:, None] + tok_lp[None, :]   # extend from any ending
+        ext_blank = pb[:, None] + tok_lp[None, :]   # extend repeating token after blank
+        vit_any = vtot[:, None] + tok_lp[None, :]
+        new: Dict[Tuple[int, ...], _Prefix] = {}
+
+        def get(key: Tuple[int, ...]) -> _Prefix:
+            p = new.get(key)
+            if p is None:
+                p = new[key] = _Prefix()
+            return p
+
+        for i, (prefix, old) in enumerate(prefixes):
+            last = prefix[-1] if prefix else -1
+            for j, tok in enumerate(top.tolist()):
+                lp = float(tok_lp[j])
+                if tok == blank:
+                    p = get(prefix)
+                    p.pb = np.logaddexp(p.pb, ext_any[i, j])
+                    v = float(vit_any[i, j])
+                    if v > p.vb:
+                        p.vb, p.times_b = v, old.best_times()
+                elif tok == last:
+                    # Same token without a blank in between: collapses into prefix.
+                    p = get(prefix)
+                    p.pnb = np.logaddexp(p.pnb, old.pnb + lp)
+                    if old.vnb > NEG_INF:
+                        times, peak = old.times_nb, old.peak_nb
+                        if lp > peak:
+                            times, peak = times[:-1] + (t,), lp
+                        p.offer_nb(old.vnb + lp, times, peak)
+                    # Same token after a blank: a new token.
+                    q = get(prefix + (tok,))
+                    q.pnb = np.logaddexp(q.pnb, ext_blank[i, j])
+                    if old.vb > NEG_INF:
+                        q.offer_nb(old.vb + lp, old.times_b + (t,), lp)
+                else:
+                    q = get(prefix + (tok,))
+                    q.pnb = np.logaddexp(q.pnb, ext_any[i, j])
+                    q.offer_nb(float(vit_any[i, j]), old.best_times() + (t,), lp)
+        ranked = sorted(new.items(), key=lambda kv: kv[1].total(), reverse=True)
+        self._beam = dict(ranked[: self.beam_size])
+
+    def nbest(self, n: int = 0) -> List[Hypothesis]:
+        """Current hypotheses, best first: (tokens, log score, token times).
+
+        Args:
+            n: how many to return (0: the whole beam).
+        """
+        ranked = sorted(self._beam.items(), key=lambda kv: kv[1].total(), reverse=True)
+        if n > 0:
+            ranked = ranked[:n]
+        return [(list(k), p.total(), list(p.best_times())) for k, p in ranked]
+
+    def scores(self) -> Dict[Tuple[int, ...], float]:
+        """Total log probability of every prefix in the beam."""
+        return {k: p.total() for k, p in self._beam.items()}
+
+
+def ctc_prefix_beam_search(log_probs: np.ndarray, beam_size: int, blank_id: int = 0,
+                           top_k: int = 0) -> List[Hypothesis]:
+    """Prefix beam search over a whole utterance.
+
+    Args:
+        log_probs: (T, V) CTC log-posteriors.
+        beam_size: prefixes kept per frame (and returned).
+        blank_id: index of the blank symbol.
+        top_k: tokens considered per frame (default: beam_size).
+    Returns:
+        up to beam_size (tokens, log score, token times), best first.
+    """
+    search = CtcPrefixBeamSearch(beam_size, blank_id, top_k)
+    search.advance(log_probs)
+    return search.nbest()
+
+
+def batch_ctc_greedy_search(log_probs: np.ndarray, lengths: Sequence[int],
+                            blank_id: int = 0) -> List[Tuple[List[int], List[int]]]:
+    """Greedy search for a padded batch (B, T, V) with valid lengths (B,)."""
+    return [ctc_greedy_search(log_probs[b, : int(n)], blank_id) for b, n in enumerate(lengths)]
