@@ -1,0 +1,115 @@
+"""Inference workers that batch concurrent streams (torch-free).
+
+Connections submit `(decoder, pcm | None)` jobs and await a future. Each of the
+`num_workers` threads takes every pending job (up to `max_batch`), feeds the audio
+and advances those streams together with `advance_many`, so the CTC heads of all
+ready chunks run in one ONNX Runtime call; the encoders run stream by stream
+because their caches have no batch axis. The asyncio loop never runs inference.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .decoder import Event, StreamingDecoder, advance_many
+
+_STOP = object()
+
+
+class InferenceWorkers:
+    """A pool of inference threads fed by a queue.
+
+    Args:
+        num_workers: threads (about one per CPU core).
+        max_batch: most streams advanced together (1: no batching).
+    """
+
+    def __init__(self, num_workers: int = 2, max_batch: int = 8) -> None:
+        self.max_batch = max(1, int(max_batch))
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._threads = [threading.Thread(target=self._run, name=f"asr-worker-{i}", daemon=True)
+                         for i in range(max(1, int(num_workers)))]
+        self.batches_run = 0
+        self.streams_run = 0
+        for t in self._threads:
+            t.start()
+
+    async def submit(self, decoder: StreamingDecoder, pcm: Optional[np.ndarray],
+                     finish: bool = False) -> List[Event]:
+        """Feed `pcm` (int16, may be None), optionally end the input, and decode.
+
+        Returns the stream's events. The caller must not submit the same decoder
+        again before this returns.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((decoder, pcm, finish, loop, future))
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    self._jobs.put(_STOP)  # let this thread finish the batch, then stop
+                    break
+                batch.append(job)
+            self._process(batch)
+
+    def _process(self, batch: List[Tuple]) -> None:
+        ok: List[Tuple] = []
+        for job in batch:
+            decoder, pcm, finish, loop, future = job
+            try:
+                if pcm is not None and pcm.size:
+                    decoder.accept_waveform(pcm)
+                if finish:
+                    decoder.input_finished()
+                ok.append(job)
+            except Exception as exc:  # a bad stream must not take the others down
+                loop.call_soon_threadsafe(_resolve, future, None, exc)
+        if not ok:
+            return
+        try:
+            results = advance_many([job[0] for job in ok])
+        except Exception:
+            results = None
+        if results is None:  # retry one by one so only the failing stream fails
+            for job in ok:
+                try:
+                    res = job[0].advance()
+                    job[3].call_soon_threadsafe(_resolve, job[4], res, None)
+                except Exception as exc:
+                    job[3].call_soon_threadsafe(_resolve, job[4], None, exc)
+            return
+        self.batches_run += 1
+        self.streams_run += len(ok)
+        for job, res in zip(ok, results):
+            job[3].call_soon_threadsafe(_resolve, job[4], res, None)
+
+    def shutdown(self) -> None:
+        """Stop the threads after the queued jobs."""
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+def _resolve(future: asyncio.Future, result, exc) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,94 @@
+"""Decode a Kaldi `wav.scp` with an export (the recipe's runtime stage).
+
+    python -m wenet_moe_runtime.decode --model_dir DIR --wav_scp wav.scp \
+        --result text [--mode attention_rescoring] [--chunk_size 16] [--int8]
+
+Writes `key text` lines (atomically: temporary name, then rename).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import List, Optional, Tuple
+
+from .decoder import MODES, DecodeOptions
+from .model import ModelError, OnnxAsrModel
+from .offline import decode_samples
+from .wavio import read_wav
+
+
+def read_scp(path: str) -> List[Tuple[str, str]]:
+    """`key path` lines; a malformed line raises ValueError naming file and line."""
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'key wav_path', got {line!r}")
+            entries.append((parts[0], parts[1]))
+    return entries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_dir", required=True, help="directory of the ONNX export")
+    parser.add_argument("--wav_scp", required=True, help="Kaldi wav.scp (key path)")
+    parser.add_argument("--result", required=True, help="output text file (key text)")
+    parser.add_argument("--mode", default="attention_rescoring", choices=MODES)
+    parser.add_argument("--chunk_size", type=int, default=0,
+                        help="decoding chunk (encoder frames); 0: the export's")
+    parser.add_argument("--beam_size", type=int, default=10)
+    parser.add_argument("--ctc_weight", type=float, default=0.5)
+    parser.add_argument("--rescoring_weight", type=float, default=1.0)
+    parser.add_argument("--reverse_weight", type=float, default=None,
+                        help="R2L decoder weight; default: the export's")
+    parser.add_argument("--int8", action="store_true", help="use the *.int8.onnx models")
+    parser.add_argument("--num_threads", type=int, default=1)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads)
+        opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size,
+                             mode=args.mode, ctc_weight=args.ctc_weight,
+                             rescoring_weight=args.rescoring_weight,
+                             reverse_weight=args.reverse_weight)
+        entries = read_scp(args.wav_scp)
+        rate = int(getattr(model.info.fbank, "sample_rate", 16000))
+        lines = []
+        for key, wav in entries:
+            samples, sr = read_wav(wav)
+            if sr != rate:
+                raise ValueError(f"{wav}: sample rate {sr} Hz, the model expects {rate} Hz")
+            nbest = decode_samples(model, samples, opts)
+            lines.append(f"{key} {nbest[0]['sentence']}".rstrip() + "\n")
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    folder = os.path.dirname(os.path.abspath(args.result))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, args.result)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return 0
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wenet_moe_runtime.decode",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

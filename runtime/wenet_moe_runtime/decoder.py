@@ -1,0 +1,248 @@
+"""Per-connection streaming decoder: fbank -> encoder chunks -> CTC prefix beam
+search -> endpoint -> attention rescoring (torch-free).
+
+Feature windows follow WeNet's runtime: the first chunk of a segment needs
+`(chunk-1)*subsampling + right_context + 1` fbank frames, later chunks
+`chunk*subsampling` new frames, and the last `right_context + 1 - subsampling`
+frames of each window are kept and prepended to the next one (the subsampling
+convolution has no cache). Each `advance()` returns result events:
+`("partial", nbest)`, `("final", nbest)` and `("speech_end", None)`, where
+`nbest` is a list of `{"sentence", "word_pieces"}` dicts (word pieces only in
+finals, times in ms from the start of the stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .ctc_search import CtcPrefixBeamSearch
+from .endpoint import CtcEndpoint, EndpointConfig
+from .features import OnlineFbank
+from .model import OnnxAsrModel
+
+Event = Tuple[str, Optional[List[Dict]]]
+MODES = ("ctc_greedy", "ctc_prefix_beam", "attention_rescoring")
+
+
+@dataclass
+class DecodeOptions:
+    """Search and scoring options (WeNet runtime defaults)."""
+    chunk_size: int = 0             # 0: the export's chunk size
+    beam_size: int = 10             # prefixes kept by the CTC search (= rescored n-best)
+    nbest: int = 1                  # hypotheses returned to the client
+    mode: str = "attention_rescoring"
+    ctc_weight: float = 0.5
+    rescoring_weight: float = 1.0
+    reverse_weight: Optional[float] = None   # None: the export's reverse_weight
+    continuous_decoding: bool = False
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
+    """The chunk size to run: the export's unless overridden; <= 0 is non-streaming."""
+    info = model.info
+    if chunk_size == 0:
+        return info.chunk_size
+    if info.left_chunks > 0 and chunk_size != info.chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} differs from the export's {info.chunk_size}, "
+                         f"which is fixed for left_chunks={info.left_chunks}")
+    return chunk_size
+
+
+def rescore(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int]]],
+            encoder_out: np.ndarray, opts: DecodeOptions) -> List[Tuple[List[int], float, List[int]]]:
+    """Attention rescoring of CTC n-best: `rescoring_weight*att + ctc_weight*ctc`.
+
+    Args:
+        hyps: (tokens, ctc log score, token frame times) per hypothesis.
+        encoder_out: (T, D) encoder output of the segment.
+    Returns:
+        the hypotheses re-sorted best first with their combined score.
+    """
+    if not hyps or encoder_out.shape[0] == 0 or all(len(h[0]) == 0 for h in hyps):
+        return list(hyps)
+    rw = model.info.reverse_weight if opts.reverse_weight is None else opts.reverse_weight
+    att = model.attention_scores([h[0] for h in hyps], encoder_out, rw)
+    scored = [(h[0], opts.rescoring_weight * float(a) + opts.ctc_weight * h[1], h[2])
+              for h, a in zip(hyps, att)]
+    scored.sort(key=lambda h: h[1], reverse=True)
+    return scored
+
+
+def format_nbest(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int]]],
+                 n: int, offset_ms: int, with_pieces: bool) -> List[Dict]:
+    """WeNet's nbest list: `[{"sentence", "word_pieces": [{"word","start","end"}]}]`."""
+    out = []
+    for tokens, _, times in list(hyps)[: max(1, n)]:
+        item: Dict = {"sentence": model.symbols.detokenize(tokens)}
+        if with_pieces:
+            times_ms = [offset_ms + t * model.info.frame_ms for t in times]
+            item["word_pieces"] = model.symbols.word_pieces(tokens, times_ms)
+        out.append(item)
+    if not out:
+        out.append({"sentence": "", "word_pieces": []} if with_pieces else {"sentence": ""})
+    return out
+
+
+class StreamingDecoder:
+    """Decoding state of one stream; feed int16 PCM, collect events.
+
+    Not thread-safe: one stream is advanced by one thread at a time.
+    """
+
+    def __init__(self, model: OnnxAsrModel, opts: DecodeOptions) -> None:
+        self.model = model
+        self.opts = opts
+        self.chunk_size = resolve_chunk_size(model, opts.chunk_size)
+        info = model.info
+        self.sample_rate = int(getattr(info.fbank, "sample_rate", 16000))
+        self.fbank = OnlineFbank(info.fbank)
+        self.keep_frames = max(info.right_context + 1 - info.subsampling_rate, 0)
+        self.input_done = False
+        self.stopped = False          # an endpoint ended the stream (no continuous decoding)
+        self.finals_sent = 0
+        self.frames_read = 0          # fbank frames taken from the extractor
+        self.samples_received = 0
+        self._new_segment()
+
+    # ---------------------------------------------------------------- state
+    def _new_segment(self) -> None:
+        self.state = self.model.new_state(self.chunk_size)
+        self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id)
+        self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
+        self.encoder_outs: List[np.ndarray] = []
+        self.cached = np.zeros((0, self.model.info.fbank.num_bins if hasattr(
+            self.model.info.fbank, "num_bins") else 80), np.float32)
+        self.segment_started = False
+        self.segment_start_ms = int(round(self.frames_read * self.model.info.fbank_shift_ms))
+
+    def decoded_something(self) -> bool:
+        best = self.search.nbest(1)
+        return bool(best and best[0][0])
+
+    # ---------------------------------------------------------------- input
+    def accept_waveform(self, pcm: np.ndarray) -> None:
+        """Append samples: int16 PCM, or float32 in [-1, 1]."""
+        if self.input_done:
+            raise RuntimeError("audio after end of input")
+        pcm = np.asarray(pcm)
+        samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        self.samples_received += samples.shape[0]
+        if samples.shape[0]:
+            self.fbank.accept_waveform(self.sample_rate, samples)
+
+    def input_finished(self) -> None:
+        if not self.input_done:
+            self.input_done = True
+            self.fbank.input_finished()
+
+    # ------------------------------------------------------------- chunking
+    def next_chunk(self) -> Optional[np.ndarray]:
+        """The next encoder window (T, bins) if enough frames are ready, else None."""
+        if self.stopped:
+            return None
+        info = self.model.info
+        ready = self.fbank.num_frames_ready - self.frames_read
+        if self.chunk_size > 0:
+            need = (self.chunk_size * info.subsampling_rate if self.segment_started
+                    else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
+            take = need if ready >= need else (ready if self.input_done else 0)
+        else:
+            take = ready if self.input_done else 0
+        if take <= 0:
+            return None
+        if self.cached.shape[0] + take < info.right_context + 1:
+            if not self.input_done:
+                return None
+            self.frames_read += take  # a tail too short for one output frame
+            return None
+        new = np.asarray(self.fbank.get_frames(self.frames_read, take), dtype=np.float32)
+        self.frames_read += take
+        window = np.concatenate([self.cached, new], axis=0) if self.cached.shape[0] else new
+        self.cached = window[window.shape[0] - self.keep_frames:] if self.keep_frames else window[:0]
+        self.segment_started = True
+        return window
+
+    def encode(self, window: np.ndarray) -> np.ndarray:
+        """(T, bins) -> (T', D) encoder output; caches advance."""
+        hidden = self.model.forward_encoder_chunk(window, self.state)
+        self.encoder_outs.append(hidden)
+        return hidden
+
+    def consume(self, log_probs: np.ndarray) -> List[Event]:
+        """Search and endpoint on one chunk's (T', V) CTC log-posteriors."""
+        events: List[Event] = []
+        self.search.advance(log_probs)
+        self.endpoint.update(log_probs, self.model.symbols.blank_id)
+        decoded = self.decoded_something()
+        if self.endpoint.is_endpoint(decoded):
+            events.append(("final", self._final_nbest()))
+            if self.opts.continuous_decoding:
+                self._new_segment()
+            else:
+                self.stopped = True
+                events.append(("speech_end", None))
+        elif decoded:
+            events.append(("partial", format_nbest(self.model, self.search.nbest(self.opts.nbest),
+                                                   self.opts.nbest, self.segment_start_ms, False)))
+        return events
+
+    def finish(self) -> List[Event]:
+        """After all chunks of a finished input: the last final result and speech_end."""
+        if self.stopped:
+            return []
+        events: List[Event] = []
+        if self.decoded_something() or self.finals_sent == 0:
+            events.append(("final", self._final_nbest()))
+        self.stopped = True
+        events.append(("speech_end", None))
+        return events
+
+    def _final_nbest(self) -> List[Dict]:
+        self.finals_sent += 1
+        hyps = self.search.nbest()
+        if self.opts.mode == "attention_rescoring" and self.encoder_outs:
+            hyps = rescore(self.model, hyps, np.concatenate(self.encoder_outs, axis=0), self.opts)
+        return format_nbest(self.model, hyps, self.opts.nbest, self.segment_start_ms, True)
+
+    # -------------------------------------------------------------- driving
+    def advance(self) -> List[Event]:
+        """Decode every ready chunk; at end of input also the final result."""
+        events: List[Event] = []
+        while True:
+            window = self.next_chunk()
+            if window is None:
+                break
+            hidden = self.encode(window)
+            events.extend(self.consume(self.model.ctc_log_probs(hidden)))
+        if self.input_done and not self.stopped:
+            events.extend(self.finish())
+        return events
+
+
+def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
+    """Advance several streams, running their CTC heads in one ONNX Runtime call
+    per round of chunks (the encoders run one stream at a time: their caches have
+    no batch axis). Returns each stream's events, in order."""
+    events: List[List[Event]] = [[] for _ in decoders]
+    active = list(range(len(decoders)))
+    while active:
+        windows = [(i, decoders[i].next_chunk()) for i in active]
+        ready = [(i, w) for i, w in windows if w is not None]
+        if not ready:
+            break
+        hiddens = [decoders[i].encode(w) for i, w in ready]
+        model = decoders[ready[0][0]].model
+        for (i, _), lp in zip(ready, model.ctc_log_probs_many(hiddens)):
+            events[i].extend(decoders[i].consume(lp))
+        active = [i for i, _ in ready]
+    for i, d in enumerate(decoders):
+        if d.input_done and not d.stopped:
+            events[i].extend(d.finish())
+    return events

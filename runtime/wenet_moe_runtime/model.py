@@ -1,0 +1,256 @@
+"""ONNX Runtime model of a wenet-moe export (torch-free).
+
+`OnnxAsrModel(model_dir)` loads `encoder.onnx`, `ctc.onnx` and `decoder.onnx`
+(or their `*.int8.onnx` versions), `units.txt`, and the metadata stored on
+`encoder.onnx` (WeNet's `export_onnx_cpu` keys plus `fbank_conf`). The model
+object holds no per-stream state: streams keep their caches in an `EncoderState`,
+so one model serves every connection (ONNX Runtime sessions are thread-safe).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import onnxruntime as ort
+
+from .features import FbankOptions
+from .symbols import SymbolTable
+
+MODEL_FILES = ("encoder", "ctc", "decoder")
+REQUIRED_METADATA = ("chunk_size", "left_chunks", "subsampling_rate", "right_context",
+                     "sos_symbol", "eos_symbol", "output_size", "num_blocks", "head",
+                     "cnn_module_kernel")
+
+
+class ModelError(Exception):
+    """A model directory that cannot be served (one-line reason naming the file)."""
+
+
+@dataclass
+class ModelInfo:
+    """Metadata of an export (integers as in WeNet's `export_onnx_cpu`)."""
+    chunk_size: int
+    left_chunks: int
+    subsampling_rate: int
+    right_context: int
+    sos: int
+    eos: int
+    vocab_size: int
+    output_size: int
+    num_blocks: int
+    head: int
+    cnn_module_kernel: int
+    is_bidirectional_decoder: bool
+    reverse_weight: float
+    fbank: FbankOptions
+
+    @property
+    def frame_ms(self) -> int:
+        """Milliseconds per encoder output frame (10 ms fbank shift x subsampling)."""
+        return int(round(self.fbank_shift_ms * self.subsampling_rate))
+
+    @property
+    def fbank_shift_ms(self) -> float:
+        return float(getattr(self.fbank, "frame_shift_ms", 10.0))
+
+
+def _int_meta(meta: Dict[str, str], key: str, path: str) -> int:
+    try:
+        return int(float(meta[key]))
+    except KeyError:
+        raise ModelError(f"{path}: metadata key '{key}' is missing") from None
+    except ValueError:
+        raise ModelError(f"{path}: metadata '{key}' is not a number: {meta[key]!r}") from None
+
+
+def read_model_info(meta: Dict[str, str], path: str) -> ModelInfo:
+    """Parse the encoder metadata map; raise ModelError naming the missing key."""
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            raise ModelError(f"{path}: metadata key '{key}' is missing")
+    fbank = FbankOptions()
+    if "fbank_conf" in meta:
+        try:
+            fbank = FbankOptions.from_dict(json.loads(meta["fbank_conf"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelError(f"{path}: metadata 'fbank_conf' is invalid: {exc}") from None
+    bidir = str(meta.get("is_bidirectional_decoder", "0")).strip().lower() in ("1", "true")
+    return ModelInfo(
+        chunk_size=_int_meta(meta, "chunk_size", path),
+        left_chunks=_int_meta(meta, "left_chunks", path),
+        subsampling_rate=_int_meta(meta, "subsampling_rate", path),
+        right_context=_int_meta(meta, "right_context", path),
+        sos=_int_meta(meta, "sos_symbol", path),
+        eos=_int_meta(meta, "eos_symbol", path),
+        vocab_size=_int_meta(meta, "vocab_size", path) if "vocab_size" in meta else -1,
+        output_size=_int_meta(meta, "output_size", path),
+        num_blocks=_int_meta(meta, "num_blocks", path),
+        head=_int_meta(meta, "head", path),
+        cnn_module_kernel=_int_meta(meta, "cnn_module_kernel", path),
+        is_bidirectional_decoder=bidir,
+        reverse_weight=float(meta.get("reverse_weight", 0.0) or 0.0),
+        fbank=fbank,
+    )
+
+
+class EncoderState:
+    """Caches of one stream: `att_cache (blocks, head, T_cache, 2*d_k)`,
+    `cnn_cache (blocks, 1, D, kernel-1)`, the positional `offset` (encoder frames)
+    and the number of chunks run (for the left-chunk attention mask)."""
+
+    def __init__(self, info: ModelInfo, chunk_size: int) -> None:
+        d_k2 = 2 * (info.output_size // info.head)
+        self.required_cache_size = chunk_size * info.left_chunks if info.left_chunks > 0 else -1
+        cache_t = max(self.required_cache_size, 0)
+        self.att_cache = np.zeros((info.num_blocks, info.head, cache_t, d_k2), np.float32)
+        lorder = max(info.cnn_module_kernel - 1, 0)
+        self.cnn_cache = np.zeros((info.num_blocks, 1, info.output_size, lorder), np.float32)
+        # With a fixed-size left cache the first chunks see a zero "fake" history that
+        # the mask hides; positions then start at the cache size (as WeNet's runtime).
+        self.offset = cache_t
+        self.valid_cache = 0  # encoder frames of real history held in att_cache
+
+
+class OnnxAsrModel:
+    """The three ONNX sessions of an export plus its metadata and symbol table.
+
+    Args:
+        model_dir: directory with encoder/ctc/decoder `.onnx` and `units.txt`.
+        int8: load `*.int8.onnx` instead of the fp32 files.
+        num_threads: intra-op threads per session (1 suits many concurrent streams).
+    """
+
+    def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1) -> None:
+        self.model_dir = model_dir
+        if not os.path.isdir(model_dir):
+            raise ModelError(f"{model_dir}: model directory does not exist")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(num_threads))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        self.sessions: Dict[str, ort.InferenceSession] = {}
+        for name in MODEL_FILES:
+            path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
+            if not os.path.isfile(path):
+                raise ModelError(f"{path}: model file not found")
+            try:
+                self.sessions[name] = ort.InferenceSession(
+                    path, sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises several types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelError(f"{path}: cannot load: {first}") from None
+        enc_path = os.path.join(model_dir, "encoder.int8.onnx" if int8 else "encoder.onnx")
+        meta = self.sessions["encoder"].get_modelmeta().custom_metadata_map
+        self.info = read_model_info(meta, enc_path)
+        units = os.path.join(model_dir, "units.txt")
+        if not os.path.isfile(units):
+            raise ModelError(f"{units}: symbol table not found")
+        self.symbols = SymbolTable.read(units)
+        if self.info.vocab_size < 0:
+            self.info.vocab_size = len(self.symbols.id2sym)
+        self._enc_inputs = [i.name for i in self.sessions["encoder"].get_inputs()]
+        self._dec_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
+        self._ctc_input = self.sessions["ctc"].get_inputs()[0].name
+        missing = {"chunk", "att_cache", "cnn_cache"} - set(self._enc_inputs)
+        if missing:
+            raise ModelError(f"{enc_path}: encoder input(s) missing: {sorted(missing)}")
+
+    # ----------------------------------------------------------------- encoder
+    def chunk_frames(self, num_fbank_frames: int) -> int:
+        """Encoder frames produced by `num_fbank_frames` of input (0 if too short)."""
+        rc, sub = self.info.right_context, self.info.subsampling_rate
+        return 0 if num_fbank_frames < rc + 1 else (num_fbank_frames - rc - 1) // sub + 1
+
+    def new_state(self, chunk_size: int) -> EncoderState:
+        return EncoderState(self.info, chunk_size)
+
+    def forward_encoder_chunk(self, feats: np.ndarray, state: EncoderState) -> np.ndarray:
+        """Run one chunk, updating `state` in place.
+
+        Args:
+            feats: (T, bins) float32 fbank frames, T >= right_context + 1.
+        Returns:
+            (T', D) encoder output, T' = (T - right_context - 1) // subsampling + 1.
+        """
+        t_out = self.chunk_frames(feats.shape[0])
+        cache_t = state.att_cache.shape[2]
+        feeds = {"chunk": np.ascontiguousarray(feats[None], dtype=np.float32),
+                 "att_cache": state.att_cache, "cnn_cache": state.cnn_cache}
+        if "offset" in self._enc_inputs:
+            feeds["offset"] = np.array(state.offset, dtype=np.int64)
+        if "required_cache_size" in self._enc_inputs:
+            feeds["required_cache_size"] = np.array(state.required_cache_size, dtype=np.int64)
+        if "att_mask" in self._enc_inputs:
+            mask = np.ones((1, 1, cache_t + t_out), dtype=bool)
+            if state.required_cache_size > 0:
+                mask[:, :, : cache_t - min(state.valid_cache, cache_t)] = False
+            feeds["att_mask"] = mask
+        out, att_cache, cnn_cache = self.sessions["encoder"].run(None, feeds)
+        state.att_cache, state.cnn_cache = att_cache, cnn_cache
+        state.offset += out.shape[1]
+        state.valid_cache += out.shape[1]
+        return out[0]
+
+    # --------------------------------------------------------------------- ctc
+    def ctc_log_probs(self, hidden: np.ndarray) -> np.ndarray:
+        """(T, D) encoder output -> (T, V) CTC log-posteriors."""
+        if hidden.shape[0] == 0:
+            return np.zeros((0, self.info.vocab_size), np.float32)
+        return self.sessions["ctc"].run(None, {self._ctc_input: hidden[None]})[0][0]
+
+    def ctc_log_probs_many(self, hiddens: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """CTC of several streams in one ONNX Runtime call.
+
+        The CTC head is frame-wise, so the (T_i, D) chunks are concatenated along
+        time into one (1, sum T_i, D) input and the output is split back.
+        """
+        sizes = [h.shape[0] for h in hiddens]
+        if sum(sizes) == 0:
+            return [np.zeros((0, self.info.vocab_size), np.float32) for _ in hiddens]
+        joined = self.ctc_log_probs(np.concatenate(hiddens, axis=0))
+        return np.split(joined, np.cumsum(sizes)[:-1], axis=0)
+
+    # ----------------------------------------------------------------- decoder
+    def attention_scores(self, hyps: Sequence[Sequence[int]], encoder_out: np.ndarray,
+                         reverse_weight: float) -> np.ndarray:
+        """Decoder log-likelihood of each hypothesis (including <eos>).
+
+        Args:
+            hyps: N token-id lists (without <sos>/<eos>).
+            encoder_out: (T, D) encoder output of the utterance.
+            reverse_weight: weight of the right-to-left decoder (0 uses L2R only).
+        Returns:
+            (N,) float64 `(1 - rw) * l2r + rw * r2l`, as WeNet's rescoring.
+        """
+        n = len(hyps)
+        if n == 0:
+            return np.zeros((0,), np.float64)
+        lens = np.array([len(h) for h in hyps], dtype=np.int64)
+        width = int(lens.max()) + 1
+        pad = np.full((n, width), self.info.eos, dtype=np.int64)
+        pad[:, 0] = self.info.sos
+        for i, h in enumerate(hyps):
+            pad[i, 1: 1 + len(h)] = h
+        feeds = {"hyps": pad, "hyps_lens": lens + 1,
+                 "encoder_out": np.ascontiguousarray(encoder_out[None], dtype=np.float32)}
+        use_reverse = self.info.is_bidirectional_decoder and reverse_weight > 0
+        if "reverse_weight" in self._dec_inputs:
+            feeds["reverse_weight"] = np.array(reverse_weight if use_reverse else 0.0,
+                                               dtype=np.float32)
+        outs = self.sessions["decoder"].run(None, feeds)
+        l2r = outs[0]
+        scores = np.zeros(n, np.float64)
+        for i, h in enumerate(hyps):
+            ln = len(h)
+            s = float(sum(l2r[i, j, tok] for j, tok in enumerate(h))) + float(l2r[i, ln, self.info.eos])
+            if use_reverse and len(outs) > 1:
+                r2l = outs[1]
+                rev = list(reversed(h))
+                r = float(sum(r2l[i, j, tok] for j, tok in enumerate(rev))) + float(r2l[i, ln, self.info.eos])
+                s = (1.0 - reverse_weight) * s + reverse_weight * r
+            scores[i] = s
+        return scores
