@@ -1,0 +1,330 @@
+"""Mixture-of-Experts FFN: one layer class with a pluggable router (see moe_router.py).
+
+Experts are stored stacked: w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D); expert e
+computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``, i.e. exactly the dense
+`PositionwiseFeedForward` with ``w_1.weight = w1[e].T`` etc.
+
+Dispatch (no Python loop over frames): the N*k (frame, expert) assignments are sorted
+by expert once (unique integer keys, so the order is deterministic under any sort),
+the frames are gathered once into expert-contiguous rows, each expert runs two GEMMs on
+its contiguous slice, the gated rows are put back in assignment order with ONE gather
+through the inverse permutation, and the k rows of a frame are summed. Nothing ever
+scatter-adds twice into one row, so the ONNX graph (where ScatterElements does not
+accumulate duplicates) computes what PyTorch computes; slice bounds are tensors, so a
+scripted export keeps them dynamic for every length (experts with 0 frames included).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from wenet_moe.config import ConfigError
+from wenet_moe.layers.ffn import get_activation
+from wenet_moe.layers.moe_router import (LAST_EMBEDDING, LAST_ROUTING, RouteEmbedding,
+                                         Router, balance_loss, frame_mask, importance_loss,
+                                         resolve_moe_conf, sparsity_loss)
+
+__all__ = ["MoEFFN", "MoEFactory", "moe_aux_losses", "expert_load", "expert_load_entropy",
+           "active_parameters"]
+
+
+class MoEFFN(nn.Module):
+    """MoE feed-forward block: (B, T, D), route_emb (B, T, E_emb) or empty -> (B, T, D).
+
+    Args:
+        idim: model dimension D.
+        hidden_units: inner dimension H of one expert.
+        dropout_rate: dropout after the activation (as the dense FFN).
+        activation: activation module.
+        n_expert, n_expert_activated: E experts, k chosen per frame.
+        router: module mapping (N, D [+ E_emb]) -> logits (N, E); may be shared.
+        router_kind: "topk" | "switch" | "speechmoe" | "omni".
+        use_route_emb: concat `route_emb` before the layer input as router input.
+        capacity_factor: > 0 caps each expert at ceil(cf * N * k / E) assignments
+            during training (overflow assignments contribute zero); 0 = off.
+        conf: the resolved moe_conf (loss weights), kept for `moe_aux_losses`.
+    """
+
+    def __init__(self, idim: int, hidden_units: int, dropout_rate: float,
+                 activation: nn.Module, n_expert: int, n_expert_activated: int,
+                 router: nn.Module, router_kind: str, use_route_emb: bool,
+                 capacity_factor: float = 0.0, conf: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.idim = idim
+        self.hidden_units = hidden_units
+        self.n_expert = n_expert
+        self.n_expert_activated = n_expert_activated
+        self.router_kind = router_kind
+        # topk / omni: softmax over the selected logits; switch / speechmoe: gates are
+        # the full-softmax probabilities of the chosen experts.
+        self.renormalize = router_kind in ("topk", "omni")
+        self.use_route_emb = use_route_emb
+        self.capacity_factor = float(capacity_factor)
+        self.router = router
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout_rate)
+        self.w1 = nn.Parameter(torch.empty(n_expert, idim, hidden_units))
+        self.b1 = nn.Parameter(torch.empty(n_expert, hidden_units))
+        self.w2 = nn.Parameter(torch.empty(n_expert, hidden_units, idim))
+        self.b2 = nn.Parameter(torch.empty(n_expert, idim))
+        self.reset_parameters()
+        self.moe_conf: Dict[str, float] = {}
+        for key, value in (conf or {}).items():
+            if isinstance(value, float):
+                self.moe_conf[key] = value
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised as nn.Linear would be (uniform +-1/sqrt(fan_in))."""
+        bound1 = 1.0 / math.sqrt(self.idim)
+        bound2 = 1.0 / math.sqrt(self.hidden_units)
+        nn.init.uniform_(self.w1, -bound1, bound1)
+        nn.init.uniform_(self.b1, -bound1, bound1)
+        nn.init.uniform_(self.w2, -bound2, bound2)
+        nn.init.uniform_(self.b2, -bound2, bound2)
+
+    def route(self, x: torch.Tensor, route_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D), route_emb (N, E_emb) or empty -> (logits (N,E), top_idx (N,k), gates (N,k))."""
+        if self.use_route_emb:
+            router_in = torch.cat([route_emb.to(x.dtype), x], dim=-1)
+        else:
+            router_in = x
+        logits = self.router(router_in)
+        top_logits, top_idx = torch.topk(logits, self.n_expert_activated, dim=-1)
+        if self.renormalize:
+            gates = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+        else:
+            probs = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+            gates = probs.gather(1, top_idx)
+        return logits, top_idx, gates
+
+    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor) -> torch.Tensor:
+        batch, time, dim = xs.size(0), xs.size(1), xs.size(2)
+        x = xs.reshape(-1, dim)
+        emb = route_emb
+        if self.use_route_emb:
+            emb = route_emb.reshape(-1, route_emb.size(-1))
+        logits, top_idx, gates = self.route(x, emb)
+        out = self.dispatch(x, top_idx, gates)
+        if not torch.jit.is_scripting():
+            self._record(logits, top_idx, batch, time)
+        return out.view(batch, time, dim)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x (n, D) -> (n, D)."""
+        h = torch.addmm(self.b1[e], x, self.w1[e])
+        h = self.dropout(self.activation(h))
+        return torch.addmm(self.b2[e], h, self.w2[e])
+
+    def dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Mix of the chosen experts: x (N, D), top_idx/gates (N, k) -> (N, D)."""
+        n_tok, k = top_idx.size(0), top_idx.size(1)
+        n_assign = n_tok * k
+        flat = top_idx.reshape(-1)
+        positions = torch.arange(n_assign, dtype=flat.dtype, device=flat.device)
+        order = torch.argsort(flat * n_assign + positions)      # expert-major, unique keys
+        x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        gate_sorted = gates.reshape(-1).index_select(0, order)
+        experts = torch.arange(self.n_expert, dtype=flat.dtype, device=flat.device)
+        counts = (flat.unsqueeze(1) == experts.unsqueeze(0)).sum(0)
+        ends = torch.cumsum(counts, 0)
+        cap = -1
+        if self.training and self.capacity_factor > 0:
+            cap = int(math.ceil(self.capacity_factor * n_assign / self.n_expert))
+        pieces: List[torch.Tensor] = []
+        if torch.jit.is_scripting():
+            start = 0
+            for e in range(self.n_expert):
+                end = int(ends[e])
+                pieces.append(self.expert(e, x_sorted[start:end]))
+                start = end
+        else:
+            bounds: List[int] = ends.tolist()
+            start = 0
+            for e in range(self.n_expert):
+                end = bounds[e]
+                if end > start:
+                    if cap >= 0 and end - start > cap:
+                        kept = self.expert(e, x_sorted[start:start + cap])
+                        pieces.append(kept)
+                        pieces.append(x_sorted.new_zeros(end - start - cap, x.size(1)))
+                    else:
+                        pieces.append(self.expert(e, x_sorted[start:end]))
+                start = end
+        y_sorted = torch.cat(pieces, 0) * gate_sorted.unsqueeze(1)
+        inverse = torch.empty_like(order).scatter_(0, order, positions)
+        y = y_sorted.index_select(0, inverse)
+        if k == 1:
+            return y
+        return y.view(n_tok, k, x.size(1)).sum(1)
+
+    @torch.jit.unused
+    def _record(self, logits: torch.Tensor, top_idx: torch.Tensor, batch: int, time: int) -> None:
+        """Keep this forward's routing for aux losses (training) and expert_load."""
+        kept = logits.view(batch, time, -1) if self.training else None
+        LAST_ROUTING[self] = (kept, top_idx.detach().view(batch, time, -1))
+
+
+class MoEFactory:
+    """Builds the MoE FFNs of one encoder or decoder stack (see ffn.FFNFactory).
+
+    Holds the state shared across the stack: the Omni-Router's single router and the
+    SpeechMoE shared frame-embedding network (encoder only).
+    """
+
+    def __init__(self, idim: int, hidden_units: int, dropout_rate: float,
+                 activation_name: str, n_expert: int, n_expert_activated: int,
+                 moe_conf: Dict[str, Any], frame_embedding: bool):
+        where = "encoder_conf" if frame_embedding else "decoder_conf"
+        if isinstance(n_expert, bool) or not isinstance(n_expert, int) or n_expert < 1:
+            raise ConfigError(f"{where}.n_expert: expected an integer >= 1, got {n_expert!r}")
+        if (isinstance(n_expert_activated, bool) or not isinstance(n_expert_activated, int)
+                or not 1 <= n_expert_activated <= n_expert):
+            raise ConfigError(f"{where}.n_expert_activated: expected an integer in "
+                              f"1..n_expert ({n_expert}), got {n_expert_activated!r}")
+        self.conf = resolve_moe_conf(moe_conf or {})
+        self.idim = idim
+        self.hidden_units = hidden_units
+        self.dropout_rate = dropout_rate
+        self.activation_name = activation_name
+        get_activation(activation_name)  # fail early on a bad name
+        self.n_expert = n_expert
+        self.n_expert_activated = n_expert_activated
+        self.router_kind = self.conf["router"]
+        self.use_route_emb = self.router_kind == "speechmoe" and frame_embedding
+        self._embedding: Optional[RouteEmbedding] = None
+        router_in = idim
+        if self.use_route_emb:
+            self._embedding = RouteEmbedding(idim, self.conf["embed_dim"], self.conf["embed_layers"])
+            router_in = idim + self.conf["embed_dim"]
+        self.router_in = router_in
+        self._shared_router: Optional[Router] = None
+        if self.router_kind == "omni":
+            self._shared_router = Router(router_in, n_expert, self.conf["router_bias"])
+
+    def __call__(self) -> MoEFFN:
+        """A new MoE FFN (sharing the stack's router for `omni`)."""
+        router = self._shared_router
+        if router is None:
+            router = Router(self.router_in, self.n_expert, self.conf["router_bias"])
+        return MoEFFN(self.idim, self.hidden_units, self.dropout_rate,
+                      get_activation(self.activation_name), self.n_expert,
+                      self.n_expert_activated, router, self.router_kind,
+                      self.use_route_emb, self.conf["capacity_factor"], self.conf)
+
+    def route_embedding(self) -> Optional[RouteEmbedding]:
+        """The SpeechMoE shared embedding network of this stack (same object every call)."""
+        return self._embedding
+
+
+def _moe_layers(model: nn.Module) -> List[Tuple[str, MoEFFN]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFFN)]
+
+
+def _layer_mask(name: str, batch: int, time: int, device: torch.device,
+                encoder_out_lens: Optional[torch.Tensor],
+                text_lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Valid frames of a layer: encoder frames, or decoder steps (<sos> + text)."""
+    lengths: Optional[torch.Tensor] = encoder_out_lens
+    if "decoder" in name.split(".")[0] or ".decoder" in name:
+        lengths = None if text_lengths is None else text_lengths + 1
+    if lengths is None:
+        return torch.ones(batch, time, dtype=torch.bool, device=device)
+    return frame_mask(lengths.to(device), batch, time)
+
+
+def moe_aux_losses(model: nn.Module, encoder_out_lens: Optional[torch.Tensor],
+                   text: Optional[torch.Tensor], text_lengths: Optional[torch.Tensor]
+                   ) -> Dict[str, Tuple[torch.Tensor, float]]:
+    """Auxiliary losses of the last training forward: name -> (unweighted loss, weight).
+
+    Sums each loss over the MoE layers that recorded routing since the previous call
+    (`loss_balance`, `loss_sparsity`, `loss_importance`), plus `loss_embed_ctc` for a
+    SpeechMoE embedding network (CTC of its frames against `text`, summed over the
+    batch and divided by the batch size, as the main CTC). Padding frames are excluded.
+    Empty for dense models and `topk` without a balance weight.
+    """
+    totals: Dict[str, torch.Tensor] = {}
+    weights: Dict[str, float] = {}
+
+    def add(key: str, value: torch.Tensor, weight: float) -> None:
+        totals[key] = totals[key] + value if key in totals else value
+        weights[key] = weight
+
+    for name, layer in _moe_layers(model):
+        record = LAST_ROUTING.get(layer)
+        if record is None or record[0] is None:
+            continue
+        logits, top_idx = record
+        LAST_ROUTING[layer] = (None, top_idx)   # consumed: frees the graph, no reuse
+        mask = _layer_mask(name, logits.size(0), logits.size(1), logits.device,
+                           encoder_out_lens, text_lengths)
+        conf = layer.moe_conf
+        if conf.get("balance_weight", 0.0) > 0:
+            add("loss_balance", balance_loss(logits, top_idx, mask), conf["balance_weight"])
+        if layer.router_kind == "speechmoe":
+            add("loss_sparsity", sparsity_loss(logits, mask), conf["sparsity_weight"])
+            add("loss_importance", importance_loss(logits, mask), conf["importance_weight"])
+    for name, module in model.named_modules():
+        if not isinstance(module, RouteEmbedding) or module not in LAST_EMBEDDING:
+            continue
+        emb = LAST_EMBEDDING.pop(module)
+        ctc = getattr(model, "ctc", None)
+        if ctc is None or text is None or text_lengths is None or encoder_out_lens is None:
+            continue
+        log_probs = ctc.log_softmax(module.ctc_proj(emb)).float()
+        targets = text.clamp(min=0)
+        blank = int(getattr(ctc, "blank_id", 0))
+        loss = torch.nn.functional.ctc_loss(
+            log_probs.transpose(0, 1), targets, encoder_out_lens.long(), text_lengths.long(),
+            blank=blank, reduction="sum", zero_infinity=True) / emb.size(0)
+        conf = next((m.moe_conf for _, m in _moe_layers(model)), {})
+        add("loss_embed_ctc", loss, conf.get("embed_ctc_weight", 0.01))
+    return {key: (totals[key], weights[key]) for key in totals}
+
+
+def expert_load(model: nn.Module, encoder_out_lens: Optional[torch.Tensor] = None,
+                text_lengths: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Qualified layer name -> int64 counts (n_expert,) of assignments on the last forward.
+
+    With `encoder_out_lens` / `text_lengths`, padding frames are excluded (encoder
+    layers / decoder layers); otherwise every frame counts. Each frame counts once per
+    chosen expert (k times in total). Empty for dense models.
+    """
+    loads: Dict[str, torch.Tensor] = {}
+    for name, layer in _moe_layers(model):
+        record = LAST_ROUTING.get(layer)
+        if record is None:
+            continue
+        top_idx = record[1]
+        mask = _layer_mask(name, top_idx.size(0), top_idx.size(1), top_idx.device,
+                           encoder_out_lens, text_lengths)
+        chosen = top_idx[mask].reshape(-1)
+        loads[name] = torch.bincount(chosen, minlength=layer.n_expert).to(torch.int64).cpu()
+    return loads
+
+
+def expert_load_entropy(loads: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Entropy in nats of each layer's load distribution (log(E) = perfectly balanced)."""
+    result: Dict[str, float] = {}
+    for name, counts in loads.items():
+        total = counts.sum().item()
+        if total <= 0:
+            result[name] = 0.0
+            continue
+        share = counts.double() / total
+        share = share[share > 0]
+        result[name] = float(-(share * share.log()).sum())
+    return result
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters used per frame: all (shared ones once) minus the unchosen experts."""
+    total = sum(p.numel() for p in model.parameters())
+    for _, layer in _moe_layers(model):
+        per_expert = (layer.w1[0].numel() + layer.b1[0].numel()
+                      + layer.w2[0].numel() + layer.b2[0].numel())
+        total -= (layer.n_expert - layer.n_expert_activated) * per_expert
+    return total
