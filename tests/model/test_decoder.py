@@ -1,0 +1,114 @@
+"""Attention decoders: incremental decoding, padding, TorchScript, MoE FFN slot."""
+import pytest
+import torch
+
+from wenet_moe.model.decoder import BiTransformerDecoder, TransformerDecoder
+from wenet_moe.model.masks import subsequent_mask
+
+V, D = 11, 16
+
+
+def _decoder(cls=TransformerDecoder, **kw):
+    torch.manual_seed(0)
+    args = dict(attention_heads=2, linear_units=24, num_blocks=2, dropout_rate=0.0,
+                positional_dropout_rate=0.0)
+    if cls is BiTransformerDecoder:
+        args["r_num_blocks"] = 1
+    args.update(kw)
+    return cls(V, D, **args).eval()
+
+
+def _inputs(batch=3, t=9, length=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(batch, t, D, generator=g)
+    mem_lens = torch.tensor([t, t - 3, t - 5][:batch])
+    memory_mask = (torch.arange(t).unsqueeze(0) < mem_lens.unsqueeze(1)).unsqueeze(1)
+    ys = torch.randint(0, V, (batch, length), generator=g)
+    ys_lens = torch.tensor([length, length - 2, 2][:batch])
+    return memory, memory_mask, ys, ys_lens
+
+
+@pytest.mark.parametrize("normalize_before", [True, False])
+def test_incremental_steps_equal_teacher_forcing(normalize_before):
+    dec = _decoder(normalize_before=normalize_before)
+    memory, memory_mask, ys, _ = _inputs()
+    full_lens = torch.full((3,), ys.size(1))
+    with torch.no_grad():
+        logits, r_logits, olens = dec(memory, memory_mask, ys, full_lens)
+        full = torch.log_softmax(logits, -1)
+        cache = []
+        for i in range(1, ys.size(1) + 1):
+            mask = subsequent_mask(i).unsqueeze(0).expand(3, i, i)
+            logp, cache = dec.forward_one_step(memory, memory_mask, ys[:, :i], mask, cache)
+            assert len(cache) == 2 and cache[0].shape == (3, i, D)
+            torch.testing.assert_close(logp, full[:, i - 1], atol=1e-5, rtol=1e-5)
+    assert r_logits.dim() == 0 and torch.equal(olens, full_lens)
+
+
+def test_padding_does_not_change_valid_positions():
+    dec = _decoder()
+    memory, memory_mask, ys, ys_lens = _inputs()
+    with torch.no_grad():
+        batched = dec(memory, memory_mask, ys, ys_lens)[0]
+        for b in range(3):
+            t = int(memory_mask[b, 0].sum())
+            n = int(ys_lens[b])
+            alone = dec(memory[b:b + 1, :t], memory_mask[b:b + 1, :, :t], ys[b:b + 1, :n],
+                        ys_lens[b:b + 1])[0]
+            torch.testing.assert_close(batched[b, :n], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_runs_right_decoder_only_with_reverse_weight():
+    dec = _decoder(BiTransformerDecoder)
+    memory, memory_mask, ys, ys_lens = _inputs()
+    r_ys = torch.flip(ys, [1])
+    with torch.no_grad():
+        l0, r0, _ = dec(memory, memory_mask, ys, ys_lens, r_ys, 0.0)
+        l1, r1, _ = dec(memory, memory_mask, ys, ys_lens, r_ys, 0.3)
+        right = dec.right_decoder(memory, memory_mask, r_ys, ys_lens)[0]
+        left = dec.left_decoder(memory, memory_mask, ys, ys_lens)[0]
+    assert r0.dim() == 0
+    torch.testing.assert_close(l0, l1)
+    torch.testing.assert_close(l1, left)
+    torch.testing.assert_close(r1, right)
+    assert len(dec.left_decoder.decoders) == 2 and len(dec.right_decoder.decoders) == 1
+
+
+def test_scripted_decoder_matches_eager():
+    dec = _decoder(BiTransformerDecoder)
+    scripted = torch.jit.script(dec)
+    memory, memory_mask, ys, ys_lens = _inputs()
+    r_ys = torch.flip(ys, [1])
+    with torch.no_grad():
+        for a, b in zip(dec(memory, memory_mask, ys, ys_lens, r_ys, 0.5),
+                        scripted(memory, memory_mask, ys, ys_lens, r_ys, 0.5)):
+            torch.testing.assert_close(a, b)
+        mask = subsequent_mask(2).unsqueeze(0).expand(3, 2, 2)
+        e = dec.forward_one_step(memory, memory_mask, ys[:, :2], mask, [])
+        s = scripted.forward_one_step(memory, memory_mask, ys[:, :2], mask, [])
+        torch.testing.assert_close(e[0], s[0])
+
+
+def test_moe_ffn_slot_one_factory_per_stack():
+    from wenet_moe.layers.moe import MoEFFN
+    dec = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=2)
+    ffns = [layer.feed_forward for layer in dec.left_decoder.decoders]
+    assert all(isinstance(f, MoEFFN) for f in ffns)
+    assert isinstance(dec.right_decoder.decoders[0].feed_forward, MoEFFN)
+    # Omni-Router: one router per decoder stack, shared by its layers only.
+    omni = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=1,
+                    moe_conf={"router": "omni"})
+    left = [layer.feed_forward.router for layer in omni.left_decoder.decoders]
+    assert left[0] is left[1]
+    assert omni.right_decoder.decoders[0].feed_forward.router is not left[0]
+    memory, memory_mask, ys, ys_lens = _inputs()
+    with torch.no_grad():
+        out = omni(memory, memory_mask, ys, ys_lens, torch.flip(ys, [1]), 0.5)
+    assert out[0].shape == (3, ys.size(1), V) and torch.isfinite(out[1]).all()
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="input_layer"):
+        _decoder(input_layer="conv1d")
+    with pytest.raises(ValueError, match="r_num_blocks"):
+        _decoder(BiTransformerDecoder, r_num_blocks=0)

@@ -1,0 +1,199 @@
+"""Decoding searches of the toolkit.
+
+CTC searches are the runtime's numpy implementation (`wenet_moe_runtime.ctc_search`),
+so that offline decoding and the streaming server cannot drift apart; this module
+adds the torch side: batched attention beam search with decoder self-attention
+caches, and attention rescoring of CTC n-best lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from wenet_moe.model.masks import subsequent_mask
+from wenet_moe_runtime.ctc_search import ctc_greedy_search, ctc_prefix_beam_search
+
+
+@dataclass
+class DecodeResult:
+    """One utterance's result.
+
+    tokens: best hypothesis; score: its log score (method-specific); times: encoder
+    frame of each token's CTC peak (empty for `attention`); nbest / nbest_scores /
+    nbest_times: all candidates, best first.
+    """
+    tokens: List[int]
+    score: float = 0.0
+    times: List[int] = field(default_factory=list)
+    nbest: List[List[int]] = field(default_factory=list)
+    nbest_scores: List[float] = field(default_factory=list)
+    nbest_times: List[List[int]] = field(default_factory=list)
+
+
+def _utterance_log_probs(ctc_log_probs: torch.Tensor, lens: torch.Tensor) -> List[np.ndarray]:
+    lp = ctc_log_probs.detach().to("cpu", torch.float64).numpy()
+    return [lp[b, : int(n)] for b, n in enumerate(lens.tolist())]
+
+
+def ctc_greedy(ctc_log_probs: torch.Tensor, lens: torch.Tensor, blank_id: int = 0
+               ) -> List[DecodeResult]:
+    """Greedy CTC search per utterance; ctc_log_probs (B, T, V), lens (B,)."""
+    out = []
+    for lp in _utterance_log_probs(ctc_log_probs, lens):
+        tokens, times = ctc_greedy_search(lp, blank_id)
+        score = float(lp.max(axis=1).sum()) if lp.shape[0] else 0.0
+        out.append(DecodeResult(tokens, score, times, [tokens], [score], [times]))
+    return out
+
+
+def ctc_prefix_beam(ctc_log_probs: torch.Tensor, lens: torch.Tensor, beam_size: int,
+                    blank_id: int = 0) -> List[DecodeResult]:
+    """CTC prefix beam search per utterance; scores are total CTC log probabilities."""
+    out = []
+    for lp in _utterance_log_probs(ctc_log_probs, lens):
+        hyps = ctc_prefix_beam_search(lp, beam_size, blank_id)
+        out.append(DecodeResult(hyps[0][0], hyps[0][1], hyps[0][2], [h[0] for h in hyps],
+                                [h[1] for h in hyps], [h[2] for h in hyps]))
+    return out
+
+
+def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
+                          encoder_mask: torch.Tensor, beam_size: int, sos: int, eos: int
+                          ) -> List[DecodeResult]:
+    """Left-to-right beam search, batched over utterances and beams.
+
+    Args:
+        decoder: has `forward_one_step(memory, memory_mask, tgt, tgt_mask, cache)`.
+        encoder_out: (B, T, D); encoder_mask: bool (B, 1, T).
+        beam_size: hypotheses kept per utterance.
+    Returns:
+        per utterance the hypothesis with the best log probability (including <eos>
+        once it ended); an utterance stops after as many steps as it has encoder
+        frames, so each result equals decoding the utterance alone.
+    """
+    batch, max_t, dim = encoder_out.shape
+    device = encoder_out.device
+    n = batch * beam_size
+    memory = encoder_out.unsqueeze(1).expand(batch, beam_size, max_t, dim).reshape(n, max_t, dim)
+    memory_mask = encoder_mask.unsqueeze(1).expand(batch, beam_size, 1, max_t).reshape(n, 1, max_t)
+    max_steps = encoder_mask.squeeze(1).sum(1).repeat_interleave(beam_size).view(n, 1)
+    hyps = torch.full((n, 1), sos, dtype=torch.long, device=device)
+    first = torch.full((beam_size,), float("-inf"), device=device)
+    first[0] = 0.0
+    scores = first.repeat(batch).view(n, 1)
+    ended = torch.zeros(n, 1, dtype=torch.bool, device=device)
+    cache: List[torch.Tensor] = []
+    base = (torch.arange(batch, device=device) * beam_size).unsqueeze(1)  # (B, 1)
+    for step in range(1, max_t + 1):
+        ended = ended | (max_steps < step)
+        if bool(ended.all()):
+            break
+        tgt_mask = subsequent_mask(step, device).unsqueeze(0).expand(n, step, step)
+        logp, cache = decoder.forward_one_step(memory, memory_mask, hyps, tgt_mask, cache)
+        vocab = logp.size(1)
+        # An ended hypothesis can only "emit" <eos> again, at no cost.
+        only_eos = torch.full((vocab,), float("-inf"), device=device)
+        only_eos[eos] = 0.0
+        logp = torch.where(ended, only_eos.unsqueeze(0), logp)
+        k = min(beam_size, vocab)
+        top_logp, top_ids = logp.topk(k, dim=1)  # (n, k)
+        cand = (scores + top_logp).view(batch, beam_size * k)
+        new_scores, pos = cand.topk(beam_size, dim=1)  # (B, beam)
+        src = (base + torch.div(pos, k, rounding_mode="floor")).view(n)
+        tokens = top_ids.view(batch, beam_size * k).gather(1, pos).view(n, 1)
+        hyps = torch.cat([hyps[src], tokens], dim=1)
+        cache = [c[src] for c in cache]
+        ended = ended[src] | (tokens == eos)
+        max_steps = max_steps[src]
+        scores = new_scores.view(n, 1)
+    scores = scores.view(batch, beam_size)
+    hyps = hyps.view(batch, beam_size, -1)
+    results = []
+    for b in range(batch):
+        order = torch.argsort(scores[b], descending=True).tolist()
+        nbest, nbest_scores = [], []
+        for j in order:
+            if scores[b, j].item() == float("-inf"):
+                continue
+            seq = hyps[b, j, 1:].tolist()
+            if eos in seq:
+                seq = seq[: seq.index(eos)]
+            nbest.append(seq)
+            nbest_scores.append(float(scores[b, j]))
+        results.append(DecodeResult(nbest[0], nbest_scores[0], [], nbest, nbest_scores,
+                                    [[] for _ in nbest]))
+    return results
+
+
+def decoder_scores(model: torch.nn.Module, hyps: Sequence[Sequence[int]], utt_index: Sequence[int],
+                   encoder_out: torch.Tensor, encoder_mask: torch.Tensor, reverse_weight: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decoder log probabilities of whole hypotheses, batched.
+
+    Args:
+        model: ASRModel (uses decoder, sos/eos, reverse_hyps).
+        hyps: N token sequences (no <sos>/<eos>); utt_index: (N,) their utterance.
+        encoder_out: (B, T, D); encoder_mask: bool (B, 1, T).
+        reverse_weight: the right-to-left scores are computed only when > 0.
+    Returns:
+        (l2r (N,), r2l (N,)): sum of log p(token) over the hypothesis plus
+        log p(<eos>) at its end; r2l is zeros when not computed.
+    """
+    device = encoder_out.device
+    num = len(hyps)
+    lens = torch.tensor([len(h) for h in hyps], dtype=torch.long, device=device)
+    width = int(lens.max().item()) + 1 if num else 1
+    ys_in = torch.full((num, width), model.eos, dtype=torch.long, device=device)
+    ys_in[:, 0] = model.sos
+    for i, h in enumerate(hyps):
+        if len(h):
+            ys_in[i, 1:len(h) + 1] = torch.tensor(list(h), dtype=torch.long, device=device)
+    r_ys_in = model.reverse_hyps(ys_in, lens + 1)
+    idx = torch.tensor(list(utt_index), dtype=torch.long, device=device)
+    l_logits, r_logits, _ = model.decoder(encoder_out[idx], encoder_mask[idx], ys_in, lens + 1,
+                                          r_ys_in, reverse_weight)
+    keep = torch.arange(width, device=device).unsqueeze(0) <= lens.unsqueeze(1)  # (N, L+1)
+    eos_col = torch.full((num, 1), model.eos, dtype=torch.long, device=device)
+
+    def total(logits: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        targets = torch.cat([ys[:, 1:], eos_col], dim=1)  # tokens then <eos>
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+        return logp.masked_fill(~keep, 0.0).sum(1)
+
+    l2r = total(l_logits, ys_in)
+    r2l = total(r_logits, r_ys_in) if reverse_weight > 0.0 else torch.zeros_like(l2r)
+    return l2r, r2l
+
+
+def attention_rescoring(model: torch.nn.Module, ctc_results: List[DecodeResult],
+                        encoder_out: torch.Tensor, encoder_mask: torch.Tensor,
+                        ctc_weight: float, reverse_weight: float) -> List[DecodeResult]:
+    """Rescore each utterance's CTC n-best with the attention decoder(s), batched over
+    all hypotheses of all utterances.
+
+    score = (1 - reverse_weight) * l2r + reverse_weight * r2l + ctc_weight * ctc_score,
+    decoder scores including <eos>. Returns the best candidate per utterance, with
+    its CTC token times and every candidate's combined score.
+    """
+    flat, owner = [], []
+    for b, res in enumerate(ctc_results):
+        flat.extend(res.nbest)
+        owner.extend([b] * len(res.nbest))
+    if not flat:
+        return []
+    with torch.no_grad():
+        l2r, r2l = decoder_scores(model, flat, owner, encoder_out, encoder_mask, reverse_weight)
+    att = ((1.0 - reverse_weight) * l2r + reverse_weight * r2l).tolist()
+    out, i = [], 0
+    for res in ctc_results:
+        combined = [att[i + j] + ctc_weight * res.nbest_scores[j] for j in range(len(res.nbest))]
+        i += len(res.nbest)
+        order = sorted(range(len(combined)), key=lambda j: combined[j], reverse=True)
+        best = order[0]
+        out.append(DecodeResult(res.nbest[best], combined[best], res.nbest_times[best],
+                                [res.nbest[j] for j in order], [combined[j] for j in order],
+                                [res.nbest_times[j] for j in order]))
+    return out
