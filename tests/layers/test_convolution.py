@@ -41,7 +41,7 @@ def test_matches_reference(causal, norm, kernel):
     x = torch.randn(1, 11, 6)
     y, cache = conv(x)
     assert torch.allclose(y[0], reference(conv, x[0], causal), atol=1e-5)
-    assert cache.shape == ((1, 6, kernel - 1) if causal else (0, 0, 0))
+    assert cache.shape == ((1, 6, kernel - 1) if causal else (1, 6, 0))
 
 
 def test_causal_streaming_with_cache_equals_full():

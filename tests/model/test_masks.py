@@ -22,6 +22,7 @@ def test_pad_masks():
     assert torch.equal(make_pad_mask(lens), ref)
     assert torch.equal(make_non_pad_mask(lens), ~ref)
     assert make_pad_mask(lens, 7).shape == (3, 7) and make_pad_mask(lens, 7)[0, 5:].all()
+    assert torch.equal(make_pad_mask(lens, 4), ref[:, :4])
 
 
 def test_subsequent_mask():

@@ -6,7 +6,7 @@ forward(x (B, T, D), mask_pad bool (B, 1, T) True = valid frame (or (0, 0, 0)),
 Causal: the depthwise convolution sees `kernel - 1` past frames (zeros at the start
 of an utterance, the cache while streaming) and no future; `new_cache` holds the
 last `kernel - 1` depthwise inputs, shape (B, D, kernel-1). Symmetric (non-causal):
-odd kernel, `(kernel-1)/2` frames each side, `new_cache` is empty (0, 0, 0).
+odd kernel, `(kernel-1)/2` frames each side, `new_cache` is empty, (B, D, 0).
 
 Padded frames are zeroed at the depthwise input (after the GLU), so a valid frame
 sees exactly what it would see in an unpadded batch of one: zeros beyond the ends.
@@ -67,7 +67,7 @@ class ConvolutionModule(nn.Module):
                 x = torch.cat((cache.to(x.dtype), x), dim=2)
             new_cache = x[:, :, x.size(2) - self.lorder:]
         else:
-            new_cache = torch.zeros((0, 0, 0), dtype=x.dtype, device=x.device)
+            new_cache = torch.zeros((x.size(0), x.size(1), 0), dtype=x.dtype, device=x.device)
         x = self.depthwise_conv(x)
         if self.use_layer_norm:
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)

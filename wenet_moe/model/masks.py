@@ -9,9 +9,11 @@ import torch
 
 
 def make_pad_mask(lengths: torch.Tensor, max_len: int = 0) -> torch.Tensor:
-    """True at padded positions: lengths (B,) -> (B, max(max_len, max length))."""
+    """True at padded positions: lengths (B,) -> (B, T), T = max_len if > 0 else
+    the largest length."""
     batch = lengths.size(0)
-    max_len = max(max_len, int(lengths.max().item())) if batch > 0 else max_len
+    if max_len <= 0:
+        max_len = int(lengths.max().item()) if batch > 0 else 0
     positions = torch.arange(0, max_len, dtype=torch.int64, device=lengths.device)
     return positions.unsqueeze(0).expand(batch, max_len) >= lengths.unsqueeze(-1)
 
