@@ -69,8 +69,15 @@ def _accepts(cls: type, arg: str) -> bool:
     return arg in inspect.signature(cls.__init__).parameters
 
 
+def _validates_itself(cls: type) -> bool:
+    """Classes taking **conf check their own keys (naming `<where>.<key>`)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in inspect.signature(cls.__init__).parameters.values())
+
+
 def _build(cls: type, where: str, conf: Dict[str, Any], *args: Any, **extra: Any) -> nn.Module:
-    check_keys(conf, _constructor_keys(cls), where)
+    if not _validates_itself(cls):
+        check_keys(conf, _constructor_keys(cls), where)
     extra = {k: v for k, v in extra.items() if _accepts(cls, k)}
     try:
         return cls(*args, **conf, **extra)
