@@ -3,7 +3,7 @@ same chunk mask; context checks; explicit forward_chunk cache semantics."""
 import pytest
 import torch
 
-from encoder_helpers import FEAT, tiny_conformer, tiny_transformer
+from test_encoder_common import FEAT, tiny_conformer, tiny_transformer
 
 TOL = 1e-5
 

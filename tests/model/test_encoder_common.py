@@ -1,4 +1,4 @@
-"""Tiny encoders for the encoder tests."""
+"""Tiny encoders shared by the encoder tests (no tests of its own)."""
 import torch
 
 from wenet_moe.layers.cmvn import GlobalCMVN
