@@ -1,0 +1,153 @@
+"""Checkpoints: atomic writes, RNG states, and loading weights from any checkpoint.
+
+A training checkpoint (`N.pt` after epoch N, `step_S.pt` after optimizer step S) is a
+dict: `model` (state dict), `optimizer`, `scheduler`, `scaler`, `rng` (python, numpy,
+torch, cuda), `rng_epoch_start` (the same states captured just before the epoch's data
+iterator was created), `epoch`, `step`, `batch_idx` (batches consumed in `epoch`),
+`epoch_done`. An averaged checkpoint is a plain model state dict; `load_model_weights`
+accepts both.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same directory, then rename onto `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=".pt", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def capture_rng() -> Dict[str, Any]:
+    """States of python's, numpy's, torch's (and CUDA's) global generators."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(
+        model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def extract_state_dict(ckpt: Any, path: str = "") -> Dict[str, torch.Tensor]:
+    """Model state dict from a training checkpoint dict or a plain state dict."""
+    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
+        sd = ckpt["model"]
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt
+    else:
+        raise ValueError(f"{path}: not a model checkpoint (no 'model' state dict and not a state dict)")
+    # tolerate weights saved from a DDP-wrapped model
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(path: str) -> Any:
+    """torch.load on CPU with a one-line error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / foreign file
+        raise ValueError(f"{path}: cannot read checkpoint: {str(e).splitlines()[0]}") from e
+
+
+def load_model_weights(model: torch.nn.Module, path: str, strict: bool = True) -> Dict[str, Any]:
+    """Load the weights of any checkpoint (epoch, step, averaged) into `model`.
+
+    Returns the whole checkpoint object (a dict) so callers can read its metadata.
+    Missing or unexpected keys raise ValueError naming the file and the first keys.
+    """
+    ckpt = load_checkpoint(path)
+    sd = extract_state_dict(ckpt, path)
+    target = unwrap_model(model)
+    missing, unexpected = target.load_state_dict(sd, strict=False)
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+        raise ValueError(f"{path}: checkpoint does not match the model: {'; '.join(parts)}")
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Point `dst` at `src` (relative symlink in the same dir, else a copy), atomically."""
+    d = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(d, f".tmp.{os.path.basename(dst)}.{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        if os.path.dirname(os.path.abspath(src)) == d:
+            os.symlink(os.path.basename(src), tmp)
+        else:
+            shutil.copyfile(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def make_checkpoint(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    scheduler: Any, scaler: Any, epoch: int, step: int, batch_idx: int,
+                    epoch_done: bool, rng_epoch_start: Optional[Dict[str, Any]] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The checkpoint dict described in the module docstring."""
+    ckpt: Dict[str, Any] = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": capture_rng(),
+        "rng_epoch_start": rng_epoch_start,
+        "epoch": int(epoch),
+        "step": int(step),
+        "batch_idx": int(batch_idx),
+        "epoch_done": bool(epoch_done),
+    }
+    if extra:
+        ckpt.update(extra)
+    return ckpt

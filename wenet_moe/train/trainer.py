@@ -1,0 +1,349 @@
+"""The training loop: epochs of optimizer steps, CV, checkpoints, exact resume.
+
+A batch is the data pipeline's dict `{keys, feats (B,T,F), feats_lengths (B,),
+target (B,L) padded -1, target_lengths (B,), skipped: {counter: n}}`; the model is
+called as `model(feats, feats_lengths, target, target_lengths) -> {"loss", ...}`.
+
+Determinism for resume: the global RNG states are captured right before each epoch's
+data iterator is created (`rng_epoch_start`) and after every optimizer step. Resuming
+mid-epoch restores the epoch-start states, re-creates the iterator (same shuffles and
+worker seeds), skips the batches already consumed, then restores the step states.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from wenet_moe.config import ConfigError, check_keys, save_yaml
+from wenet_moe.train.checkpoint import (atomic_torch_save, capture_rng, link_or_copy, make_checkpoint,
+                                        restore_rng, unwrap_model)
+from wenet_moe.train.dist import DistInfo, all_ranks_have_data, all_reduce_sums, sum_counters
+from wenet_moe.train.monitor import Monitor, moe_entropies, scalar_parts
+
+TRAIN_KEYS = ("max_epoch", "accum_grad", "grad_clip", "log_interval", "save_interval", "dtype", "seed")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConf:
+    """Top-level training keys of the YAML (WeNet names)."""
+    max_epoch: int = 100
+    accum_grad: int = 1
+    grad_clip: float = 5.0
+    log_interval: int = 100
+    save_interval: int = 0      # optimizer steps between step checkpoints; 0 = epoch ends only
+    dtype: str = "fp32"
+    seed: int = 777
+
+    @staticmethod
+    def from_configs(configs: Dict[str, Any]) -> "TrainConf":
+        conf = TrainConf()
+        for key in TRAIN_KEYS:
+            if key not in configs or configs[key] is None:
+                continue
+            value = configs[key]
+            if key == "dtype":
+                if value not in DTYPES:
+                    raise ConfigError(f"'dtype' must be one of {', '.join(DTYPES)}, got {value!r}")
+            elif key == "grad_clip":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ConfigError(f"'grad_clip' must be a positive number, got {value!r}")
+                value = float(value)
+            else:
+                minimum = 1 if key in ("max_epoch", "accum_grad", "log_interval") else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                    raise ConfigError(f"'{key}' must be an integer >= {minimum}, got {value!r}")
+            setattr(conf, key, value)
+        return conf
+
+
+def check_train_conf(configs: Dict[str, Any], allowed_top: Iterable[str]) -> TrainConf:
+    """Check the top-level keys of a config and parse its training keys."""
+    check_keys(configs, allowed_top, "")
+    return TrainConf.from_configs(configs)
+
+
+class Trainer:
+    """Runs `fit()`; owns the step counter, epoch position and checkpoint writing.
+
+    Args:
+        model: the model, possibly wrapped in DistributedDataParallel.
+        optimizer, scheduler: built by `optim.build_optimizer` / `scheduler.build_scheduler`.
+        train_loader, cv_loader: iterables of batches; `loader.dataset.set_epoch(e)` is
+            called before each epoch when it exists.
+        conf: TrainConf; model_dir: where N.pt / N.yaml / step_S.pt go.
+        device: torch device of the model; info: DistInfo.
+        monitor: progress/TensorBoard sink (a silent one by default).
+        step_hook: called as `step_hook(trainer)` after every optimizer step (and after
+            a step checkpoint is written); tests use it to simulate a crash.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 train_loader: Iterable, cv_loader: Optional[Iterable], conf: TrainConf, model_dir: str,
+                 device: torch.device, info: Optional[DistInfo] = None, monitor: Optional[Monitor] = None,
+                 step_hook: Optional[Callable[["Trainer"], None]] = None):
+        self.model = model
+        self.raw_model = unwrap_model(model)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.cv_loader = cv_loader
+        self.conf = conf
+        self.model_dir = model_dir
+        self.device = torch.device(device)
+        self.info = info or DistInfo()
+        self.monitor = monitor or Monitor(rank=self.info.rank, show_bar=False)
+        self.step_hook = step_hook
+        if conf.dtype == "fp16" and self.device.type != "cuda":
+            raise ConfigError("'dtype: fp16' needs --device cuda (use bf16 on CPU)")
+        self.amp_dtype = DTYPES[conf.dtype]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=conf.dtype == "fp16")
+        self.step = 0
+        self.epoch = 0
+        self.batch_idx = 0
+        self._resume: Optional[Dict[str, Any]] = None
+        self._rng_epoch_start: Optional[Dict[str, Any]] = None
+        self._stats: Dict[str, Any] = {}
+        self.last_grad_norm = float("nan")
+
+    # --- resume -------------------------------------------------------------------
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
+        """Continue from a training checkpoint (model weights must already be loaded)."""
+        for key in ("optimizer", "scheduler", "epoch", "step", "batch_idx", "epoch_done", "rng"):
+            if key not in ckpt:
+                raise ValueError(f"checkpoint has no '{key}': not a training checkpoint (averaged?)")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        if ckpt["epoch_done"]:
+            self.epoch, self.batch_idx = int(ckpt["epoch"]) + 1, 0
+            restore_rng(ckpt["rng"])
+        else:
+            self.epoch, self.batch_idx = int(ckpt["epoch"]), int(ckpt["batch_idx"])
+            self._resume = ckpt
+
+    # --- helpers --------------------------------------------------------------------
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
+
+    def _to_device(self, batch: Dict[str, Any]):
+        nb = self.device.type == "cuda"
+        return tuple(batch[k].to(self.device, non_blocking=nb)
+                     for k in ("feats", "feats_lengths", "target", "target_lengths"))
+
+    def _set_epoch(self, loader: Iterable, epoch: int) -> None:
+        ds = getattr(loader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+
+    def _params(self):
+        return [p for p in self.raw_model.parameters() if p.requires_grad]
+
+    def _all_reduce_grads(self) -> None:
+        """Average gradients over ranks by hand (used for a flush after no_sync steps)."""
+        if not self.info.is_distributed:
+            return
+        for p in self._params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.info.world_size)
+
+    def _optimizer_step(self, micro_batches: int) -> None:
+        """Clip, step optimizer (skipped on a non-finite norm) and scheduler."""
+        if micro_batches != self.conf.accum_grad:   # epoch-end flush: make it a mean
+            self._all_reduce_grads()
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad.mul_(self.conf.accum_grad / micro_batches)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self._params(), self.conf.grad_clip)
+        self.last_grad_norm = float(norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)    # skips itself on inf/nan
+            self.scaler.update()
+        elif math.isfinite(self.last_grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+
+    # --- epochs ---------------------------------------------------------------------
+    def fit(self) -> None:
+        while self.epoch < self.conf.max_epoch:
+            self.train_epoch()
+            cv_parts = self.cross_validate()
+            self._end_epoch(cv_parts)
+            self.epoch += 1
+            self.batch_idx = 0
+        self.monitor.close()
+
+    def _start_iterator(self):
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._rng_epoch_start = resume["rng_epoch_start"]
+            restore_rng(self._rng_epoch_start)
+        else:
+            self._rng_epoch_start = capture_rng()
+        self._set_epoch(self.train_loader, self.epoch)
+        it = iter(self.train_loader)
+        if resume is not None:
+            for i in range(self.batch_idx):
+                try:
+                    next(it)
+                except StopIteration:
+                    raise ValueError(f"cannot resume: epoch {self.epoch} has only {i} batches, "
+                                     f"checkpoint consumed {self.batch_idx}") from None
+            restore_rng(resume["rng"])
+            self._stats = dict(resume.get("epoch_stats") or {})
+        else:
+            self._stats = {}
+        return it
+
+    def train_epoch(self) -> None:
+        """One pass over this rank's training partition (stops with the shortest rank)."""
+        self.model.train()
+        it = self._start_iterator()
+        stats = self._stats
+        stats.setdefault("sums", {})
+        stats.setdefault("utts", 0.0)
+        stats.setdefault("skipped", {})
+        self.monitor.start_epoch(self.epoch, self.batch_idx)
+        accum = self.conf.accum_grad
+        pending = 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                batch = None
+            if not all_ranks_have_data(batch is not None, self.info):
+                break
+            for k, v in (batch.get("skipped") or {}).items():
+                stats["skipped"][k] = stats["skipped"].get(k, 0) + int(v)
+            feats, feats_lengths, target, target_lengths = self._to_device(batch)
+            boundary = pending + 1 == accum
+            sync = contextlib.nullcontext()
+            if self.info.is_distributed and not boundary and hasattr(self.model, "no_sync"):
+                sync = self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.model(feats, feats_lengths, target, target_lengths)
+                loss = out["loss"]
+                self.scaler.scale(loss / accum).backward()
+            pending += 1
+            self.batch_idx += 1
+            parts = scalar_parts(out)
+            n = float(feats.size(0))
+            stats["utts"] += n
+            for k, v in parts.items():
+                stats["sums"][k] = stats["sums"].get(k, 0.0) + v * n
+            self.monitor.batch_done(int(feats_lengths.sum()), parts.get("loss", float("nan")), self.lr())
+            if boundary:
+                self._after_step(parts, pending)
+                pending = 0
+        if pending:
+            self._after_step(None, pending)
+        self.monitor.end_epoch()
+
+    def _after_step(self, parts: Optional[Dict[str, float]], micro_batches: int) -> None:
+        self._optimizer_step(micro_batches)
+        if parts is not None and self.step % self.conf.log_interval == 0:
+            self.monitor.log_step(self.epoch, self.step, self.lr(), self.last_grad_norm, parts,
+                                  moe_entropies(self.raw_model))
+        if self.conf.save_interval and self.step % self.conf.save_interval == 0:
+            self.save(f"step_{self.step}", epoch_done=False)
+        if self.step_hook is not None:
+            self.step_hook(self)
+
+    @torch.no_grad()
+    def cross_validate(self) -> Dict[str, float]:
+        """Utterance-weighted mean of each loss part over the CV set (all ranks)."""
+        if self.cv_loader is None:
+            return {}
+        self.raw_model.eval()
+        self._set_epoch(self.cv_loader, self.epoch)
+        sums: Dict[str, float] = {}
+        utts = 0.0
+        skipped: Dict[str, int] = {}
+        for batch in self.cv_loader:
+            for k, v in (batch.get("skipped") or {}).items():
+                skipped[k] = skipped.get(k, 0) + int(v)
+            feats, feats_lengths, target, target_lengths = self._to_device(batch)
+            with self._autocast():
+                out = self.raw_model(feats, feats_lengths, target, target_lengths)
+            n = float(feats.size(0))
+            utts += n
+            for k, v in scalar_parts(out).items():
+                sums[k] = sums.get(k, 0.0) + v * n
+        self.model.train()
+        names = sorted(sums)
+        if self.info.is_distributed:   # ranks may have seen different loss names only if empty
+            names = sorted(set().union(*self._gather(names)))
+        totals = all_reduce_sums([utts] + [sums.get(k, 0.0) for k in names], self.info)
+        self._cv_skipped = sum_counters(skipped, self.info)
+        if totals[0] <= 0:
+            return {}
+        return {k: v / totals[0] for k, v in zip(names, totals[1:])}
+
+    def _gather(self, obj: Any):
+        out = [None] * self.info.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _end_epoch(self, cv_parts: Dict[str, float]) -> None:
+        stats = self._stats
+        names = sorted(stats["sums"])
+        if self.info.is_distributed:
+            names = sorted(set().union(*self._gather(names)))
+        totals = all_reduce_sums([stats["utts"]] + [stats["sums"].get(k, 0.0) for k in names], self.info)
+        train_parts = {k: v / totals[0] for k, v in zip(names, totals[1:])} if totals[0] > 0 else {}
+        skipped = sum_counters(stats["skipped"], self.info)
+        for k, v in getattr(self, "_cv_skipped", {}).items():
+            skipped["cv_" + k] = v
+        entropies = moe_entropies(self.raw_model)
+        self.monitor.log_epoch(self.epoch, self.step, cv_parts, train_parts, skipped, entropies)
+        info = {"epoch": self.epoch, "step": self.step, "lr": self.lr(),
+                "cv_loss": cv_parts.get("loss"), "train_loss": train_parts.get("loss"),
+                "cv": cv_parts, "train": train_parts, "skipped": skipped}
+        path = self.save(str(self.epoch), epoch_done=True, info=info)
+        if path is not None:
+            link_or_copy(path, os.path.join(self.model_dir, "final.pt"))
+
+    def save(self, name: str, epoch_done: bool, info: Optional[Dict[str, Any]] = None) -> Optional[str]:
+        """Write `model_dir/<name>.pt` and `<name>.yaml` (rank 0 only); returns the .pt path."""
+        if not self.info.is_main:
+            return None
+        ckpt = make_checkpoint(self.model, self.optimizer, self.scheduler, self.scaler, self.epoch, self.step,
+                               self.batch_idx, epoch_done, self._rng_epoch_start,
+                               extra={"epoch_stats": self._stats if not epoch_done else None})
+        path = os.path.join(self.model_dir, f"{name}.pt")
+        atomic_torch_save(ckpt, path)
+        meta = info or {"epoch": self.epoch, "step": self.step, "lr": self.lr(), "batch_idx": self.batch_idx}
+        save_yaml(_plain(meta), os.path.join(self.model_dir, f"{name}.yaml"))
+        return path
+
+
+def _plain(obj: Any) -> Any:
+    """YAML-safe copy (floats, ints, str, lists, dicts; NaN kept as .nan)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, float):
+        return float(obj)
+    return obj
