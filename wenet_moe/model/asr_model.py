@@ -3,6 +3,7 @@ and the TorchScript/ONNX export API (WeNet's method names)."""
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -11,6 +12,10 @@ from torch import nn
 from wenet_moe.model.ctc import CTC
 from wenet_moe.model.masks import make_non_pad_mask
 from wenet_moe.model.label_smoothing import LabelSmoothingLoss
+
+# model -> (encoder_out_lens, text_lengths or None) of its last forward/decode, so
+# that expert_load() can leave padding out (kept outside the module: TorchScript).
+_LAST_LENGTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 DECODE_METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention",
                   "attention_rescoring")
@@ -86,6 +91,7 @@ class ASRModel(nn.Module):
         """
         encoder_out, encoder_mask = self.encoder(speech, speech_lengths)
         encoder_out_lens = encoder_mask.squeeze(1).sum(1)
+        _LAST_LENGTHS[self] = (encoder_out_lens.detach(), text_lengths.detach())
         zero = encoder_out.new_zeros(())
         loss_ctc, loss_att, acc = zero, zero, zero
         if self.ctc_weight > 0.0:
@@ -183,6 +189,7 @@ class ASRModel(nn.Module):
             encoder_out, encoder_mask = self.encode(speech, speech_lengths, decoding_chunk_size,
                                                     num_decoding_left_chunks, simulate_streaming)
             encoder_lens = encoder_mask.squeeze(1).sum(1)
+            _LAST_LENGTHS[self] = (encoder_lens, None)
             ctc_logp = self.ctc.log_softmax(encoder_out)
             results = {}
             prefix = None
@@ -307,6 +314,11 @@ class ASRModel(nn.Module):
 
     @torch.jit.unused
     def expert_load(self) -> Dict[str, torch.Tensor]:
-        """{MoE layer name: int64 frames per expert} of the last forward ({} if dense)."""
+        """{MoE layer name: int64 (n_expert,) assignments per expert} of the last
+        forward or decode ({} if dense); padding frames are left out (decoder
+        layers during decoding count every hypothesis position)."""
         moe = _moe_module()
-        return {} if moe is None else moe.expert_load(self)
+        if moe is None:
+            return {}
+        enc_lens, text_lens = _LAST_LENGTHS.get(self, (None, None))
+        return moe.expert_load(self, enc_lens, text_lens)

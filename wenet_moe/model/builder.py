@@ -163,8 +163,11 @@ def build_model(configs: Dict[str, Any]) -> nn.Module:
     d_model = encoder.output_size()
     decoder = _build(resolve("decoder", names["decoder"]), "decoder_conf",
                      _conf(configs, "decoder_conf"), vocab_size, d_model, moe_conf=moe_conf)
-    ctc = resolve("ctc", names["ctc"])(vocab_size, d_model,
-                                       blank_id=int(ctc_conf.get("ctc_blank_id", 0)))
+    blank_id = ctc_conf.get("ctc_blank_id", 0)
+    if isinstance(blank_id, bool) or not isinstance(blank_id, int) or not 0 <= blank_id < vocab_size:
+        raise ConfigError(f"ctc_conf.ctc_blank_id: expected an id in 0..{vocab_size - 1}, "
+                          f"got {blank_id!r}")
+    ctc = resolve("ctc", names["ctc"])(vocab_size, d_model, blank_id=blank_id)
     model_cls = resolve("model", names["model"])
     args = {k: v for k, v in model_conf.items() if k != "special_tokens"}
     args["special_tokens"] = _special_tokens(configs, model_conf)
