@@ -133,10 +133,12 @@ class OnnxAsrModel:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         self.sessions: Dict[str, ort.InferenceSession] = {}
+        self.paths: Dict[str, str] = {}
         for name in MODEL_FILES:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
                 raise ModelError(f"{path}: model file not found")
+            self.paths[name] = path
             try:
                 self.sessions[name] = ort.InferenceSession(
                     path, sess_options=opts, providers=["CPUExecutionProvider"])
