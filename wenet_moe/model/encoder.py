@@ -210,7 +210,10 @@ class BaseEncoder(nn.Module):
         else:
             next_cache_start = max(attention_key_size - required_cache_size, 0)
         route_emb = self._route_embedding(xs)
-        no_pad = torch.ones((0, 0, 0), dtype=torch.bool, device=xs.device)
+        # all frames of a chunk are valid; a real (1, 1, T') mask rather than an empty
+        # one keeps both branches of the convolution's mask test shape-consistent
+        # for ONNX shape inference
+        no_pad = torch.ones((1, 1, xs.size(1)), dtype=torch.bool, device=xs.device)
         r_att_cache: List[torch.Tensor] = []
         r_cnn_cache: List[torch.Tensor] = []
         for i, layer in enumerate(self.encoders):

@@ -1,0 +1,29 @@
+"""Encoder with the real MoE FFNs (mlp_type: moe): streaming equals the full forward
+(the routing embedding is frame-wise, so no extra cache), and TorchScript parity."""
+import pytest
+import torch
+
+from test_encoder_common import FEAT
+from wenet_moe.model.encoder import ConformerEncoder
+
+pytest.importorskip("wenet_moe.layers.moe")
+
+
+@pytest.mark.parametrize("router", ["speechmoe", "omni"])
+def test_moe_conformer_streaming_and_script(router):
+    enc = ConformerEncoder(FEAT, moe_conf={"router": router}, output_size=16,
+                           attention_heads=2, linear_units=8, num_blocks=2, causal=True,
+                           cnn_module_kernel=4, use_dynamic_chunk=True, mlp_type="moe",
+                           n_expert=4, n_expert_activated=2).eval()
+    assert (enc.route_embed is not None) == (router == "speechmoe")
+    xs = torch.randn(1, 131, FEAT)
+    lens = torch.tensor([131])
+    with torch.no_grad():
+        full, _ = enc(xs, lens, 4, 2)
+        stream, _ = enc.forward_chunk_by_chunk(xs, 4, 2)
+        assert (full - stream).abs().max().item() <= 1e-5
+        scripted = torch.jit.script(enc)
+        assert torch.allclose(scripted(xs, lens, 4, 2)[0], full, atol=1e-5)
+        y, att, cnn = enc.forward_chunk(xs[:, :19], 0, -1)
+        ys, satt, scnn = scripted.forward_chunk(xs[:, :19], 0, -1)
+        assert torch.allclose(y, ys, atol=1e-5) and torch.allclose(att, satt, atol=1e-6)
