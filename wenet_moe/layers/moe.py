@@ -71,10 +71,9 @@ class MoEFFN(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_expert, hidden_units, idim))
         self.b2 = nn.Parameter(torch.empty(n_expert, idim))
         self.reset_parameters()
-        self.moe_conf: Dict[str, float] = {}
-        for key, value in (conf or {}).items():
-            if isinstance(value, float):
-                self.moe_conf[key] = value
+        # loss weights only (floats), read by moe_aux_losses; unused in forward
+        self.moe_conf = {key: value for key, value in (conf or {}).items()
+                         if isinstance(value, float)}
 
     def reset_parameters(self) -> None:
         """Each expert initialised as nn.Linear would be (uniform +-1/sqrt(fan_in))."""

@@ -1,0 +1,176 @@
+"""MoE FFN layer benchmark: our dispatch vs dense, a loop-over-experts reference, and the floor.
+
+For each T (frames per call, batch 1) it times, per layer call (median over repetitions,
+cycling through the weights of `--layers` layers so that they do not stay in cache):
+  moe    wenet_moe.layers.moe.MoEFFN (topk router, k of E experts, expert hidden H)
+  dense  PositionwiseFeedForward with hidden k*H (the same active compute per frame)
+  loop   a WeNet-style reference: for each expert, torch.where over the routing, gather,
+         expert, scale, add back (same weights and router as `moe`; outputs checked equal)
+  floor  max(bytes of the weights of the experts actually chosen / memory bandwidth,
+         FLOPs of the chosen experts / GEMM throughput), with bandwidth measured by a
+         large tensor copy and GEMM throughput by a large square matmul on this machine.
+Prints the times and the ratios moe/dense, loop/moe (speed-up) and moe/floor.
+
+    python bench/moe_layer.py [--device cpu|cuda] [--threads N] [--reps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+from wenet_moe.layers.ffn import PositionwiseFeedForward
+from wenet_moe.layers.moe import MoEFactory, MoEFFN
+
+
+class LoopMoE(nn.Module):
+    """Reference MoE dispatch: Python loop over experts with torch.where per expert."""
+
+    def __init__(self, moe: MoEFFN):
+        super().__init__()
+        self.moe = moe
+        self.experts = nn.ModuleList()
+        for e in range(moe.n_expert):
+            ffn = PositionwiseFeedForward(moe.idim, moe.hidden_units, 0.0, nn.SiLU())
+            with torch.no_grad():
+                ffn.w_1.weight.copy_(moe.w1[e].t())
+                ffn.w_1.bias.copy_(moe.b1[e])
+                ffn.w_2.weight.copy_(moe.w2[e].t())
+                ffn.w_2.bias.copy_(moe.b2[e])
+            self.experts.append(ffn)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        batch, time_, dim = xs.shape
+        x = xs.reshape(-1, dim)
+        logits = self.moe.router(x)
+        top_logits, selected = torch.topk(logits, self.moe.n_expert_activated, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1)
+        out = torch.zeros_like(x)
+        empty = torch.zeros(0)
+        for e, expert in enumerate(self.experts):
+            token_ids, slot = torch.where(selected == e)
+            out[token_ids] += weights[token_ids, slot, None] * expert(x[token_ids], empty)
+        return out.view(batch, time_, dim)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Median seconds of fn() over `reps` runs (after one warm-up)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bandwidth(device: torch.device, reps: int) -> float:
+    """Bytes/s of a large copy (read + write counted), 256 MiB buffers."""
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, max(5, reps // 3))
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def gemm_throughput(device: torch.device, reps: int) -> float:
+    """FLOP/s of a large fp32 square matmul."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    seconds = median_time(lambda: torch.mm(a, b, out=c), device, max(3, reps // 6))
+    return 2.0 * n ** 3 / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = keep default)")
+    parser.add_argument("--reps", type=int, default=30, help="repetitions per measurement")
+    parser.add_argument("--layers", type=int, default=12, help="distinct layers cycled through")
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden units of one expert")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=2)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    factory = MoEFactory(args.dim, args.hidden, 0.0, "swish", args.experts, args.topk,
+                         {"router": "topk"}, False)
+    moes = [factory().to(device).eval() for _ in range(args.layers)]
+    loops = [LoopMoE(m).to(device).eval() for m in moes]
+    denses = [PositionwiseFeedForward(args.dim, args.topk * args.hidden, 0.0, nn.SiLU())
+              .to(device).eval() for _ in range(args.layers)]
+    empty = torch.zeros(0, device=device)
+
+    bandwidth = memory_bandwidth(device, args.reps)
+    throughput = gemm_throughput(device, args.reps)
+    expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
+    print(f"device {args.device}, threads {torch.get_num_threads()}, layers cycled "
+          f"{args.layers} ({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts)")
+    print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 GEMM "
+          f"{throughput / 1e9:.1f} GFLOP/s; times are medians of {args.reps} per layer call")
+    header = (f"{'T':>5} {'moe ms':>8} {'dense ms':>8} {'loop ms':>8} {'floor ms':>8} "
+              f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9}")
+    print(header)
+    print("-" * len(header))
+    with torch.inference_mode():
+        for frames in args.frames:
+            inputs = [torch.randn(1, frames, args.dim, device=device) for _ in range(args.layers)]
+            for moe, loop, x in zip(moes, loops, inputs):
+                diff = (moe(x, empty) - loop(x)).abs().max().item()
+                if diff > 1e-4:
+                    raise SystemExit(f"T={frames}: MoE and loop reference differ by {diff:.2e}")
+            floors: List[float] = []
+            for moe, x in zip(moes, inputs):
+                _, top_idx, _ = moe.route(x.reshape(-1, args.dim), empty)
+                n_used = int(torch.unique(top_idx).numel())
+                flops = 2.0 * top_idx.numel() * 2 * args.dim * args.hidden
+                floors.append(max(n_used * expert_bytes / bandwidth, flops / throughput))
+            floor = sum(floors) / len(floors)
+
+            def run(layers, call):
+                def go():
+                    for layer, x in zip(layers, inputs):
+                        call(layer, x)
+                return go
+
+            timed = {"moe": run(moes, lambda m, x: m(x, empty)),
+                     "dense": run(denses, lambda m, x: m(x, empty)),
+                     "loop": run(loops, lambda m, x: m(x))}
+            samples = {name: [] for name in timed}
+            for fn in timed.values():
+                fn()
+            for _ in range(args.reps):   # interleaved, so load changes hit all alike
+                for name, fn in timed.items():
+                    sync(device)
+                    start = time.perf_counter()
+                    fn()
+                    sync(device)
+                    samples[name].append((time.perf_counter() - start) / args.layers)
+            t = {name: statistics.median(v) for name, v in samples.items()}
+            print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['dense'] * 1e3:>8.3f} "
+                  f"{t['loop'] * 1e3:>8.3f} {floor * 1e3:>8.3f} {t['moe'] / t['dense']:>9.2f} "
+                  f"{t['loop'] / t['moe']:>8.2f} {t['moe'] / floor:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

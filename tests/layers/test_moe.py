@@ -1,0 +1,321 @@
+"""MoE FFN: routing math, dispatch against a naive reference, gradients, sharing, losses."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from wenet_moe.config import ConfigError
+from wenet_moe.layers.ffn import FFNFactory, PositionwiseFeedForward
+from wenet_moe.layers.moe import (MoEFactory, active_parameters, expert_load,
+                                  expert_load_entropy, moe_aux_losses)
+from wenet_moe.layers.moe_router import balance_loss, importance_loss, sparsity_loss
+
+EMPTY = torch.zeros(0)
+
+
+def make_layer(router="topk", n_expert=4, k=2, dim=6, hidden=10, frame_embedding=False, **conf):
+    factory = MoEFactory(dim, hidden, 0.0, "relu", n_expert, k, dict(router=router, **conf),
+                         frame_embedding)
+    return factory, factory()
+
+
+def naive_moe(layer, x, route_emb=None):
+    """Frame by frame: sum over the k chosen experts of gate * expert(frame)."""
+    flat = x.reshape(-1, x.size(-1))
+    router_in = flat if route_emb is None else torch.cat(
+        [route_emb.reshape(-1, route_emb.size(-1)), flat], -1)
+    logits = router_in @ layer.router.gate.weight.t()
+    if layer.router.gate.bias is not None:
+        logits = logits + layer.router.gate.bias
+    out = torch.zeros_like(flat)
+    for t in range(flat.size(0)):
+        order = sorted(range(layer.n_expert), key=lambda e: -logits[t, e].item())
+        chosen = order[:layer.n_expert_activated]
+        if layer.renormalize:
+            z = sum(math.exp(logits[t, e].item()) for e in chosen)
+            gates = [math.exp(logits[t, e].item()) / z for e in chosen]
+        else:
+            z = sum(math.exp(v) for v in logits[t].tolist())
+            gates = [math.exp(logits[t, e].item()) / z for e in chosen]
+        for e, g in zip(chosen, gates):
+            h = torch.relu(flat[t] @ layer.w1[e] + layer.b1[e])
+            out[t] += g * (h @ layer.w2[e] + layer.b2[e])
+    return out.view_as(x)
+
+
+def test_topk_gates_hand_computed():
+    _, layer = make_layer("topk", n_expert=3, k=2, dim=2)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        layer.router.gate.bias.copy_(torch.tensor([0.0, 0.5, -3.0]))
+    x = torch.tensor([[2.0, 1.0], [-1.0, 0.0]])
+    logits, top_idx, gates = layer.route(x, EMPTY)
+    # frame 0: logits (2, 1.5, 0) -> experts 0, 1; frame 1: (-1, 0.5, -4) -> experts 1, 0
+    assert top_idx.tolist() == [[0, 1], [1, 0]]
+    g0 = math.exp(2.0) / (math.exp(2.0) + math.exp(1.5))
+    g1 = math.exp(0.5) / (math.exp(0.5) + math.exp(-1.0))
+    assert torch.allclose(gates, torch.tensor([[g0, 1 - g0], [g1, 1 - g1]]), atol=1e-6)
+    assert torch.allclose(gates.sum(-1), torch.ones(2))
+
+
+def test_switch_gate_is_full_softmax_probability():
+    _, layer = make_layer("switch", n_expert=3, k=1, dim=2)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        layer.router.gate.bias.zero_()
+    x = torch.tensor([[2.0, 1.0]])
+    _, top_idx, gates = layer.route(x, EMPTY)
+    z = math.exp(2.0) + math.exp(1.0) + math.exp(3.0)
+    assert top_idx.tolist() == [[2]]
+    assert gates.item() == pytest.approx(math.exp(3.0) / z, abs=1e-6)
+
+
+@pytest.mark.parametrize("router,k", [("topk", 2), ("topk", 1), ("switch", 1), ("omni", 3),
+                                      ("speechmoe", 2)])
+def test_dispatch_matches_naive_reference(router, k):
+    torch.manual_seed(0)
+    _, layer = make_layer(router, n_expert=5, k=k)
+    layer.eval()
+    x = torch.randn(3, 7, 6)
+    assert torch.allclose(layer(x, EMPTY), naive_moe(layer, x), atol=1e-5)
+
+
+def test_speechmoe_router_sees_frame_embedding():
+    torch.manual_seed(0)
+    factory, layer = make_layer("speechmoe", frame_embedding=True, embed_dim=3)
+    emb_net = factory.route_embedding()
+    assert emb_net is factory.route_embedding()
+    assert layer.router.gate.in_features == 6 + 3
+    x = torch.randn(2, 5, 6)
+    emb = emb_net(x)
+    assert emb.shape == (2, 5, 3)
+    assert torch.allclose(layer(x, emb), naive_moe(layer, x, emb), atol=1e-5)
+    # decoders have no frame embedding: router sees the layer input alone
+    dec_factory, dec_layer = make_layer("speechmoe", frame_embedding=False)
+    assert dec_factory.route_embedding() is None
+    assert dec_layer.router.gate.in_features == 6
+
+
+def test_one_expert_equals_dense_ffn():
+    torch.manual_seed(0)
+    factory = FFNFactory(6, 10, 0.0, "swish", "moe", 1, 1, {"router": "topk"})
+    moe = factory()
+    dense = PositionwiseFeedForward(6, 10, 0.0, nn.SiLU())
+    with torch.no_grad():
+        dense.w_1.weight.copy_(moe.w1[0].t())
+        dense.w_1.bias.copy_(moe.b1[0])
+        dense.w_2.weight.copy_(moe.w2[0].t())
+        dense.w_2.bias.copy_(moe.b2[0])
+    x = torch.randn(2, 9, 6)
+    assert torch.allclose(moe(x, EMPTY), dense(x, EMPTY), atol=1e-6)
+
+
+def test_gradients_reach_router_and_only_chosen_experts():
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=4, k=2)
+    with torch.no_grad():
+        layer.router.gate.weight.mul_(0.01)
+        layer.router.gate.bias.copy_(torch.tensor([5.0, 4.0, -5.0, -5.0]))
+    x = torch.randn(2, 6, 6)
+    layer(x, EMPTY).pow(2).sum().backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+    for p in (layer.w1, layer.b1, layer.w2, layer.b2):
+        assert p.grad[:2].abs().sum() > 0
+        assert torch.equal(p.grad[2:], torch.zeros_like(p.grad[2:]))
+
+
+def test_omni_router_shared_once():
+    factory = FFNFactory(6, 10, 0.0, "relu", "moe", 4, 2, {"router": "omni"}, frame_embedding=True)
+    stack = nn.ModuleList([factory() for _ in range(3)])
+    routers = {id(layer.router.gate.weight) for layer in stack}
+    assert len(routers) == 1
+    per_layer_experts = 4 * (6 * 10 + 10 + 10 * 6 + 6)
+    router_params = 4 * 6 + 4
+    assert sum(p.numel() for p in stack.parameters()) == 3 * per_layer_experts + router_params
+    # a second stack (the decoders) gets its own router
+    other = FFNFactory(6, 10, 0.0, "relu", "moe", 4, 2, {"router": "omni"})()
+    assert other.router is not stack[0].router
+    assert active_parameters(stack) == 3 * 2 * (6 * 10 + 10 + 10 * 6 + 6) + router_params
+
+
+def test_capacity_factor_drops_overflow_in_training_only():
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=2, k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.bias.copy_(torch.tensor([1.0, 0.0]))    # every frame -> expert 0
+    x = torch.randn(1, 6, 6)
+    layer.eval()
+    full = layer(x, EMPTY)
+    layer.train()
+    capped = layer(x, EMPTY)
+    # capacity = ceil(1.0 * 6 / 2) = 3: the first three frames keep their output
+    assert torch.allclose(capped[0, :3], full[0, :3], atol=1e-6)
+    assert torch.equal(capped[0, 3:], torch.zeros(3, 6))
+
+
+def independent_losses(logits, top_idx, mask):
+    probs = torch.softmax(logits.double(), -1)
+    n_expert = logits.size(-1)
+    frames = [(b, t) for b in range(mask.size(0)) for t in range(mask.size(1)) if mask[b, t]]
+    counts = [0.0] * n_expert
+    mean_p = [0.0] * n_expert
+    l1 = 0.0
+    for b, t in frames:
+        for e in top_idx[b, t].tolist():
+            counts[e] += 1
+        p = probs[b, t].tolist()
+        norm = math.sqrt(sum(v * v for v in p))
+        l1 += sum(v / norm for v in p)
+        for e in range(n_expert):
+            mean_p[e] += p[e] / len(frames)
+    total = sum(counts)
+    balance = n_expert * sum(counts[e] / total * mean_p[e] for e in range(n_expert))
+    importance = n_expert * sum(v * v for v in mean_p)
+    return balance, l1 / len(frames), importance
+
+
+def test_loss_formulas_against_independent_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4)
+    top_idx = torch.topk(logits, 2, -1).indices
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    balance, l1, importance = independent_losses(logits, top_idx, mask)
+    assert balance_loss(logits, top_idx, mask).item() == pytest.approx(balance, rel=1e-5)
+    assert sparsity_loss(logits, mask).item() == pytest.approx(l1, rel=1e-5)
+    assert importance_loss(logits, mask).item() == pytest.approx(importance, rel=1e-5)
+    # uniform routing: balance 1, importance 1, sparsity sqrt(n)
+    flat = torch.zeros(1, 8, 4)
+    idx = torch.arange(8).remainder(4).view(1, 8, 1)
+    ones = torch.ones(1, 8, dtype=torch.bool)
+    assert balance_loss(flat, idx, ones).item() == pytest.approx(1.0)
+    assert importance_loss(flat, ones).item() == pytest.approx(1.0)
+    assert sparsity_loss(flat, ones).item() == pytest.approx(2.0)
+
+
+class FakeCTC(nn.Module):
+    def __init__(self, dim, vocab):
+        super().__init__()
+        self.ctc_lo = nn.Linear(dim, vocab)
+
+    def log_softmax(self, xs):
+        return torch.log_softmax(self.ctc_lo(xs), dim=-1)
+
+
+class TinyModel(nn.Module):
+    """Encoder/decoder stand-in with the naming of the real model."""
+
+    def __init__(self, router, **conf):
+        super().__init__()
+        enc = FFNFactory(6, 8, 0.0, "relu", "moe", 4, 1 if router == "switch" else 2,
+                         dict(router=router, **conf), frame_embedding=True)
+        dec = FFNFactory(6, 8, 0.0, "relu", "moe", 4, 1 if router == "switch" else 2,
+                         dict(router=router, **conf), frame_embedding=False)
+        self.encoder = nn.ModuleDict({"embed_route": enc.route_embedding() or nn.Identity(),
+                                      "ffn": nn.ModuleList([enc(), enc()])})
+        self.decoder = nn.ModuleDict({"ffn": dec()})
+        self.ctc = FakeCTC(6, 5)
+        self.has_emb = enc.route_embedding() is not None
+
+    def forward(self, feats, ys):
+        emb = self.encoder["embed_route"](feats) if self.has_emb else EMPTY
+        h = feats
+        for ffn in self.encoder["ffn"]:
+            h = h + ffn(h, emb)
+        return h, self.decoder["ffn"](ys, EMPTY)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "speechmoe", "omni"])
+def test_moe_aux_losses_per_router(router):
+    from wenet_moe.layers.moe_router import LAST_ROUTING
+    torch.manual_seed(0)
+    model = TinyModel(router, embed_dim=3)
+    model.train()
+    feats, ys = torch.randn(2, 7, 6), torch.randn(2, 4, 6)
+    enc_lens, text = torch.tensor([7, 5]), torch.tensor([[1, 2, 3], [4, 2, -1]])
+    text_lens = torch.tensor([3, 2])
+    model(feats, ys)
+    layers = [("enc", model.encoder["ffn"][0]), ("enc", model.encoder["ffn"][1]),
+              ("dec", model.decoder["ffn"])]
+    recorded = [(kind, LAST_ROUTING[layer][0].detach(), LAST_ROUTING[layer][1])
+                for kind, layer in layers]
+    aux = moe_aux_losses(model, enc_lens, text, text_lens)
+    expected = {"topk": set(), "switch": {"loss_balance"}, "omni": {"loss_balance"},
+                "speechmoe": {"loss_sparsity", "loss_importance", "loss_embed_ctc"}}[router]
+    assert set(aux) == expected
+    weights = {"loss_balance": 0.01, "loss_sparsity": 0.1, "loss_importance": 0.1,
+               "loss_embed_ctc": 0.01}
+    for name, (loss, weight) in aux.items():
+        assert weight == pytest.approx(weights[name])
+        assert torch.isfinite(loss) and loss.requires_grad
+    # each loss = sum over the three layers of its formula, padding frames excluded
+    totals = [0.0, 0.0, 0.0]
+    for kind, logits, top_idx in recorded:
+        lens = enc_lens if kind == "enc" else text_lens + 1
+        mask = torch.arange(logits.size(1))[None] < lens[:, None]
+        for i, value in enumerate(independent_losses(logits, top_idx, mask)):
+            totals[i] += value
+    if "loss_balance" in aux:
+        assert aux["loss_balance"][0].item() == pytest.approx(totals[0], rel=1e-4)
+    if router == "speechmoe":
+        assert aux["loss_sparsity"][0].item() == pytest.approx(totals[1], rel=1e-4)
+        assert aux["loss_importance"][0].item() == pytest.approx(totals[2], rel=1e-4)
+    # consumed: a second call without a new forward has nothing to add
+    assert moe_aux_losses(model, enc_lens, text, text_lens) == {}
+
+
+def test_embed_ctc_loss_matches_torch_ctc():
+    torch.manual_seed(0)
+    model = TinyModel("speechmoe", embed_dim=3)
+    feats = torch.randn(2, 7, 6)
+    enc_lens, text, text_lens = torch.tensor([7, 6]), torch.tensor([[1, 2], [3, -1]]), torch.tensor([2, 1])
+    model(feats, torch.randn(2, 3, 6))
+    loss, weight = moe_aux_losses(model, enc_lens, text, text_lens)["loss_embed_ctc"]
+    emb_net = model.encoder["embed_route"]
+    logp = model.ctc.log_softmax(emb_net.ctc_proj(emb_net(feats)))
+    want = sum(torch.nn.functional.ctc_loss(logp[b, :enc_lens[b]], text[b, :text_lens[b]],
+                                            enc_lens[b:b + 1], text_lens[b:b + 1],
+                                            reduction="sum") for b in range(2)) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert weight == pytest.approx(0.01)
+    loss.backward()
+    assert emb_net.net[0].weight.grad.abs().sum() > 0
+
+
+def test_expert_load_and_entropy():
+    torch.manual_seed(0)
+    model = TinyModel("topk")
+    model.eval()
+    feats = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        model(feats, torch.randn(2, 4, 6))
+    loads = expert_load(model)
+    assert set(loads) == {"encoder.ffn.0", "encoder.ffn.1", "decoder.ffn"}
+    assert loads["encoder.ffn.0"].dtype == torch.int64
+    assert loads["encoder.ffn.0"].sum().item() == 2 * 7 * 2
+    masked = expert_load(model, torch.tensor([7, 3]), torch.tensor([3, 1]))
+    assert masked["encoder.ffn.0"].sum().item() == (7 + 3) * 2
+    assert masked["decoder.ffn"].sum().item() == (4 + 2) * 2
+    ent = expert_load_entropy({"a": torch.tensor([5, 5, 5, 5]), "b": torch.tensor([8, 0, 0, 0])})
+    assert ent["a"] == pytest.approx(math.log(4))
+    assert ent["b"] == pytest.approx(0.0)
+    assert expert_load(nn.Linear(2, 2)) == {}
+
+
+@pytest.mark.parametrize("conf,message", [
+    ({"router": "top2"}, "moe_conf.router"),
+    ({"router": "topk", "balance_wieght": 0.1}, "moe_conf.balance_wieght"),
+    ({"router": "switch", "balance_weight": -1}, "moe_conf.balance_weight"),
+    ({"router": "speechmoe", "embed_dim": 0}, "moe_conf.embed_dim"),
+])
+def test_bad_moe_conf_names_the_key(conf, message):
+    with pytest.raises(ConfigError, match=message):
+        MoEFactory(6, 10, 0.0, "relu", 4, 2, conf, True)
+
+
+def test_bad_expert_counts_name_the_field():
+    with pytest.raises(ConfigError, match="decoder_conf.n_expert_activated"):
+        MoEFactory(6, 10, 0.0, "relu", 4, 5, {}, False)
+    with pytest.raises(ConfigError, match="encoder_conf.n_expert"):
+        MoEFactory(6, 10, 0.0, "relu", 0, 1, {}, True)
