@@ -53,3 +53,12 @@ def test_scriptable(cls):
     x = torch.randn(1, 4, 8)
     assert torch.allclose(s(x, 5)[0], enc(x, 5)[0])
     assert torch.allclose(s.position_encoding(5, 4), enc.position_encoding(5, 4))
+
+
+def test_low_precision_model_keeps_float32_frequencies():
+    enc = RelPositionalEncoding(8, 0.0).to(torch.bfloat16)
+    assert torch.allclose(enc.position_encoding(3000, 4), reference_pe(3000, 4, 8), atol=1e-3)
+    x = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+    y, pos = enc(x, 3000)
+    assert y.dtype == pos.dtype == torch.bfloat16
+    assert torch.allclose(pos.float(), reference_pe(3000, 4, 8), atol=1e-2)

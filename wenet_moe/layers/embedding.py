@@ -33,14 +33,17 @@ class PositionalEncoding(nn.Module):
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
         self.dropout = nn.Dropout(p=dropout_rate)
-        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
-                             * -(math.log(10000.0) / d_model))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # zero-size buffer that only tracks the module's device; the frequencies are
+        # computed in float32 on every call, so `model.half()` cannot degrade them
+        self.register_buffer("device_anchor", torch.zeros(0), persistent=False)
 
     def sinusoid(self, offset: int, size: int) -> torch.Tensor:
-        """Raw encodings of positions offset .. offset+size-1: (1, size, D)."""
-        pos = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device) + offset
-        angle = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0)  # (size, D/2)
+        """Raw float32 encodings of positions offset .. offset+size-1: (1, size, D)."""
+        device = self.device_anchor.device
+        inv_freq = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float32, device=device)
+                             * -(math.log(10000.0) / self.d_model))
+        pos = torch.arange(size, dtype=torch.float32, device=device) + offset
+        angle = pos.unsqueeze(1) * inv_freq.unsqueeze(0)  # (size, D/2)
         pe = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1)
         return pe.view(1, size, self.d_model)
 
