@@ -164,3 +164,16 @@ def test_training_mode_dynamic_chunks_backward():
         loss.backward()
     grads = [p.grad for p in enc.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bad_shapes_give_clear_errors():
+    enc = tiny_conformer()
+    with pytest.raises(ValueError, match=r"xs \(B, T, F\) with xs_lens \(B,\)"):
+        enc(torch.randn(2, 30, FEAT), torch.tensor([30]))
+    with pytest.raises(ValueError, match=r"one chunk xs \(1, T, F\)"):
+        enc.forward_chunk(torch.randn(2, 19, FEAT), 0, -1)
+    with pytest.raises(ValueError, match="caches must have 2 blocks"):
+        enc.forward_chunk(torch.randn(1, 19, FEAT), 0, -1, torch.zeros(3, 2, 4, 16))
+    with pytest.raises(Exception, match="caches must have 2 blocks"):
+        torch.jit.script(enc).forward_chunk(torch.randn(1, 19, FEAT), 0, -1,
+                                            torch.zeros(3, 2, 4, 16))

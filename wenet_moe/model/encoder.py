@@ -156,6 +156,9 @@ class BaseEncoder(nn.Module):
         Returns:
             out (B, T', D) and masks bool (B, 1, T') of valid output frames.
         """
+        if xs.dim() != 3 or xs_lens.dim() != 1 or xs_lens.size(0) != xs.size(0):
+            raise ValueError("encoder input must be xs (B, T, F) with xs_lens (B,), got "
+                             "shapes {} and {}".format(xs.shape, xs_lens.shape))
         masks = ~make_pad_mask(xs_lens, xs.size(1)).unsqueeze(1)
         if self.global_cmvn is not None:
             xs = self.global_cmvn(xs)
@@ -195,6 +198,14 @@ class BaseEncoder(nn.Module):
             out (1, T', D), new_att_cache (num_blocks, H, T_kept, 2*d_k),
             new_cnn_cache (num_blocks, 1, D, kernel-1).
         """
+        if xs.dim() != 3 or xs.size(0) != 1:
+            raise ValueError("forward_chunk takes one chunk xs (1, T, F), got shape "
+                             "{}".format(xs.shape))
+        if att_cache.size(0) not in (0, self.num_blocks) or \
+                cnn_cache.size(0) not in (0, self.num_blocks):
+            raise ValueError("forward_chunk caches must have {} blocks (or be empty), got "
+                             "att_cache {} and cnn_cache {}".format(
+                                 self.num_blocks, att_cache.shape, cnn_cache.shape))
         tmp_masks = torch.ones((1, 1, xs.size(1)), dtype=torch.bool, device=xs.device)
         if self.global_cmvn is not None:
             xs = self.global_cmvn(xs)
