@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
                              rescoring_weight=args.rescoring_weight,
                              reverse_weight=args.reverse_weight)
         entries = read_scp(args.wav_scp)
-        rate = int(getattr(model.info.fbank, "sample_rate", 16000))
+        rate = int(model.info.fbank.sample_rate)
         lines = []
         for key, wav in entries:
             samples, sr = read_wav(wav)

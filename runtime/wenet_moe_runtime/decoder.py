@@ -101,7 +101,7 @@ class StreamingDecoder:
         self.opts = opts
         self.chunk_size = resolve_chunk_size(model, opts.chunk_size)
         info = model.info
-        self.sample_rate = int(getattr(info.fbank, "sample_rate", 16000))
+        self.sample_rate = int(info.fbank.sample_rate)
         self.fbank = OnlineFbank(info.fbank)
         self.keep_frames = max(info.right_context + 1 - info.subsampling_rate, 0)
         self.input_done = False
@@ -117,8 +117,7 @@ class StreamingDecoder:
         self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id)
         self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
         self.encoder_outs: List[np.ndarray] = []
-        self.cached = np.zeros((0, self.model.info.fbank.num_bins if hasattr(
-            self.model.info.fbank, "num_bins") else 80), np.float32)
+        self.cached = np.zeros((0, self.model.info.fbank.num_mel_bins), np.float32)
         self.segment_started = False
         self.segment_start_ms = int(round(self.frames_read * self.model.info.fbank_shift_ms))
 

@@ -54,7 +54,7 @@ class ModelInfo:
 
     @property
     def fbank_shift_ms(self) -> float:
-        return float(getattr(self.fbank, "frame_shift_ms", 10.0))
+        return float(self.fbank.frame_shift_ms)
 
 
 def _int_meta(meta: Dict[str, str], key: str, path: str) -> int:
@@ -153,7 +153,7 @@ class OnnxAsrModel:
             raise ModelError(f"{units}: symbol table not found")
         self.symbols = SymbolTable.read(units)
         if self.info.vocab_size < 0:
-            self.info.vocab_size = len(self.symbols.id2sym)
+            self.info.vocab_size = len(self.symbols)
         self._enc_inputs = [i.name for i in self.sessions["encoder"].get_inputs()]
         self._dec_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
         self._ctc_input = self.sessions["ctc"].get_inputs()[0].name

@@ -46,7 +46,7 @@ def decode_samples(model: OnnxAsrModel, samples: np.ndarray, opts: DecodeOptions
     samples = np.asarray(samples)
     if samples.dtype == np.int16:
         samples = samples.astype(np.float32) / 32768.0
-    rate = int(getattr(model.info.fbank, "sample_rate", 16000))
+    rate = int(model.info.fbank.sample_rate)
     feats = np.asarray(compute_fbank(samples.astype(np.float32), rate, model.info.fbank),
                        dtype=np.float32)
     chunk = resolve_chunk_size(model, opts.chunk_size)
