@@ -177,3 +177,25 @@ def test_bad_shapes_give_clear_errors():
     with pytest.raises(Exception, match="caches must have 2 blocks"):
         torch.jit.script(enc).forward_chunk(torch.randn(1, 19, FEAT), 0, -1,
                                             torch.zeros(3, 2, 4, 16))
+
+
+@pytest.mark.parametrize("make,over,cnn_cache_len", [
+    (tiny_conformer, dict(normalize_before=False, macaron_style=False), 3),
+    (tiny_conformer, dict(use_cnn_module=False, input_layer="linear"), 0),
+    (tiny_conformer, dict(causal=False, cnn_module_kernel=5, input_layer="conv2d8"), 0),
+    (tiny_transformer, dict(pos_enc_layer_type="no_pos", normalize_before=False), 0),
+    (tiny_transformer, dict(pos_enc_layer_type="rel_pos", selfattention_layer_type="rel_selfattn"), 0),
+])
+def test_variants_script_and_shapes(make, over, cnn_cache_len):
+    enc = make(**over)
+    scripted = torch.jit.script(enc)
+    xs = torch.randn(2, 71, FEAT)
+    lens = torch.tensor([71, 40])
+    with torch.no_grad():
+        a, ma = enc(xs, lens, -1)
+        b, _ = scripted(xs, lens, -1)
+        y, att, cnn = scripted.forward_chunk(xs[:1], 0, -1)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert a.shape == (2, ma.size(-1), 16) and y.shape == (1, ma.size(-1), 16)
+    assert att.shape == (2, 2, ma.size(-1), 16)
+    assert cnn.shape == (2, 1, 16, cnn_cache_len)
