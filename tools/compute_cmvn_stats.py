@@ -25,27 +25,16 @@ from tool_util import ToolError, atomic_output, read_key_value, run_tool  # noqa
 
 
 def fbank_options_from_config(configs: dict):
-    """FbankOptions for `configs` (the data package's mapping when available)."""
-    from wenet_moe_runtime.features import FbankOptions
+    """FbankOptions of `configs['dataset_conf']` (the data package's mapping), dither 0."""
+    from wenet_moe.config import ConfigError
+    from wenet_moe.data.features import fbank_options
 
-    try:  # the data pipeline owns the mapping from dataset_conf to FbankOptions
-        from wenet_moe.data.features import fbank_options  # type: ignore
-    except ImportError:
-        fbank_options = None
-    if fbank_options is not None:
-        opts = fbank_options(configs)
-    else:
-        ds = configs.get("dataset_conf", {}) or {}
-        fc = dict(ds.get("fbank_conf", {}) or {})
-        renames = {"frame_shift": "frame_shift_ms", "frame_length": "frame_length_ms"}
-        d = {renames.get(k, k): v for k, v in fc.items()}
-        rate = (ds.get("resample_conf", {}) or {}).get("resample_rate")
-        if rate:
-            d["sample_rate"] = int(rate)
-        try:
-            opts = FbankOptions.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ToolError(f"dataset_conf.fbank_conf: {e}") from None
+    ds = configs.get("dataset_conf") or {}
+    rate = (ds.get("resample_conf") or {}).get("resample_rate", 16000)
+    try:
+        opts = fbank_options(ds.get("fbank_conf"), sample_rate=int(rate))
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
     opts.dither = 0.0
     return opts
 
