@@ -1,0 +1,84 @@
+"""The microphone page in headless Chromium, fed a fake capture file, shows the
+final result. Skipped where Debian's `chromium` is not installed (the setup step
+`apt-get install -y chromium` provides it)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from wenet_moe_runtime.wavio import read_wav, write_wav
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def _evaluate(ws_url: str, expression: str):
+    async with connect(ws_url, max_size=None, open_timeout=10) as ws:
+        await ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate",
+                                  "params": {"expression": expression, "returnByValue": True}}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg.get("id") == 1:
+                return msg["result"]["result"].get("value")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_browser_page_streams_microphone_and_shows_final(server, test_wavs, tmp_path):
+    speech, _ = read_wav(test_wavs["u0"])
+    capture = str(tmp_path / "mic.wav")
+    write_wav(capture, np.concatenate([speech, np.zeros(32000, np.int16)]))
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    page = server.url.replace("ws:", "http:") + "/?autostart=1"
+    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu",
+           "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+           f"--use-file-for-fake-audio-capture={capture}", "--disable-background-networking",
+           "--autoplay-policy=no-user-gesture-required", "--no-first-run",
+           "--disable-extensions", "--disable-sync", "--mute-audio",
+           f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+           "--remote-debugging-port=0", page]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not port_file.exists() or not port_file.read_text().strip():
+            assert proc.poll() is None, "chromium exited"
+            assert time.monotonic() < deadline, "chromium did not open its debugging port"
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        ws_url = None
+        while ws_url is None and time.monotonic() < deadline:
+            targets = json.loads(urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+            pages = [t for t in targets if t.get("type") == "page" and "autostart" in t.get("url", "")]
+            ws_url = pages[0]["webSocketDebuggerUrl"] if pages else None
+            time.sleep(0.2)
+        assert ws_url, "page target not found"
+        expr = ("JSON.stringify({finals: Array.from(document.querySelectorAll('#finals .final'))"
+                ".map(e => e.textContent), status: document.getElementById('status').textContent,"
+                " partial: document.getElementById('partial').textContent})")
+        state = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            state = json.loads(asyncio.run(_evaluate(ws_url, expr)) or "{}")
+            if state.get("finals"):
+                break
+            time.sleep(0.5)
+        assert state.get("finals"), f"no final result shown; page state {state}"
+        assert state["finals"][0] == "你好世界"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
