@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Print the CER table of a model directory (Markdown).
+
+    cer_table.py EXP_DIR [--runtime]
+
+Reads EXP_DIR/decode_<set>_<full|chunkN>/<mode>/wer (compute_cer.py output) and
+prints, for every set, one row per decoding mode and one column per context.
+With runtime_* directories present, their CERs are listed below the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+MODE_ORDER = ["ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attention_rescoring"]
+_OVERALL = re.compile(r"^Overall -> ([0-9.]+) % N=(\d+)")
+
+
+def read_cer(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = _OVERALL.match(line)
+                if m:
+                    return float(m.group(1))
+    except OSError:
+        return None
+    return None
+
+
+def collect(exp: str):
+    table = {}  # set -> tag -> mode -> cer
+    for name in sorted(os.listdir(exp)):
+        m = re.fullmatch(r"decode_(.+)_(full|chunk\d+)", name)
+        if not m or not os.path.isdir(os.path.join(exp, name)):
+            continue
+        for mode in sorted(os.listdir(os.path.join(exp, name))):
+            cer = read_cer(os.path.join(exp, name, mode, "wer"))
+            if cer is not None:
+                table.setdefault(m.group(1), {}).setdefault(m.group(2), {})[mode] = cer
+    return table
+
+
+def tag_key(tag: str):
+    return (0, 0) if tag == "full" else (1, -int(tag[5:]))
+
+
+def format_table(table) -> str:
+    out = []
+    for split, by_tag in table.items():
+        tags = sorted(by_tag, key=tag_key)
+        modes = sorted({m for t in by_tag.values() for m in t},
+                       key=lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else 99, m))
+        heads = ["full context" if t == "full" else f"chunk {t[5:]}" for t in tags]
+        out.append(f"CER (%) on {split}:\n")
+        out.append("| mode | " + " | ".join(heads) + " |")
+        out.append("|---|" + "---|" * len(tags))
+        for mode in modes:
+            cells = [f"{by_tag[t][mode]:.2f}" if mode in by_tag[t] else "-" for t in tags]
+            out.append(f"| {mode} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("exp_dir", help="model directory")
+    a = p.parse_args(argv)
+    if not os.path.isdir(a.exp_dir):
+        print(f"cer_table.py: error: {a.exp_dir}: no such directory", file=sys.stderr)
+        return 1
+    table = collect(a.exp_dir)
+    if not table:
+        print(f"cer_table.py: no decode_*/*/wer under {a.exp_dir}", file=sys.stderr)
+        return 1
+    print(format_table(table))
+    for name in sorted(os.listdir(a.exp_dir)):
+        if name.startswith("runtime_"):
+            cer = read_cer(os.path.join(a.exp_dir, name, "wer"))
+            if cer is not None:
+                print(f"{name}: CER {cer:.2f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
