@@ -25,9 +25,11 @@ PITCH_HZ = [300.0, 520.0, 760.0, 1010.0, 1290.0, 1600.0]
 SR = 16000
 
 
-def units() -> List[str]:
-    """Symbol table lines: <blank> 0, <unk> 1, the tokens, <sos/eos> last."""
-    syms = ["<blank>", "<unk>"] + TOKENS + ["<sos/eos>"]
+def units(vocab: int = 0) -> List[str]:
+    """Symbol table lines: <blank> 0, <unk> 1, the tokens, <sos/eos> last; with
+    `vocab` > 9 further CJK characters pad the table to that size."""
+    extra = [chr(0xAC00 + i) for i in range(max(0, vocab - len(TOKENS) - 3))]
+    syms = ["<blank>", "<unk>"] + TOKENS + extra + ["<sos/eos>"]
     return [f"{s} {i}" for i, s in enumerate(syms)]
 
 
@@ -161,10 +163,11 @@ def chunk_mask(t: int, chunk: int) -> torch.Tensor:
 
 
 class TinyAsr(nn.Module):
-    def __init__(self, mean, istd, vocab: int, d: int = 32) -> None:
+    def __init__(self, mean, istd, vocab: int, d: int = 32, blocks: int = 2,
+                 head: int = 2) -> None:
         super().__init__()
         self.vocab, self.sos = vocab, vocab - 1
-        self.encoder = TinyEncoder(mean, istd, d=d)
+        self.encoder = TinyEncoder(mean, istd, d=d, head=head, blocks=blocks)
         self.ctc = TinyCtc(d, vocab)
         self.decoder = TinyDecoder(d, vocab, vocab - 1)
 
@@ -269,4 +272,15 @@ def export_onnx(model: TinyAsr, out_dir: str, fbank_conf: dict, chunk: int = 4,
             q.metadata_props.add(key=k, value=str(v))
         onnx.save(q, paths["encoder"].replace(".onnx", ".int8.onnx"))
     with open(os.path.join(out_dir, "units.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(units()) + "\n")
+        f.write("\n".join(units(model.vocab)) + "\n")
+
+
+def make_standin_export(out_dir: str, fbank_conf: dict, d: int = 256, blocks: int = 12,
+                        head: int = 4, vocab: int = 4000, chunk: int = 16, seed: int = 0) -> None:
+    """An untrained model of realistic size (for load tests: compute, not accuracy)."""
+    torch.manual_seed(seed)
+    model = TinyAsr(torch.zeros(80), torch.full((80,), 0.2), vocab, d=d, blocks=blocks, head=head)
+    with torch.no_grad():   # a peaked CTC head, so the search sees speech-like posteriors
+        model.ctc.lin.bias[0] += 2.0
+    model.eval()
+    export_onnx(model, out_dir, fbank_conf, chunk=chunk, left_chunks=-1)

@@ -151,7 +151,10 @@ class OnnxAsrModel:
         units = os.path.join(model_dir, "units.txt")
         if not os.path.isfile(units):
             raise ModelError(f"{units}: symbol table not found")
-        self.symbols = SymbolTable.read(units)
+        try:
+            self.symbols = SymbolTable.read(units)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
         if self.info.vocab_size < 0:
             self.info.vocab_size = len(self.symbols)
         self._enc_inputs = [i.name for i in self.sessions["encoder"].get_inputs()]

@@ -1,0 +1,249 @@
+"""Load test of wenet-moe-server: N concurrent clients streaming wavs in real time.
+
+    python bench/server_load.py --model_dir EXPORT --wav_scp wav.scp --concurrency 1,4,8,16
+    python bench/server_load.py --standin DIR ...   # untrained stand-in export (needs torch)
+
+For every N it starts a fresh server (127.0.0.1), streams for `--seconds` with N
+real-time clients and reports: the server's CPU real-time factor (CPU seconds /
+audio seconds), first-partial latency (first audio sent -> first partial) and
+final latency (end of audio -> final result) p50/p95, CER of the server's finals
+against offline decoding of the same export, and resident memory per active stream.
+The largest N whose p95 final latency stays under `--rt_latency_ms` and whose CPU
+use stays under the cores available is reported as the real-time capacity. It
+then compares the server's memory after 10 and after `--sequential` (1000)
+sequential connections, and optionally CTC batching on/off (`--compare_batching`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from wenet_moe_runtime.client import stream_samples
+from wenet_moe_runtime.decode import read_scp
+from wenet_moe_runtime.decoder import DecodeOptions
+from wenet_moe_runtime.model import OnnxAsrModel
+from wenet_moe_runtime.offline import decode_samples
+from wenet_moe_runtime.wavio import read_wav
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS   # utime + stime
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+        prev = cur
+    return prev[-1]
+
+
+def pct(values: List[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class Server:
+    def __init__(self, model_dir: str, extra: List[str]) -> None:
+        cmd = [sys.executable, "-m", "wenet_moe_runtime.server", "--model_dir", model_dir,
+               "--port", "0", "--host", "127.0.0.1", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        line = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            m = re.search(r"listening on (ws://\S+)", line)
+            if m:
+                self.url = m.group(1)
+                return
+            if not line:
+                break
+        self.proc.kill()
+        raise RuntimeError(f"server did not start: {line}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def _client(url: str, wavs: List[Tuple[str, np.ndarray]], start_index: int,
+                  until: float, chunk_ms: int, results: List[Dict]) -> None:
+    i = start_index
+    while time.monotonic() < until:
+        key, samples = wavs[i % len(wavs)]
+        i += 1
+        res = await stream_samples(url, samples, chunk_ms=chunk_ms, realtime=True, timeout=300)
+        results.append({"key": key, "text": res.text, "audio_s": len(samples) / 16000.0,
+                        "first_partial_s": res.first_partial_s,
+                        "final_latency_s": (res.final_s - res.audio_end_s)
+                        if res.final_s is not None and res.audio_end_s is not None else None,
+                        "failures": res.failures})
+
+
+async def _load(url: str, pid: int, n: int, wavs, seconds: float, chunk_ms: int):
+    results: List[Dict] = []
+    until = time.monotonic() + seconds
+    peak = [0.0]
+
+    async def sample_memory() -> None:
+        while time.monotonic() < until:
+            peak[0] = max(peak[0], rss_mb(pid))
+            await asyncio.sleep(0.5)
+    # Stagger the clients over one utterance so their chunks do not arrive in lockstep.
+    tasks = []
+    for k in range(n):
+        await asyncio.sleep(min(0.05, 1.0 / max(n, 1)))
+        tasks.append(asyncio.ensure_future(_client(url, wavs, k, until, chunk_ms, results)))
+    await asyncio.gather(sample_memory(), *tasks)
+    return results, peak[0]
+
+
+def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: int,
+                    max_batch: int) -> Dict:
+    srv = Server(model_dir, ["--num_workers", str(args.num_workers), "--max_batch", str(max_batch),
+                             "--max_connections", str(n + 8)] + (["--int8"] if args.int8 else []))
+    try:
+        time.sleep(0.5)
+        idle = rss_mb(srv.proc.pid)
+        cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
+        results, peak = asyncio.run(_load(srv.url, srv.proc.pid, n, wavs, args.seconds, args.chunk_ms))
+        cpu = cpu_seconds(srv.proc.pid) - cpu0
+        wall = time.monotonic() - t0
+    finally:
+        srv.stop()
+    audio = sum(r["audio_s"] for r in results)
+    errors = sum(edit_distance(reference[r["key"]], r["text"]) for r in results)
+    ref_chars = sum(len(reference[r["key"]]) for r in results)
+    first = [r["first_partial_s"] for r in results if r["first_partial_s"] is not None]
+    final = [r["final_latency_s"] for r in results if r["final_latency_s"] is not None]
+    out = {"concurrency": n, "max_batch": max_batch, "utterances": len(results),
+           "failures": sum(len(r["failures"]) for r in results),
+           "audio_s": round(audio, 1), "server_cpu_s": round(cpu, 2),
+           "rtf_cpu": round(cpu / audio, 4) if audio else None,
+           "cpu_cores_used": round(cpu / wall, 2),
+           "first_partial_p50_ms": round(1000 * pct(first, 50)), "first_partial_p95_ms": round(1000 * pct(first, 95)),
+           "final_p50_ms": round(1000 * pct(final, 50)), "final_p95_ms": round(1000 * pct(final, 95)),
+           "cer_vs_offline_pct": round(100.0 * errors / max(ref_chars, 1), 2),
+           "reference_chars": ref_chars,
+           "rss_idle_mb": round(idle, 1), "rss_peak_mb": round(peak, 1),
+           "rss_per_stream_mb": round((peak - idle) / n, 2)}
+    out["realtime"] = bool(out["failures"] == 0 and len(final) == len(results)
+                           and pct(final, 95) * 1000 < args.rt_latency_ms
+                           and cpu / wall < 0.95 * args.cores)
+    return out
+
+
+async def _sequential(url: str, pid: int, samples: np.ndarray, total: int, marks: List[int]):
+    rss = {}
+    for i in range(1, total + 1):
+        res = await stream_samples(url, samples, chunk_ms=250, realtime=False, timeout=60)
+        if res.failures or not res.speech_end:
+            raise RuntimeError(f"sequential connection {i} failed: {res.failures}")
+        if i in marks:
+            await asyncio.sleep(0.3)
+            rss[i] = round(rss_mb(pid), 1)
+    return rss
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model_dir", help="ONNX export directory")
+    p.add_argument("--standin", help="write an untrained stand-in export here (needs torch) and use it")
+    p.add_argument("--standin_size", default="256,12,4,4000", help="d,blocks,heads,vocab of the stand-in")
+    p.add_argument("--wav_scp", help="test wavs (default: synthetic utterances)")
+    p.add_argument("--concurrency", default="1,2,4,8,16,24,32")
+    p.add_argument("--seconds", type=float, default=20.0, help="streaming time per N")
+    p.add_argument("--chunk_ms", type=int, default=200)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--max_batch", type=int, default=8)
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--rt_latency_ms", type=float, default=1000.0,
+                   help="p95 final latency that still counts as real time")
+    p.add_argument("--sequential", type=int, default=1000)
+    p.add_argument("--compare_batching", action="store_true")
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--out", help="write the report as JSON here")
+    args = p.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime", "tests"))
+    if args.standin:
+        import rt_tiny_model as T
+        from wenet_moe_runtime.features import FbankOptions
+        d, blocks, heads, vocab = (int(x) for x in args.standin_size.split(","))
+        T.make_standin_export(args.standin, FbankOptions().to_dict(), d, blocks, heads, vocab)
+        args.model_dir = args.standin
+    if not args.model_dir:
+        p.error("give --model_dir or --standin")
+    if args.wav_scp:
+        wavs = [(k, read_wav(path)[0]) for k, path in read_scp(args.wav_scp)]
+    else:
+        import rt_tiny_model as T
+        seqs = [[2, 3, 4, 5], [6, 7, 2], [3, 5, 7, 4, 2], [4, 4, 6], [7, 6, 5, 3], [2, 6, 3]]
+        wavs = [(f"syn{i}", T.synth(s, seed=i)) for i, s in enumerate(seqs)]
+    model = OnnxAsrModel(args.model_dir, int8=args.int8)
+    reference = {k: decode_samples(model, w, DecodeOptions())[0]["sentence"] for k, w in wavs}
+    del model
+    report = {"model_dir": args.model_dir, "cores": args.cores, "runs": []}
+    largest = 0
+    for n in [int(x) for x in args.concurrency.split(",")]:
+        r = run_concurrency(args, args.model_dir, wavs, reference, n, args.max_batch)
+        report["runs"].append(r)
+        print(json.dumps(r), flush=True)
+        if not r["realtime"]:
+            break
+        largest = n
+    report["largest_realtime_concurrency"] = largest
+    if args.compare_batching and largest:
+        for mb in (1, args.max_batch):
+            r = run_concurrency(args, args.model_dir, wavs, reference, largest, mb)
+            report.setdefault("batching", []).append(r)
+            print(json.dumps(r), flush=True)
+    if args.sequential > 0:
+        srv = Server(args.model_dir, ["--num_workers", str(args.num_workers)])
+        try:
+            marks = sorted({10, args.sequential} | {m for m in (100, 500) if m < args.sequential})
+            rss = asyncio.run(_sequential(srv.url, srv.proc.pid, wavs[0][1][:16000], args.sequential, marks))
+        finally:
+            srv.stop()
+        report["rss_after_sequential_mb"] = rss
+        print(json.dumps({"rss_after_sequential_mb": rss}), flush=True)
+    print(f"largest real-time concurrency on {args.cores} cores: {largest}", flush=True)
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
