@@ -8,6 +8,8 @@ token, where the token's posterior is highest.
 """
 from __future__ import annotations
 
+import heapq
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -15,6 +17,15 @@ import numpy as np
 NEG_INF = float("-inf")
 
 Hypothesis = Tuple[List[int], float, List[int]]  # (tokens, log score, token times)
+
+
+def _logadd(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) for Python floats (faster than numpy on scalars)."""
+    if a < b:
+        a, b = b, a
+    if b == NEG_INF:
+        return a
+    return a + math.log1p(math.exp(b - a))
 
 
 def _check_log_probs(log_probs: np.ndarray) -> np.ndarray:
@@ -69,7 +80,7 @@ class _Prefix:
         self.peak_nb = NEG_INF  # posterior of the last token at its recorded time
 
     def total(self) -> float:
-        return float(np.logaddexp(self.pb, self.pnb))
+        return _logadd(self.pb, self.pnb)
 
     def best_times(self) -> Tuple[int, ...]:
         return self.times_nb if self.vnb > self.vb else self.times_b
@@ -131,54 +142,50 @@ class CtcPrefixBeamSearch:
     def _step(self, row: np.ndarray, top: np.ndarray) -> None:
         t = self.num_frames
         blank = self.blank_id
-        prefixes = list(self._beam.items())
-        pb = np.array([p.pb for _, p in prefixes])
-        pnb = np.array([p.pnb for _, p in prefixes])
-        ptot = np.logaddexp(pb, pnb)
-        vtot = np.maximum([p.vb for _, p in prefixes], [p.vnb for _, p in prefixes])
-        tok_lp = row[top]
-        # Scores of every (prefix, token) pair, vectorised over the pruned tokens.
-        ext_any = ptot[:, None] + tok_lp[None, :]   # extend from any ending
-        ext_blank = pb[:, None] + tok_lp[None, :]   # extend repeating token after blank
-        vit_any = vtot[:, None] + tok_lp[None, :]
+        tokens = top.tolist()
+        tok_lps = row[top].tolist()  # log-posteriors of the pruned tokens
         new: Dict[Tuple[int, ...], _Prefix] = {}
-
-        def get(key: Tuple[int, ...]) -> _Prefix:
-            p = new.get(key)
-            if p is None:
-                p = new[key] = _Prefix()
-            return p
-
-        for i, (prefix, old) in enumerate(prefixes):
+        for prefix, old in self._beam.items():
             last = prefix[-1] if prefix else -1
-            for j, tok in enumerate(top.tolist()):
-                lp = float(tok_lp[j])
+            p_any = _logadd(old.pb, old.pnb)
+            v_any = old.vb if old.vb > old.vnb else old.vnb
+            times_any = old.times_b if old.vb >= old.vnb else old.times_nb
+            for tok, lp in zip(tokens, tok_lps):
                 if tok == blank:
-                    p = get(prefix)
-                    p.pb = np.logaddexp(p.pb, ext_any[i, j])
-                    v = float(vit_any[i, j])
-                    if v > p.vb:
-                        p.vb, p.times_b = v, old.best_times()
-                elif tok == last:
+                    p = new.get(prefix)
+                    if p is None:
+                        p = new[prefix] = _Prefix()
+                    p.pb = _logadd(p.pb, p_any + lp)
+                    if v_any + lp > p.vb:
+                        p.vb, p.times_b = v_any + lp, times_any
+                    continue
+                key = prefix + (tok,)
+                q = new.get(key)
+                if q is None:
+                    q = new[key] = _Prefix()
+                if tok == last:
                     # Same token without a blank in between: collapses into prefix.
-                    p = get(prefix)
-                    p.pnb = np.logaddexp(p.pnb, old.pnb + lp)
+                    p = new.get(prefix)
+                    if p is None:
+                        p = new[prefix] = _Prefix()
+                    p.pnb = _logadd(p.pnb, old.pnb + lp)
                     if old.vnb > NEG_INF:
                         times, peak = old.times_nb, old.peak_nb
                         if lp > peak:
                             times, peak = times[:-1] + (t,), lp
                         p.offer_nb(old.vnb + lp, times, peak)
                     # Same token after a blank: a new token.
-                    q = get(prefix + (tok,))
-                    q.pnb = np.logaddexp(q.pnb, ext_blank[i, j])
+                    q.pnb = _logadd(q.pnb, old.pb + lp)
                     if old.vb > NEG_INF:
                         q.offer_nb(old.vb + lp, old.times_b + (t,), lp)
                 else:
-                    q = get(prefix + (tok,))
-                    q.pnb = np.logaddexp(q.pnb, ext_any[i, j])
-                    q.offer_nb(float(vit_any[i, j]), old.best_times() + (t,), lp)
-        ranked = sorted(new.items(), key=lambda kv: kv[1].total(), reverse=True)
-        self._beam = dict(ranked[: self.beam_size])
+                    q.pnb = _logadd(q.pnb, p_any + lp)
+                    q.offer_nb(v_any + lp, times_any + (t,), lp)
+        if len(new) > self.beam_size:
+            ranked = heapq.nlargest(self.beam_size, new.items(), key=lambda kv: kv[1].total())
+        else:
+            ranked = sorted(new.items(), key=lambda kv: kv[1].total(), reverse=True)
+        self._beam = dict(ranked)
 
     def nbest(self, n: int = 0) -> List[Hypothesis]:
         """Current hypotheses, best first: (tokens, log score, token times).

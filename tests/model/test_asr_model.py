@@ -182,6 +182,13 @@ def test_scripted_export_api_matches_eager(mlp_type):
             offset += e[0].size(1)
         enc = e[0]
         torch.testing.assert_close(model.ctc_activation(enc), scripted.ctc_activation(enc))
+        x, xl, _, _ = _batch()
+        for a, b in zip(model.batch_ctc_log_probs(x, xl), scripted.batch_ctc_log_probs(x, xl)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        full, full_lens = model.batch_forward_encoder(x, xl)
+        torch.testing.assert_close(scripted.batch_forward_encoder(x, xl, 4, -1)[0],
+                                   model.batch_forward_encoder(x, xl, 4, -1)[0], atol=1e-5, rtol=1e-5)
+        assert full_lens.dtype == torch.int64 and full_lens.tolist() == [9, 7, 5]
         hyps = torch.tensor([[V - 1, 3, 4, 5], [V - 1, 2, V - 1, V - 1]])
         lens = torch.tensor([4, 2])
         for a, b in zip(model.forward_attention_decoder(hyps, lens, enc, 0.5),

@@ -264,6 +264,23 @@ class ASRModel(nn.Module):
         return self.encoder.forward_chunk(xs, offset, required_cache_size, att_cache, cnn_cache)
 
     @torch.jit.export
+    def batch_forward_encoder(self, xs: torch.Tensor, xs_lens: torch.Tensor,
+                              decoding_chunk_size: int = -1, num_decoding_left_chunks: int = -1
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Whole utterances: xs (B, T, F), xs_lens (B,) -> (encoder_out (B, T', D),
+        encoder_out_lens (B,) int64); chunk arguments as in `decode`."""
+        out, mask = self.encoder(xs, xs_lens, decoding_chunk_size, num_decoding_left_chunks)
+        return out, mask.squeeze(1).sum(1).to(torch.int64)
+
+    @torch.jit.export
+    def batch_ctc_log_probs(self, xs: torch.Tensor, xs_lens: torch.Tensor
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Offline CTC model (sherpa-onnx `model.onnx` shape): features (B, T, F),
+        (B,) -> (log_probs (B, T', V), log_probs_lens (B,) int64), full context."""
+        out, lens = self.batch_forward_encoder(xs, xs_lens, -1, -1)
+        return self.ctc.log_softmax(out), lens
+
+    @torch.jit.export
     def ctc_activation(self, xs: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, T, D) -> CTC log-posteriors (B, T, V)."""
         return self.ctc.log_softmax(xs)
