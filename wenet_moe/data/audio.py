@@ -45,6 +45,8 @@ def load_audio(source: Union[str, bytes], start: Optional[float] = None, end: Op
 
         if not os.path.exists(source):
             raise AudioError(f"{label}: no such file", "missing_wav")
+        if os.path.isfile(source) and os.path.getsize(source) == 0:
+            raise AudioError(f"{label}: file is empty (0 bytes)", "empty_wav")
         handle = source
     try:
         with sf.SoundFile(handle) as f:
