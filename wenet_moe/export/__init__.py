@@ -1,0 +1,100 @@
+"""TorchScript and ONNX export with self-verification.
+
+`export_model(...)` writes everything into a staging directory, verifies the
+written files against the eager model (raising `ParityError` with the largest
+difference if they disagree), and only then moves them into `output_dir`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional
+
+import torch
+
+from wenet_moe.export.common import (build_and_load, export_metadata, load_configs,
+                                     staged_output, write_symbol_tables)
+from wenet_moe.export.verify import ParityError, compare
+
+__all__ = ["export_model", "export_loaded", "ParityError", "compare", "FORMATS"]
+
+FORMATS = ("onnx", "torchscript")
+ONNX_FILES = ("encoder.onnx", "ctc.onnx", "decoder.onnx", "model.onnx", "model_streaming.onnx")
+
+
+def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, output_dir: str,
+                  fmt: str = "onnx", chunk_size: int = 16, left_chunks: int = -1,
+                  quantize: Optional[str] = None, reverse_weight: Optional[float] = None,
+                  verify: bool = True) -> Dict[str, float]:
+    """Export an already built eval-mode model; returns {check: max |diff|} of the
+    verification (plus int8 agreement rates). See `export_model`."""
+    from wenet_moe.export import onnx_export
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if quantize not in (None, "", "int8"):
+        raise ValueError(f"--quantize must be int8, got '{quantize}'")
+    if chunk_size == 0 or chunk_size < -1:
+        raise ValueError(f"--chunk_size must be > 0 (streaming) or -1 (full context), "
+                         f"got {chunk_size}")
+    if reverse_weight is None:
+        reverse_weight = float((configs.get("model_conf") or {}).get("reverse_weight", 0.0))
+    if not 0.0 <= reverse_weight <= 1.0:
+        raise ValueError(f"--reverse_weight must be in [0, 1], got {reverse_weight}")
+    if not model.is_bidirectional_decoder():
+        reverse_weight = 0.0
+    model = model.float().eval()
+    onnx_export.set_feature_dim(model, int(configs["input_dim"]))
+    meta = export_metadata(model, configs, raw_configs, chunk_size, left_chunks, reverse_weight)
+    # the runtimes size the cnn cache as (blocks, 1, D, cnn_module_kernel - 1)
+    meta["cnn_module_kernel"] = str(onnx_export.cache_shapes(model)[1][3] + 1)
+    report: Dict[str, float] = {}
+    with staged_output(output_dir) as stage:
+        write_symbol_tables(configs, stage)
+        if fmt == "torchscript":
+            from wenet_moe.export import torchscript_export as ts
+            path = os.path.join(stage, "final.zip")
+            ts.export_torchscript(model, path, meta)
+            if verify:
+                report.update(ts.verify_torchscript(model, path, chunk_size, left_chunks,
+                                                    reverse_weight))
+            if quantize == "int8":
+                ts.quantize_torchscript(model, os.path.join(stage, "final.int8.zip"), meta)
+        else:
+            from wenet_moe.export import quantize as q8
+            from wenet_moe.export import verify as check
+            onnx_export.export_onnx(model, stage, chunk_size, left_chunks, reverse_weight, meta)
+            if verify:
+                report.update(check.verify_onnx(model, stage, chunk_size, left_chunks,
+                                                reverse_weight))
+            if quantize == "int8":
+                for name in ONNX_FILES:
+                    q8.quantize_onnx(os.path.join(stage, name),
+                                     os.path.join(stage, q8.int8_name(name)))
+                report.update(q8.verify_int8(model, stage, chunk_size, left_chunks))
+    for key, value in report.items():
+        logging.info("export check %s: %.3g", key, value)
+    return report
+
+
+def export_model(config: str, checkpoint: str, output_dir: str, fmt: str = "onnx",
+                 chunk_size: int = 16, left_chunks: int = -1, quantize: Optional[str] = None,
+                 reverse_weight: Optional[float] = None) -> Dict[str, float]:
+    """`wenet-moe export`: train.yaml + checkpoint -> verified files in output_dir.
+
+    Args:
+        config: the resolved train.yaml (with input_dim/output_dim).
+        checkpoint: any checkpoint of that model.
+        output_dir: created if needed; existing files of the same names are replaced
+            only after every check passed.
+        fmt: "onnx" or "torchscript".
+        chunk_size, left_chunks: recorded in the metadata and used as the example
+            and the first verification case (the graphs take any chunk/cache size).
+        quantize: "int8" adds dynamically quantized copies.
+        reverse_weight: rescoring weight recorded in the metadata (default
+            model_conf.reverse_weight; 0 without a bidirectional decoder).
+    """
+    raw, configs = load_configs(config)
+    model = build_and_load(configs, checkpoint)
+    return export_loaded(model, configs, raw, output_dir, fmt, chunk_size, left_chunks,
+                         quantize, reverse_weight)

@@ -1,0 +1,44 @@
+"""`wenet-moe export`: a checkpoint and its train.yaml -> ONNX or TorchScript models.
+
+    wenet-moe export --config exp/x/train.yaml --checkpoint exp/x/avg_5.pt \\
+        --output_dir exp/x/onnx --format onnx [--chunk_size 16] \\
+        [--num_decoding_left_chunks -1] [--quantize int8] [--reverse_weight 0.5]
+
+ONNX writes encoder.onnx, ctc.onnx, decoder.onnx (WeNet runtime), model.onnx and
+model_streaming.onnx (sherpa-onnx `from_wenet_ctc`), units.txt and tokens.txt;
+TorchScript writes final.zip. Everything is verified against PyTorch before it
+is moved into --output_dir; on failure nothing there changes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="resolved train.yaml of the model")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint to export")
+    parser.add_argument("--output_dir", required=True, help="directory for the exported files")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                        help="onnx (five graphs + symbol tables) or torchscript (final.zip)")
+    parser.add_argument("--chunk_size", type=int, default=16,
+                        help="decoding chunk in encoder frames (-1: full context); metadata")
+    parser.add_argument("--num_decoding_left_chunks", type=int, default=-1,
+                        help="left chunks kept in the attention cache (-1: all); metadata")
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="also write dynamically int8-quantized copies")
+    parser.add_argument("--reverse_weight", type=float, default=None,
+                        help="right-to-left decoder weight for rescoring (metadata; default "
+                             "model_conf.reverse_weight)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from wenet_moe.export import export_model
+
+    report = export_model(args.config, args.checkpoint, args.output_dir, args.format,
+                          args.chunk_size, args.num_decoding_left_chunks, args.quantize,
+                          args.reverse_weight)
+    for key, value in report.items():
+        print(f"wenet-moe export: check {key}: {value:.3g}", file=sys.stderr)
+    print(f"wenet-moe export: wrote {args.output_dir}", file=sys.stderr)
+    return 0

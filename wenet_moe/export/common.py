@@ -1,0 +1,189 @@
+"""Shared pieces of the exporters: loading a checkpoint, export metadata, symbol
+tables, and the staging directory that makes an export all-or-nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from wenet_moe.config import ConfigError, load_yaml
+
+
+def config_hash(configs: Dict[str, Any]) -> str:
+    """sha256 (first 16 hex digits) of the config as canonical JSON (sorted keys)."""
+    text = json.dumps(configs, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _find(path: Optional[str], config_dir: str) -> Optional[str]:
+    """`path` as given if it exists, else the file of that name beside the config."""
+    if not path:
+        return None
+    if os.path.exists(path):
+        return path
+    beside = os.path.join(config_dir, os.path.basename(path))
+    return beside if os.path.exists(beside) else None
+
+
+def load_configs(config_path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(configs as written, configs with file paths resolved) of a train.yaml.
+
+    Relative paths that do not exist from the current directory (symbol table, CMVN)
+    are looked up by file name beside the config. The symbol table must exist; a
+    missing CMVN file is replaced by placeholder statistics at build time because the
+    real ones are buffers in the checkpoint.
+    """
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{config_path}: config file not found")
+    raw = load_yaml(config_path)
+    configs = copy.deepcopy(raw)
+    config_dir = os.path.dirname(os.path.abspath(config_path))
+    tok = dict(configs.get("tokenizer_conf") or {})
+    units = _find(tok.get("symbol_table_path"), config_dir) or _find("units.txt", config_dir)
+    if units is None:
+        raise ConfigError(f"{config_path}: tokenizer_conf.symbol_table_path "
+                          f"{tok.get('symbol_table_path')!r} not found (nor units.txt beside it)")
+    tok["symbol_table_path"] = units
+    configs["tokenizer_conf"] = tok
+    cmvn = dict(configs.get("cmvn_conf") or {})
+    if cmvn.get("cmvn_file"):
+        cmvn["cmvn_file"] = _find(cmvn["cmvn_file"], config_dir)
+        configs["cmvn_conf"] = cmvn
+    for key in ("input_dim", "output_dim"):
+        if not isinstance(configs.get(key), int):
+            raise ConfigError(f"{config_path}: '{key}' missing (export reads the resolved "
+                              f"train.yaml written by `wenet-moe train`)")
+    return raw, configs
+
+
+def build_and_load(configs: Dict[str, Any], checkpoint: str) -> torch.nn.Module:
+    """The ASRModel of `configs` with the weights of `checkpoint`, in eval mode, CPU fp32."""
+    from wenet_moe.model import build_model
+    from wenet_moe.train.checkpoint import load_model_weights
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+    configs = copy.deepcopy(configs)
+    cmvn = dict(configs.get("cmvn_conf") or {})
+    placeholder = None
+    if configs.get("cmvn") is not None and "cmvn_file" in cmvn and cmvn["cmvn_file"] is None:
+        # statistics are restored from the checkpoint's buffers below
+        fd, placeholder = tempfile.mkstemp(suffix=".json")
+        dim = int(configs["input_dim"])
+        with os.fdopen(fd, "w") as f:
+            json.dump({"mean_stat": [0.0] * dim, "var_stat": [1.0] * dim, "frame_num": 1}, f)
+        cmvn.update({"cmvn_file": placeholder, "is_json_cmvn": True})
+        configs["cmvn_conf"] = cmvn
+    try:
+        model = build_model(configs)
+    finally:
+        if placeholder:
+            os.unlink(placeholder)
+    load_model_weights(model, checkpoint)
+    return model.float().eval()
+
+
+def fbank_conf_json(configs: Dict[str, Any]) -> str:
+    """JSON of the runtime `FbankOptions` the model was trained with (dither 0)."""
+    from wenet_moe.data.features import fbank_options
+
+    ds = configs.get("dataset_conf") or {}
+    rate = int((ds.get("resample_conf") or {}).get("resample_rate", 16000))
+    opts = fbank_options(ds.get("fbank_conf"), sample_rate=rate)
+    opts.dither = 0.0
+    return json.dumps(opts.to_dict(), sort_keys=True)
+
+
+def decoding_window(model: torch.nn.Module, chunk_size: int) -> int:
+    """Input frames of one streaming chunk: (chunk-1)*subsampling + right_context + 1
+    (67 for chunk 16 with conv2d; WeNet uses 67 for chunk -1 too)."""
+    chunk = chunk_size if chunk_size > 0 else 16
+    return (chunk - 1) * model.subsampling_rate() + model.right_context() + 1
+
+
+def export_metadata(model: torch.nn.Module, configs: Dict[str, Any], raw_configs: Dict[str, Any],
+                    chunk_size: int, left_chunks: int, reverse_weight: float) -> Dict[str, str]:
+    """WeNet's `export_onnx_cpu` keys, sherpa-onnx's keys, `fbank_conf`, `config_hash`."""
+    enc = model.encoder
+    head = int(enc.attention_heads)
+    enc_conf = configs.get("encoder_conf") or {}
+    meta = {
+        "model_type": "wenet_ctc",
+        "batch": 1,
+        "chunk_size": chunk_size,
+        "left_chunks": left_chunks,
+        "reverse_weight": float(reverse_weight),
+        "output_size": int(enc.output_size()),
+        "num_blocks": int(enc.num_blocks),
+        "cnn_module_kernel": int(enc.cnn_module_kernel),
+        "head": head,
+        "feature_size": int(configs["input_dim"]),
+        "vocab_size": int(configs["output_dim"]),
+        "decoding_window": decoding_window(model, chunk_size),
+        "encoder": str(configs.get("encoder", "conformer")),
+        "decoder": str(configs.get("decoder", "bitransformer")),
+        "subsampling_rate": int(model.subsampling_rate()),
+        "subsampling_factor": int(model.subsampling_rate()),
+        "right_context": int(model.right_context()),
+        "sos_symbol": int(model.sos_symbol()),
+        "eos_symbol": int(model.eos_symbol()),
+        "blank_id": int(model.blank_id),
+        "is_bidirectional_decoder": int(bool(model.is_bidirectional_decoder())),
+        "mlp_type": str(enc_conf.get("mlp_type", "position_wise_feed_forward")),
+        "router": str((configs.get("moe_conf") or {}).get("router", "")),
+        "fbank_conf": fbank_conf_json(configs),
+        "config_hash": config_hash(raw_configs),
+        "producer": "wenet-moe",
+    }
+    return {k: str(v) for k, v in meta.items()}
+
+
+def write_symbol_tables(configs: Dict[str, Any], out_dir: str) -> None:
+    """Copy the symbol table as `units.txt` (WeNet) and `tokens.txt` (sherpa-onnx).
+
+    sherpa-onnx needs `<blank>` in it; its ids must cover the model's vocabulary.
+    """
+    from wenet_moe_runtime.symbols import SymbolTable
+
+    path = configs["tokenizer_conf"]["symbol_table_path"]
+    try:
+        table = SymbolTable.read(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(table) != int(configs["output_dim"]):
+        raise ConfigError(f"{path}: {len(table)} symbols, but output_dim is {configs['output_dim']}")
+    if "<blank>" not in table:
+        raise ConfigError(f"{path}: no <blank> symbol (sherpa-onnx needs it)")
+    for name in ("units.txt", "tokens.txt"):
+        shutil.copyfile(path, os.path.join(out_dir, name))
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str) -> Iterator[str]:
+    """Yield a fresh staging directory beside `output_dir`; on success move every
+    file into `output_dir` (renaming the whole directory when it did not exist),
+    on failure remove it, leaving `output_dir` untouched."""
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield stage
+        if not os.path.exists(output_dir):
+            os.rename(stage, output_dir)
+            return
+        if not os.path.isdir(output_dir):
+            raise NotADirectoryError(f"{output_dir}: exists and is not a directory")
+        for name in sorted(os.listdir(stage)):
+            os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+    finally:
+        if os.path.isdir(stage):
+            shutil.rmtree(stage, ignore_errors=True)
