@@ -245,3 +245,12 @@ def test_max_connections_and_graceful_shutdown(tiny_exports, test_wavs):
         assert srv.proc.wait(30) == 0
     finally:
         srv.stop()
+
+
+def test_continuous_decoding_over_the_socket(test_wavs, server):
+    samples, _ = read_wav(test_wavs["two"])
+    res = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=True))
+    assert [f[0]["sentence"] for f in res.finals] == ["你好世界", "语音你"]
+    assert res.speech_end and not res.failures
+    single = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=False))
+    assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end

@@ -247,15 +247,15 @@ class OnnxAsrModel:
             feeds["reverse_weight"] = np.array(reverse_weight if use_reverse else 0.0,
                                                dtype=np.float32)
         outs = self.sessions["decoder"].run(None, feeds)
-        l2r = outs[0]
-        scores = np.zeros(n, np.float64)
-        for i, h in enumerate(hyps):
-            ln = len(h)
-            s = float(sum(l2r[i, j, tok] for j, tok in enumerate(h))) + float(l2r[i, ln, self.info.eos])
-            if use_reverse and len(outs) > 1:
-                r2l = outs[1]
-                rev = list(reversed(h))
-                r = float(sum(r2l[i, j, tok] for j, tok in enumerate(rev))) + float(r2l[i, ln, self.info.eos])
-                s = (1.0 - reverse_weight) * s + reverse_weight * r
-            scores[i] = s
-        return scores
+        # Gold targets: the hypothesis then <eos>; right-to-left: reversed, then <eos>.
+        rows = np.arange(n)[:, None]
+        pos = np.arange(width)[None, :]
+        valid = pos <= lens[:, None]
+        gold = np.where(pos < lens[:, None], pad[:, np.minimum(pos[0] + 1, width - 1)], self.info.eos)
+        l2r = np.where(valid, outs[0][rows, pos, gold], 0.0).sum(axis=1, dtype=np.float64)
+        if not (use_reverse and len(outs) > 1):
+            return l2r
+        rev_src = np.clip(lens[:, None] - pos, 1, width - 1)  # pad index of token L-1-j
+        gold_r = np.where(pos < lens[:, None], pad[rows, rev_src], self.info.eos)
+        r2l = np.where(valid, outs[1][rows, pos, gold_r], 0.0).sum(axis=1, dtype=np.float64)
+        return (1.0 - reverse_weight) * l2r + reverse_weight * r2l
