@@ -131,3 +131,29 @@ def test_count_parameters_dense_and_moe():
     per_expert = d * h + h + h * d + d
     # encoder: 1 MoE FFN (transformer block), 3 idle experts; decoders: 2 FFNs, 1 idle each.
     assert total - active == 3 * per_expert + 2 * 1 * per_expert
+
+
+def test_moe_conf_is_checked_even_for_dense_models():
+    with pytest.raises(ConfigError, match="moe_conf.routr"):
+        build_model(_conf(moe_conf={"routr": "switch"}))
+
+
+@pytest.mark.parametrize("encoder", ["conformer", "transformer"])
+@pytest.mark.parametrize("decoder", ["transformer", "bitransformer"])
+def test_every_registered_combination_scripts(encoder, decoder):
+    conf = _conf(encoder=encoder, decoder=decoder)
+    if decoder == "transformer":
+        del conf["decoder_conf"]["r_num_blocks"]
+        conf["model_conf"]["reverse_weight"] = 0.0
+    model = build_model(conf).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 15, 8)
+    lens = torch.tensor([15, 11])
+    with torch.no_grad():
+        enc, enc_lens = model.batch_forward_encoder(x, lens)
+        torch.testing.assert_close(scripted.batch_forward_encoder(x, lens)[0], enc)
+        hyps = torch.tensor([[6, 2, 3], [6, 4, 6]])
+        for a, b in zip(model.forward_attention_decoder(hyps, torch.tensor([3, 2]), enc[:1], 0.5),
+                        scripted.forward_attention_decoder(hyps, torch.tensor([3, 2]), enc[:1], 0.5)):
+            torch.testing.assert_close(a, b)
+    assert scripted.is_bidirectional_decoder() == (decoder == "bitransformer")

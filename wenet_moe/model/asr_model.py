@@ -296,7 +296,7 @@ class ASRModel(nn.Module):
         src = (n - pos).clamp(min=0, max=max_len - 1)
         rev = torch.gather(hyps, 1, src)
         rev = torch.where(pos < n, rev, torch.full_like(rev, self.eos))
-        return torch.cat([hyps[:, :1].clone().fill_(self.sos), rev], dim=1)
+        return torch.cat([torch.full_like(hyps[:, :1], self.sos), rev], dim=1)
 
     @torch.jit.export
     def forward_attention_decoder(self, hyps: torch.Tensor, hyps_lens: torch.Tensor,

@@ -139,6 +139,8 @@ def build_model(configs: Dict[str, Any]) -> nn.Module:
     input_dim, vocab_size = configs["input_dim"], configs["output_dim"]
     names = {k: configs.get(k, d) for k, d in DEFAULTS.items()}
     moe_conf = _conf(configs, "moe_conf")
+    if moe_conf:  # checked even for dense models, so a typo never goes unnoticed
+        importlib.import_module("wenet_moe.layers.moe_router").resolve_moe_conf(moe_conf)
     model_conf = _conf(configs, "model_conf")
     ctc_conf = _conf(configs, "ctc_conf")
     cmvn_conf = _conf(configs, "cmvn_conf")
