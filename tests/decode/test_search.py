@@ -13,7 +13,7 @@ METHODS = ["ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attentio
 V = 9
 
 
-def tiny_model(seed=0, decoder="bitransformer", **model_conf):
+def tiny_model(seed=0, decoder="bitransformer", mlp_type="position_wise_feed_forward", **model_conf):
     torch.manual_seed(seed)
     conf = {
         "input_dim": 12, "output_dim": V,
@@ -22,10 +22,12 @@ def tiny_model(seed=0, decoder="bitransformer", **model_conf):
                          "num_blocks": 2, "cnn_module_kernel": 3, "causal": True,
                          "use_dynamic_chunk": True, "cnn_module_norm": "layer_norm",
                          "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
-                         "attention_dropout_rate": 0.0},
+                         "attention_dropout_rate": 0.0, "mlp_type": mlp_type,
+                         "n_expert": 3, "n_expert_activated": 2},
         "decoder": decoder,
         "decoder_conf": {"attention_heads": 2, "linear_units": 24, "num_blocks": 2,
-                         "dropout_rate": 0.0, "positional_dropout_rate": 0.0},
+                         "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
+                         "mlp_type": mlp_type, "n_expert": 3, "n_expert_activated": 2},
         "model_conf": dict({"ctc_weight": 0.3, "reverse_weight": 0.3 if decoder == "bitransformer" else 0.0}, **model_conf),
     }
     if decoder == "bitransformer":
@@ -41,9 +43,10 @@ def _batch(seed=1, lens=(61, 45, 30)):
     return x, torch.tensor(lens)
 
 
-@pytest.mark.parametrize("chunk", [-1, 4])
-def test_batched_decoding_equals_one_by_one(chunk):
-    model = tiny_model()
+@pytest.mark.parametrize("chunk,mlp_type", [(-1, "position_wise_feed_forward"),
+                                            (4, "position_wise_feed_forward"), (-1, "moe")])
+def test_batched_decoding_equals_one_by_one(chunk, mlp_type):
+    model = tiny_model(mlp_type=mlp_type)
     x, lens = _batch()
     batched = model.decode(METHODS, x, lens, beam_size=4, decoding_chunk_size=chunk)
     for b in range(x.size(0)):
