@@ -23,9 +23,6 @@ from wenet_moe.data import processors as P
 from wenet_moe.data.conf import resolve_dataset_conf
 from wenet_moe.data.features import fbank_options
 
-_RIR_BANKS: Dict[Tuple, augment.RirBank] = {}  # one bank per process and rir_conf
-
-
 def read_list(path: str) -> List[Tuple[int, str]]:
     """Non-empty lines of a data/shard list as (lineno, text); errors name the file."""
     try:
@@ -42,13 +39,6 @@ def partition_indices(n: int, rank: int, world_size: int, worker: int, num_worke
     world_size * num_workers readers, so each entry is read by exactly one."""
     readers = world_size * num_workers
     return list(range(rank * num_workers + worker, n, readers))
-
-
-def _rir_bank(rate: int, rc: Dict[str, Any]) -> augment.RirBank:
-    key = (rate, rc["num_rirs"], tuple(rc["rt60"]), tuple(map(tuple, rc["room_dim"])), rc["seed"])
-    if key not in _RIR_BANKS:
-        _RIR_BANKS[key] = augment.RirBank(rate, rc["num_rirs"], rc["room_dim"], rc["rt60"], rc["seed"])
-    return _RIR_BANKS[key]
 
 
 class Dataset(IterableDataset):
@@ -85,12 +75,13 @@ class Dataset(IterableDataset):
         if self.conf["add_noise"]:  # fail now (not in a worker) on a bad noise list
             nc = self.conf["noise_conf"]
             augment.NoiseSource(nc["noise_list"], self.sample_rate, nc["snr_db"])
+        self.rir_bank: Optional[augment.RirBank] = None
+        if self.conf["reverb"]:  # computed once here; DataLoader workers inherit it
+            rc = self.conf["rir_conf"]
+            self.rir_bank = augment.RirBank(self.sample_rate, rc["num_rirs"], rc["room_dim"], rc["rt60"], rc["seed"])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:  # pragma: no cover - an IterableDataset has no length
-        raise TypeError("Dataset is iterable; its number of batches is not known in advance")
 
     def rank_world(self) -> Tuple[int, int]:
         if not self.partition:
@@ -126,12 +117,12 @@ class Dataset(IterableDataset):
             def speed(s, rng):
                 s["samples"] = augment.speed_perturb(s["samples"], speeds[int(rng.integers(0, len(speeds)))])
             data = P.map_stage(data, speed, self._rng(rank, worker, 1))
-        if conf["reverb"]:
-            rc = conf["rir_conf"]
+        if conf["reverb"] and self.rir_bank is not None:
+            rc, bank = conf["rir_conf"], self.rir_bank
 
             def reverb(s, rng):
                 if rng.random() < rc["prob"]:
-                    s["samples"] = _rir_bank(rate, rc)(s["samples"], rng)
+                    s["samples"] = bank(s["samples"], rng)
             data = P.map_stage(data, reverb, self._rng(rank, worker, 2))
         if conf["add_noise"]:
             nc = conf["noise_conf"]

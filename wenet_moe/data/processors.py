@@ -153,6 +153,7 @@ def decode_audio(data: Iterable[Sample], skips: SkipCounter) -> Iterator[Sample]
 def resample_stage(data: Iterable[Sample], skips: SkipCounter, target_rate: int,
                    allowed_rates: Optional[Sequence[int]] = None) -> Iterator[Sample]:
     """Resample to `target_rate`; rates outside `allowed_rates` (if given) are skipped."""
+    announced = set()
     for s in data:
         rate = s["sample_rate"]
         if rate != target_rate:
@@ -160,6 +161,9 @@ def resample_stage(data: Iterable[Sample], skips: SkipCounter, target_rate: int,
                 skips.skip("bad_rate", f"{s['src']}: sample rate {rate} Hz is neither {target_rate} Hz "
                            f"nor one of resample_conf.allowed_rates {list(allowed_rates)}")
                 continue
+            if rate not in announced:  # resampling is configured, but never unnoticed
+                announced.add(rate)
+                logging.info("resampling %d Hz audio to %d Hz (first: %s)", rate, target_rate, s["src"])
             s["samples"] = resample(s["samples"], rate, target_rate)
             s["sample_rate"] = target_rate
         yield s
