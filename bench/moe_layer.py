@@ -6,10 +6,14 @@ cycling through the weights of `--layers` layers so that they do not stay in cac
   dense  PositionwiseFeedForward with hidden k*H (the same active compute per frame)
   loop   a WeNet-style reference: for each expert, torch.where over the routing, gather,
          expert, scale, add back (same weights and router as `moe`; outputs checked equal)
+  gemm   only the expert GEMMs + activation of `moe` on pre-sorted contiguous rows (what
+         any dispatch must at least pay with torch's kernels): moe/gemm = dispatch overhead
   floor  max(bytes of the weights of the experts actually chosen / memory bandwidth,
          FLOPs of the chosen experts / GEMM throughput), with bandwidth measured by a
          large tensor copy and GEMM throughput by a large square matmul on this machine.
-Prints the times and the ratios moe/dense, loop/moe (speed-up) and moe/floor.
+Prints the times and the ratios moe/dense, loop/moe (speed-up), moe/floor, moe/gemm, and
+dense/floor (the dense FFN against its own floor: how far torch's GEMM kernels are from
+the machine's copy bandwidth / peak GEMM rate at this shape).
 
     python bench/moe_layer.py [--device cpu|cuda] [--threads N] [--reps 30]
 """
@@ -127,8 +131,9 @@ def main() -> int:
           f"{args.layers} ({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts)")
     print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 GEMM "
           f"{throughput / 1e9:.1f} GFLOP/s; times are medians of {args.reps} per layer call")
-    header = (f"{'T':>5} {'moe ms':>8} {'dense ms':>8} {'loop ms':>8} {'floor ms':>8} "
-              f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9}")
+    header = (f"{'T':>5} {'moe ms':>8} {'dense ms':>8} {'loop ms':>8} {'gemm ms':>8} "
+              f"{'floor ms':>8} {'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} "
+              f"{'moe/gemm':>8} {'dense/floor':>11}")
     print(header)
     print("-" * len(header))
     with torch.inference_mode():
@@ -145,6 +150,24 @@ def main() -> int:
                 flops = 2.0 * top_idx.numel() * 2 * args.dim * args.hidden
                 floors.append(max(n_used * expert_bytes / bandwidth, flops / throughput))
             floor = sum(floors) / len(floors)
+            dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden
+                           + args.dim) * 4
+            dense_flops = 2.0 * frames * 2 * args.dim * args.topk * args.hidden
+            dense_floor = max(dense_bytes / bandwidth, dense_flops / throughput)
+            sorted_rows = []
+            for moe, x in zip(moes, inputs):
+                flat = x.reshape(-1, args.dim)
+                _, top_idx, _ = moe.route(flat, empty)
+                order = torch.argsort(top_idx.reshape(-1), stable=True)
+                rows = flat.index_select(0, order // args.topk)
+                bounds = torch.bincount(top_idx.reshape(-1), minlength=args.experts).cumsum(0)
+                sorted_rows.append((rows, [0] + bounds.tolist()))
+
+            def gemm_only():
+                for moe, (rows, bounds) in zip(moes, sorted_rows):
+                    for e in range(args.experts):
+                        if bounds[e + 1] > bounds[e]:
+                            moe.expert(e, rows[bounds[e]:bounds[e + 1]])
 
             def run(layers, call):
                 def go():
@@ -154,7 +177,8 @@ def main() -> int:
 
             timed = {"moe": run(moes, lambda m, x: m(x, empty)),
                      "dense": run(denses, lambda m, x: m(x, empty)),
-                     "loop": run(loops, lambda m, x: m(x))}
+                     "loop": run(loops, lambda m, x: m(x)),
+                     "gemm": gemm_only}
             samples = {name: [] for name in timed}
             for fn in timed.values():
                 fn()
@@ -167,8 +191,10 @@ def main() -> int:
                     samples[name].append((time.perf_counter() - start) / args.layers)
             t = {name: statistics.median(v) for name, v in samples.items()}
             print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['dense'] * 1e3:>8.3f} "
-                  f"{t['loop'] * 1e3:>8.3f} {floor * 1e3:>8.3f} {t['moe'] / t['dense']:>9.2f} "
-                  f"{t['loop'] / t['moe']:>8.2f} {t['moe'] / floor:>9.2f}")
+                  f"{t['loop'] * 1e3:>8.3f} {t['gemm'] * 1e3:>8.3f} {floor * 1e3:>8.3f} "
+                  f"{t['moe'] / t['dense']:>9.2f} {t['loop'] / t['moe']:>8.2f} "
+                  f"{t['moe'] / floor:>9.2f} {t['moe'] / t['gemm']:>8.2f} "
+                  f"{t['dense'] / dense_floor:>11.2f}", flush=True)
     return 0
 
 

@@ -71,14 +71,21 @@ def test_switch_gate_is_full_softmax_probability():
     assert gates.item() == pytest.approx(math.exp(3.0) / z, abs=1e-6)
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("router,k", [("topk", 2), ("topk", 1), ("switch", 1), ("omni", 3),
                                       ("speechmoe", 2)])
-def test_dispatch_matches_naive_reference(router, k):
+def test_dispatch_matches_naive_reference(router, k, grad):
+    """Both eager paths (autograd, and in-place without grad) and the TorchScript path."""
     torch.manual_seed(0)
     _, layer = make_layer(router, n_expert=5, k=k)
     layer.eval()
     x = torch.randn(3, 7, 6)
-    assert torch.allclose(layer(x, EMPTY), naive_moe(layer, x), atol=1e-5)
+    with torch.set_grad_enabled(grad):
+        got = layer(x, EMPTY)
+        scripted = torch.jit.script(layer)(x, EMPTY)
+    want = naive_moe(layer, x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(scripted, want, atol=1e-5)
 
 
 def test_speechmoe_router_sees_frame_embedding():
@@ -149,10 +156,12 @@ def test_capacity_factor_drops_overflow_in_training_only():
     layer.eval()
     full = layer(x, EMPTY)
     layer.train()
-    capped = layer(x, EMPTY)
-    # capacity = ceil(1.0 * 6 / 2) = 3: the first three frames keep their output
-    assert torch.allclose(capped[0, :3], full[0, :3], atol=1e-6)
-    assert torch.equal(capped[0, 3:], torch.zeros(3, 6))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            capped = layer(x, EMPTY)
+        # capacity = ceil(1.0 * 6 / 2) = 3: the first three frames keep their output
+        assert torch.allclose(capped[0, :3], full[0, :3], atol=1e-6)
+        assert torch.equal(capped[0, 3:], torch.zeros(3, 6))
 
 
 def independent_losses(logits, top_idx, mask):

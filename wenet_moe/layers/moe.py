@@ -5,13 +5,17 @@ computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``, i.e. exactly the dense
 `PositionwiseFeedForward` with ``w_1.weight = w1[e].T`` etc.
 
 Dispatch (no Python loop over frames): the N*k (frame, expert) assignments are sorted
-by expert once (unique integer keys, so the order is deterministic under any sort),
-the frames are gathered once into expert-contiguous rows, each expert runs two GEMMs on
-its contiguous slice, the gated rows are put back in assignment order with ONE gather
-through the inverse permutation, and the k rows of a frame are summed. Nothing ever
-scatter-adds twice into one row, so the ONNX graph (where ScatterElements does not
-accumulate duplicates) computes what PyTorch computes; slice bounds are tensors, so a
-scripted export keeps them dynamic for every length (experts with 0 frames included).
+by expert once, the frames are gathered once into expert-contiguous rows, and each
+expert runs two GEMMs on its contiguous slice (the loop is over experts, E iterations).
+  * eager: stable sort, experts without frames skipped (their weights are never read),
+    results combined with one index_add (PyTorch accumulates duplicate indices);
+    without autograd the expert outputs are written in place into one buffer.
+  * TorchScript / ONNX: unique integer sort keys (so any sort gives the same order),
+    tensor-valued slice bounds (kept dynamic by the scripted export, so every length
+    works, experts with 0 frames included), the gated rows put back in assignment order
+    with ONE gather through the inverse permutation, then the k rows of a frame summed:
+    nothing scatter-adds twice into one row, since ONNX ScatterElements would not
+    accumulate duplicates.
 """
 from __future__ import annotations
 
@@ -118,7 +122,14 @@ class MoEFFN(nn.Module):
         return torch.addmm(self.b2[e], h, self.w2[e])
 
     def dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Mix of the chosen experts: x (N, D), top_idx/gates (N, k) -> (N, D)."""
+        """Mix of the chosen experts: x (N, D), top_idx/gates (N, k) -> (N, D).
+
+        Eager PyTorch takes `_dispatch_eager`; TorchScript (and so the ONNX export) takes
+        the path below, which uses only ops whose ONNX forms are exact: unique-key sort,
+        gathers, tensor-bounded slices, a scatter of a permutation, and a sum over k.
+        """
+        if not torch.jit.is_scripting():
+            return self._dispatch_eager(x, top_idx, gates)
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign = n_tok * k
         flat = top_idx.reshape(-1)
@@ -129,35 +140,70 @@ class MoEFFN(nn.Module):
         experts = torch.arange(self.n_expert, dtype=flat.dtype, device=flat.device)
         counts = (flat.unsqueeze(1) == experts.unsqueeze(0)).sum(0)
         ends = torch.cumsum(counts, 0)
-        cap = -1
-        if self.training and self.capacity_factor > 0:
-            cap = int(math.ceil(self.capacity_factor * n_assign / self.n_expert))
         pieces: List[torch.Tensor] = []
-        if torch.jit.is_scripting():
-            start = 0
-            for e in range(self.n_expert):
-                end = int(ends[e])
-                pieces.append(self.expert(e, x_sorted[start:end]))
-                start = end
-        else:
-            bounds: List[int] = ends.tolist()
-            start = 0
-            for e in range(self.n_expert):
-                end = bounds[e]
-                if end > start:
-                    if cap >= 0 and end - start > cap:
-                        kept = self.expert(e, x_sorted[start:start + cap])
-                        pieces.append(kept)
-                        pieces.append(x_sorted.new_zeros(end - start - cap, x.size(1)))
-                    else:
-                        pieces.append(self.expert(e, x_sorted[start:end]))
-                start = end
+        start = 0
+        for e in range(self.n_expert):
+            end = int(ends[e])
+            pieces.append(self.expert(e, x_sorted[start:end]))
+            start = end
         y_sorted = torch.cat(pieces, 0) * gate_sorted.unsqueeze(1)
         inverse = torch.empty_like(order).scatter_(0, order, positions)
         y = y_sorted.index_select(0, inverse)
         if k == 1:
             return y
         return y.view(n_tok, k, x.size(1)).sum(1)
+
+    @torch.jit.unused
+    def _dispatch_eager(self, x: torch.Tensor, top_idx: torch.Tensor,
+                        gates: torch.Tensor) -> torch.Tensor:
+        """Eager dispatch: one stable sort, one gather, a contiguous slice per expert that
+        received frames (others are skipped: their weights are never read), one
+        index_add back (PyTorch accumulates duplicate indices). Without autograd the
+        expert outputs are written in place into one buffer (no concatenation copy).
+        Capacity (training, capacity_factor > 0): each expert keeps its first
+        ceil(cf * N * k / E) assignments in frame order; the rest contribute zero."""
+        n_tok, k = top_idx.size(0), top_idx.size(1)
+        n_assign, dim = n_tok * k, x.size(1)
+        flat = top_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = torch.div(order, k, rounding_mode="floor")
+        x_sorted = x.index_select(0, token)
+        gate_sorted = gates.reshape(-1).index_select(0, order).unsqueeze(1)
+        bounds = torch.bincount(flat, minlength=self.n_expert).cumsum(0).tolist()
+        cap = n_assign
+        if self.training and self.capacity_factor > 0:
+            cap = int(math.ceil(self.capacity_factor * n_assign / self.n_expert))
+        if torch.is_grad_enabled():
+            pieces: List[torch.Tensor] = []
+            start = 0
+            for e, end in enumerate(bounds):
+                kept = min(end - start, cap)
+                if kept > 0:
+                    pieces.append(self.expert(e, x_sorted[start:start + kept]))
+                if end - start > kept:
+                    pieces.append(x_sorted.new_zeros(end - start - kept, dim))
+                start = end
+            y_sorted = torch.cat(pieces, 0) * gate_sorted
+            return torch.zeros_like(x).index_add(0, token, y_sorted)
+        y_sorted = x.new_empty(n_assign, dim)
+        start = 0
+        for e, end in enumerate(bounds):
+            kept = min(end - start, cap)
+            if kept > 0:
+                h = torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e])
+                if isinstance(self.activation, nn.SiLU):
+                    h = torch.nn.functional.silu(h, inplace=True)
+                elif isinstance(self.activation, nn.ReLU):
+                    h = h.relu_()
+                else:
+                    h = self.activation(h)
+                torch.addmm(self.b2[e], self.dropout(h), self.w2[e],
+                            out=y_sorted[start:start + kept])
+            if end - start > kept:
+                y_sorted[start + kept:end].zero_()
+            start = end
+        y_sorted.mul_(gate_sorted)
+        return torch.zeros_like(x).index_add_(0, token, y_sorted)
 
     @torch.jit.unused
     def _record(self, logits: torch.Tensor, top_idx: torch.Tensor, batch: int, time: int) -> None:
