@@ -16,7 +16,7 @@ from typing import Any, Dict
 from wenet_moe.config import ConfigError, load_yaml, save_yaml
 
 # augmentation / order switches turned off for the cross-validation set (WeNet's cv_conf)
-CV_OFF = ("speed_perturb", "spec_aug", "spec_sub", "spec_trim", "shuffle", "add_noise", "noise", "reverb")
+CV_OFF = ("speed_perturb", "spec_aug", "spec_sub", "spec_trim", "shuffle", "list_shuffle", "add_noise", "reverb")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +52,9 @@ def cv_dataset_conf(conf: Dict[str, Any]) -> Dict[str, Any]:
     """The training `dataset_conf` without augmentation, shuffling or dither."""
     cv = copy.deepcopy(conf or {})
     for key in CV_OFF:
-        if key in cv:
-            cv[key] = False
-    if isinstance(cv.get("fbank_conf"), dict) and "dither" in cv["fbank_conf"]:
-        cv["fbank_conf"]["dither"] = 0.0
+        cv[key] = False
+    cv["fbank_conf"] = dict(cv.get("fbank_conf") or {})
+    cv["fbank_conf"]["dither"] = 0.0
     return cv
 
 
@@ -110,10 +109,9 @@ def main(args: argparse.Namespace) -> int:
                             seed=int(configs["seed"]))
         cv_set = Dataset(args.data_type, args.cv_data, tokenizer, cv_dataset_conf(dataset_conf),
                          partition=True, seed=int(configs["seed"]))
-        train_loader = build_dataloader(train_set, args.num_workers, args.prefetch)
-        cv_loader = build_dataloader(cv_set, args.num_workers, args.prefetch)
-        if args.pin_memory and args.device == "cuda":
-            train_loader.pin_memory = True
+        pin = bool(args.pin_memory and args.device == "cuda")
+        train_loader = build_dataloader(train_set, args.num_workers, args.prefetch, pin_memory=pin)
+        cv_loader = build_dataloader(cv_set, args.num_workers, args.prefetch, pin_memory=pin)
         run_training(configs, model, train_loader, cv_loader, args.model_dir, args.device, info,
                      checkpoint=args.checkpoint, tensorboard_dir=args.tensorboard_dir,
                      engine=args.train_engine, show_bar=False if args.no_progress else None)

@@ -225,14 +225,9 @@ class Trainer:
         accum = self.conf.accum_grad
         pending = 0
         while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                batch = None
+            batch = self._next_batch(it, stats["skipped"])
             if not all_ranks_have_data(batch is not None, self.info):
                 break
-            for k, v in (batch.get("skipped") or {}).items():
-                stats["skipped"][k] = stats["skipped"].get(k, 0) + int(v)
             feats, feats_lengths, target, target_lengths = self._to_device(batch)
             boundary = pending + 1 == accum
             sync = contextlib.nullcontext()
@@ -244,7 +239,6 @@ class Trainer:
                 loss = out["loss"]
                 self.scaler.scale(loss / accum).backward()
             pending += 1
-            self.batch_idx += 1
             parts = scalar_parts(out)
             n = float(feats.size(0))
             stats["utts"] += n
@@ -257,6 +251,17 @@ class Trainer:
         if pending:
             self._after_step(None, pending)
         self.monitor.end_epoch()
+
+    def _next_batch(self, it, skipped: Dict[str, int]) -> Optional[Dict[str, Any]]:
+        """Next batch with at least one utterance (None at the end); every item taken
+        from the iterator counts in `batch_idx`, and its skip counters in `skipped`."""
+        for batch in it:
+            self.batch_idx += 1
+            for k, v in (batch.get("skipped") or {}).items():
+                skipped[k] = skipped.get(k, 0) + int(v)
+            if batch["feats"].size(0) > 0:
+                return batch
+        return None
 
     def _after_step(self, parts: Optional[Dict[str, float]], micro_batches: int) -> None:
         self._optimizer_step(micro_batches)
@@ -281,6 +286,8 @@ class Trainer:
         for batch in self.cv_loader:
             for k, v in (batch.get("skipped") or {}).items():
                 skipped[k] = skipped.get(k, 0) + int(v)
+            if batch["feats"].size(0) == 0:
+                continue
             feats, feats_lengths, target, target_lengths = self._to_device(batch)
             with self._autocast():
                 out = self.raw_model(feats, feats_lengths, target, target_lengths)
