@@ -199,6 +199,17 @@ def test_skips_are_counted_across_workers_and_with_nothing_usable(tmp_path, char
     assert _sum_skips(batches)["bad_json"] == 1 and _sum_skips(batches)["missing_wav"] == 1
 
 
+def test_eval_conf_keeps_every_test_utterance(tmp_path, char_tokenizer):
+    utts = make_corpus(tmp_path / "wav", n=3, min_s=0.05, max_s=0.08)  # under min_length 10 frames
+    lines = [json.dumps({"key": "notext", "wav": utts[0][1], "txt": ""})]
+    lst = write_list(tmp_path / "data.list", utts, lines)
+    train = {"filter_conf": {"min_length": 10}}
+    assert _sum_skips(_batches(Dataset("raw", lst, char_tokenizer, train)))["filtered"] == 4
+    batches = _batches(Dataset("raw", lst, char_tokenizer, eval_dataset_conf(train, batch_size=8)))
+    assert sorted(batches[0]["keys"]) == sorted([u[0] for u in utts] + ["notext"])
+    assert not any(_sum_skips(batches).values())
+
+
 def test_resampling_in_the_pipeline_and_segments(tmp_path, char_tokenizer):
     x = (0.3 * np.sin(2 * np.pi * 500 * np.arange(8000) / 8000)).astype(np.float32)
     sf.write(str(tmp_path / "a8k.wav"), x, 8000, subtype="PCM_16")
@@ -214,7 +225,8 @@ def test_resampling_in_the_pipeline_and_segments(tmp_path, char_tokenizer):
 def test_filters_count_as_filtered(tmp_path, char_tokenizer):
     utts = make_corpus(tmp_path / "wav", n=8, min_s=0.2, max_s=1.5)
     lst = write_list(tmp_path / "data.list", utts)
-    conf = eval_dataset_conf({"filter_conf": {"max_length": 80, "token_max_length": 3}}, batch_size=4)
+    conf = eval_dataset_conf({}, batch_size=4)
+    conf["filter_conf"] = {"max_length": 80, "token_max_length": 3}
     batches = _batches(Dataset("raw", lst, char_tokenizer, conf))
     kept = [k for b in batches for k in b["keys"]]
     expect = [u[0] for u in utts if sf.info(u[1]).frames / 160 <= 80 and len(u[2]) <= 3]
@@ -263,6 +275,7 @@ def test_eval_conf_turns_off_randomness():
         assert r[sw] is False
     assert r["fbank_conf"]["dither"] == 0.0 and r["fbank_conf"]["num_mel_bins"] == 40
     assert r["batch_conf"]["batch_type"] == "static" and r["batch_conf"]["batch_size"] == 3
+    assert r["filter_conf"]["max_length"] >= 102400 and r["filter_conf"]["token_min_length"] == 0
     assert train["fbank_conf"]["dither"] == 1.0  # input untouched
     assert eval_dataset_conf(train, batch_size=7)["batch_conf"]["batch_size"] == 7
 

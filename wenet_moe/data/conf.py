@@ -125,13 +125,18 @@ def resolve_dataset_conf(conf: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 def eval_dataset_conf(conf: Optional[Dict[str, Any]], batch_size: Optional[int] = None) -> Dict[str, Any]:
     """The recognition variant of `dataset_conf`: no speed perturbation, noise,
     reverberation, spec_aug/sub/trim, shuffles or sort; dither 0; static batches
-    (`batch_size`, else the conf's static size, else 1). Filters are kept."""
+    (`batch_size`, else the conf's static size, else 1). Length and token filters
+    are opened up as WeNet's recognize.py does, so no test utterance is dropped."""
     out = copy.deepcopy(dict(conf or {}))
     for sw in SWITCHES:
         out[sw] = False
     fb = dict(out.get("fbank_conf") or {})
     fb["dither"] = 0.0
     out["fbank_conf"] = fb
+    fc = dict(out.get("filter_conf") or {})
+    fc.update(max_length=102400, min_length=0, token_max_length=102400, token_min_length=0,
+              min_output_input_ratio=0.0, max_output_input_ratio=1e9)
+    out["filter_conf"] = fc
     bc = dict(out.get("batch_conf") or {})
     if batch_size is None:
         batch_size = bc.get("batch_size", 1) if bc.get("batch_type", "static") == "static" else 1
