@@ -158,6 +158,8 @@ def test_options_round_trip_and_errors():
         FbankOptions(window_type="kaiser")
     with pytest.raises(ValueError, match="resample first"):
         compute_fbank(np.zeros(1600, np.float32), 8000, FbankOptions())
+    with pytest.raises(ValueError, match="float in \\[-1, 1\\], got int16"):
+        compute_fbank(np.zeros(1600, np.int16), 16000, FbankOptions())
     with pytest.raises(ValueError, match="1-D"):
         compute_fbank(np.zeros((2, 1600), np.float32), 16000, FbankOptions())
 

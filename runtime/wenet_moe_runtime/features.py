@@ -115,7 +115,11 @@ class FbankOptions:
 
 
 def _as_samples(samples: Any) -> np.ndarray:
-    x = np.asarray(samples, dtype=np.float32)
+    raw = np.asarray(samples)
+    if raw.dtype.kind in "iub":
+        raise ValueError(f"fbank: samples must be float in [-1, 1], got {raw.dtype} "
+                         "(divide int16 PCM by 32768)")
+    x = raw.astype(np.float32, copy=False)
     if x.ndim != 1:
         raise ValueError(f"fbank: samples must be 1-D (N,), got shape {x.shape}")
     return x

@@ -291,3 +291,37 @@ def test_noise_and_reverb_in_the_pipeline(tmp_path, char_tokenizer):
     assert noisy["keys"] == clean["keys"]
     assert torch.equal(noisy["feats_lengths"], clean["feats_lengths"])  # timing kept
     assert not torch.allclose(noisy["feats"], clean["feats"], atol=0.5)
+
+
+def test_bad_shard_members_are_skipped_and_named(tmp_path, char_tokenizer, caplog):
+    import io
+    import tarfile
+    utts = make_corpus(tmp_path / "wav", n=2, max_s=0.5)
+    tar_path = tmp_path / "mixed.tar"
+    members = [("a.txt", "你好".encode()), ("a.wav", open(utts[0][1], "rb").read()),
+               ("bad.txt", "你".encode()), ("bad.wav", b"RIFF....garbage" * 10),
+               ("notext.wav", open(utts[1][1], "rb").read()),
+               ("empty.txt", "好".encode()), ("empty.wav", b""),
+               ("b.txt", "世界".encode()), ("b.flac", _flac_bytes(utts[1][1]))]
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    lst = tmp_path / "shards.list"
+    lst.write_text(str(tar_path) + "\n")
+    with caplog.at_level(logging.WARNING):
+        batches = _batches(Dataset("shard", str(lst), char_tokenizer, eval_dataset_conf({}, batch_size=8)))
+    assert sorted(k for b in batches for k in b["keys"]) == ["a", "b"]
+    counts = _sum_skips(batches)
+    assert (counts["corrupt_wav"], counts["bad_shard"], counts["empty_wav"]) == (1, 1, 1)
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "mixed.tar:bad.wav" in msgs and "mixed.tar:notext" in msgs and "no text (.txt)" in msgs
+
+
+def _flac_bytes(wav_path):
+    import io
+    x, rate = sf.read(wav_path, dtype="float32")
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
