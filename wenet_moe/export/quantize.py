@@ -10,6 +10,7 @@ for closeness.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Dict, Sequence
@@ -35,12 +36,17 @@ def quantize_onnx(src: str, dst: str) -> None:
     proto = onnx.load(src)
     meta = {p.key: p.value for p in proto.metadata_props}
     del proto.graph.value_info[:]
+    _unshare_weights(proto)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(dst)))
     os.close(fd)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer warns on the root logger per tensor
     try:
         onnx.save(proto, tmp)
         quantize_dynamic(tmp, dst, weight_type=QuantType.QInt8)
     finally:
+        root.setLevel(level)
         os.unlink(tmp)
     out = onnx.load(dst)
     have = {p.key for p in out.metadata_props}
@@ -49,6 +55,43 @@ def quantize_onnx(src: str, dst: str) -> None:
             entry = out.metadata_props.add()
             entry.key, entry.value = key, value
     onnx.save(out, dst)
+
+
+def _unshare_weights(proto: onnx.ModelProto) -> None:
+    """Give every Gemm/MatMul its own copy of its weight initializer.
+
+    A parameter shared by several layers (the Omni-Router's router) is exported
+    once and read by several nodes, directly or through Identity nodes; the
+    quantizer then emits a broken graph (bias Add of the wrong shape) for the
+    transposed Gemm weight. Copies are small (router weights are E x D)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in proto.graph.node
+             if n.op_type == "Identity" and n.input[0] in inits}
+    seen: Dict[str, int] = {}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
+                for i in range(1, len(node.input)):
+                    name = alias.get(node.input[i], node.input[i])
+                    if name not in inits:
+                        continue
+                    count = seen.get(name, 0)
+                    seen[name] = count + 1
+                    if count == 0 and node.input[i] == name:
+                        continue
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(inits[name])
+                    copy.name = f"{name}.copy{count}"
+                    proto.graph.initializer.append(copy)
+                    node.input[i] = copy.name
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(proto.graph)
 
 
 def _check(name: str, arrays: Sequence[np.ndarray], shapes: Sequence[tuple]) -> None:
