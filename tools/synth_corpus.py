@@ -42,6 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_utts", type=int, default=200, help="test utterances")
     p.add_argument("--dev_voices", type=int, default=8, help="voice variants reserved for dev")
     p.add_argument("--test_voices", type=int, default=8, help="voice variants reserved for test")
+    p.add_argument("--train_voices", type=int, default=0, help="voice variants for train (0: all others)")
     p.add_argument("--text", default="", help="text file, one sentence per line (default: built-in generator)")
     p.add_argument("--vocab_size", type=int, default=300, help="characters of the built-in generator")
     p.add_argument("--homophones", default="none", choices=["none", "tone", "all"],
@@ -62,6 +63,8 @@ def get_parser() -> argparse.ArgumentParser:
 def check_args(a) -> None:
     if a.hours <= 0:
         raise ValueError(f"--hours must be positive, got {a.hours}")
+    if a.train_voices < 0:
+        raise ValueError(f"--train_voices must be >= 0, got {a.train_voices}")
     for name in ("dev_utts", "test_utts", "dev_voices", "test_voices", "nj", "vocab_size"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(a, name)}")
@@ -87,6 +90,8 @@ def plan(a) -> Dict:
     rng.shuffle(variants)
     voices = {"dev": variants[:a.dev_voices], "test": variants[a.dev_voices:a.dev_voices + a.test_voices],
               "train": variants[a.dev_voices + a.test_voices:]}
+    if a.train_voices > 0:
+        voices["train"] = voices["train"][:a.train_voices]
     mean_rate = sum(a.rate) / 2
     if a.text:
         pool = synth_text.read_text_file(a.text)
@@ -116,6 +121,8 @@ def plan(a) -> Dict:
         per = [len(texts[split]) // len(vs) + (1 if i < len(texts[split]) % len(vs) else 0) for i in range(len(vs))]
         start = 0
         for i, (variant, n) in enumerate(zip(vs, per)):
+            if n == 0:
+                continue
             spk = f"{letter}{i + 1:04d}"
             base_rate, base_pitch = rng.uniform(*a.rate), rng.uniform(*a.pitch)
             utts = []
@@ -228,12 +235,14 @@ def main(argv=None) -> int:
     for split, subdir, _ in SPLITS:
         rows = [r for s, res in zip(p["speakers"], results) if s["split"] == split for r in res]
         d = os.path.join(tmp, "iOS", subdir)
+        os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "wav.scp"), "w", encoding="utf-8") as f:
             f.writelines(f"{r['key']}\t{r['path']}\n" for r in rows)
         with open(os.path.join(d, "trans.txt"), "w", encoding="utf-8") as f:
             f.writelines(f"{r['key']}\t{r['text']}\n" for r in rows)
+        voices = [s["variant"] for s in p["speakers"] if s["split"] == split]
         stats[split] = {"utterances": len(rows), "hours": round(sum(r["seconds"] for r in rows) / 3600, 4),
-                        "voices": p["voices"][split]}
+                        "voices": voices}
     info = {"args": args_signature(a), "stats": stats, "vocab": "".join(p["vocab"])}
     with open(os.path.join(tmp, "synth_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, ensure_ascii=False, indent=1)

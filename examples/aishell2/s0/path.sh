@@ -1,6 +1,6 @@
 # Environment of the aishell2/s0 recipe: the repository's virtual environment,
 # its tools/ and local/ on PATH, UTF-8 I/O.
-RECIPE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+RECIPE_ROOT=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 WENET_MOE_ROOT=$(cd "$RECIPE_ROOT/../../.." && pwd)
 export WENET_MOE_ROOT
 if [ -z "${PYTHON:-}" ]; then
