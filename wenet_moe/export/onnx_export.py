@@ -91,9 +91,9 @@ def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: st
             input_names: List[str], output_names: List[str],
             dynamic_axes: Dict[str, Dict[int, str]], metadata: Dict[str, str]) -> None:
     """Script `module`, export it to `path`, restore dropped inputs, add metadata."""
-    scripted = torch.jit.script(module.eval())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # deprecation notices of torch.jit / dynamo=False
+        scripted = torch.jit.script(module.eval())
         torch.onnx.export(scripted, example, path, dynamo=False, opset_version=OPSET,
                           input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, do_constant_folding=True)

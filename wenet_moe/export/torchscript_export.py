@@ -27,7 +27,9 @@ def export_torchscript(model: torch.nn.Module, path: str,
     `metadata.json` (read it with `torch.jit.load(path, _extra_files=...)`)."""
     import json
 
-    scripted = torch.jit.script(model.eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecation notice
+        scripted = torch.jit.script(model.eval())
     extra = {"metadata.json": json.dumps(metadata or {}, sort_keys=True)}
     torch.jit.save(scripted, path, _extra_files=extra)
 
