@@ -20,9 +20,9 @@ the machine's copy bandwidth / peak GEMM rate at this shape).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
-from typing import Callable, List
 
 import torch
 from torch import nn
@@ -66,35 +66,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Median seconds of fn() over `reps` runs (after one warm-up)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class MachineFloor:
+    """Probes of this machine, timed in the same interleaved loop as the layers, so that
+    the floor sees the same load: a 256 MiB copy (bytes read + written per second) and
+    a large square fp32 matmul (FLOP/s)."""
 
+    def __init__(self, device: torch.device):
+        self.src = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device).uniform_()
+        self.dst = torch.empty_like(self.src)
+        n = 1024 if device.type == "cpu" else 8192
+        self.a = torch.randn(n, n, device=device)
+        self.b = torch.randn(n, n, device=device)
+        self.c = torch.empty(n, n, device=device)
+        self.copy_bytes = 2.0 * self.src.numel() * self.src.element_size()
+        self.gemm_flops = 2.0 * n ** 3
 
-def memory_bandwidth(device: torch.device, reps: int) -> float:
-    """Bytes/s of a large copy (read + write counted), 256 MiB buffers."""
-    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    seconds = median_time(lambda: dst.copy_(src), device, max(5, reps // 3))
-    return 2 * src.numel() * src.element_size() / seconds
+    def copy(self) -> None:
+        self.dst.copy_(self.src)
 
-
-def gemm_throughput(device: torch.device, reps: int) -> float:
-    """FLOP/s of a large fp32 square matmul."""
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
-    seconds = median_time(lambda: torch.mm(a, b, out=c), device, max(3, reps // 6))
-    return 2.0 * n ** 3 / seconds
+    def gemm(self) -> None:
+        torch.mm(self.a, self.b, out=self.c)
 
 
 def main() -> int:
@@ -123,41 +114,30 @@ def main() -> int:
     denses = [PositionwiseFeedForward(args.dim, args.topk * args.hidden, 0.0, nn.SiLU())
               .to(device).eval() for _ in range(args.layers)]
     empty = torch.zeros(0, device=device)
-
-    bandwidth = memory_bandwidth(device, args.reps)
-    throughput = gemm_throughput(device, args.reps)
+    machine = MachineFloor(device)
     expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
-    print(f"device {args.device}, threads {torch.get_num_threads()}, layers cycled "
-          f"{args.layers} ({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts)")
-    print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 GEMM "
-          f"{throughput / 1e9:.1f} GFLOP/s; times are medians of {args.reps} per layer call")
+    dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {args.device}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
+          f"load average {load:.1f} at start; layers cycled {args.layers} "
+          f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts); "
+          f"medians of {args.reps} interleaved repetitions, times per layer call")
     header = (f"{'T':>5} {'moe ms':>8} {'dense ms':>8} {'loop ms':>8} {'gemm ms':>8} "
-              f"{'floor ms':>8} {'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} "
-              f"{'moe/gemm':>8} {'dense/floor':>11}")
+              f"{'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} {'moe/dense':>9} {'loop/moe':>8} "
+              f"{'moe/floor':>9} {'moe/gemm':>8} {'dense/floor':>11}")
     print(header)
     print("-" * len(header))
     with torch.inference_mode():
         for frames in args.frames:
             inputs = [torch.randn(1, frames, args.dim, device=device) for _ in range(args.layers)]
+            used, sorted_rows = [], []
             for moe, loop, x in zip(moes, loops, inputs):
                 diff = (moe(x, empty) - loop(x)).abs().max().item()
                 if diff > 1e-4:
                     raise SystemExit(f"T={frames}: MoE and loop reference differ by {diff:.2e}")
-            floors: List[float] = []
-            for moe, x in zip(moes, inputs):
-                _, top_idx, _ = moe.route(x.reshape(-1, args.dim), empty)
-                n_used = int(torch.unique(top_idx).numel())
-                flops = 2.0 * top_idx.numel() * 2 * args.dim * args.hidden
-                floors.append(max(n_used * expert_bytes / bandwidth, flops / throughput))
-            floor = sum(floors) / len(floors)
-            dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden
-                           + args.dim) * 4
-            dense_flops = 2.0 * frames * 2 * args.dim * args.topk * args.hidden
-            dense_floor = max(dense_bytes / bandwidth, dense_flops / throughput)
-            sorted_rows = []
-            for moe, x in zip(moes, inputs):
                 flat = x.reshape(-1, args.dim)
                 _, top_idx, _ = moe.route(flat, empty)
+                used.append(int(torch.unique(top_idx).numel()))
                 order = torch.argsort(top_idx.reshape(-1), stable=True)
                 rows = flat.index_select(0, order // args.topk)
                 bounds = torch.bincount(top_idx.reshape(-1), minlength=args.experts).cumsum(0)
@@ -178,7 +158,8 @@ def main() -> int:
             timed = {"moe": run(moes, lambda m, x: m(x, empty)),
                      "dense": run(denses, lambda m, x: m(x, empty)),
                      "loop": run(loops, lambda m, x: m(x)),
-                     "gemm": gemm_only}
+                     "gemm": gemm_only, "copy": machine.copy, "peak": machine.gemm}
+            per_call = {"copy": 1, "peak": 1}
             samples = {name: [] for name in timed}
             for fn in timed.values():
                 fn()
@@ -188,13 +169,23 @@ def main() -> int:
                     start = time.perf_counter()
                     fn()
                     sync(device)
-                    samples[name].append((time.perf_counter() - start) / args.layers)
+                    samples[name].append((time.perf_counter() - start)
+                                         / per_call.get(name, args.layers))
             t = {name: statistics.median(v) for name, v in samples.items()}
+            bandwidth = machine.copy_bytes / t["copy"]
+            throughput = machine.gemm_flops / t["peak"]
+            flops = 2.0 * frames * args.topk * 2 * args.dim * args.hidden
+            floor = statistics.mean(max(n * expert_bytes / bandwidth, flops / throughput)
+                                    for n in used)
+            dense_floor = max(dense_bytes / bandwidth, flops / throughput)
             print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['dense'] * 1e3:>8.3f} "
                   f"{t['loop'] * 1e3:>8.3f} {t['gemm'] * 1e3:>8.3f} {floor * 1e3:>8.3f} "
+                  f"{bandwidth / 1e9:>6.1f} {throughput / 1e9:>7.1f} "
                   f"{t['moe'] / t['dense']:>9.2f} {t['loop'] / t['moe']:>8.2f} "
                   f"{t['moe'] / floor:>9.2f} {t['moe'] / t['gemm']:>8.2f} "
                   f"{t['dense'] / dense_floor:>11.2f}", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.1f} at end (other processes share this machine)")
     return 0
 
 
