@@ -1,0 +1,189 @@
+"""A tiny MoE model trained in the test (a few hundred steps on synthetic tone
+"speech": each token is a tone of its own pitch) and exported with int8:
+
+* int8 greedy CTC output equals fp32 on most utterances (agreement rate printed);
+* sherpa-onnx loads model.onnx (OfflineRecognizer.from_wenet_ctc) and
+  model_streaming.onnx (OnlineRecognizer.from_wenet_ctc) and returns our own greedy
+  CTC text on the same wavs, features configured identically on both sides
+  (kaldi-native-fbank, snip_edges=False, high_freq=-400, dither 0).
+"""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from wenet_moe.config import save_yaml
+from wenet_moe.data.features import fbank_options
+from wenet_moe.export.verify import chunk_windows, session
+from wenet_moe.model import build_model
+from wenet_moe_runtime.ctc_search import ctc_greedy_search
+from wenet_moe_runtime.features import compute_fbank
+from wenet_moe_runtime.symbols import SymbolTable
+
+pytestmark = pytest.mark.slow
+
+SR = 16000
+CHARS = "一二三四五六七八"
+UNITS = ["<blank>", "<unk>"] + list(CHARS) + ["<sos/eos>"]
+CHUNK, LEFT = 4, 2
+STEPS = 300
+
+
+def tone_utterance(ids, rng):
+    """float32 samples in [-1, 1]: silence, one 0.1-0.16 s tone per token (pitch by
+    token), short gaps, trailing silence long enough for sherpa's last chunk."""
+    parts = [rng.normal(0, 1e-3, int(SR * rng.uniform(0.15, 0.3)))]
+    for i in ids:
+        n = int(SR * rng.uniform(0.10, 0.16))
+        t = np.arange(n) / SR
+        env = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)
+        parts.append(0.3 * env * np.sin(2 * np.pi * (250.0 + 220.0 * (i - 2)) * t))
+        parts.append(rng.normal(0, 1e-3, int(SR * rng.uniform(0.04, 0.08))))
+    parts.append(rng.normal(0, 1e-3, int(SR * 0.7)))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def config(tmp):
+    units = os.path.join(tmp, "units.txt")
+    with open(units, "w", encoding="utf-8") as f:
+        f.writelines(f"{s} {i}\n" for i, s in enumerate(UNITS))
+    enc = {"output_size": 32, "attention_heads": 2, "linear_units": 32, "num_blocks": 2,
+           "cnn_module_kernel": 4, "causal": True, "use_dynamic_chunk": True,
+           "cnn_module_norm": "layer_norm", "input_layer": "conv2d", "dropout_rate": 0.0,
+           "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0, "mlp_type": "moe",
+           "n_expert": 4, "n_expert_activated": 2}
+    dec = {"attention_heads": 2, "linear_units": 32, "num_blocks": 1, "r_num_blocks": 1,
+           "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
+           "self_attention_dropout_rate": 0.0, "src_attention_dropout_rate": 0.0,
+           "mlp_type": "moe", "n_expert": 4, "n_expert_activated": 2}
+    return {"input_dim": 80, "output_dim": len(UNITS), "encoder": "conformer",
+            "encoder_conf": enc, "decoder": "bitransformer", "decoder_conf": dec,
+            "moe_conf": {"router": "topk"}, "ctc": "ctc", "ctc_conf": {"ctc_blank_id": 0},
+            "cmvn": "global_cmvn",
+            "cmvn_conf": {"cmvn_file": os.path.join(tmp, "global_cmvn"), "is_json_cmvn": True},
+            "model": "asr_model",
+            "model_conf": {"ctc_weight": 0.5, "reverse_weight": 0.3, "lsm_weight": 0.0,
+                           "length_normalized_loss": False},
+            "tokenizer": "char",
+            "tokenizer_conf": {"symbol_table_path": units, "split_with_space": False},
+            "dataset_conf": {"fbank_conf": {"num_mel_bins": 80, "frame_shift": 10,
+                                            "frame_length": 25, "dither": 0.0}}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("trained"))
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    conf = config(tmp)
+    opts = fbank_options(conf["dataset_conf"]["fbank_conf"], SR)
+    texts = [list(rng.integers(2, 2 + len(CHARS), rng.integers(2, 6))) for _ in range(24)]
+    wavs = [tone_utterance(t, rng) for t in texts]
+    feats = [compute_fbank(w, SR, opts) for w in wavs]
+    stacked = np.concatenate(feats[:16]).astype(np.float64)
+    with open(conf["cmvn_conf"]["cmvn_file"], "w") as f:
+        json.dump({"mean_stat": stacked.sum(0).tolist(), "var_stat": (stacked ** 2).sum(0).tolist(),
+                   "frame_num": int(stacked.shape[0])}, f)
+    model = build_model(copy.deepcopy(conf))
+    x = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(f) for f in feats[:16]], batch_first=True)
+    x_lens = torch.tensor([f.shape[0] for f in feats[:16]])
+    y = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in texts[:16]], batch_first=True,
+                                        padding_value=-1)
+    y_lens = torch.tensor([len(t) for t in texts[:16]])
+    optim = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(STEPS):
+        loss = model(x, x_lens, y, y_lens)["loss"]
+        optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optim.step()
+    model.eval()
+    save_yaml(conf, os.path.join(tmp, "train.yaml"))
+    torch.save({"model": model.state_dict()}, os.path.join(tmp, "final.pt"))
+    from wenet_moe.cli import main
+    out = os.path.join(tmp, "onnx")
+    assert main(["export", "--config", os.path.join(tmp, "train.yaml"), "--checkpoint",
+                 os.path.join(tmp, "final.pt"), "--output_dir", out, "--chunk_size", str(CHUNK),
+                 "--num_decoding_left_chunks", str(LEFT), "--quantize", "int8"]) == 0
+    return model, texts, wavs, feats, out
+
+
+def greedy_onnx(sess, feat):
+    lp, _ = sess.run(None, {"x": feat[None], "x_lens": np.array([feat.shape[0]], np.int64)})
+    return ctc_greedy_search(lp[0])[0]
+
+
+def test_model_learned_and_int8_agrees_with_fp32(trained):
+    model, texts, wavs, feats, out = trained
+    fp32, int8 = session(os.path.join(out, "model.onnx")), session(os.path.join(out, "model.int8.onnx"))
+    hyp32 = [greedy_onnx(fp32, f) for f in feats]
+    hyp8 = [greedy_onnx(int8, f) for f in feats]
+    with torch.no_grad():
+        ours = [model.decode(["ctc_greedy_search"], torch.from_numpy(f)[None],
+                             torch.tensor([f.shape[0]]))["ctc_greedy_search"][0] for f in feats]
+    assert hyp32 == ours  # fp32 ONNX = the toolkit's own greedy decoding
+    correct = sum(h == [int(i) for i in t] for h, t in zip(hyp32, texts))
+    agree = sum(a == b for a, b in zip(hyp32, hyp8)) / len(feats)
+    print(f"\nfp32 exact utterances {correct}/{len(texts)}; int8 == fp32 greedy on "
+          f"{agree:.0%} of {len(feats)} utterances")
+    assert correct >= len(texts) // 2  # the model learned something: agreement means something
+    assert agree >= 0.75
+
+
+def sherpa_streaming_reference(model, feat):
+    """Our greedy CTC over sherpa-onnx's streaming schedule: windows of
+    (chunk-1)*4+7 frames every chunk*4 frames while processed + window < frames,
+    a zero cache of chunk*left frames hidden by the mask, positions from chunk*left."""
+    required = CHUNK * LEFT
+    window = (CHUNK - 1) * 4 + 7
+    enc = model.encoder
+    att = torch.zeros(enc.num_blocks, enc.attention_heads, required, 2 * enc.output_size() // 2)
+    cnn = torch.zeros(enc.num_blocks, 1, enc.output_size(), 3)
+    offset, processed, outs = required, 0, []
+    with torch.no_grad():
+        while processed + window < feat.shape[0]:
+            k = offset // CHUNK - LEFT
+            mask = torch.ones(1, 1, required + CHUNK, dtype=torch.bool)
+            mask[..., :max(required - k * CHUNK, 0)] = False
+            x = torch.from_numpy(feat[processed:processed + window])[None]
+            y, att, cnn = enc.forward_chunk(x, offset, required, att, cnn, mask)
+            outs.append(model.ctc_activation(y)[0].numpy())
+            offset += y.size(1)
+            processed += CHUNK * 4
+    return ctc_greedy_search(np.concatenate(outs))[0] if outs else []
+
+
+def test_sherpa_onnx_offline_and_streaming_match_our_greedy_search(trained):
+    sherpa_onnx = pytest.importorskip("sherpa_onnx")
+    model, texts, wavs, feats, out = trained
+    table = SymbolTable.read(os.path.join(out, "units.txt"))
+    offline = sherpa_onnx.OfflineRecognizer.from_wenet_ctc(
+        model=os.path.join(out, "model.onnx"), tokens=os.path.join(out, "tokens.txt"),
+        num_threads=1, feature_dim=80)
+    online = sherpa_onnx.OnlineRecognizer.from_wenet_ctc(
+        tokens=os.path.join(out, "tokens.txt"), model=os.path.join(out, "model_streaming.onnx"),
+        chunk_size=CHUNK, num_left_chunks=LEFT, num_threads=1, feature_dim=80)
+    same_offline = same_online = 0
+    for wav, feat in zip(wavs, feats):
+        with torch.no_grad():
+            ours = model.decode(["ctc_greedy_search"], torch.from_numpy(feat)[None],
+                                torch.tensor([feat.shape[0]]))["ctc_greedy_search"][0]
+        stream = offline.create_stream()
+        stream.accept_waveform(SR, wav)
+        offline.decode_stream(stream)
+        same_offline += stream.result.text == table.detokenize(ours)
+
+        s = online.create_stream()
+        s.accept_waveform(SR, wav)
+        s.input_finished()
+        while online.is_ready(s):
+            online.decode_stream(s)
+        same_online += online.get_result(s) == table.detokenize(sherpa_streaming_reference(model, feat))
+    n = len(wavs)
+    print(f"\nsherpa-onnx offline == our greedy on {same_offline}/{n} utterances; "
+          f"streaming == our chunked greedy on {same_online}/{n}")
+    assert same_offline >= n - 1 and same_online >= n - 1
