@@ -174,11 +174,49 @@ async def _sequential(url: str, pid: int, samples: np.ndarray, total: int, marks
     return rss
 
 
+def make_random_export(config: str, out_dir: str, vocab: int, chunk: int) -> None:
+    """Export an untrained model of a recipe config (compute-realistic, not accurate):
+    CTC blank biased up so posteriors are peaky like a trained model's."""
+    import copy
+    import torch
+    from wenet_moe.config import load_yaml
+    from wenet_moe.export import export_loaded
+    from wenet_moe.model import build_model
+    torch.manual_seed(0)
+    conf = load_yaml(config)
+    os.makedirs(out_dir, exist_ok=True)
+    units = os.path.join(out_dir, "bench_units.txt")
+    syms = ["<blank>", "<unk>", "<sos/eos>"] + [chr(0x4E00 + i) for i in range(vocab - 3)]
+    with open(units, "w", encoding="utf-8") as f:
+        f.writelines(f"{s} {i}\n" for i, s in enumerate(syms))
+    conf.update({"input_dim": 80, "output_dim": vocab})
+    conf.pop("cmvn", None)
+    conf.pop("cmvn_conf", None)
+    conf["tokenizer_conf"]["symbol_table_path"] = units
+    model = build_model(copy.deepcopy(conf)).eval()
+    # Bias the blank logit so that about 70% of frames of synthetic speech are blank.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime", "tests"))
+    import rt_tiny_model as T
+    from wenet_moe_runtime.features import FbankOptions, compute_fbank
+    wav = T.synth([2, 3, 4, 5, 6, 7], seed=0).astype(np.float32) / 32768.0
+    feats = torch.from_numpy(compute_fbank(wav, 16000, FbankOptions()))[None]
+    with torch.no_grad():
+        enc, _ = model.encoder(feats, torch.tensor([feats.shape[1]]), 16, -1)
+        logits = model.ctc.ctc_lo(enc)[0]
+        margin = logits[:, 1:].max(dim=1).values - logits[:, 0]
+        model.ctc.ctc_lo.bias[0] += float(torch.quantile(margin, 0.7))
+    export_loaded(model, copy.deepcopy(conf), copy.deepcopy(conf), out_dir, chunk_size=chunk,
+                  left_chunks=-1, quantize="int8", verify=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_dir", help="ONNX export directory")
     p.add_argument("--standin", help="write an untrained stand-in export here (needs torch) and use it")
     p.add_argument("--standin_size", default="256,12,4,4000", help="d,blocks,heads,vocab of the stand-in")
+    p.add_argument("--random_export", nargs=2, metavar=("CONFIG", "DIR"),
+                   help="export an untrained model of this train config into DIR and use it")
+    p.add_argument("--vocab", type=int, default=5000, help="vocabulary of --random_export")
     p.add_argument("--wav_scp", help="test wavs (default: synthetic utterances)")
     p.add_argument("--concurrency", default="1,2,4,8,16,24,32")
     p.add_argument("--seconds", type=float, default=20.0, help="streaming time per N")
@@ -200,6 +238,9 @@ def main() -> int:
         d, blocks, heads, vocab = (int(x) for x in args.standin_size.split(","))
         T.make_standin_export(args.standin, FbankOptions().to_dict(), d, blocks, heads, vocab)
         args.model_dir = args.standin
+    if args.random_export:
+        make_random_export(args.random_export[0], args.random_export[1], args.vocab, 16)
+        args.model_dir = args.random_export[1]
     if not args.model_dir:
         p.error("give --model_dir or --standin")
     if args.wav_scp:
