@@ -1,0 +1,56 @@
+"""The exporter drops inputs a graph does not read; ours puts them back (sherpa-onnx
+and WeNet's runtime feed inputs by position/name). A unidirectional Transformer
+model (no convolution, decoder ignores reverse_weight) exports and verifies."""
+import copy
+import os
+
+import numpy as np
+import torch
+
+from export_tiny import tiny_config, write_units
+from wenet_moe.export import export_loaded, onnx_export
+from wenet_moe.export.verify import session
+from wenet_moe.model import build_model
+
+
+class _IgnoresSecond(torch.nn.Module):
+    def forward(self, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+
+def test_dropped_input_is_restored_in_order(tmp_path):
+    path = os.path.join(str(tmp_path), "m.onnx")
+    onnx_export._export(_IgnoresSecond(), (torch.ones(1, 3), torch.zeros((), dtype=torch.int64)),
+                        path, ["x", "unused"], ["y"], {"x": {1: "T"}}, {"k": "v"})
+    sess = session(path)
+    assert [(i.name, i.type) for i in sess.get_inputs()] == [("x", "tensor(float)"),
+                                                             ("unused", "tensor(int64)")]
+    y = sess.run(None, {"x": np.ones((1, 5), np.float32), "unused": np.array(3, np.int64)})[0]
+    assert np.array_equal(y, np.full((1, 5), 2.0, np.float32))
+    assert sess.get_modelmeta().custom_metadata_map["k"] == "v"
+
+
+def test_unidirectional_transformer_exports_with_all_inputs(tmp_path):
+    units = write_units(os.path.join(str(tmp_path), "units.txt"))
+    conf = tiny_config("switch", units_path=units)
+    conf.update(encoder="transformer", decoder="transformer")
+    for key in ("cnn_module_kernel", "causal", "cnn_module_norm"):
+        conf["encoder_conf"].pop(key)
+    conf["decoder_conf"].pop("r_num_blocks")
+    conf["model_conf"]["reverse_weight"] = 0.0
+    torch.manual_seed(4)
+    model = build_model(copy.deepcopy(conf)).eval()
+    out = os.path.join(str(tmp_path), "out")
+    report = export_loaded(model, conf, conf, out, "onnx", chunk_size=4, left_chunks=-1,
+                           reverse_weight=0.5)
+    assert report and max(report.values()) <= 1e-4
+    dec = session(os.path.join(out, "decoder.onnx"))
+    assert [i.name for i in dec.get_inputs()] == ["hyps", "hyps_lens", "encoder_out",
+                                                  "reverse_weight"]
+    meta = dec.get_modelmeta().custom_metadata_map
+    # no bidirectional decoder: the recorded weight is 0, the cnn cache is empty
+    assert meta["is_bidirectional_decoder"] == "0" and float(meta["reverse_weight"]) == 0.0
+    assert meta["cnn_module_kernel"] == "1" and meta["left_chunks"] == "-1"
+    enc = session(os.path.join(out, "encoder.onnx"))
+    cnn = [i.shape for i in enc.get_inputs() if i.name == "cnn_cache"][0]
+    assert cnn[-1] == 0
