@@ -114,3 +114,11 @@ def test_average_cli(tmp_path, capsys):
     (tmp_path / "1.yaml").write_text("epoch: 1\n")
     rc = cli_main(["average", "--dst_model", str(dst), "--src_path", str(tmp_path), "--num", "1", "--val_best"])
     assert rc == 1 and "1.yaml: field 'cv_loss' missing" in capsys.readouterr().err
+
+
+def test_ctc_diagnostics_helpers():
+    from wenet_moe.train.diagnostics import edit_distance, greedy_collapse
+    assert greedy_collapse([0, 3, 3, 0, 3, 5, 5, 0], blank_id=0) == [3, 3, 5]
+    assert edit_distance([1, 2, 3], [1, 3]) == 1
+    assert edit_distance([1, 2, 3], [4, 5, 6, 7]) == 4
+    assert edit_distance([], [1, 2]) == 2 and edit_distance([1, 2], [1, 2]) == 0

@@ -77,6 +77,7 @@ def test_train_writes_config_checkpoints_and_average(setup, caplog):
         assert info["epoch"] == e and np.isfinite(info["cv_loss"]) and info["lr"] > 0
         assert info["step"] == 4 * (e + 1)                  # 10 utts / 3 = 4 batches per epoch
         assert info["skipped"]["bad_json"] == 1             # the bad line, counted every epoch
+        assert 0.0 <= info["cv"]["ctc_blank_rate"] <= 1.0 and info["cv"]["ctc_greedy_ter"] >= 0.0
         ck = torch.load(exp / f"{e}.pt", weights_only=False)
         assert ck["epoch_done"] and ck["scaler"] is None and "optimizer" in ck
     assert os.path.realpath(exp / "final.pt") == os.path.realpath(exp / "2.pt")

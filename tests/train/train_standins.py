@@ -15,15 +15,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 class ToyCTCModel(torch.nn.Module):
     """Frame-wise MLP + CTC; loss is the per-utterance mean (sum over batch / B)."""
 
-    def __init__(self, feat_dim: int = 8, vocab: int = 6, hidden: int = 16, dropout: float = 0.1):
+    def __init__(self, feat_dim: int = 8, vocab: int = 6, hidden: int = 16, dropout: float = 0.1,
+                 blocks: int = 0):
         super().__init__()
         self.proj = torch.nn.Linear(feat_dim, hidden)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(hidden, hidden) for _ in range(blocks)])
         self.drop = torch.nn.Dropout(dropout)
         self.out = torch.nn.Linear(hidden, vocab)
         self.unused = torch.nn.Linear(2, 2)   # like an idle expert: never gets a gradient
 
     def forward(self, feats, feats_lengths, target, target_lengths) -> Dict[str, torch.Tensor]:
         h = self.drop(torch.tanh(self.proj(feats)))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
         logp = self.out(h).float().log_softmax(-1).transpose(0, 1)     # (T, B, V)
         tgt = target.clamp(min=0)
         ctc = F.ctc_loss(logp, tgt, feats_lengths, target_lengths, reduction="sum", zero_infinity=True)
@@ -118,7 +122,8 @@ def free_port() -> int:
 
 
 def ddp_worker(rank: int, world_size: int, port: int, model_dir: str, batch_size: int,
-               extra: List[int], configs: Dict[str, object], result_path: str) -> None:
+               extra: List[int], configs: Dict[str, object], result_path: str, engine: str = "torch_ddp",
+               blocks: int = 0, checkpoint: str = "") -> None:
     """One rank of a gloo DDP run over ToyDataset; rank 0 saves the final weights."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
@@ -127,12 +132,18 @@ def ddp_worker(rank: int, world_size: int, port: int, model_dir: str, batch_size
     from wenet_moe.train.launch import run_training
     info = init_distributed("cpu")
     torch.manual_seed(configs["seed"])
-    model = ToyCTCModel(dropout=0.0)
+    model = ToyCTCModel(dropout=0.0, blocks=blocks)
     utts = make_utterances(32)
     train = loader(ToyDataset(utts, batch_size, seed=3, rank=rank, world_size=world_size,
                               extra_batches=extra[rank]))
     cv = loader(ToyDataset(utts[:8], 2, rank=rank, world_size=world_size, shuffle=False))
-    trainer = run_training(configs, model, train, cv, model_dir, "cpu", info, show_bar=False)
+    trainer = run_training(configs, model, train, cv, model_dir, "cpu", info, show_bar=False, engine=engine,
+                           checkpoint=checkpoint or None)
+    if engine == "fsdp":
+        from wenet_moe.train.fsdp import full_states
+        state = full_states(model, trainer.optimizer)["model"]
+    else:
+        state = model.state_dict()
     if rank == 0:
-        torch.save({"model": model.state_dict(), "step": trainer.step}, result_path)
+        torch.save({"model": state, "step": trainer.step}, result_path)
     cleanup_distributed(info)

@@ -12,6 +12,7 @@ worker seeds), skips the batches already consumed, then restores the step states
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ import torch.distributed as dist
 from wenet_moe.config import ConfigError, check_keys, save_yaml
 from wenet_moe.train.checkpoint import (atomic_torch_save, capture_rng, link_or_copy, make_checkpoint,
                                         restore_rng, unwrap_model)
+from wenet_moe.train.diagnostics import ctc_greedy_stats, supports_ctc_stats
 from wenet_moe.train.dist import DistInfo, all_ranks_have_data, all_reduce_sums, sum_counters
+from wenet_moe.train.fsdp import full_states, is_sharded, load_optimizer
 from wenet_moe.train.monitor import Monitor, moe_entropies, scalar_parts
 
 TRAIN_KEYS = ("max_epoch", "accum_grad", "grad_clip", "log_interval", "save_interval", "dtype", "seed")
@@ -103,6 +106,10 @@ class Trainer:
         if conf.dtype == "fp16" and self.device.type != "cuda":
             raise ConfigError("'dtype: fp16' needs --device cuda (use bf16 on CPU)")
         self.amp_dtype = DTYPES[conf.dtype]
+        self.sharded = is_sharded(model)
+        if self.sharded and conf.dtype == "fp16":
+            raise ConfigError("'dtype: fp16' is not supported with --train_engine fsdp (use bf16)")
+        self._unsynced = False       # gradients accumulated under DDP no_sync since the last step
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=conf.dtype == "fp16")
         self.step = 0
         self.epoch = 0
@@ -118,7 +125,10 @@ class Trainer:
         for key in ("optimizer", "scheduler", "epoch", "step", "batch_idx", "epoch_done", "rng"):
             if key not in ckpt:
                 raise ValueError(f"checkpoint has no '{key}': not a training checkpoint (averaged?)")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:
+            load_optimizer(self.model, self.optimizer, ckpt["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt["scheduler"] is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler") and self.scaler.is_enabled():
@@ -163,13 +173,17 @@ class Trainer:
 
     def _optimizer_step(self, micro_batches: int) -> None:
         """Clip, step optimizer (skipped on a non-finite norm) and scheduler."""
-        if micro_batches != self.conf.accum_grad:   # epoch-end flush: make it a mean
+        if self._unsynced:      # epoch-end flush after no_sync micro-batches
             self._all_reduce_grads()
+            self._unsynced = False
+        if micro_batches != self.conf.accum_grad:   # epoch-end flush: make it a mean
             for p in self._params():
                 if p.grad is not None:
                     p.grad.mul_(self.conf.accum_grad / micro_batches)
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self._params(), self.conf.grad_clip)
+        if hasattr(norm, "full_tensor"):   # DTensor under FSDP
+            norm = norm.full_tensor()
         self.last_grad_norm = float(norm)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)    # skips itself on inf/nan
@@ -230,14 +244,13 @@ class Trainer:
                 break
             feats, feats_lengths, target, target_lengths = self._to_device(batch)
             boundary = pending + 1 == accum
-            sync = contextlib.nullcontext()
-            if self.info.is_distributed and not boundary and hasattr(self.model, "no_sync"):
-                sync = self.model.no_sync()
-            with sync:
+            no_sync = self.info.is_distributed and not boundary and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if no_sync else contextlib.nullcontext():
                 with self._autocast():
                     out = self.model(feats, feats_lengths, target, target_lengths)
                 loss = out["loss"]
                 self.scaler.scale(loss / accum).backward()
+            self._unsynced = no_sync    # a synchronised backward reduces everything accumulated
             pending += 1
             parts = scalar_parts(out)
             n = float(feats.size(0))
@@ -283,27 +296,63 @@ class Trainer:
         sums: Dict[str, float] = {}
         utts = 0.0
         skipped: Dict[str, int] = {}
-        for batch in self.cv_loader:
-            for k, v in (batch.get("skipped") or {}).items():
-                skipped[k] = skipped.get(k, 0) + int(v)
-            if batch["feats"].size(0) == 0:
-                continue
+        check_ctc = supports_ctc_stats(self.raw_model) and not self.sharded
+        ctc = [0.0, 0.0, 0.0, 0.0]      # blank frames, frames, token errors, reference tokens
+        for batch, weight in self._cv_batches(skipped):
             feats, feats_lengths, target, target_lengths = self._to_device(batch)
             with self._autocast():
                 out = self.raw_model(feats, feats_lengths, target, target_lengths)
-            n = float(feats.size(0))
+            n = float(feats.size(0)) * weight
             utts += n
             for k, v in scalar_parts(out).items():
                 sums[k] = sums.get(k, 0.0) + v * n
+            if check_ctc:
+                with self._autocast():
+                    stats = ctc_greedy_stats(self.raw_model, feats, feats_lengths, target, target_lengths)
+                ctc = [a + b for a, b in zip(ctc, stats)]
         self.model.train()
         names = sorted(sums)
         if self.info.is_distributed:   # ranks may have seen different loss names only if empty
             names = sorted(set().union(*self._gather(names)))
-        totals = all_reduce_sums([utts] + [sums.get(k, 0.0) for k in names], self.info)
+        totals = all_reduce_sums([utts] + ctc + [sums.get(k, 0.0) for k in names], self.info)
         self._cv_skipped = sum_counters(skipped, self.info)
         if totals[0] <= 0:
             return {}
-        return {k: v / totals[0] for k, v in zip(names, totals[1:])}
+        parts = {k: v / totals[0] for k, v in zip(names, totals[5:])}
+        if check_ctc and totals[2] > 0:
+            parts["ctc_blank_rate"] = totals[1] / totals[2]
+            parts["ctc_greedy_ter"] = totals[3] / max(totals[4], 1.0)
+        return parts
+
+    def _cv_batches(self, skipped: Dict[str, int]):
+        """(batch, weight) pairs of this rank's CV partition. Under FSDP every forward is
+        collective, so a rank that ran out repeats its last batch with weight 0 until
+        all ranks are done."""
+        it = iter(self.cv_loader)
+        last = None
+        while True:
+            batch = None
+            for item in it:
+                for k, v in (item.get("skipped") or {}).items():
+                    skipped[k] = skipped.get(k, 0) + int(v)
+                if item["feats"].size(0) > 0:
+                    batch = item
+                    break
+            if not self.sharded:
+                if batch is None:
+                    return
+                yield batch, 1.0
+                continue
+            if not all_ranks_have_data(batch is None, self.info):   # MIN of "done" = someone has data
+                if batch is not None:
+                    last = batch
+                    yield batch, 1.0
+                elif last is not None:
+                    yield last, 0.0
+                else:
+                    raise RuntimeError(f"rank {self.info.rank}: empty CV partition under FSDP")
+            else:
+                return
 
     def _gather(self, obj: Any):
         out = [None] * self.info.world_size
@@ -321,6 +370,11 @@ class Trainer:
         for k, v in getattr(self, "_cv_skipped", {}).items():
             skipped["cv_" + k] = v
         entropies = moe_entropies(self.raw_model)
+        if self.info.is_main and cv_parts.get("ctc_blank_rate", 0.0) > 0.98 and self.epoch >= 1:
+            logging.getLogger("wenet_moe.train").warning(
+                "epoch %d: CTC emits blank on %.1f%% of CV frames (greedy token error rate %.2f): the run "
+                "may sit on the all-blank plateau; see docs/training.md", self.epoch,
+                100 * cv_parts["ctc_blank_rate"], cv_parts.get("ctc_greedy_ter", float("nan")))
         self.monitor.log_epoch(self.epoch, self.step, cv_parts, train_parts, skipped, entropies)
         info = {"epoch": self.epoch, "step": self.step, "lr": self.lr(),
                 "cv_loss": cv_parts.get("loss"), "train_loss": train_parts.get("loss"),
@@ -331,11 +385,15 @@ class Trainer:
 
     def save(self, name: str, epoch_done: bool, info: Optional[Dict[str, Any]] = None) -> Optional[str]:
         """Write `model_dir/<name>.pt` and `<name>.yaml` (rank 0 only); returns the .pt path."""
-        if not self.info.is_main:
+        if not self.info.is_main and not self.sharded:
             return None
+        extra = {"epoch_stats": self._stats if not epoch_done else None}
+        if self.sharded:
+            extra.update(full_states(self.model, self.optimizer))    # collective: all ranks
+            if not self.info.is_main:
+                return None
         ckpt = make_checkpoint(self.model, self.optimizer, self.scheduler, self.scaler, self.epoch, self.step,
-                               self.batch_idx, epoch_done, self._rng_epoch_start,
-                               extra={"epoch_stats": self._stats if not epoch_done else None})
+                               self.batch_idx, epoch_done, self._rng_epoch_start, extra=extra)
         path = os.path.join(self.model_dir, f"{name}.pt")
         atomic_torch_save(ckpt, path)
         meta = info or {"epoch": self.epoch, "step": self.step, "lr": self.lr(), "batch_idx": self.batch_idx}
