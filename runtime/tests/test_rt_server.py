@@ -254,3 +254,51 @@ def test_continuous_decoding_over_the_socket(test_wavs, server):
     assert res.speech_end and not res.failures
     single = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=False))
     assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end
+
+
+def test_engine_error_fails_only_that_stream(tiny_exports, test_wavs, monkeypatch):
+    """In-process server whose encoder raises for streams asking nbest=7."""
+    import wenet_moe_runtime.server as server_mod
+    from wenet_moe_runtime.decoder import StreamingDecoder
+
+    class Flaky(StreamingDecoder):
+        def encode(self, window):
+            if self.opts.nbest == 7:
+                raise RuntimeError("boom")
+            return super().encode(window)
+
+    monkeypatch.setattr(server_mod, "StreamingDecoder", Flaky)
+    samples, _ = read_wav(test_wavs["u0"])
+
+    async def go():
+        srv = server_mod.AsrServer(OnnxAsrModel(tiny_exports["full"]),
+                                   server_mod.ServerConfig(port=0), DecodeOptions())
+        await srv.start()
+        url = f"ws://127.0.0.1:{srv.port}"
+        try:
+            async with connect(url) as bad, connect(url) as good:
+                await start(bad, nbest=7)
+                await start(good)
+                await bad.send(samples.tobytes())
+                msg = await recv_json(bad)
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(bad.recv(), 10)
+                msgs, code = await finish(good, samples)
+                return msg, bad.close_code, msgs, code
+        finally:
+            await srv.shutdown()
+    msg, bad_code, msgs, code = run(go())
+    assert msg == {"status": "failed", "message": "Decoding error: RuntimeError: boom"}
+    assert bad_code == 1011
+    assert final_text(msgs) == TEXTS[0] and code == 1000
+
+
+def test_server_cli_bad_model_dir_one_line_error(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "wenet_moe_runtime.server", "--model_dir",
+                           str(tmp_path / "missing"), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"wenet-moe-server: error: {tmp_path / 'missing'}: "
+                                   "model directory does not exist")

@@ -18,6 +18,8 @@ from .model import ModelError, OnnxAsrModel
 from .offline import decode_samples
 from .wavio import read_wav
 
+ALIASES = {"ctc_greedy_search": "ctc_greedy", "ctc_prefix_beam_search": "ctc_prefix_beam"}
+
 
 def read_scp(path: str) -> List[Tuple[str, str]]:
     """`key path` lines; a malformed line raises ValueError naming file and line."""
@@ -38,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_dir", required=True, help="directory of the ONNX export")
     parser.add_argument("--wav_scp", required=True, help="Kaldi wav.scp (key path)")
     parser.add_argument("--result", required=True, help="output text file (key text)")
-    parser.add_argument("--mode", default="attention_rescoring", choices=MODES)
+    parser.add_argument("--mode", default="attention_rescoring", choices=MODES + tuple(ALIASES),
+                        help="search; WeNet's names ctc_greedy_search and "
+                             "ctc_prefix_beam_search are accepted too")
     parser.add_argument("--chunk_size", type=int, default=0,
                         help="decoding chunk (encoder frames); 0: the export's")
     parser.add_argument("--beam_size", type=int, default=10)
@@ -54,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads)
         opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size,
-                             mode=args.mode, ctc_weight=args.ctc_weight,
+                             mode=ALIASES.get(args.mode, args.mode), ctc_weight=args.ctc_weight,
                              rescoring_weight=args.rescoring_weight,
                              reverse_weight=args.reverse_weight)
         entries = read_scp(args.wav_scp)

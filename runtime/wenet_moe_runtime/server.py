@@ -140,7 +140,7 @@ class AsrServer:
                 return
             if msg is _SHUTDOWN:
                 if decoder is not None and not decoder.stopped:
-                    await self._send_events(ws, await self.workers.submit(decoder, None, finish=True))
+                    await self._decode(ws, decoder, None, True)
                 await ws.close(1001, "server shutting down")
                 return
             if isinstance(msg, bytes):
@@ -157,7 +157,8 @@ class AsrServer:
                 data = carry + msg
                 carry = data[len(data) - (len(data) % 2):]
                 pcm = np.frombuffer(data[: len(data) - len(carry)], dtype="<i2")
-                await self._send_events(ws, await self.workers.submit(decoder, pcm))
+                if not await self._decode(ws, decoder, pcm, False):
+                    return
                 continue
             try:
                 obj = json.loads(msg)
@@ -179,8 +180,8 @@ class AsrServer:
                 if decoder is None:
                     await _send(ws, failed("End signal before start signal"))
                     continue
-                if not decoder.stopped:
-                    await self._send_events(ws, await self.workers.submit(decoder, None, finish=True))
+                if not decoder.stopped and not await self._decode(ws, decoder, None, True):
+                    return
                 await ws.close(1000, "done")
                 return
             else:
@@ -201,6 +202,20 @@ class AsrServer:
                              reverse_weight=base.reverse_weight, continuous_decoding=cont,
                              endpoint=base.endpoint)
         return opts, None
+
+    async def _decode(self, ws: ServerConnection, decoder: StreamingDecoder,
+                      pcm: Optional[np.ndarray], finish: bool) -> bool:
+        """Run one decoding job and send its events; on an engine error reply
+        `failed`, close with 1011 and return False."""
+        try:
+            events = await self.workers.submit(decoder, pcm, finish=finish)
+        except Exception as exc:  # the engine failed on this stream only
+            LOG.exception("decoding failed")
+            await _send(ws, failed(f"Decoding error: {type(exc).__name__}: {exc}"))
+            await ws.close(1011, "decoding error")
+            return False
+        await self._send_events(ws, events)
+        return True
 
     async def _send_events(self, ws: ServerConnection, events: List[Event]) -> None:
         for event in events:
