@@ -302,3 +302,20 @@ def test_server_cli_bad_model_dir_one_line_error(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"wenet-moe-server: error: {tmp_path / 'missing'}: "
                                    "model directory does not exist")
+
+
+def test_client_cli_prints_partials_and_finals(test_wavs, server):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "wenet_moe_runtime.client", "--server",
+                           server.url, test_wavs["u0"], test_wavs["u1"], "--chunk_ms", "300"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "u0\tfinal\t你好世界" in lines and "u1\tfinal\t语音你" in lines
+    assert any(line.startswith("u0\tpartial\t") for line in lines)
+    bad = subprocess.run([sys.executable, "-m", "wenet_moe_runtime.client", "--server",
+                          "ws://127.0.0.1:1", test_wavs["u0"]],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.startswith("wenet-moe-client: error:")
+    assert len(bad.stderr.strip().splitlines()) == 1
