@@ -262,6 +262,16 @@ def main() -> int:
             break
         largest = n
     report["largest_realtime_concurrency"] = largest
+    # CPU time per audio second does not depend on other processes sharing the
+    # cores (their load only delays us), so it also gives the capacity of idle cores.
+    rtfs = [r["rtf_cpu"] for r in report["runs"] if r["rtf_cpu"]]
+    if rtfs:
+        worst = max(rtfs)
+        report["cpu_bound_capacity"] = int(0.8 * args.cores / worst)
+        print(f"server CPU per audio second: {worst:.3f} -> about "
+              f"{report['cpu_bound_capacity']} real-time streams on {args.cores} idle cores "
+              f"(80% utilisation)", flush=True)
+    report["load_average"] = os.getloadavg()
     if args.compare_batching and largest:
         for mb in (1, args.max_batch):
             r = run_concurrency(args, args.model_dir, wavs, reference, largest, mb)
