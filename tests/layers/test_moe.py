@@ -98,6 +98,8 @@ def test_speechmoe_router_sees_frame_embedding():
     emb = emb_net(x)
     assert emb.shape == (2, 5, 3)
     assert torch.allclose(layer(x, emb), naive_moe(layer, x, emb), atol=1e-5)
+    with pytest.raises(ValueError, match="route_emb must be the shared frame embedding"):
+        layer(x, EMPTY)
     # decoders have no frame embedding: router sees the layer input alone
     dec_factory, dec_layer = make_layer("speechmoe", frame_embedding=False)
     assert dec_factory.route_embedding() is None

@@ -108,6 +108,9 @@ class MoEFFN(nn.Module):
         x = xs.reshape(-1, dim)
         emb = route_emb
         if self.use_route_emb:
+            if route_emb.dim() != 3 or route_emb.size(0) != batch or route_emb.size(1) != time:
+                raise ValueError("speechmoe MoE FFN: route_emb must be the shared frame "
+                                 "embedding (B, T, E) of the encoder input")
             emb = route_emb.reshape(-1, route_emb.size(-1))
         logits, top_idx, gates = self.route(x, emb)
         out = self.dispatch(x, top_idx, gates)
