@@ -1,0 +1,129 @@
+"""examples/aishell2/s0/run.sh stages 0-7 on a miniature synthesized corpus.
+
+A tiny U2++ MoE (conf/train_demo_tiny.yaml) trains for a few steps; the test
+checks every stage's outputs, then reruns the whole recipe and checks that no
+file changed (content and mtime).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPE = os.path.join(ROOT, "examples", "aishell2", "s0")
+MODES = ["ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attention_rescoring"]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def workspace(path):
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("run.sh", "path.sh", "local", "conf"):
+        os.symlink(os.path.join(RECIPE, name), path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "synth"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "synth_corpus.py"), str(out),
+                        "--hours", "0.012", "--dev_utts", "4", "--test_utts", "4", "--train_voices", "4",
+                        "--dev_voices", "1", "--test_voices", "1", "--vocab_size", "40", "--nj", "2"],
+                       capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    return out / "iOS"
+
+
+def run_recipe(ws, corpus, *extra):
+    args = ["bash", "run.sh", "--trn_set", str(corpus / "data"), "--dev_set", str(corpus / "dev"),
+            "--tst_set", str(corpus / "test"), "--train_config", "conf/train_demo_tiny.yaml",
+            "--dir", "exp/tiny", "--nj", "1", "--num_workers", "0", "--average_num", "2", "--val_best", "false",
+            "--decode_sets", "dev", "--beam_size", "3", "--batch_size", "4", *extra]
+    r = subprocess.run(args, cwd=ws, capture_output=True, text=True, env=env())
+    assert r.returncode == 0, f"run.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def snapshot(ws):
+    out = {}
+    for d, _, files in os.walk(ws):
+        if "tensorboard" in d.split(os.sep):
+            continue
+        for f in files:
+            p = os.path.join(d, f)
+            if os.path.islink(p):
+                continue
+            st = os.stat(p)
+            out[os.path.relpath(p, ws)] = (st.st_mtime_ns, hashlib.md5(open(p, "rb").read()).hexdigest())
+    return out
+
+
+def overall_cer(path):
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("Overall -> "):
+            return float(line.split()[2])
+    raise AssertionError(f"{path}: no Overall line")
+
+
+@pytest.mark.slow
+def test_stages_0_to_7_then_rerun_changes_nothing(corpus, tmp_path):
+    ws = workspace(tmp_path / "ws")
+    r = run_recipe(ws, corpus, "--stage", "0", "--stop_stage", "7")
+    # stage 0-3: data, CMVN, dictionary, lists
+    for x in ("train", "dev", "test"):
+        for f in ("wav.scp", "text", "data.list"):
+            assert (ws / "data" / x / f).stat().st_size > 0, (x, f)
+    n_train = len((ws / "data" / "train" / "text").read_text(encoding="utf-8").splitlines())
+    assert n_train == len((corpus / "data" / "trans.txt").read_text(encoding="utf-8").splitlines())
+    cmvn = json.loads((ws / "data" / "train" / "global_cmvn").read_text())
+    assert len(cmvn["mean_stat"]) == 40 and cmvn["frame_num"] > 0
+    units = (ws / "data" / "dict" / "units.txt").read_text(encoding="utf-8").splitlines()
+    assert units[:3] == ["<blank> 0", "<unk> 1", "<sos/eos> 2"]
+    assert [int(u.split()[1]) for u in units] == list(range(len(units)))
+    chars = {c for line in (ws / "data" / "train" / "text").read_text(encoding="utf-8").splitlines()
+             for c in line.split(" ", 1)[1]}
+    assert {u.split()[0] for u in units[3:]} == chars
+    # stage 4-5: training, averaging, decoding in 4 modes x 2 contexts, CER
+    exp = ws / "exp" / "tiny"
+    assert (exp / "train.yaml").is_file() and (exp / "0.pt").is_file() and (exp / "1.pt").is_file()
+    assert (exp / "avg_2.pt").is_file()
+    for tag in ("full", "chunk16"):
+        for mode in MODES:
+            hyp = (exp / f"decode_dev_{tag}" / mode / "text").read_text(encoding="utf-8").splitlines()
+            assert len(hyp) == 4 and all(line.split()[0].startswith("ID") for line in hyp)
+            assert 0.0 <= overall_cer(exp / f"decode_dev_{tag}" / mode / "wer")
+    assert "| attention_rescoring |" in r.stdout and "chunk 16" in r.stdout
+    # stage 6: exports
+    assert (exp / "export" / "torchscript" / "final.zip").is_file()
+    onnx_files = os.listdir(exp / "export" / "onnx")
+    for name in ("encoder.onnx", "ctc.onnx", "decoder.onnx", "units.txt"):
+        assert name in onnx_files, onnx_files
+    assert any("int8" in n for n in onnx_files), onnx_files
+    # stage 7: the torch-free runtime on the test set, fp32 and int8
+    for variant in ("fp32", "int8"):
+        rdir = exp / f"runtime_test_chunk16_{variant}"
+        assert len((rdir / "text").read_text(encoding="utf-8").splitlines()) == 4
+        overall_cer(rdir / "wer")
+
+    before = snapshot(ws)
+    r2 = run_recipe(ws, corpus, "--stage", "0", "--stop_stage", "7")
+    assert "skipping" in r2.stderr
+    assert snapshot(ws) == before
+
+
+@pytest.mark.slow
+def test_shard_lists_and_unknown_option(corpus, tmp_path):
+    ws = workspace(tmp_path / "ws")
+    run_recipe(ws, corpus, "--stage", "0", "--stop_stage", "3", "--data_type", "shard",
+               "--num_utts_per_shard", "3")
+    shards = (ws / "data" / "train" / "data.list").read_text().split()
+    n_train = len((ws / "data" / "train" / "text").read_text(encoding="utf-8").splitlines())
+    assert len(shards) == -(-n_train // 3) and all(s.endswith(".tar") and os.path.isfile(s) for s in shards)
+    r = subprocess.run(["bash", "run.sh", "--stage", "0", "--no_such_option", "1"], cwd=ws, capture_output=True,
+                       text=True, env=env())
+    assert r.returncode == 1 and "unknown option --no_such_option" in r.stderr
