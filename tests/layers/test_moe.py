@@ -330,3 +330,16 @@ def test_bad_expert_counts_name_the_field():
         MoEFactory(6, 10, 0.0, "relu", 4, 5, {}, False)
     with pytest.raises(ConfigError, match="encoder_conf.n_expert"):
         MoEFactory(6, 10, 0.0, "relu", 0, 1, {}, True)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast_bfloat16(grad):
+    torch.manual_seed(0)
+    _, layer = make_layer("switch", n_expert=4, k=1)
+    layer.eval()
+    x = torch.randn(2, 5, 6)
+    want = naive_moe(layer, x)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x, EMPTY)
+    assert got.shape == x.shape
+    assert torch.allclose(got.float(), want, atol=0.05, rtol=0.05)

@@ -176,7 +176,7 @@ class MoEFFN(nn.Module):
         cap = n_assign
         if self.training and self.capacity_factor > 0:
             cap = int(math.ceil(self.capacity_factor * n_assign / self.n_expert))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             pieces: List[torch.Tensor] = []
             start = 0
             for e, end in enumerate(bounds):
@@ -187,7 +187,7 @@ class MoEFFN(nn.Module):
                     pieces.append(x_sorted.new_zeros(end - start - kept, dim))
                 start = end
             y_sorted = torch.cat(pieces, 0) * gate_sorted
-            return torch.zeros_like(x).index_add(0, token, y_sorted)
+            return torch.zeros_like(x, dtype=y_sorted.dtype).index_add(0, token, y_sorted)
         y_sorted = x.new_empty(n_assign, dim)
         start = 0
         for e, end in enumerate(bounds):
