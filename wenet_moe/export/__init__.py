@@ -59,7 +59,9 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
                 report.update(ts.verify_torchscript(model, path, chunk_size, left_chunks,
                                                     reverse_weight))
             if quantize == "int8":
-                ts.quantize_torchscript(model, os.path.join(stage, "final.int8.zip"), meta)
+                q_path = os.path.join(stage, "final.int8.zip")
+                ts.quantize_torchscript(model, q_path, meta)
+                report.update(ts.check_quantized_torchscript(model, q_path))
         else:
             from wenet_moe.export import quantize as q8
             from wenet_moe.export import verify as check

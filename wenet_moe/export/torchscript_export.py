@@ -94,3 +94,29 @@ def verify_torchscript(model: torch.nn.Module, path: str, chunk_size: int, left_
                         f"{base} forward_attention_decoder {what} T={t} reverse_weight={rw}",
                         g.numpy(), w.numpy()))
     return {base: worst}
+
+
+def check_quantized_torchscript(model: torch.nn.Module, path: str, seed: int = 0
+                                ) -> Dict[str, float]:
+    """Load the int8 file and run a chunk, the CTC head and both decoders beside the
+    eager fp32 model: equal shapes and finite values (int8 is not expected to be
+    close). Returns {"final.int8.zip greedy agreement": fraction of frames whose
+    CTC argmax equals fp32's}."""
+    loaded = torch.jit.load(path, map_location="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 120, feature_dim(model), generator=gen)
+    with torch.no_grad():
+        got = loaded.forward_encoder_chunk(x, 0, -1)
+        want = model.forward_encoder_chunk(x, 0, -1)
+        got_lp, want_lp = loaded.ctc_activation(got[0]), model.ctc_activation(want[0])
+        hyps, lens = random_hyps(model, gen, 3, 5)
+        dec = loaded.forward_attention_decoder(hyps, lens, want[0], 0.5)
+    for g, w in zip(list(got) + [got_lp] + list(dec),
+                    list(want) + [want_lp] + list(model.forward_attention_decoder(
+                        hyps, lens, want[0], 0.5))):
+        if g.shape != w.shape or not bool(torch.isfinite(g).all()):
+            raise ParityError(f"{os.path.basename(path)}: output of shape {tuple(g.shape)} "
+                              f"(fp32 {tuple(w.shape)}) or not finite")
+    agree = (got_lp.argmax(-1) == want_lp.argmax(-1)).float().mean().item()
+    return {f"{os.path.basename(path)} greedy agreement": agree}
+
