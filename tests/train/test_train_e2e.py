@@ -130,3 +130,27 @@ def test_cli_kill_and_resume_matches(setup, monkeypatch, num_workers):
     b = torch.load(part / "2.pt", weights_only=False)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ["torch_ddp", "fsdp"])
+def test_torchrun_two_processes(setup, engine):
+    """`torchrun --nproc_per_node 2 -m wenet_moe train` (gloo, env-var init) finishes
+    and rank 0 writes the checkpoints; 11 list lines split unevenly over the ranks."""
+    import subprocess
+    import sys
+    root = setup
+    exp = root / f"torchrun_{engine}"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "wenet_moe", "train",
+           "--config", str(root / "conf.yaml"), "--train_data", str(root / "train.list"),
+           "--cv_data", str(root / "cv.list"), "--model_dir", str(exp), "--train_engine", engine, "--no_progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for e in range(3):
+        info = yaml.safe_load(open(exp / f"{e}.yaml"))
+        assert np.isfinite(info["cv_loss"]) and info["skipped"]["bad_json"] == 1
+    from wenet_moe.model import build_model
+    from wenet_moe.train.checkpoint import load_model_weights
+    load_model_weights(build_model(yaml.safe_load(open(exp / "train.yaml"))), str(exp / "final.pt"))
