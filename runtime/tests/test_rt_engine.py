@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CHUNK, TRAIN_SET
+from rt_fixtures import CHUNK, TRAIN_SET
 from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder
 from wenet_moe_runtime.endpoint import CtcEndpoint, EndpointConfig
 from wenet_moe_runtime.model import ModelError, OnnxAsrModel
@@ -81,7 +81,7 @@ def test_encoder_chunk_loop_matches_torch_full_sequence(tiny_exports, test_wavs,
                                                         left, offset):
     """The runtime's chunk loop (windows, overlap, att/cnn caches, offsets, masks)
     equals one torch forward over the whole utterance with a block-causal mask."""
-    from conftest import fbank_fn
+    from rt_fixtures import fbank_fn
     _, fbank = fbank_fn()
     model = OnnxAsrModel(tiny_exports[export])
     samples, _ = read_wav(test_wavs["u2"])

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TRAIN_SET, ServerProcess
+from rt_fixtures import TRAIN_SET, ServerProcess
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]

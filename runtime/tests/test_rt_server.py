@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import ServerProcess
+from rt_fixtures import ServerProcess
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decoder import DecodeOptions
 from wenet_moe_runtime.model import OnnxAsrModel

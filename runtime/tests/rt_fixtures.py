@@ -1,0 +1,69 @@
+"""Helpers of the runtime tests (a uniquely named module, so that it cannot be
+confused with another directory's conftest): the training set of the tiny model,
+its fbank, and a server subprocess on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import List
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+# (token ids, seed, trailing silence in s): the utterances the tiny model overfits.
+TRAIN_SET = [([2, 3, 4, 5], 0, 0.3), ([6, 7, 2], 1, 0.3), ([3, 5, 7, 4, 2], 2, 0.3),
+             ([4, 4, 6], 3, 0.3), ([7, 6, 5, 3], 4, 0.3), ([2, 6, 3], 5, 0.3),
+             ([5, 2, 7], 6, 1.3), ([2, 3, 4, 5], 7, 1.3)]
+CHUNK = 4
+
+
+def fbank_fn():
+    from wenet_moe_runtime.features import FbankOptions, compute_fbank
+    opts = FbankOptions()
+    return opts, (lambda w: compute_fbank(w.astype(np.float32) / 32768.0, 16000, opts))
+
+
+class ServerProcess:
+    """A wenet-moe-server subprocess listening on a free port of 127.0.0.1."""
+
+    def __init__(self, model_dir: str, extra: List[str] = (), timeout: float = 60.0) -> None:
+        cmd = [sys.executable, "-m", "wenet_moe_runtime.server", "--model_dir", model_dir,
+               "--host", "127.0.0.1", "--port", "0", "--num_workers", "2", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        deadline = time.monotonic() + timeout
+        self.lines: List[str] = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                self.url = f"ws://127.0.0.1:{self.port}"
+                return
+        self.proc.kill()
+        raise RuntimeError("server did not start: " + "".join(self.lines))
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rest = self.proc.stdout.read()
+        if rest:
+            self.lines.append(rest)
+        return self.proc.returncode
