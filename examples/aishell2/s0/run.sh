@@ -56,7 +56,8 @@ runtime_chunk_size=16
 . "$WENET_MOE_ROOT/tools/parse_options.sh"
 
 log() { echo "$(date '+%H:%M:%S') [run.sh stage $1] ${*:2}" >&2; }
-wenet_moe() { "$PYTHON" -m wenet_moe "$@"; }
+# (through cli.main so that its exit status reaches set -e)
+wenet_moe() { "$PYTHON" -c 'import sys; from wenet_moe.cli import main; sys.exit(main())' "$@"; }
 max_epoch_of() { "$PYTHON" local/fill_config.py "$1" --get max_epoch; }
 conf_value() { "$PYTHON" local/fill_config.py "$1" --get "$2"; }
 # the highest N of $1/N.pt, or nothing
