@@ -5,6 +5,7 @@ import copy
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from export_tiny import tiny_config, write_units
@@ -54,3 +55,24 @@ def test_unidirectional_transformer_exports_with_all_inputs(tmp_path):
     enc = session(os.path.join(out, "encoder.onnx"))
     cnn = [i.shape for i in enc.get_inputs() if i.name == "cnn_cache"][0]
     assert cnn[-1] == 0
+
+
+@pytest.mark.slow
+def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
+    """Models over protobuf's 2 GiB limit: simulated with a tiny threshold."""
+    from export_tiny import tiny_model
+    model, conf = tiny_model("topk", seed=5)
+    conf = dict(conf, tokenizer_conf=dict(conf["tokenizer_conf"], symbol_table_path=write_units(
+        os.path.join(str(tmp_path), "units.txt"))))
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    out = os.path.join(str(tmp_path), "out")
+    report = export_loaded(model, conf, conf, out, "onnx", chunk_size=4, left_chunks=2,
+                           quantize="int8")
+    assert max(v for k, v in report.items() if "int8" not in k) <= 1e-4
+    names = sorted(os.listdir(out))
+    graphs = [n for n in names if n.endswith(".onnx")]
+    # every graph but the CTC head (704 bytes of weights) is over the threshold
+    big = [n for n in graphs if not n.startswith("ctc.")]
+    assert len(graphs) == 10 and sorted(n + ".data" for n in big) == \
+        sorted(n for n in names if n.endswith(".data"))
+    assert os.path.getsize(os.path.join(out, "model.onnx.data")) > 10_000

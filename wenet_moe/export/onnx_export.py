@@ -21,6 +21,8 @@ inputs by position (sherpa-onnx) always see the documented list.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Dict, List, Sequence, Tuple
 
@@ -31,6 +33,8 @@ from wenet_moe.export.wrappers import (AttentionDecoder, CtcActivation, EncoderC
                                        StreamingCtc)
 
 OPSET = 17
+# weights above this many bytes are written as external data (`<file>.data`)
+EXTERNAL_DATA_BYTES = 1 << 30
 
 ENCODER_INPUTS = ["chunk", "offset", "required_cache_size", "att_cache", "cnn_cache", "att_mask"]
 ENCODER_OUTPUTS = ["output", "r_att_cache", "r_cnn_cache"]
@@ -92,19 +96,54 @@ def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: st
             dynamic_axes: Dict[str, Dict[int, str]], metadata: Dict[str, str]) -> None:
     """Script `module`, export it to `path`, restore dropped inputs, add metadata."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation notices of torch.jit / dynamo=False
+        warnings.simplefilter("ignore")  # deprecation notice of torch.jit
         scripted = torch.jit.script(module.eval())
-        torch.onnx.export(scripted, example, path, dynamo=False, opset_version=OPSET,
-                          input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes, do_constant_folding=True)
-    proto = onnx.load(path)
+    # export into a scratch directory: beyond 2 GiB the exporter writes one external
+    # file per tensor there; `save_onnx` then writes at most one `.data` file
+    scratch = tempfile.mkdtemp(prefix=".graph-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        raw = os.path.join(scratch, "graph.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(scripted, example, raw, dynamo=False, opset_version=OPSET,
+                              input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+        proto = onnx.load(raw)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     restore_inputs(proto, input_names, example, dynamic_axes)
     got = [o.name for o in proto.graph.output]
     if got != list(output_names):
         raise RuntimeError(f"{os.path.basename(path)}: outputs {got}, expected {output_names}")
     set_metadata(proto, metadata)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
+    save_onnx(proto, path)
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the initializers of `proto` (loaded in memory)."""
+    total = 0
+    for t in proto.graph.initializer:
+        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) \
+            + 8 * (len(t.int64_data) + len(t.double_data))
+    return total
+
+
+def save_onnx(proto: onnx.ModelProto, path: str, check: bool = True) -> None:
+    """Write `proto` (after onnx.checker with `check`); weights above
+    EXTERNAL_DATA_BYTES go to one `<name>.data` file beside it (protobuf cannot
+    hold a model over 2 GiB)."""
+    data = path + ".data"
+    if os.path.exists(data):
+        os.unlink(data)
+    if weight_bytes(proto) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(data), size_threshold=1024)
+        if check:
+            onnx.checker.check_model(path)
+    else:
+        if check:
+            onnx.checker.check_model(proto)
+        onnx.save(proto, path)
 
 
 def restore_inputs(proto: onnx.ModelProto, input_names: Sequence[str],
