@@ -117,13 +117,25 @@ def test_stages_0_to_7_then_rerun_changes_nothing(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_shard_lists_and_unknown_option(corpus, tmp_path):
+def test_shards_and_two_phase_training(corpus, tmp_path):
     ws = workspace(tmp_path / "ws")
     run_recipe(ws, corpus, "--stage", "0", "--stop_stage", "3", "--data_type", "shard",
                "--num_utts_per_shard", "3")
     shards = (ws / "data" / "train" / "data.list").read_text().split()
     n_train = len((ws / "data" / "train" / "text").read_text(encoding="utf-8").splitlines())
     assert len(shards) == -(-n_train // 3) and all(s.endswith(".tar") and os.path.isfile(s) for s in shards)
+    # stage 4, two phases on shards: 1 epoch at full context, then 1 with dynamic chunks from its average
+    r = run_recipe(ws, corpus, "--stage", "4", "--stop_stage", "4", "--data_type", "shard", "--two_phase", "true",
+                   "--phase1_epochs", "1", "--phase1_average_num", "1")
+    exp = ws / "exp" / "tiny"
+    import yaml
+    p1 = yaml.safe_load((exp / "phase1" / "train.yaml").read_text(encoding="utf-8"))
+    p2 = yaml.safe_load((exp / "train.yaml").read_text(encoding="utf-8"))
+    assert p1["encoder_conf"]["use_dynamic_chunk"] is False and p1["max_epoch"] == 1
+    assert p2["encoder_conf"]["use_dynamic_chunk"] is True and p2["max_epoch"] == 1
+    assert (exp / "phase1" / "0.pt").is_file() and (exp / "phase1" / "avg_1.pt").is_file()
+    assert (exp / "0.pt").is_file()
+    assert "loaded weights from exp/tiny/phase1/avg_1.pt" in r.stderr
     r = subprocess.run(["bash", "run.sh", "--stage", "0", "--no_such_option", "1"], cwd=ws, capture_output=True,
                        text=True, env=env())
     assert r.returncode == 1 and "unknown option --no_such_option" in r.stderr

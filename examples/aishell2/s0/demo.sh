@@ -30,7 +30,7 @@ say "recipe stages 0-7 ($config)"
 bash run.sh --stage 0 --stop_stage 7 --nj "$nj" \
   --trn_set corpus/iOS/data --dev_set corpus/iOS/dev --tst_set corpus/iOS/test \
   --train_config "$config" --dir $exp --average_num 3 --val_best false \
-  --decode_sets dev --runtime_set test --batch_size 32 --seed "$seed"
+  --decode_sets dev --runtime_set test --batch_size 32 --num_workers 1 --seed "$seed"
 
 say "results"
 "$PYTHON" local/cer_table.py $exp | tee $exp/RESULTS.md
