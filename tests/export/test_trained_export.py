@@ -141,7 +141,8 @@ def sherpa_streaming_reference(model, feat):
     required = CHUNK * LEFT
     window = (CHUNK - 1) * 4 + 7
     enc = model.encoder
-    att = torch.zeros(enc.num_blocks, enc.attention_heads, required, 2 * enc.output_size() // 2)
+    att = torch.zeros(enc.num_blocks, enc.attention_heads, required,
+                      2 * enc.output_size() // enc.attention_heads)
     cnn = torch.zeros(enc.num_blocks, 1, enc.output_size(), 3)
     offset, processed, outs = required, 0, []
     with torch.no_grad():
