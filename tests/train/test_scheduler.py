@@ -102,3 +102,15 @@ def test_adamw_defaults():
     g = opt.param_groups[0]
     assert isinstance(opt, torch.optim.AdamW) and g["lr"] == 0.5 and g["weight_decay"] == 0.01
     assert g["betas"] == (0.9, 0.98)
+
+
+def test_schedule_advice_flags_long_warmup_and_mismatched_cosine():
+    from wenet_moe.train.scheduler import schedule_advice
+    opt = build_optimizer(torch.nn.Linear(1, 1), "adam", {})
+    wenet = build_scheduler(opt, "warmuplr", {"warmup_steps": 25000})
+    msg = schedule_advice(wenet, steps_per_epoch=50, max_epoch=40)     # 2000 steps in the run
+    assert "warmup_steps 25000 is 1250% of this run" in msg and "2000 steps" in msg
+    assert schedule_advice(build_scheduler(opt, "warmuplr", {"warmup_steps": 100}), 50, 40) == ""
+    cos = build_scheduler(opt, "cosine", {"warmup_steps": 10, "max_steps": 20000})
+    assert "max_steps 20000 vs 2000 steps" in schedule_advice(cos, 50, 40)
+    assert schedule_advice(build_scheduler(opt, "cosine", {"warmup_steps": 10, "max_steps": 2000}), 50, 40) == ""

@@ -116,3 +116,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, conf: Dict[str,
             raise ConfigError(f"'scheduler_conf.max_steps' ({max_steps}) must be >= warmup_steps ({warmup})")
         return WarmupCosineLR(optimizer, warmup, max_steps, _number(conf, "final_lr", 0.0, "scheduler_conf"))
     return ConstantLR(optimizer, int(_number(conf, "warmup_steps", 0, "scheduler_conf")))
+
+
+def schedule_advice(scheduler: LRScheduler, steps_per_epoch: int, max_epoch: int) -> str:
+    """A warning (or "") when the schedule does not fit the run's length.
+
+    WeNet's `warmup_steps: 25000` assumes ~100k+ steps; on a small corpus the lr is
+    still rising when training ends, which keeps small models on the CTC all-blank
+    plateau for many epochs (docs/training.md). Cosine `max_steps` far from the run's
+    total wastes epochs at `final_lr` or never decays.
+    """
+    total = steps_per_epoch * max_epoch
+    if total <= 0:
+        return ""
+    if isinstance(scheduler, (WarmupLR, ConstantLR, WarmupCosineLR)) and scheduler.warmup_steps > 0.3 * total:
+        return (f"scheduler_conf.warmup_steps {scheduler.warmup_steps:g} is {scheduler.warmup_steps / total:.0%} "
+                f"of this run ({steps_per_epoch} steps/epoch x {max_epoch} epochs = {total} steps): the lr peaks "
+                f"late or never; about 5-10% of the run is a good warmup")
+    if isinstance(scheduler, WarmupCosineLR) and not (0.5 * total <= scheduler.max_steps <= 2 * total):
+        return (f"scheduler_conf.max_steps {scheduler.max_steps} vs {total} steps in this run "
+                f"({steps_per_epoch} steps/epoch x {max_epoch} epochs): set it near the run's length")
+    return ""

@@ -15,62 +15,20 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
-from wenet_moe.config import ConfigError, check_keys, save_yaml
+from wenet_moe.config import ConfigError, save_yaml
+from wenet_moe.train.conf import DTYPES, TRAIN_KEYS, TrainConf, check_train_conf  # noqa: F401
 from wenet_moe.train.checkpoint import (atomic_torch_save, capture_rng, link_or_copy, make_checkpoint,
                                         restore_rng, unwrap_model)
 from wenet_moe.train.diagnostics import ctc_greedy_stats, supports_ctc_stats
 from wenet_moe.train.dist import DistInfo, all_ranks_have_data, all_reduce_sums, sum_counters
 from wenet_moe.train.fsdp import full_states, is_sharded, load_optimizer
 from wenet_moe.train.monitor import Monitor, moe_entropies, scalar_parts
-
-TRAIN_KEYS = ("max_epoch", "accum_grad", "grad_clip", "log_interval", "save_interval", "dtype", "seed")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class TrainConf:
-    """Top-level training keys of the YAML (WeNet names)."""
-    max_epoch: int = 100
-    accum_grad: int = 1
-    grad_clip: float = 5.0
-    log_interval: int = 100
-    save_interval: int = 0      # optimizer steps between step checkpoints; 0 = epoch ends only
-    dtype: str = "fp32"
-    seed: int = 777
-
-    @staticmethod
-    def from_configs(configs: Dict[str, Any]) -> "TrainConf":
-        conf = TrainConf()
-        for key in TRAIN_KEYS:
-            if key not in configs or configs[key] is None:
-                continue
-            value = configs[key]
-            if key == "dtype":
-                if value not in DTYPES:
-                    raise ConfigError(f"'dtype' must be one of {', '.join(DTYPES)}, got {value!r}")
-            elif key == "grad_clip":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ConfigError(f"'grad_clip' must be a positive number, got {value!r}")
-                value = float(value)
-            else:
-                minimum = 1 if key in ("max_epoch", "accum_grad", "log_interval") else 0
-                if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                    raise ConfigError(f"'{key}' must be an integer >= {minimum}, got {value!r}")
-            setattr(conf, key, value)
-        return conf
-
-
-def check_train_conf(configs: Dict[str, Any], allowed_top: Iterable[str]) -> TrainConf:
-    """Check the top-level keys of a config and parse its training keys."""
-    check_keys(configs, allowed_top, "")
-    return TrainConf.from_configs(configs)
-
+from wenet_moe.train.scheduler import schedule_advice
 
 class Trainer:
     """Runs `fit()`; owns the step counter, epoch position and checkpoint writing.
@@ -370,6 +328,10 @@ class Trainer:
         for k, v in getattr(self, "_cv_skipped", {}).items():
             skipped["cv_" + k] = v
         entropies = moe_entropies(self.raw_model)
+        if self.epoch == 0 and self.info.is_main and self.scheduler is not None:
+            advice = schedule_advice(self.scheduler, self.step, self.conf.max_epoch)
+            if advice:
+                logging.getLogger("wenet_moe.train").warning("%s", advice)
         if self.info.is_main and cv_parts.get("ctc_blank_rate", 0.0) > 0.98 and self.epoch >= 1:
             logging.getLogger("wenet_moe.train").warning(
                 "epoch %d: CTC emits blank on %.1f%% of CV frames (greedy token error rate %.2f): the run "
