@@ -17,7 +17,7 @@ import torch
 
 from wenet_moe.config import save_yaml
 from wenet_moe.data.features import fbank_options
-from wenet_moe.export.verify import chunk_windows, session
+from wenet_moe.export.verify import session
 from wenet_moe.model import build_model
 from wenet_moe_runtime.ctc_search import ctc_greedy_search
 from wenet_moe_runtime.features import compute_fbank

@@ -159,7 +159,8 @@ def write_symbol_tables(configs: Dict[str, Any], out_dir: str) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if len(table) != int(configs["output_dim"]):
-        raise ConfigError(f"{path}: {len(table)} symbols, but output_dim is {configs['output_dim']}")
+        raise ConfigError(f"{path}: {len(table)} symbols, but output_dim is "
+                          f"{configs['output_dim']}")
     if "<blank>" not in table:
         raise ConfigError(f"{path}: no <blank> symbol (sherpa-onnx needs it)")
     for name in ("units.txt", "tokens.txt"):

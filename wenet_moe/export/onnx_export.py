@@ -158,7 +158,8 @@ def restore_inputs(proto: onnx.ModelProto, input_names: Sequence[str],
     if not restored and [i.name for i in proto.graph.input][:len(input_names)] == list(input_names):
         return []
     initializers = {t.name for t in proto.graph.initializer}
-    extra = [i for i in proto.graph.input if i.name not in input_names and i.name not in initializers]
+    extra = [i for i in proto.graph.input
+             if i.name not in input_names and i.name not in initializers]
     if extra:
         raise RuntimeError(f"exported graph has unexpected inputs {[i.name for i in extra]}")
     ordered = []

@@ -130,7 +130,8 @@ def stream_encoder(model: torch.nn.Module, sess, xs: torch.Tensor, chunk: int, r
         shape = () if scalar_offsets else (1,)
         feeds = dict(zip(names, [_np(x), np.full(shape, offset, np.int64),
                                  np.full(shape, required, np.int64), o_att, o_cnn,
-                                 _mask(o_att.shape[2], t_out, valid if cache_t > 0 else o_att.shape[2])]))
+                                 _mask(o_att.shape[2], t_out,
+                                       valid if cache_t > 0 else o_att.shape[2])]))
         got, o_att, o_cnn = sess.run(None, feeds)
         tag = f"chunk {k} (frames {start}:{end}, chunk {chunk}, required_cache_size {required})"
         worst = max(worst, compare(f"{names[0]} output, {tag}", got, _np(out)),
