@@ -121,6 +121,17 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   done
 fi
 
+# GPUs to use: the ids in CUDA_VISIBLE_DEVICES ("" or -1: none); unset: all torch sees.
+count_gpus() {
+  if [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0
+  elif [ -z "$CUDA_VISIBLE_DEVICES" ] || [ "$CUDA_VISIBLE_DEVICES" = -1 ]; then
+    echo 0
+  else
+    echo "$CUDA_VISIBLE_DEVICES" | awk -F, '{print NF}'
+  fi
+}
+
 # train_one CONFIG MODEL_DIR [INIT_CHECKPOINT]: train (or resume) to max_epoch.
 train_one() {
   local config=$1 mdir=$2 init=${3:-} max_epoch last resume
@@ -137,16 +148,15 @@ train_one() {
               --prefetch $prefetch --tensorboard_dir "$tensorboard_dir/$(basename "$mdir")" --no_progress)
   [ -n "$resume" ] && args+=(--checkpoint "$resume")
   [ -n "$seed" ] && args+=(--seed "$seed")
-  local gpus=${CUDA_VISIBLE_DEVICES:-}
-  if [ -n "$gpus" ] && [ "$gpus" != "-1" ] && "$PYTHON" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    local num_gpus
-    num_gpus=$(echo "$gpus" | awk -F, '{print NF}')
+  local num_gpus
+  num_gpus=$(count_gpus)
+  if [ "$num_gpus" -gt 0 ]; then
     log 4 "training on $num_gpus GPU(s) x $num_nodes node(s): $mdir"
     "$PYTHON" -m torch.distributed.run --nnodes=$num_nodes --nproc_per_node=$num_gpus \
       --rdzv_id=$job_id --rdzv_backend=c10d --rdzv_endpoint=$HOST_NODE_ADDR \
       -m wenet_moe train --device cuda "${args[@]}" --pin_memory
   else
-    log 4 "no GPU (CUDA_VISIBLE_DEVICES='$gpus'): training in one CPU process: $mdir"
+    log 4 "no GPU: training in one CPU process: $mdir"
     wenet_moe train --device cpu "${args[@]}"
   fi
 }
@@ -184,6 +194,8 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
       wenet_moe average --dst_model $avg_model --src_path $dir --num $average_num "${best[@]}"
     fi
   fi
+  decode_device=cpu
+  [ "$(count_gpus)" -gt 0 ] && decode_device=cuda
   for x in $decode_sets; do
     for chunk in $decode_chunks; do
       if [ "$chunk" = -1 ]; then tag=full; else tag=chunk$chunk; fi
@@ -195,7 +207,7 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
         wenet_moe recognize --config $dir/train.yaml --checkpoint $avg_model --data_type $data_type \
           --test_data data/$x/data.list --result_dir $rdir --modes "${todo[@]}" --beam_size $beam_size \
           --batch_size $batch_size --decoding_chunk_size $chunk --ctc_weight $ctc_weight \
-          --reverse_weight $reverse_weight --threads $decode_threads
+          --reverse_weight $reverse_weight --threads $decode_threads --device $decode_device
       else
         log 5 "data/$x ($tag) is decoded, skipping"
       fi
