@@ -76,3 +76,30 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
     assert len(graphs) == 10 and sorted(n + ".data" for n in big) == \
         sorted(n for n in names if n.endswith(".data"))
     assert os.path.getsize(os.path.join(out, "model.onnx.data")) > 10_000
+
+
+def test_verification_catches_a_traced_moe_graph(tmp_path):
+    """The known failure mode: the tracing exporter bakes the MoE dispatch of its
+    example input into the graph. The verification must refuse such a graph."""
+    import warnings
+    from export_tiny import tiny_model
+    from wenet_moe.export import ParityError
+    from wenet_moe.export.verify import verify_offline
+    from wenet_moe.export.wrappers import OfflineCtc
+    model, conf = tiny_model("topk", seed=3)
+    onnx_export.set_feature_dim(model, conf["input_dim"])
+    path = os.path.join(str(tmp_path), "traced.onnx")
+    x = torch.randn(1, 7, conf["input_dim"], generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(OfflineCtc(model.encoder, model.ctc).eval(), (x, torch.tensor([7])),
+                          path, dynamo=False, opset_version=17, input_names=["x", "x_lens"],
+                          output_names=["log_probs", "log_probs_lens"],
+                          dynamic_axes={"x": {0: "N", 1: "T"}, "x_lens": {0: "N"},
+                                        "log_probs": {0: "N", 1: "T"}})
+    with pytest.raises(ParityError, match=r"model.onnx log_probs \(T=\d+\): max \|diff\|"):
+        verify_offline(model, path, [7, 8, 30, 100])
+    # the scripted export of the same model passes the same check
+    scripted = os.path.join(str(tmp_path), "model.onnx")
+    onnx_export.export_offline(model, scripted, {})
+    assert max(verify_offline(model, scripted, [7, 8, 30, 100]).values()) <= 1e-4
