@@ -222,7 +222,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="streaming time per N")
     p.add_argument("--chunk_ms", type=int, default=200)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--max_batch", type=int, default=8)
+    p.add_argument("--max_batch", type=int, default=1, help="server --max_batch of the sweep")
     p.add_argument("--cores", type=int, default=os.cpu_count())
     p.add_argument("--rt_latency_ms", type=float, default=1000.0,
                    help="p95 final latency that still counts as real time")
@@ -273,7 +273,7 @@ def main() -> int:
               f"(80% utilisation)", flush=True)
     report["load_average"] = os.getloadavg()
     if args.compare_batching and largest:
-        for mb in (1, args.max_batch):
+        for mb in (1, 8):
             r = run_concurrency(args, args.model_dir, wavs, reference, largest, mb)
             report.setdefault("batching", []).append(r)
             print(json.dumps(r), flush=True)

@@ -57,6 +57,7 @@ def test_wavs(tmp_path_factory) -> Dict[str, str]:
 def server(tiny_exports):
     srv = ServerProcess(tiny_exports["full"], ["--idle_timeout", "3",
                                                "--max_message_bytes", "200000",
-                                               "--max_connections", "60"])
+                                               "--max_connections", "60",
+                                               "--max_batch", "8"])
     yield srv
     srv.stop()

@@ -54,9 +54,10 @@ def test_int8_export_decodes(tiny_exports, test_wavs):
     assert model.paths["encoder"].endswith("encoder.int8.onnx")
     for i, text in enumerate(TEXTS):
         samples, _ = read_wav(test_wavs[f"u{i}"])
-        assert decode_samples(model, samples, DecodeOptions())[0]["sentence"] == text
-        _, events = stream(model, samples, DecodeOptions())
-        assert events[-2][1][0]["sentence"] == text
+        offline = decode_samples(model, samples, DecodeOptions(nbest=3))
+        assert offline[0]["sentence"] == text
+        _, events = stream(model, samples, DecodeOptions(nbest=3))
+        assert events[-2][1] == offline   # CTC per chunk on both sides: identical
 
 
 def _torch_encoder(tiny_exports, feats, left_chunks, offset):
@@ -199,3 +200,25 @@ def test_model_errors_name_file_and_key(tiny_exports, tmp_path):
     os.remove(broken / "ctc.onnx")
     with pytest.raises(ModelError, match=r"ctc\.onnx: model file not found"):
         OnnxAsrModel(str(broken))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_advance_many_equals_streams_advanced_alone(tiny_exports, test_wavs, int8):
+    from wenet_moe_runtime.decoder import advance_many
+    model = OnnxAsrModel(tiny_exports["full"], int8=int8)
+    wavs = [read_wav(test_wavs[f"u{i}"])[0] for i in range(3)]
+    opts = DecodeOptions(nbest=2)
+    alone = [stream(model, w, opts, step=3200)[1] for w in wavs]
+    decs = [StreamingDecoder(model, opts) for _ in wavs]
+    together = [[] for _ in wavs]
+    longest = max(len(w) for w in wavs)
+    for k in range(0, longest + 3200, 3200):
+        for d, w in zip(decs, wavs):
+            if k < len(w):
+                d.accept_waveform(w[k: k + 3200])
+            elif not d.input_done:
+                d.input_finished()
+        for acc, ev in zip(together, advance_many(decs)):
+            acc.extend(ev)
+    assert [e for e in together] == alone
+    assert [e[-2][1][0]["sentence"] for e in together] == TEXTS[:3]

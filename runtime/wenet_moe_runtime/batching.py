@@ -28,7 +28,7 @@ class InferenceWorkers:
         max_batch: most streams advanced together (1: no batching).
     """
 
-    def __init__(self, num_workers: int = 2, max_batch: int = 8) -> None:
+    def __init__(self, num_workers: int = 2, max_batch: int = 1) -> None:
         self.max_batch = max(1, int(max_batch))
         self._jobs: "queue.Queue" = queue.Queue()
         self._threads = [threading.Thread(target=self._run, name=f"asr-worker-{i}", daemon=True)

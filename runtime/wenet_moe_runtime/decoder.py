@@ -238,7 +238,11 @@ def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
             break
         hiddens = [decoders[i].encode(w) for i, w in ready]
         model = decoders[ready[0][0]].model
-        for (i, _), lp in zip(ready, model.ctc_log_probs_many(hiddens)):
+        # int8 graphs quantize activations per call: keep each stream's CTC on its own
+        # so that its result does not depend on which streams shared the batch.
+        log_probs = ([model.ctc_log_probs(h) for h in hiddens] if model.int8
+                     else model.ctc_log_probs_many(hiddens))
+        for (i, _), lp in zip(ready, log_probs):
             events[i].extend(decoders[i].consume(lp))
         active = [i for i, _ in ready]
     for i, d in enumerate(decoders):

@@ -125,6 +125,7 @@ class OnnxAsrModel:
 
     def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1) -> None:
         self.model_dir = model_dir
+        self.int8 = bool(int8)
         if not os.path.isdir(model_dir):
             raise ModelError(f"{model_dir}: model directory does not exist")
         opts = ort.SessionOptions()

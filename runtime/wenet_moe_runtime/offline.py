@@ -18,22 +18,28 @@ from .features import compute_fbank
 from .model import OnnxAsrModel
 
 
-def encode_utterance(model: OnnxAsrModel, feats: np.ndarray, chunk_size: int) -> np.ndarray:
-    """(T, bins) fbank -> (T', D) encoder output, chunk by chunk (or all at once
-    for `chunk_size <= 0`)."""
+def encode_chunks(model: OnnxAsrModel, feats: np.ndarray, chunk_size: int) -> List[np.ndarray]:
+    """(T, bins) fbank -> list of (T'_i, D) encoder outputs, one per chunk window
+    (one window for `chunk_size <= 0`)."""
     info = model.info
     context = info.right_context + 1
     num_frames = feats.shape[0]
     state = model.new_state(chunk_size)
     if num_frames < context:
-        return np.zeros((0, info.output_size), np.float32)
+        return []
     if chunk_size <= 0:
-        return model.forward_encoder_chunk(feats, state)
+        return [model.forward_encoder_chunk(feats, state)]
     window = (chunk_size - 1) * info.subsampling_rate + context
     stride = chunk_size * info.subsampling_rate
-    outs = []
-    for start in range(0, num_frames - context + 1, stride):
-        outs.append(model.forward_encoder_chunk(feats[start: min(start + window, num_frames)], state))
+    return [model.forward_encoder_chunk(feats[start: min(start + window, num_frames)], state)
+            for start in range(0, num_frames - context + 1, stride)]
+
+
+def encode_utterance(model: OnnxAsrModel, feats: np.ndarray, chunk_size: int) -> np.ndarray:
+    """(T, bins) fbank -> (T', D) encoder output, chunk by chunk."""
+    outs = encode_chunks(model, feats, chunk_size)
+    if not outs:
+        return np.zeros((0, model.info.output_size), np.float32)
     return np.concatenate(outs, axis=0)
 
 
@@ -50,8 +56,13 @@ def decode_samples(model: OnnxAsrModel, samples: np.ndarray, opts: DecodeOptions
     feats = np.asarray(compute_fbank(samples.astype(np.float32), rate, model.info.fbank),
                        dtype=np.float32)
     chunk = resolve_chunk_size(model, opts.chunk_size)
-    encoder_out = encode_utterance(model, feats, chunk)
-    log_probs = model.ctc_log_probs(encoder_out)
+    chunks = encode_chunks(model, feats, chunk)
+    encoder_out = (np.concatenate(chunks, axis=0) if chunks
+                   else np.zeros((0, model.info.output_size), np.float32))
+    # CTC per chunk, as the streaming decoder runs it: int8 models quantize
+    # activations per call, so this keeps offline and streaming results identical.
+    log_probs = (np.concatenate([model.ctc_log_probs(h) for h in chunks], axis=0) if chunks
+                 else np.zeros((0, model.info.vocab_size), np.float32))
     blank = model.symbols.blank_id
     if opts.mode == "ctc_greedy":
         tokens, times = ctc_greedy_search(log_probs, blank)
