@@ -6,14 +6,22 @@ cycling through the weights of `--layers` layers so that they do not stay in cac
   dense  PositionwiseFeedForward with hidden k*H (the same active compute per frame)
   loop   a WeNet-style reference: for each expert, torch.where over the routing, gather,
          expert, scale, add back (same weights and router as `moe`; outputs checked equal)
+  allfr  the same MoEFFN forced onto its all-frames path (every used expert on all T
+         frames, zero gates where not chosen; `moe_conf.all_frames_rows`): `path` says
+         which path `moe` itself took with its configured threshold
   gemm   only the expert GEMMs + activation of `moe` on pre-sorted contiguous rows (what
          any dispatch must at least pay with torch's kernels): moe/gemm = dispatch overhead
   floor  max(bytes of the weights of the experts actually chosen / memory bandwidth,
          FLOPs of the chosen experts / GEMM throughput), with bandwidth measured by a
          large tensor copy and GEMM throughput by a large square matmul on this machine.
-Prints the times and the ratios moe/dense, loop/moe (speed-up), moe/floor, moe/gemm, and
-dense/floor (the dense FFN against its own floor: how far torch's GEMM kernels are from
-the machine's copy bandwidth / peak GEMM rate at this shape).
+Prints the times and the ratios moe/dense, loop/moe (speed-up), moe/floor, moe/gemm,
+allfr/moe, and dense/floor (the dense FFN against its own floor: how far torch's GEMM
+kernels are from the machine's copy bandwidth / peak GEMM rate at this shape).
+
+A second table (CPU, unless --ort-frames is empty) times the same layers exported to
+ONNX and run by ONNX Runtime (1 intra-op thread): the scripted MoEFFN (sorted dispatch
+with tensor slice bounds), an all-frames graph (one batched MatMul over all experts,
+gate-weighted), the dense FFN, and the loop reference (scripted).
 
     python bench/moe_layer.py [--device cpu|cuda] [--threads N] [--reps 30]
 """
@@ -61,6 +69,95 @@ class LoopMoE(nn.Module):
         return out.view(batch, time_, dim)
 
 
+class AllFramesGraph(nn.Module):
+    """For the ONNX table: MoEFFN's math as one all-frames graph (every expert on all
+    frames through one batched MatMul, hidden rows scaled by a dense (T, E) gate matrix
+    that is zero where an expert was not chosen, then one (T, E*H) @ (E*H, D) MatMul)."""
+
+    def __init__(self, moe: MoEFFN):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        x = xs.reshape(-1, xs.size(-1))
+        n_tok = x.size(0)
+        _, top_idx, gates = self.moe.route(x, torch.zeros(0))
+        dense_gates = torch.zeros(n_tok, self.moe.n_expert, dtype=x.dtype).scatter(1, top_idx, gates)
+        h = torch.matmul(x.unsqueeze(0), self.moe.w1) + self.moe.b1.unsqueeze(1)    # (E,T,H)
+        h = self.moe.activation(h) * dense_gates.t().unsqueeze(-1)
+        y = torch.matmul(h.transpose(0, 1).reshape(n_tok, -1),
+                         self.moe.w2.reshape(-1, self.moe.w2.size(-1)))
+        return (y + dense_gates @ self.moe.b2).view(xs.shape)
+
+
+class WithoutRouteEmb(nn.Module):
+    """Adapter (xs) -> layer(xs, empty) so every ONNX graph has the one input `xs`."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        return self.layer(xs, torch.zeros(0))
+
+
+def ort_table(moes, loops, denses, frames_list, reps, dim) -> None:
+    """Time the layers exported to ONNX (scripted, TorchScript-based exporter) in ONNX
+    Runtime with one thread; outputs are checked against PyTorch first."""
+    import io
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("onnxruntime not importable: no ONNX Runtime table")
+        return
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+
+    def session(module: nn.Module):
+        buf = io.BytesIO()
+        example = torch.randn(1, 3, dim)
+        torch.onnx.export(torch.jit.script(module), (example,), buf, dynamo=False,
+                          opset_version=17, input_names=["xs"], output_names=["ys"],
+                          dynamic_axes={"xs": {1: "T"}})
+        return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphs = {"moe": [session(WithoutRouteEmb(m)) for m in moes],
+                  "allfr": [session(AllFramesGraph(m)) for m in moes],
+                  "dense": [session(WithoutRouteEmb(d)) for d in denses],
+                  "loop": [session(loop) for loop in loops]}
+    print(f"\nONNX Runtime {ort.__version__}, 1 thread, same layers exported (scripted); "
+          f"medians of {reps} interleaved repetitions, times per layer call")
+    header = (f"{'T':>5} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} {'loop ms':>8} "
+              f"{'moe/dense':>9} {'loop/moe':>8} {'allfr/moe':>9}")
+    print(header)
+    print("-" * len(header))
+    for frames in frames_list:
+        inputs = [torch.randn(1, frames, dim) for _ in moes]
+        feeds = [{"xs": x.numpy()} for x in inputs]
+        with torch.inference_mode():
+            for name, sessions in graphs.items():
+                for i, (sess, x) in enumerate(zip(sessions, inputs)):
+                    want = (denses[i] if name == "dense" else moes[i])(x, torch.zeros(0))
+                    diff = float(abs(sess.run(None, feeds[i])[0] - want.numpy()).max())
+                    if diff > 1e-4:
+                        raise SystemExit(f"ONNX {name} T={frames}: differs from PyTorch by {diff:.2e}")
+        samples = {name: [] for name in graphs}
+        for _ in range(reps):
+            for name, sessions in graphs.items():
+                start = time.perf_counter()
+                for sess, feed in zip(sessions, feeds):
+                    sess.run(None, feed)
+                samples[name].append((time.perf_counter() - start) / len(sessions))
+        t = {name: statistics.median(v) for name, v in samples.items()}
+        print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['allfr'] * 1e3:>8.3f} "
+              f"{t['dense'] * 1e3:>8.3f} {t['loop'] * 1e3:>8.3f} {t['moe'] / t['dense']:>9.2f} "
+              f"{t['loop'] / t['moe']:>8.2f} {t['allfr'] / t['moe']:>9.2f}", flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -99,6 +196,10 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=1024, help="hidden units of one expert")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--all-frames-rows", type=float, default=None,
+                        help="moe_conf.all_frames_rows of `moe` (default: the module default)")
+    parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
+                        help="T values of the ONNX Runtime table (CPU only; none = skip)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
@@ -107,8 +208,11 @@ def main() -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
+    moe_conf = {"router": "topk"}
+    if args.all_frames_rows is not None:
+        moe_conf["all_frames_rows"] = args.all_frames_rows
     factory = MoEFactory(args.dim, args.hidden, 0.0, "swish", args.experts, args.topk,
-                         {"router": "topk"}, False)
+                         moe_conf, False)
     moes = [factory().to(device).eval() for _ in range(args.layers)]
     loops = [LoopMoE(m).to(device).eval() for m in moes]
     denses = [PositionwiseFeedForward(args.dim, args.topk * args.hidden, 0.0, nn.SiLU())
@@ -121,10 +225,12 @@ def main() -> int:
     print(f"device {args.device}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
           f"load average {load:.1f} at start; layers cycled {args.layers} "
           f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts); "
-          f"medians of {args.reps} interleaved repetitions, times per layer call")
-    header = (f"{'T':>5} {'moe ms':>8} {'dense ms':>8} {'loop ms':>8} {'gemm ms':>8} "
-              f"{'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} {'moe/dense':>9} {'loop/moe':>8} "
-              f"{'moe/floor':>9} {'moe/gemm':>8} {'dense/floor':>11}")
+          f"medians of {args.reps} interleaved repetitions, times per layer call; "
+          f"all_frames_rows {moes[0].all_frames_rows:g}")
+    header = (f"{'T':>5} {'path':>10} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} "
+              f"{'loop ms':>8} {'gemm ms':>8} {'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} "
+              f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} {'moe/gemm':>8} "
+              f"{'allfr/moe':>9} {'dense/floor':>11}")
     print(header)
     print("-" * len(header))
     with torch.inference_mode():
@@ -142,6 +248,10 @@ def main() -> int:
                 rows = flat.index_select(0, order // args.topk)
                 bounds = torch.bincount(top_idx.reshape(-1), minlength=args.experts).cumsum(0)
                 sorted_rows.append((rows, [0] + bounds.tolist()))
+            all_frames = sum(frames * args.topk <= moe.all_frames_rows * n
+                             for moe, n in zip(moes, used))
+            path = ("all-frames" if all_frames == len(moes) else "sorted" if all_frames == 0
+                    else f"mixed{all_frames}/{len(moes)}")
 
             def gemm_only():
                 for moe, (rows, bounds) in zip(moes, sorted_rows):
@@ -155,7 +265,15 @@ def main() -> int:
                         call(layer, x)
                 return go
 
+            def forced_all_frames(m, x):
+                threshold, m.all_frames_rows = m.all_frames_rows, float("inf")
+                try:
+                    return m(x, empty)
+                finally:
+                    m.all_frames_rows = threshold
+
             timed = {"moe": run(moes, lambda m, x: m(x, empty)),
+                     "allfr": run(moes, forced_all_frames),
                      "dense": run(denses, lambda m, x: m(x, empty)),
                      "loop": run(loops, lambda m, x: m(x)),
                      "gemm": gemm_only, "copy": machine.copy, "peak": machine.gemm}
@@ -178,12 +296,14 @@ def main() -> int:
             floor = statistics.mean(max(n * expert_bytes / bandwidth, flops / throughput)
                                     for n in used)
             dense_floor = max(dense_bytes / bandwidth, flops / throughput)
-            print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['dense'] * 1e3:>8.3f} "
-                  f"{t['loop'] * 1e3:>8.3f} {t['gemm'] * 1e3:>8.3f} {floor * 1e3:>8.3f} "
-                  f"{bandwidth / 1e9:>6.1f} {throughput / 1e9:>7.1f} "
+            print(f"{frames:>5} {path:>10} {t['moe'] * 1e3:>8.3f} {t['allfr'] * 1e3:>8.3f} "
+                  f"{t['dense'] * 1e3:>8.3f} {t['loop'] * 1e3:>8.3f} {t['gemm'] * 1e3:>8.3f} "
+                  f"{floor * 1e3:>8.3f} {bandwidth / 1e9:>6.1f} {throughput / 1e9:>7.1f} "
                   f"{t['moe'] / t['dense']:>9.2f} {t['loop'] / t['moe']:>8.2f} "
                   f"{t['moe'] / floor:>9.2f} {t['moe'] / t['gemm']:>8.2f} "
-                  f"{t['dense'] / dense_floor:>11.2f}", flush=True)
+                  f"{t['allfr'] / t['moe']:>9.2f} {t['dense'] / dense_floor:>11.2f}", flush=True)
+        if args.device == "cpu" and args.ort_frames:
+            ort_table(moes, loops, denses, args.ort_frames, args.reps, args.dim)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes share this machine)")
     return 0

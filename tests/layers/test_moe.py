@@ -343,3 +343,102 @@ def test_autocast_bfloat16(grad):
         got = layer(x, EMPTY)
     assert got.shape == x.shape
     assert torch.allclose(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def differentiable_reference(layer, x, route_emb=None):
+    """Frame by frame like `naive_moe`, but with gates computed by tensor ops so that
+    gradients reach the router, the experts and the input."""
+    flat = x.reshape(-1, x.size(-1))
+    router_in = flat if route_emb is None else torch.cat(
+        [route_emb.reshape(-1, route_emb.size(-1)), flat], -1)
+    logits = router_in @ layer.router.gate.weight.t()
+    if layer.router.gate.bias is not None:
+        logits = logits + layer.router.gate.bias
+    rows = []
+    for t in range(flat.size(0)):
+        order = sorted(range(layer.n_expert), key=lambda e: -logits[t, e].item())
+        chosen = order[:layer.n_expert_activated]
+        if layer.renormalize:
+            gates = torch.softmax(logits[t, chosen], -1)
+        else:
+            gates = torch.softmax(logits[t], -1)[chosen]
+        row = torch.zeros(flat.size(1))
+        for g, e in zip(gates, chosen):
+            h = torch.relu(flat[t] @ layer.w1[e] + layer.b1[e])
+            row = row + g * (h @ layer.w2[e] + layer.b2[e])
+        rows.append(row)
+    return torch.stack(rows).view_as(x)
+
+
+@pytest.mark.parametrize("rows", [0.0, 1e9])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("omni", 3), ("speechmoe", 2)])
+def test_all_frames_and_sorted_paths_match_reference_with_gradients(router, k, rows):
+    """all_frames_rows 1e9 forces the all-frames path, 0 the sorted path: outputs and
+    the gradients of every parameter and of the input equal the frame-by-frame reference."""
+    torch.manual_seed(0)
+    _, layer = make_layer(router, n_expert=5, k=k, all_frames_rows=rows)
+    assert layer.all_frames_rows == rows
+    x = torch.randn(2, 4, 6)
+    probe = torch.randn(2, 4, 6)
+    xa = x.clone().requires_grad_(True)
+    got = layer(xa, EMPTY)
+    (got * probe).sum().backward()
+    got_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    xb = x.clone().requires_grad_(True)
+    want = differentiable_reference(layer, xb)
+    (want * probe).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    for (name, p), g in zip(layer.named_parameters(), got_grads):
+        assert torch.allclose(g, p.grad, atol=1e-5), name
+    with torch.no_grad():   # the in-place inference variant
+        assert torch.allclose(layer(x, EMPTY), want, atol=1e-5)
+
+
+def test_all_frames_path_gives_unchosen_experts_zero_gradient():
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=4, k=2, all_frames_rows=1e9)
+    with torch.no_grad():
+        layer.router.gate.weight.mul_(0.01)
+        layer.router.gate.bias.copy_(torch.tensor([5.0, -5.0, 4.0, -5.0]))
+    # frame 0 is pushed to expert 1 instead of 2: expert 2 is chosen by frames 1.. only,
+    # so the all-frames path runs it on frame 0 with a zero gate
+    x = torch.randn(1, 5, 6)
+    with torch.no_grad():
+        layer.router.gate.weight[1, 0] = 50.0
+        x[0, 0, 0] = 3.0
+        x[0, 1:, 0] = -x[0, 1:, 0].abs()
+    _, top_idx, _ = layer.route(x.reshape(-1, 6), EMPTY)
+    assert top_idx[0].tolist() == [1, 0] and all(set(r) == {0, 2} for r in top_idx[1:].tolist())
+    layer(x, EMPTY).pow(2).sum().backward()
+    assert torch.equal(layer.w1.grad[3], torch.zeros(6, 10))          # never chosen
+    assert torch.equal(layer.b2.grad[3], torch.zeros(6))
+    # expert 2 was run on frame 0 with gate 0: its gradient comes from frames 1.. only
+    ref = make_layer("topk", n_expert=4, k=2, all_frames_rows=0.0)[1]
+    ref.load_state_dict(layer.state_dict())
+    ref(x[:, 1:], EMPTY).pow(2).sum().backward()
+    ref_part = ref.w1.grad[2].clone()
+    ref.zero_grad()
+    assert torch.allclose(layer.w1.grad[2], ref_part, atol=1e-5)
+
+
+def test_all_frames_rows_threshold_selects_the_path(monkeypatch):
+    """N*k/E_used <= all_frames_rows runs the all-frames path, otherwise sorted."""
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=4, k=2, all_frames_rows=2.0)
+    calls = []
+    original = layer._dispatch_all_frames
+    monkeypatch.setattr(layer, "_dispatch_all_frames",
+                        lambda *a: calls.append(a[0].size(0)) or original(*a))
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.bias.copy_(torch.tensor([2.0, 1.0, 0.0, -1.0]))  # experts 0, 1
+    for frames in (1, 2, 3):    # 2 used experts: rows per used expert = frames
+        layer(torch.randn(1, frames, 6), EMPTY)
+    assert calls == [1, 2]
+
+
+def test_bad_all_frames_rows_names_the_key():
+    with pytest.raises(ConfigError, match="moe_conf.all_frames_rows"):
+        make_layer("topk", all_frames_rows=-1)

@@ -19,6 +19,7 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from wenet_moe.config import ConfigError
 from wenet_moe.layers.ffn import get_activation
-from wenet_moe.layers.moe_router import (LAST_EMBEDDING, LAST_ROUTING, RouteEmbedding,
+from wenet_moe.layers.moe_router import (ALL_FRAMES_ROWS, LAST_EMBEDDING, LAST_ROUTING, RouteEmbedding,
                                          Router, balance_loss, frame_mask, importance_loss,
                                          resolve_moe_conf, sparsity_loss)
 
@@ -55,7 +56,8 @@ class MoEFFN(nn.Module):
     def __init__(self, idim: int, hidden_units: int, dropout_rate: float,
                  activation: nn.Module, n_expert: int, n_expert_activated: int,
                  router: nn.Module, router_kind: str, use_route_emb: bool,
-                 capacity_factor: float = 0.0, conf: Optional[Dict[str, Any]] = None):
+                 capacity_factor: float = 0.0, conf: Optional[Dict[str, Any]] = None,
+                 all_frames_rows: float = ALL_FRAMES_ROWS):
         super().__init__()
         self.idim = idim
         self.hidden_units = hidden_units
@@ -67,6 +69,8 @@ class MoEFFN(nn.Module):
         self.renormalize = router_kind in ("topk", "omni")
         self.use_route_emb = use_route_emb
         self.capacity_factor = float(capacity_factor)
+        # eager all-frames path when frames per used expert (N*k/E_used) <= this
+        self.all_frames_rows = float(all_frames_rows)
         self.router = router
         self.activation = activation
         self.dropout = nn.Dropout(dropout_rate)
@@ -168,13 +172,18 @@ class MoEFFN(nn.Module):
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign, dim = n_tok * k, x.size(1)
         flat = top_idx.reshape(-1)
+        counts = torch.bincount(flat, minlength=self.n_expert).tolist()
+        capped = self.training and self.capacity_factor > 0
+        used = [e for e, count in enumerate(counts) if count > 0]
+        if not capped and n_assign <= self.all_frames_rows * len(used):
+            return self._dispatch_all_frames(x, top_idx, gates, used)
         order = torch.argsort(flat, stable=True)
         token = torch.div(order, k, rounding_mode="floor")
         x_sorted = x.index_select(0, token)
         gate_sorted = gates.reshape(-1).index_select(0, order).unsqueeze(1)
-        bounds = torch.bincount(flat, minlength=self.n_expert).cumsum(0).tolist()
+        bounds = list(itertools.accumulate(counts))
         cap = n_assign
-        if self.training and self.capacity_factor > 0:
+        if capped:
             cap = int(math.ceil(self.capacity_factor * n_assign / self.n_expert))
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             pieces: List[torch.Tensor] = []
@@ -207,6 +216,34 @@ class MoEFFN(nn.Module):
             start = end
         y_sorted.mul_(gate_sorted)
         return torch.zeros_like(x).index_add_(0, token, y_sorted)
+
+    @torch.jit.unused
+    def _dispatch_all_frames(self, x: torch.Tensor, top_idx: torch.Tensor,
+                             gates: torch.Tensor, used: List[int]) -> torch.Tensor:
+        """All-frames dispatch for tiny batches: every used expert runs on all N frames,
+        its hidden rows scaled by the (N,) gate column of a dense (N, E) gate matrix that
+        is zero where the expert was not chosen; no sort, gather or scatter. Unused
+        experts are never read; zero gates make the extra (frame, expert) pairs
+        contribute exactly 0 to the output and to every gradient. x (N, D) -> (N, D)."""
+        dense_gates = torch.zeros(x.size(0), self.n_expert, dtype=gates.dtype,
+                                  device=gates.device).scatter(1, top_idx, gates)
+        grad = torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+        y = torch.mm(dense_gates, self.b2)                        # gate-weighted b2
+        for e in used:
+            h = torch.addmm(self.b1[e], x, self.w1[e])
+            if not grad and isinstance(self.activation, nn.SiLU):
+                h = torch.nn.functional.silu(h, inplace=True)
+            elif not grad and isinstance(self.activation, nn.ReLU):
+                h = h.relu_()
+            else:
+                h = self.activation(h)
+            h = self.dropout(h)
+            gate = dense_gates[:, e:e + 1]
+            if grad:
+                y = torch.addmm(y, h * gate, self.w2[e])
+            else:
+                y.addmm_(h.mul_(gate), self.w2[e])
+        return y
 
     @torch.jit.unused
     def _record(self, logits: torch.Tensor, top_idx: torch.Tensor, batch: int, time: int) -> None:
@@ -260,7 +297,8 @@ class MoEFactory:
         return MoEFFN(self.idim, self.hidden_units, self.dropout_rate,
                       get_activation(self.activation_name), self.n_expert,
                       self.n_expert_activated, router, self.router_kind,
-                      self.use_route_emb, self.conf["capacity_factor"], self.conf)
+                      self.use_route_emb, self.conf["capacity_factor"], self.conf,
+                      self.conf["all_frames_rows"])
 
     def route_embedding(self) -> Optional[RouteEmbedding]:
         """The SpeechMoE shared embedding network of this stack (same object every call)."""

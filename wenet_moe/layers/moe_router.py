@@ -26,6 +26,12 @@ from wenet_moe.config import ConfigError, check_keys
 
 ROUTERS = ("topk", "switch", "speechmoe", "omni")
 
+# Eager dispatch: when the frames per used expert (N*k / E_used) are at most this many,
+# every used expert runs on all N frames with zero gates for the frames that did not
+# choose it (moe.MoEFFN._dispatch_all_frames); above it, the sorted dispatch. Chosen
+# from bench/moe_layer.py measurements (docs/moe.md).
+ALL_FRAMES_ROWS = 1.0
+
 # key -> default; None means "depends on the router" (resolved in resolve_moe_conf).
 MOE_CONF_DEFAULTS: Dict[str, Any] = {
     "router": "topk",
@@ -37,6 +43,7 @@ MOE_CONF_DEFAULTS: Dict[str, Any] = {
     "embed_layers": 2,            # dense layers of the embedding network
     "capacity_factor": 0.0,       # 0 = off; > 0 drops overflow assignments in training
     "router_bias": True,          # router linear layer with a bias
+    "all_frames_rows": ALL_FRAMES_ROWS,  # eager all-frames dispatch threshold (0 = never)
 }
 
 
@@ -51,7 +58,7 @@ def resolve_moe_conf(moe_conf: Dict[str, Any]) -> Dict[str, Any]:
     if conf["balance_weight"] is None:
         conf["balance_weight"] = 0.01 if conf["router"] in ("switch", "omni") else 0.0
     for key in ("balance_weight", "sparsity_weight", "importance_weight",
-                "embed_ctc_weight", "capacity_factor"):
+                "embed_ctc_weight", "capacity_factor", "all_frames_rows"):
         value = conf[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"moe_conf.{key}: expected a number >= 0, got {value!r}")
