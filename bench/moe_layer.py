@@ -146,8 +146,9 @@ def ort_table(moes, loops, denses, frames_list, reps, dim) -> None:
                     if diff > 1e-4:
                         raise SystemExit(f"ONNX {name} T={frames}: differs from PyTorch by {diff:.2e}")
         samples = {name: [] for name in graphs}
-        for _ in range(reps):
-            for name, sessions in graphs.items():
+        for rep in range(reps):
+            for name in rotated(list(graphs), rep):
+                sessions = graphs[name]
                 start = time.perf_counter()
                 for sess, feed in zip(sessions, feeds):
                     sess.run(None, feed)
@@ -156,6 +157,12 @@ def ort_table(moes, loops, denses, frames_list, reps, dim) -> None:
         print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['allfr'] * 1e3:>8.3f} "
               f"{t['dense'] * 1e3:>8.3f} {t['loop'] * 1e3:>8.3f} {t['moe'] / t['dense']:>9.2f} "
               f"{t['loop'] / t['moe']:>8.2f} {t['allfr'] / t['moe']:>9.2f}", flush=True)
+
+
+def rotated(names, rep: int):
+    """names in the order of repetition `rep`: rotated by one place per repetition."""
+    shift = rep % len(names)
+    return names[shift:] + names[:shift]
 
 
 def sync(device: torch.device) -> None:
@@ -281,8 +288,10 @@ def main() -> int:
             samples = {name: [] for name in timed}
             for fn in timed.values():
                 fn()
-            for _ in range(args.reps):   # interleaved, so load changes hit all alike
-                for name, fn in timed.items():
+            names = list(timed)
+            for rep in range(args.reps):   # interleaved, so load changes hit all alike,
+                for name in rotated(names, rep):   # in a rotating order (no position bias)
+                    fn = timed[name]
                     sync(device)
                     start = time.perf_counter()
                     fn()
