@@ -10,6 +10,10 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
   * eager: stable sort, experts without frames skipped (their weights are never read),
     results combined with one index_add (PyTorch accumulates duplicate indices);
     without autograd the expert outputs are written in place into one buffer.
+  * eager all-frames (`all_frames_rows`): when frames per used expert N*k/E_used are at
+    most the threshold, every used expert runs on all N frames with zero gates where
+    not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
+    sorted path at ~1 frame per used expert and loses above, hence the default 1.0.
   * TorchScript / ONNX: unique integer sort keys (so any sort gives the same order),
     tensor-valued slice bounds (kept dynamic by the scripted export, so every length
     works, experts with 0 frames included), the gated rows put back in assignment order
