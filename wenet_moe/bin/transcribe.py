@@ -10,14 +10,11 @@ checkpoint as well, so a missing CMVN file is not an error.
 from __future__ import annotations
 
 import argparse
-import copy
 import glob
-import json
 import os
 import re
 import sys
-import tempfile
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 
@@ -51,65 +48,29 @@ def pick_checkpoint(model_dir: str) -> str:
     raise FileNotFoundError(f"{model_dir}: no avg_*.pt, final.pt or N.pt checkpoint")
 
 
-def _resolve(path: Optional[str], model_dir: str) -> Optional[str]:
-    if not path or os.path.exists(path):
-        return path
-    inside = os.path.join(model_dir, os.path.basename(path))
-    return inside if os.path.exists(inside) else None
-
-
 def load_model_dir(model_dir: str, checkpoint: str = "", device: str = "cpu"):
     """(model, tokenizer, configs, checkpoint path) of a training directory."""
-    from wenet_moe.config import ConfigError, load_yaml
     from wenet_moe.data import build_tokenizer
-    from wenet_moe.model import build_model
-    from wenet_moe.train.checkpoint import load_model_weights
+    from wenet_moe.model.loading import build_and_load, load_configs
 
     cfg_path = os.path.join(model_dir, "train.yaml")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{model_dir}: no train.yaml (not a training directory)")
-    configs = copy.deepcopy(load_yaml(cfg_path))
-    tok = dict(configs.get("tokenizer_conf") or {})
-    units = _resolve(tok.get("symbol_table_path"), model_dir) or _resolve("units.txt", model_dir)
-    if units is None:
-        raise ConfigError(f"{cfg_path}: tokenizer_conf.symbol_table_path {tok.get('symbol_table_path')!r} "
-                          f"not found (nor units.txt in {model_dir})")
-    tok["symbol_table_path"] = units
-    configs["tokenizer_conf"] = tok
-    tmp_cmvn = None
-    cmvn = dict(configs.get("cmvn_conf") or {})
-    if cmvn.get("cmvn_file") and _resolve(cmvn["cmvn_file"], model_dir) is None:
-        # placeholder statistics; the real ones are buffers in the checkpoint
-        fd, tmp_cmvn = tempfile.mkstemp(suffix=".json")
-        dim = int(configs["input_dim"])
-        with os.fdopen(fd, "w") as f:
-            json.dump({"mean_stat": [0.0] * dim, "var_stat": [1.0] * dim, "frame_num": 1}, f)
-        cmvn.update({"cmvn_file": tmp_cmvn, "is_json_cmvn": True})
-    elif cmvn.get("cmvn_file"):
-        cmvn["cmvn_file"] = _resolve(cmvn["cmvn_file"], model_dir)
-    configs["cmvn_conf"] = cmvn
-    try:
-        model = build_model(configs)
-    finally:
-        if tmp_cmvn:
-            os.unlink(tmp_cmvn)
+    _, configs = load_configs(cfg_path)
     ckpt = checkpoint or pick_checkpoint(model_dir)
-    load_model_weights(model, ckpt)
-    return model.to(torch.device(device)).eval(), build_tokenizer(configs), configs, ckpt
+    model = build_and_load(configs, ckpt)
+    return model.to(torch.device(device)), build_tokenizer(configs), configs, ckpt
 
 
 def features(path: str, configs: Dict) -> torch.Tensor:
     """(T, bins) float32 fbank of one file, as the model was trained (dither 0)."""
     from wenet_moe.data.audio import load_audio, resample
-    from wenet_moe.data.features import fbank_options
+    from wenet_moe.model.loading import eval_fbank_options
     from wenet_moe_runtime.features import compute_fbank
 
-    ds = configs.get("dataset_conf") or {}
-    rate = int((ds.get("resample_conf") or {}).get("resample_rate", 16000))
-    opts = fbank_options(ds.get("fbank_conf"), sample_rate=rate)
-    opts.dither = 0.0
+    opts = eval_fbank_options(configs)
     samples, sr = load_audio(path)
-    return torch.from_numpy(compute_fbank(resample(samples, sr, rate), rate, opts))
+    return torch.from_numpy(compute_fbank(resample(samples, sr, opts.sample_rate), opts.sample_rate, opts))
 
 
 def main(args: argparse.Namespace) -> int:
