@@ -6,11 +6,12 @@ cycling through the weights of `--layers` layers so that they do not stay in cac
   dense  PositionwiseFeedForward with hidden k*H (the same active compute per frame)
   loop   a WeNet-style reference: for each expert, torch.where over the routing, gather,
          expert, scale, add back (same weights and router as `moe`; outputs checked equal)
-  allfr  the same MoEFFN forced onto its all-frames path (every used expert on all T
-         frames, zero gates where not chosen; `moe_conf.all_frames_rows`): `path` says
-         which path `moe` itself took with its configured threshold
-  gemm   only the expert GEMMs + activation of `moe` on pre-sorted contiguous rows (what
-         any dispatch must at least pay with torch's kernels): moe/gemm = dispatch overhead
+  allfr  the same MoEFFN forced onto its unpacked all-frames path (every used expert on
+         all T frames, zero gates where not chosen; `moe_conf.all_frames_rows`): `path`
+         says which path `moe` itself took with its configured threshold
+  gemm   only the expert kernels of `moe` (oneDNN-packed on CPU fp32 inference unless
+         --no-packed, else MKL addmm) on pre-sorted contiguous rows (what any dispatch
+         must at least pay with these kernels): moe/gemm = dispatch overhead
   floor  max(bytes of the weights of the experts actually chosen / memory bandwidth,
          FLOPs of the chosen experts / GEMM throughput), with bandwidth measured by a
          large tensor copy and GEMM throughput by a large square matmul on this machine.
@@ -205,6 +206,8 @@ def main() -> int:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--all-frames-rows", type=float, default=None,
                         help="moe_conf.all_frames_rows of `moe` (default: the module default)")
+    parser.add_argument("--no-packed", action="store_true",
+                        help="moe_conf.packed_experts false: MKL addmm experts, as in training")
     parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
                         help="T values of the ONNX Runtime table (CPU only; none = skip)")
     args = parser.parse_args()
@@ -218,6 +221,8 @@ def main() -> int:
     moe_conf = {"router": "topk"}
     if args.all_frames_rows is not None:
         moe_conf["all_frames_rows"] = args.all_frames_rows
+    if args.no_packed:
+        moe_conf["packed_experts"] = False
     factory = MoEFactory(args.dim, args.hidden, 0.0, "swish", args.experts, args.topk,
                          moe_conf, False)
     moes = [factory().to(device).eval() for _ in range(args.layers)]
@@ -225,6 +230,8 @@ def main() -> int:
     denses = [PositionwiseFeedForward(args.dim, args.topk * args.hidden, 0.0, nn.SiLU())
               .to(device).eval() for _ in range(args.layers)]
     empty = torch.zeros(0, device=device)
+    with torch.inference_mode():
+        inputs_probe = torch.zeros(1, args.dim, device=device)
     machine = MachineFloor(device)
     expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
     dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
@@ -233,7 +240,8 @@ def main() -> int:
           f"load average {load:.1f} at start; layers cycled {args.layers} "
           f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts); "
           f"medians of {args.reps} interleaved repetitions, times per layer call; "
-          f"all_frames_rows {moes[0].all_frames_rows:g}")
+          f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts "
+          f"{'on' if moes[0]._packed(inputs_probe) is not None else 'off'}")
     header = (f"{'T':>5} {'path':>10} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} "
               f"{'loop ms':>8} {'gemm ms':>8} {'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} "
               f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} {'moe/gemm':>8} "
@@ -256,15 +264,23 @@ def main() -> int:
                 bounds = torch.bincount(top_idx.reshape(-1), minlength=args.experts).cumsum(0)
                 sorted_rows.append((rows, [0] + bounds.tolist()))
             all_frames = sum(frames * args.topk <= moe.all_frames_rows * n
+                             and moe._packed(inputs_probe) is None
                              for moe, n in zip(moes, used))
             path = ("all-frames" if all_frames == len(moes) else "sorted" if all_frames == 0
                     else f"mixed{all_frames}/{len(moes)}")
+            if moes[0]._packed(inputs_probe) is not None:
+                path = "packed"
 
-            def gemm_only():
+            def gemm_only():   # the expert kernels `moe` runs (packed where it packs)
                 for moe, (rows, bounds) in zip(moes, sorted_rows):
+                    packs = moe._packed(rows)
                     for e in range(args.experts):
                         if bounds[e + 1] > bounds[e]:
-                            moe.expert(e, rows[bounds[e]:bounds[e + 1]])
+                            piece = rows[bounds[e]:bounds[e + 1]]
+                            if packs is None:
+                                moe.expert(e, piece)
+                            else:
+                                moe._packed_expert(packs[e], piece)
 
             def run(layers, call):
                 def go():
@@ -274,10 +290,11 @@ def main() -> int:
 
             def forced_all_frames(m, x):
                 threshold, m.all_frames_rows = m.all_frames_rows, float("inf")
+                packed, m.packed_experts = m.packed_experts, False
                 try:
                     return m(x, empty)
                 finally:
-                    m.all_frames_rows = threshold
+                    m.all_frames_rows, m.packed_experts = threshold, packed
 
             timed = {"moe": run(moes, lambda m, x: m(x, empty)),
                      "allfr": run(moes, forced_all_frames),

@@ -7,6 +7,7 @@ from torch import nn
 
 from wenet_moe.config import ConfigError
 from wenet_moe.layers.ffn import FFNFactory, PositionwiseFeedForward
+from wenet_moe.layers import moe as moe_module
 from wenet_moe.layers.moe import (MoEFactory, active_parameters, expert_load,
                                   expert_load_entropy, moe_aux_losses)
 from wenet_moe.layers.moe_router import balance_loss, importance_loss, sparsity_loss
@@ -364,7 +365,7 @@ def differentiable_reference(layer, x, route_emb=None):
             gates = torch.softmax(logits[t], -1)[chosen]
         row = torch.zeros(flat.size(1))
         for g, e in zip(gates, chosen):
-            h = torch.relu(flat[t] @ layer.w1[e] + layer.b1[e])
+            h = layer.activation(flat[t] @ layer.w1[e] + layer.b1[e])
             row = row + g * (h @ layer.w2[e] + layer.b2[e])
         rows.append(row)
     return torch.stack(rows).view_as(x)
@@ -442,3 +443,68 @@ def test_all_frames_rows_threshold_selects_the_path(monkeypatch):
 def test_bad_all_frames_rows_names_the_key():
     with pytest.raises(ConfigError, match="moe_conf.all_frames_rows"):
         make_layer("topk", all_frames_rows=-1)
+
+
+needs_onednn = pytest.mark.skipif(not moe_module._ONEDNN_LINEAR,
+                                  reason="this torch build has no oneDNN linear ops")
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 3)])
+def test_packed_inference_matches_reference(activation, router, k):
+    """Eval-mode CPU inference takes the oneDNN-packed path and gives the frame-by-frame
+    reference's outputs (fused activation where oneDNN has one, unfused otherwise)."""
+    torch.manual_seed(0)
+    factory = MoEFactory(8, 12, 0.1, activation, 5, k, {"router": router}, False)
+    layer = factory().eval()
+    x = torch.randn(2, 7, 8)
+    with torch.no_grad():
+        want = differentiable_reference(layer, x)
+        assert layer._packed(x) is not None
+        got = layer(x, EMPTY)
+        layer.packed_experts = False
+        unpacked = layer(x, EMPTY)
+    with torch.inference_mode():
+        layer.packed_experts = True
+        got_inference = layer(x, EMPTY)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(unpacked, want, atol=1e-5)
+    assert torch.allclose(got_inference, want, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_weights_follow_parameter_updates():
+    """A changed expert weight (in-place, or a new state_dict) rebuilds the packed copy."""
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=4, k=2)
+    layer.eval()
+    x = torch.randn(1, 9, 6)
+    with torch.no_grad():
+        before = layer(x, EMPTY)
+        layer.w2.mul_(-2.0)
+        after = layer(x, EMPTY)
+        assert torch.allclose(after, differentiable_reference(layer, x), atol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-3)
+        state = {name: value * 0.5 for name, value in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        assert torch.allclose(layer(x, EMPTY), differentiable_reference(layer, x), atol=1e-5)
+
+
+def test_packed_path_is_inference_only():
+    """Training mode, autograd, fp64 or packed_experts false: no packed weights."""
+    _, layer = make_layer("topk", n_expert=4, k=2)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert layer._packed(x) is None                  # training mode
+    layer.eval()
+    assert layer._packed(x) is None                      # autograd on
+    with torch.no_grad():
+        assert layer._packed(x.double()) is None
+        layer.packed_experts = False
+        assert layer._packed(x) is None
+
+
+def test_bad_packed_experts_names_the_key():
+    with pytest.raises(ConfigError, match="moe_conf.packed_experts"):
+        make_layer("topk", packed_experts="yes")
