@@ -232,6 +232,7 @@ def main() -> int:
     empty = torch.zeros(0, device=device)
     with torch.inference_mode():
         inputs_probe = torch.zeros(1, args.dim, device=device)
+        packed_on = moes[0]._packed(inputs_probe) is not None
     machine = MachineFloor(device)
     expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
     dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
@@ -241,7 +242,7 @@ def main() -> int:
           f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts); "
           f"medians of {args.reps} interleaved repetitions, times per layer call; "
           f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts "
-          f"{'on' if moes[0]._packed(inputs_probe) is not None else 'off'}")
+          f"{'on' if packed_on else 'off'}")
     header = (f"{'T':>5} {'path':>10} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} "
               f"{'loop ms':>8} {'gemm ms':>8} {'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} "
               f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} {'moe/gemm':>8} "
@@ -268,7 +269,7 @@ def main() -> int:
                              for moe, n in zip(moes, used))
             path = ("all-frames" if all_frames == len(moes) else "sorted" if all_frames == 0
                     else f"mixed{all_frames}/{len(moes)}")
-            if moes[0]._packed(inputs_probe) is not None:
+            if packed_on:
                 path = "packed"
 
             def gemm_only():   # the expert kernels `moe` runs (packed where it packs)
