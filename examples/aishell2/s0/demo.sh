@@ -3,20 +3,27 @@
 # with a small U2++ MoE config, print the CER table and transcribe one wav
 # through the torch-free runtime. Work happens in $DEMO_WORK (default: demo/ at
 # the repository root); a rerun reuses every finished step.
-# Knobs (environment): DEMO_HOURS (3), DEMO_SEED (1), DEMO_NJ (2), DEMO_CONFIG,
-# DEMO_DEV_UTTS / DEMO_TEST_UTTS (200), DEMO_AVERAGE_NUM (3), DEMO_WORK.
+# Knobs (environment): DEMO_HOURS (3), DEMO_VOCAB (100 characters), DEMO_SEED (1:
+# corpus and training), DEMO_TRAIN_SEED (training only; default DEMO_SEED, the exp
+# dir gets a _seedN suffix when it differs), DEMO_NJ (2), DEMO_CPU_PROCS (2 gloo DDP
+# training processes), DEMO_CONFIG, DEMO_DEV_UTTS / DEMO_TEST_UTTS (200),
+# DEMO_AVERAGE_NUM (3), DEMO_WORK.
 set -euo pipefail
 recipe=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 root=$(cd "$recipe/../../.." && pwd)
 work=${DEMO_WORK:-$root/demo}
 hours=${DEMO_HOURS:-3}
+vocab=${DEMO_VOCAB:-100}
 seed=${DEMO_SEED:-1}
+train_seed=${DEMO_TRAIN_SEED:-$seed}
+cpu_procs=${DEMO_CPU_PROCS:-2}
 nj=${DEMO_NJ:-2}
 config=${DEMO_CONFIG:-conf/train_demo_moe.yaml}
 dev_utts=${DEMO_DEV_UTTS:-200}
 test_utts=${DEMO_TEST_UTTS:-200}
 average_num=${DEMO_AVERAGE_NUM:-3}
 exp=exp/demo_moe
+[ "$train_seed" = "$seed" ] || exp=exp/demo_moe_seed$train_seed
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$nj}
 
 mkdir -p "$work"
@@ -28,13 +35,14 @@ say() { echo "=== [demo $(( $(date +%s) - start ))s] $*"; }
 
 say "synthesizing ${hours} h of Mandarin speech (espeak-ng) into $work/corpus"
 "$PYTHON" "$root/tools/synth_corpus.py" corpus --hours "$hours" --dev_utts "$dev_utts" --test_utts "$test_utts" \
-  --noise_prob 0.3 --reverb_prob 0.2 --seed "$seed" --nj "$nj"
+  --vocab_size "$vocab" --noise_prob 0.3 --reverb_prob 0.2 --seed "$seed" --nj "$nj"
 
 say "recipe stages 0-7 ($config)"
 bash run.sh --stage 0 --stop_stage 7 --nj "$nj" \
   --trn_set corpus/iOS/data --dev_set corpus/iOS/dev --tst_set corpus/iOS/test \
   --train_config "$config" --dir $exp --average_num "$average_num" --val_best false \
-  --decode_sets dev --runtime_set test --batch_size 32 --num_workers 1 --seed "$seed"
+  --decode_sets dev --runtime_set test --batch_size 32 --num_workers 1 --seed "$train_seed" \
+  --cpu_procs "$cpu_procs"
 
 say "results"
 "$PYTHON" local/cer_table.py $exp | tee $exp/RESULTS.md

@@ -21,6 +21,7 @@ data_type=raw            # raw | shard
 num_utts_per_shard=1000
 num_workers=2
 prefetch=4
+cpu_procs=1              # no GPU: training processes (gloo DDP when > 1), nj/cpu_procs threads each
 checkpoint=              # initialise training from these weights (optional)
 tensorboard_dir=tensorboard
 seed=
@@ -155,6 +156,11 @@ train_one() {
     "$PYTHON" -m torch.distributed.run --nnodes=$num_nodes --nproc_per_node=$num_gpus \
       --rdzv_id=$job_id --rdzv_backend=c10d --rdzv_endpoint=$HOST_NODE_ADDR \
       -m wenet_moe train --device cuda "${args[@]}" --pin_memory
+  elif [ "$cpu_procs" -gt 1 ]; then
+    local threads=$(( nj / cpu_procs > 0 ? nj / cpu_procs : 1 ))
+    log 4 "no GPU: training in $cpu_procs CPU processes (gloo DDP, $threads thread(s) each): $mdir"
+    OMP_NUM_THREADS=$threads "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=$cpu_procs \
+      -m wenet_moe train --device cpu --dist_backend gloo "${args[@]}"
   else
     log 4 "no GPU: training in one CPU process: $mdir"
     wenet_moe train --device cpu "${args[@]}"
