@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -247,13 +249,26 @@ def test_max_connections_and_graceful_shutdown(tiny_exports, test_wavs):
         srv.stop()
 
 
-def test_continuous_decoding_over_the_socket(test_wavs, server):
-    samples, _ = read_wav(test_wavs["two"])
-    res = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=True))
-    assert [f[0]["sentence"] for f in res.finals] == ["你好世界", "语音你"]
-    assert res.speech_end and not res.failures
-    single = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=False))
-    assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end
+def test_continuous_decoding_over_the_socket(tiny_exports, test_wavs):
+    """Two sentences over one connection; a server in `--mode ctc_prefix_beam` (see the
+    note on the endpoint tests in test_rt_engine.py)."""
+    srv = ServerProcess(tiny_exports["full"], ["--mode", "ctc_prefix_beam"])
+    try:
+        samples, _ = read_wav(test_wavs["two"])
+        res = run(stream_samples(srv.url, samples, chunk_ms=500, continuous_decoding=True))
+        assert [f[0]["sentence"] for f in res.finals] == ["你好世界", "语音你"]
+        assert res.speech_end and not res.failures
+        single = run(stream_samples(srv.url, samples, chunk_ms=500, continuous_decoding=False))
+        assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end
+    finally:
+        srv.stop()
+
+
+def test_bad_mode_is_refused_at_start(tiny_exports):
+    proc = subprocess.run([sys.executable, "-m", "wenet_moe_runtime.server", "--model_dir",
+                           tiny_exports["full"], "--mode", "attention"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--mode: invalid choice: 'attention'" in proc.stderr
 
 
 def test_engine_error_fails_only_that_stream(tiny_exports, test_wavs, monkeypatch):

@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .batching import InferenceWorkers
-from .decoder import DecodeOptions, Event, StreamingDecoder
+from .decoder import MODES, DecodeOptions, Event, StreamingDecoder
 from .endpoint import EndpointConfig
 from .model import ModelError, OnnxAsrModel
 
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_threads", type=int, default=1, help="ONNX Runtime threads per call")
     p.add_argument("--chunk_size", type=int, default=0, help="0: the export's chunk size")
     p.add_argument("--int8", action="store_true", help="serve the *.int8.onnx models")
+    p.add_argument("--mode", default="attention_rescoring", choices=MODES,
+                   help="final results: CTC greedy, CTC prefix beam, or rescored n-best")
     p.add_argument("--beam_size", type=int, default=10)
     p.add_argument("--ctc_weight", type=float, default=0.5)
     p.add_argument("--rescoring_weight", type=float, default=1.0)
@@ -308,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads)
         endpoint = EndpointConfig(args.blank_threshold, args.rule1_silence_ms,
                                   args.rule2_silence_ms, args.rule3_max_utterance_ms)
-        opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size,
+        opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size, mode=args.mode,
                              ctc_weight=args.ctc_weight, rescoring_weight=args.rescoring_weight,
                              reverse_weight=args.reverse_weight, endpoint=endpoint)
         from .decoder import resolve_chunk_size
