@@ -265,12 +265,9 @@ def main() -> int:
                 bounds = torch.bincount(top_idx.reshape(-1), minlength=args.experts).cumsum(0)
                 sorted_rows.append((rows, [0] + bounds.tolist()))
             all_frames = sum(frames * args.topk <= moe.all_frames_rows * n
-                             and moe._packed(inputs_probe) is None
                              for moe, n in zip(moes, used))
-            path = ("all-frames" if all_frames == len(moes) else "sorted" if all_frames == 0
-                    else f"mixed{all_frames}/{len(moes)}")
-            if packed_on:
-                path = "packed"
+            path = ("packed" if packed_on else "all-frames" if all_frames == len(moes)
+                    else "sorted" if all_frames == 0 else f"mixed{all_frames}/{len(moes)}")
 
             def gemm_only():   # the expert kernels `moe` runs (packed where it packs)
                 for moe, (rows, bounds) in zip(moes, sorted_rows):

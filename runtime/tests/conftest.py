@@ -54,6 +54,16 @@ def test_wavs(tmp_path_factory) -> Dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def ctc_server(tiny_exports):
+    """A server in `--mode ctc_prefix_beam`, for tests that stream seconds of silence:
+    there the overfit tiny model's attention rescoring depends on the CPU's float
+    rounding (see the note on the endpoint tests in test_rt_engine.py)."""
+    srv = ServerProcess(tiny_exports["full"], ["--mode", "ctc_prefix_beam"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
 def server(tiny_exports):
     srv = ServerProcess(tiny_exports["full"], ["--idle_timeout", "3",
                                                "--max_message_bytes", "200000",

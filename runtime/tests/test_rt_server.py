@@ -249,19 +249,14 @@ def test_max_connections_and_graceful_shutdown(tiny_exports, test_wavs):
         srv.stop()
 
 
-def test_continuous_decoding_over_the_socket(tiny_exports, test_wavs):
-    """Two sentences over one connection; a server in `--mode ctc_prefix_beam` (see the
-    note on the endpoint tests in test_rt_engine.py)."""
-    srv = ServerProcess(tiny_exports["full"], ["--mode", "ctc_prefix_beam"])
-    try:
-        samples, _ = read_wav(test_wavs["two"])
-        res = run(stream_samples(srv.url, samples, chunk_ms=500, continuous_decoding=True))
-        assert [f[0]["sentence"] for f in res.finals] == ["你好世界", "语音你"]
-        assert res.speech_end and not res.failures
-        single = run(stream_samples(srv.url, samples, chunk_ms=500, continuous_decoding=False))
-        assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end
-    finally:
-        srv.stop()
+def test_continuous_decoding_over_the_socket(test_wavs, ctc_server):
+    """Two sentences over one connection (CTC prefix-beam finals: see `ctc_server`)."""
+    samples, _ = read_wav(test_wavs["two"])
+    res = run(stream_samples(ctc_server.url, samples, chunk_ms=500, continuous_decoding=True))
+    assert [f[0]["sentence"] for f in res.finals] == ["你好世界", "语音你"]
+    assert res.speech_end and not res.failures
+    single = run(stream_samples(ctc_server.url, samples, chunk_ms=500, continuous_decoding=False))
+    assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end
 
 
 def test_bad_mode_is_refused_at_start(tiny_exports):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from rt_fixtures import ServerProcess
 from wenet_moe_runtime.wavio import read_wav, write_wav
 
 
@@ -51,16 +50,6 @@ async def _evaluate(ws_url: str, expression: str):
             msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
             if msg.get("id") == 1:
                 return msg["result"]["result"].get("value")
-
-
-@pytest.fixture(scope="module")
-def ctc_server(tiny_exports):
-    """A server in `--mode ctc_prefix_beam`: the fake capture loops the wav with silence
-    between repeats, where the overfit tiny model's rescoring is machine-dependent
-    (see the note on the endpoint tests in test_rt_engine.py)."""
-    srv = ServerProcess(tiny_exports["full"], ["--mode", "ctc_prefix_beam"])
-    yield srv
-    srv.stop()
 
 
 @pytest.mark.slow

@@ -203,19 +203,18 @@ class MoEFFN(nn.Module):
         """Eager dispatch: one stable sort, one gather, a contiguous slice per expert that
         received frames (others are skipped: their weights are never read), one
         index_add back (PyTorch accumulates duplicate indices). Without autograd the
-        expert outputs are written in place into one buffer (no concatenation copy).
+        expert outputs are written in place into one buffer (no concatenation copy),
+        by the oneDNN-packed kernels where `_packed` allows them.
         Capacity (training, capacity_factor > 0): each expert keeps its first
         ceil(cf * N * k / E) assignments in frame order; the rest contribute zero."""
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign, dim = n_tok * k, x.size(1)
         flat = top_idx.reshape(-1)
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()
-        packs = self._packed(x)
-        if packs is not None:
-            return self._dispatch_packed(x, flat, gates, k, counts, packs)
+        packs = self._packed(x)       # inference on CPU fp32: oneDNN-packed experts
         capped = self.training and self.capacity_factor > 0
         used = [e for e, count in enumerate(counts) if count > 0]
-        if not capped and n_assign <= self.all_frames_rows * len(used):
+        if packs is None and not capped and n_assign <= self.all_frames_rows * len(used):
             return self._dispatch_all_frames(x, top_idx, gates, used)
         order = torch.argsort(flat, stable=True)
         token = torch.div(order, k, rounding_mode="floor")
@@ -241,7 +240,10 @@ class MoEFFN(nn.Module):
         start = 0
         for e, end in enumerate(bounds):
             kept = min(end - start, cap)
-            if kept > 0:
+            if kept > 0 and packs is not None:
+                y_sorted[start:start + kept] = self._packed_expert(packs[e],
+                                                                   x_sorted[start:start + kept])
+            elif kept > 0:
                 h = torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e])
                 if isinstance(self.activation, nn.SiLU):
                     h = torch.nn.functional.silu(h, inplace=True)
@@ -290,26 +292,6 @@ class MoEFFN(nn.Module):
         else:
             h = self.activation(linear(rows, pack[0], pack[1], "none", [], None))
         return linear(h, pack[2], pack[3], "none", [], None)
-
-    @torch.jit.unused
-    def _dispatch_packed(self, x: torch.Tensor, flat: torch.Tensor, gates: torch.Tensor,
-                         k: int, counts: List[int],
-                         packs: List[Tuple[torch.Tensor, ...]]) -> torch.Tensor:
-        """Sorted dispatch through the packed kernels (inference): x (N, D) -> (N, D)."""
-        if len(flat) == 0:
-            return torch.zeros_like(x)
-        order = torch.argsort(flat, stable=True)
-        token = torch.div(order, k, rounding_mode="floor")
-        x_sorted = x.index_select(0, token)
-        pieces: List[torch.Tensor] = []
-        start = 0
-        for e, count in enumerate(counts):
-            if count > 0:
-                pieces.append(self._packed_expert(packs[e], x_sorted[start:start + count]))
-                start += count
-        y_sorted = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        y_sorted.mul_(gates.reshape(-1).index_select(0, order).unsqueeze(1))
-        return torch.zeros_like(x).index_add_(0, token, y_sorted)
 
     @torch.jit.unused
     def _dispatch_all_frames(self, x: torch.Tensor, top_idx: torch.Tensor,
