@@ -9,9 +9,10 @@ cycling through the weights of `--layers` layers so that they do not stay in cac
   allfr  the same MoEFFN forced onto its unpacked all-frames path (every used expert on
          all T frames, zero gates where not chosen; `moe_conf.all_frames_rows`): `path`
          says which path `moe` itself took with its configured threshold
-  gemm   only the expert kernels of `moe` (oneDNN-packed on CPU fp32 inference unless
-         --no-packed, else MKL addmm) on pre-sorted contiguous rows (what any dispatch
-         must at least pay with these kernels): moe/gemm = dispatch overhead
+  gemm   only the expert kernels of `moe` (on CPU fp32 inference the small-batch C
+         kernel or oneDNN on packed weights, see --packed; else MKL addmm) on pre-sorted
+         contiguous rows (what any dispatch must at least pay with these kernels):
+         moe/gemm = dispatch overhead
   floor  max(bytes of the weights of the experts actually chosen / memory bandwidth,
          FLOPs of the chosen experts / GEMM throughput), with bandwidth measured by a
          large tensor copy and GEMM throughput by a large square matmul on this machine.
@@ -206,8 +207,9 @@ def main() -> int:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--all-frames-rows", type=float, default=None,
                         help="moe_conf.all_frames_rows of `moe` (default: the module default)")
-    parser.add_argument("--no-packed", action="store_true",
-                        help="moe_conf.packed_experts false: MKL addmm experts, as in training")
+    parser.add_argument("--packed", default="auto", choices=["auto", "kernel", "onednn", "off"],
+                        help="moe_conf.packed_experts: auto (true: the C kernel, else oneDNN), "
+                             "kernel, onednn, or off (MKL addmm experts, as in training)")
     parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
                         help="T values of the ONNX Runtime table (CPU only; none = skip)")
     args = parser.parse_args()
@@ -221,8 +223,7 @@ def main() -> int:
     moe_conf = {"router": "topk"}
     if args.all_frames_rows is not None:
         moe_conf["all_frames_rows"] = args.all_frames_rows
-    if args.no_packed:
-        moe_conf["packed_experts"] = False
+    moe_conf["packed_experts"] = {"auto": True, "off": False}.get(args.packed, args.packed)
     factory = MoEFactory(args.dim, args.hidden, 0.0, "swish", args.experts, args.topk,
                          moe_conf, False)
     moes = [factory().to(device).eval() for _ in range(args.layers)]
@@ -232,7 +233,7 @@ def main() -> int:
     empty = torch.zeros(0, device=device)
     with torch.inference_mode():
         inputs_probe = torch.zeros(1, args.dim, device=device)
-        packed_on = moes[0]._packed(inputs_probe) is not None
+        packed = moes[0]._packed(inputs_probe)
     machine = MachineFloor(device)
     expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
     dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
@@ -241,8 +242,8 @@ def main() -> int:
           f"load average {load:.1f} at start; layers cycled {args.layers} "
           f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts); "
           f"medians of {args.reps} interleaved repetitions, times per layer call; "
-          f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts "
-          f"{'on' if packed_on else 'off'}")
+          f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts: {args.packed} "
+          f"(`path` says which kernels each T used)")
     header = (f"{'T':>5} {'path':>10} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} "
               f"{'loop ms':>8} {'gemm ms':>8} {'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} "
               f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} {'moe/gemm':>8} "
@@ -266,19 +267,26 @@ def main() -> int:
                 sorted_rows.append((rows, [0] + bounds.tolist()))
             all_frames = sum(frames * args.topk <= moe.all_frames_rows * n
                              for moe, n in zip(moes, used))
-            path = ("packed" if packed_on else "all-frames" if all_frames == len(moes)
+            if packed is not None:
+                kinds = {moe._packed(rows, rows.size(0) / n)[0] for moe, (rows, _), n in zip(moes, sorted_rows, used)}
+            path = ("+".join(sorted(kinds)) if packed is not None else "all-frames" if all_frames == len(moes)
                     else "sorted" if all_frames == 0 else f"mixed{all_frames}/{len(moes)}")
 
             def gemm_only():   # the expert kernels `moe` runs (packed where it packs)
                 for moe, (rows, bounds) in zip(moes, sorted_rows):
-                    packs = moe._packed(rows)
+                    used_experts = sum(bounds[e + 1] > bounds[e] for e in range(args.experts))
+                    packs = moe._packed(rows, rows.size(0) / used_experts)
+                    if packs is not None and packs[0] == "kernel":
+                        counts = [bounds[e + 1] - bounds[e] for e in range(args.experts)]
+                        moe._kernel_experts(packs[1], rows, counts, torch.empty_like(rows))
+                        continue
                     for e in range(args.experts):
                         if bounds[e + 1] > bounds[e]:
                             piece = rows[bounds[e]:bounds[e + 1]]
                             if packs is None:
                                 moe.expert(e, piece)
                             else:
-                                moe._packed_expert(packs[e], piece)
+                                moe._packed_expert(packs[1][e], piece)
 
             def run(layers, call):
                 def go():

@@ -7,6 +7,7 @@ from torch import nn
 
 from wenet_moe.config import ConfigError
 from wenet_moe.layers.ffn import FFNFactory, PositionwiseFeedForward
+from wenet_moe.layers import cpu_kernel
 from wenet_moe.layers import moe as moe_module
 from wenet_moe.layers.moe import (MoEFactory, active_parameters, expert_load,
                                   expert_load_entropy, moe_aux_losses)
@@ -447,39 +448,47 @@ def test_bad_all_frames_rows_names_the_key():
 
 needs_onednn = pytest.mark.skipif(not moe_module._ONEDNN_LINEAR,
                                   reason="this torch build has no oneDNN linear ops")
+needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
+                                  reason=f"no MoE CPU kernel: {cpu_kernel.disabled_reason()}")
+PACKED_KINDS = [pytest.param("onednn", marks=needs_onednn), pytest.param("kernel", marks=needs_kernel)]
 
 
-@needs_onednn
+@pytest.mark.parametrize("kind", PACKED_KINDS)
 @pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
 @pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 3)])
-def test_packed_inference_matches_reference(activation, router, k):
-    """Eval-mode CPU inference takes the oneDNN-packed path and gives the frame-by-frame
-    reference's outputs (fused activation where oneDNN has one, unfused otherwise)."""
+def test_packed_inference_matches_reference(kind, activation, router, k):
+    """Eval-mode CPU inference takes the packed path (oneDNN: fused activation where it
+    has one; the C kernel: 48 hidden units = an odd number of 16-column blocks, 1-25
+    rows per expert = full 12-row tiles and remainders) and gives the frame-by-frame
+    reference's outputs."""
     torch.manual_seed(0)
-    factory = MoEFactory(8, 12, 0.1, activation, 5, k, {"router": router}, False)
+    factory = MoEFactory(16, 48, 0.1, activation, 5, k, {"router": router, "packed_experts": kind}, False)
     layer = factory().eval()
-    x = torch.randn(2, 7, 8)
+    x = torch.randn(2, 21, 16)
     with torch.no_grad():
         want = differentiable_reference(layer, x)
-        assert layer._packed(x) is not None
+        assert layer._packed(x)[0] == kind
         got = layer(x, EMPTY)
         layer.packed_experts = False
         unpacked = layer(x, EMPTY)
+        single = layer(x[:1, :1], EMPTY)
     with torch.inference_mode():
-        layer.packed_experts = True
+        layer.packed_experts = kind
         got_inference = layer(x, EMPTY)
+        got_single = layer(x[:1, :1], EMPTY)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(unpacked, want, atol=1e-5)
     assert torch.allclose(got_inference, want, atol=1e-5)
+    assert torch.allclose(got_single, single, atol=1e-5)
 
 
-@needs_onednn
-def test_packed_weights_follow_parameter_updates():
+@pytest.mark.parametrize("kind", PACKED_KINDS)
+def test_packed_weights_follow_parameter_updates(kind):
     """A changed expert weight (in-place, or a new state_dict) rebuilds the packed copy."""
     torch.manual_seed(0)
-    _, layer = make_layer("topk", n_expert=4, k=2)
+    _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32, packed_experts=kind)
     layer.eval()
-    x = torch.randn(1, 9, 6)
+    x = torch.randn(1, 9, 16)
     with torch.no_grad():
         before = layer(x, EMPTY)
         layer.w2.mul_(-2.0)
@@ -493,8 +502,8 @@ def test_packed_weights_follow_parameter_updates():
 
 def test_packed_path_is_inference_only():
     """Training mode, autograd, fp64 or packed_experts false: no packed weights."""
-    _, layer = make_layer("topk", n_expert=4, k=2)
-    x = torch.randn(3, 6)
+    _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32)
+    x = torch.randn(3, 16)
     with torch.no_grad():
         assert layer._packed(x) is None                  # training mode
     layer.eval()
@@ -505,6 +514,123 @@ def test_packed_path_is_inference_only():
         assert layer._packed(x) is None
 
 
+@needs_onednn
+def test_packed_true_uses_onednn_when_kernel_cannot_run(monkeypatch):
+    """packed_experts true: the C kernel where it can run, else oneDNN (no kernel library,
+    or dimensions that are not multiples of 16)."""
+    _, layer = make_layer("topk", n_expert=4, k=2, dim=6, hidden=10)
+    layer.eval()
+    with torch.no_grad():
+        assert layer._packed(torch.randn(3, 6))[0] == "onednn"           # 6 % 16 != 0
+        _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32)
+        layer.eval()
+        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+        assert layer._packed(torch.randn(3, 16))[0] == "onednn"
+        layer.packed_experts = "kernel"
+        assert layer._packed(torch.randn(3, 16)) is None                  # unpacked addmm
+
+
+@needs_kernel
+def test_segment_linear_matches_matmul_and_leaves_other_rows():
+    """Each segment's rows = rows @ W_e + b_e; rows outside segments are not written;
+    1..30 rows cover full 12-row tiles and every remainder; x and out may be strided."""
+    torch.manual_seed(1)
+    n_expert, k_dim, n_dim = 3, 40, 80               # 80 = 5 column blocks (odd)
+    weight = torch.randn(n_expert, k_dim, n_dim)
+    bias = torch.randn(n_expert, n_dim)
+    packed = cpu_kernel.pack_weight(weight)
+    for rows in (1, 5, 12, 13, 25, 30):
+        x_full = torch.randn(2 * rows + 4, k_dim + 3)
+        x = x_full[:, :k_dim]                          # row stride k_dim + 3
+        out = torch.full((2 * rows + 4, n_dim), 7.0)
+        segments = torch.tensor([[1, rows + 2], [rows, rows], [2, 0]], dtype=torch.int64)
+        cpu_kernel.segment_linear(cpu_kernel.library(), x, segments, packed, bias, out)
+        want0 = x[1:1 + rows] @ weight[2] + bias[2]
+        want1 = x[rows + 2:2 * rows + 2] @ weight[0] + bias[0]
+        assert torch.allclose(out[1:1 + rows], want0, atol=1e-4)
+        assert torch.allclose(out[rows + 2:2 * rows + 2], want1, atol=1e-4)
+        assert torch.all(out[0] == 7.0) and torch.all(out[2 * rows + 2:] == 7.0)
+        if rows > 1:
+            assert torch.all(out[1 + rows] == 7.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["relu", "swish"])
+def test_kernel_fused_activation_matches_torch(activation):
+    """The kernel's fused relu / swish (its own vector exp) against torch over the whole
+    float range that matters (identity weights: out = act(x + b))."""
+    x = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.5, -88.5,
+                                                                  3.0e38, -3.0e38])])
+    x = torch.nn.functional.pad(x, (0, (-x.numel()) % 16)).view(-1, 16)
+    packed = cpu_kernel.pack_weight(torch.eye(16).unsqueeze(0))
+    out = torch.empty_like(x)
+    segments = torch.tensor([[0], [x.size(0)], [0]], dtype=torch.int64)
+    cpu_kernel.segment_linear(cpu_kernel.library(), x, segments, packed, torch.zeros(1, 16), out, activation)
+    want = torch.relu(x) if activation == "relu" else torch.nn.functional.silu(x)
+    assert torch.allclose(out, want, rtol=1e-6, atol=1e-30), (out - want).abs().max()
+
+
+def test_pack_weight_layout_and_errors():
+    weight = torch.arange(2 * 3 * 32, dtype=torch.float32).view(2, 3, 32)
+    packed = cpu_kernel.pack_weight(weight)
+    assert packed.shape == (2, 2, 3, 16) and packed.is_contiguous()
+    for e, j, k, c in [(0, 0, 0, 0), (1, 1, 2, 15), (0, 1, 1, 3), (1, 0, 2, 9)]:
+        assert packed[e, j, k, c] == weight[e, k, 16 * j + c]
+    with pytest.raises(ValueError, match="N % 16"):
+        cpu_kernel.pack_weight(torch.zeros(1, 4, 20))
+
+
+@needs_kernel
+def test_segment_linear_rejects_mismatched_shapes():
+    packed = cpu_kernel.pack_weight(torch.zeros(1, 8, 16))
+    with pytest.raises(ValueError, match="bad shapes"):
+        cpu_kernel.segment_linear(cpu_kernel.library(), torch.zeros(2, 9), torch.zeros(3, 1, dtype=torch.int64),
+                                  packed, torch.zeros(1, 16), torch.zeros(2, 16))
+
+
+def _fresh_kernel_state(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setenv("WENET_MOE_KERNEL_CACHE", str(tmp_path / "cache"))
+
+
+@needs_kernel
+def test_kernel_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    _fresh_kernel_state(monkeypatch, tmp_path)
+    assert cpu_kernel.library() is not None
+    built = sorted((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"       # no temporary left behind
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    calls = []
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert cpu_kernel.library() is not None and calls == []   # reused, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_kernel_without_compiler_falls_back_with_a_reason(monkeypatch, tmp_path, caplog):
+    _fresh_kernel_state(monkeypatch, tmp_path)
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with caplog.at_level("WARNING"):
+        assert cpu_kernel.library() is None
+    assert "no-such-compiler-xyz" in cpu_kernel.disabled_reason()
+    assert "no-such-compiler-xyz" in caplog.text and "oneDNN" in caplog.text
+    _fresh_kernel_state(monkeypatch, tmp_path)
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("WENET_MOE_CPU_KERNEL", "0")
+    assert cpu_kernel.library() is None and "WENET_MOE_CPU_KERNEL=0" in cpu_kernel.disabled_reason()
+
+
+def test_kernel_compile_error_names_the_source(monkeypatch, tmp_path):
+    _fresh_kernel_state(monkeypatch, tmp_path)
+    bad = tmp_path / "moe_cpu.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", bad)
+    assert cpu_kernel.library() is None
+    assert "moe_cpu.c" in cpu_kernel.disabled_reason()
+    assert list((tmp_path / "cache").iterdir()) == []          # nothing half-written
+
+
 def test_bad_packed_experts_names_the_key():
-    with pytest.raises(ConfigError, match="moe_conf.packed_experts"):
-        make_layer("topk", packed_experts="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match="moe_conf.packed_experts"):
+            make_layer("topk", packed_experts=bad)

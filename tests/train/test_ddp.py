@@ -71,6 +71,14 @@ def test_fsdp_two_ranks_match_single_process_and_resume(tmp_path):
     ep = torch.load(tmp_path / "fsdp" / "1.pt", weights_only=False)
     for k, v in model.state_dict().items():      # a plain full state dict on disk
         assert isinstance(ep["model"][k], torch.Tensor) and torch.allclose(ep["model"][k], v, atol=1e-5)
+    # ... and the optimizer state is the single-process layout with the same Adam moments
+    single = torch.load(tmp_path / "single" / "1.pt", weights_only=False)["optimizer"]
+    assert ep["optimizer"]["param_groups"][0]["params"] == single["param_groups"][0]["params"]
+    assert sorted(ep["optimizer"]["state"]) == sorted(single["state"])
+    for idx, entry in single["state"].items():
+        for name, value in entry.items():
+            got = ep["optimizer"]["state"][idx][name]
+            assert got.shape == value.shape and torch.allclose(got, value, atol=1e-6), (idx, name)
 
     # resume from the step-6 checkpoint (mid epoch 1) under FSDP: same end point
     result2 = str(tmp_path / "fsdp_resumed.pt")
@@ -80,3 +88,25 @@ def test_fsdp_two_ranks_match_single_process_and_resume(tmp_path):
     resumed = torch.load(result2, weights_only=False)
     for k, v in out["model"].items():
         assert torch.allclose(resumed["model"][k], v, atol=1e-6), k
+
+
+def test_load_optimizer_reads_name_keyed_state():
+    """FSDP checkpoints written by torch's get_optimizer_state_dict (parameter names as
+    keys) still load: the state lands on the same parameters."""
+    from wenet_moe.train.fsdp import load_optimizer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    opt.step()
+    plain = opt.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    named = {"state": {names[i]: entry for i, entry in plain["state"].items()},
+             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in plain["param_groups"]]}
+    fresh = torch.optim.Adam(model.parameters(), lr=0.5)
+    load_optimizer(model, fresh, named)
+    loaded = fresh.state_dict()
+    assert loaded["param_groups"][0]["lr"] == 0.1
+    for i, p in enumerate(model.parameters()):
+        assert torch.equal(fresh.state[p]["exp_avg"], plain["state"][i]["exp_avg"])
+        assert torch.equal(fresh.state[p]["exp_avg_sq"], plain["state"][i]["exp_avg_sq"])

@@ -93,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
     info = init_distributed(args.device, args.dist_backend)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s")
+    finished = False
     try:
         from wenet_moe.data import Dataset, build_dataloader, build_tokenizer
         from wenet_moe.model import build_model
@@ -115,6 +116,7 @@ def main(args: argparse.Namespace) -> int:
         run_training(configs, model, train_loader, cv_loader, args.model_dir, args.device, info,
                      checkpoint=args.checkpoint, tensorboard_dir=args.tensorboard_dir,
                      engine=args.train_engine, show_bar=False if args.no_progress else None)
+        finished = True
     finally:
-        cleanup_distributed(info)
+        cleanup_distributed(info, finished)
     return 0

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from wenet_moe.config import ConfigError
+from wenet_moe.layers import cpu_kernel
 from wenet_moe.layers.ffn import get_activation
 from wenet_moe.layers.moe_router import (ALL_FRAMES_ROWS, LAST_EMBEDDING, LAST_ROUTING, RouteEmbedding,
                                          Router, balance_loss, frame_mask, importance_loss,
@@ -51,10 +52,12 @@ __all__ = ["MoEFFN", "MoEFactory", "moe_aux_losses", "expert_load", "expert_load
 _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                   and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-# MoEFFN -> (weight key, [(w1 packed, b1, w2 packed, b2) per expert]); kept outside the
+# MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, List[Tuple[torch.Tensor, ...]]]]" = \
-    weakref.WeakKeyDictionary()
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
+# packed_experts true: the C kernel up to this many rows per used expert, oneDNN above
+# (bench/moe_layer.py, docs/moe.md: the kernel wins at <= 16 rows, oneDNN from ~64)
+KERNEL_MAX_ROWS = 32.0
 
 
 def _fused_activation(activation: nn.Module) -> Tuple[str, Optional[str]]:
@@ -91,7 +94,7 @@ class MoEFFN(nn.Module):
                  activation: nn.Module, n_expert: int, n_expert_activated: int,
                  router: nn.Module, router_kind: str, use_route_emb: bool,
                  capacity_factor: float = 0.0, conf: Optional[Dict[str, Any]] = None,
-                 all_frames_rows: float = ALL_FRAMES_ROWS, packed_experts: bool = True):
+                 all_frames_rows: float = ALL_FRAMES_ROWS, packed_experts: Any = True):
         super().__init__()
         self.idim = idim
         self.hidden_units = hidden_units
@@ -106,7 +109,7 @@ class MoEFFN(nn.Module):
         # eager all-frames path when frames per used expert (N*k/E_used) <= this
         self.all_frames_rows = float(all_frames_rows)
         # CPU fp32 inference through oneDNN-packed expert weights (see module docstring)
-        self.packed_experts = bool(packed_experts)
+        self.packed_experts: Any = packed_experts   # True | False | "kernel" | "onednn"
         self._fused_activation = _fused_activation(activation)
         self.router = router
         self.activation = activation
@@ -211,10 +214,10 @@ class MoEFFN(nn.Module):
         n_assign, dim = n_tok * k, x.size(1)
         flat = top_idx.reshape(-1)
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()
-        packs = self._packed(x)       # inference on CPU fp32: oneDNN-packed experts
         capped = self.training and self.capacity_factor > 0
         used = [e for e, count in enumerate(counts) if count > 0]
-        if packs is None and not capped and n_assign <= self.all_frames_rows * len(used):
+        packed = self._packed(x, n_assign / len(used))     # inference on CPU fp32
+        if packed is None and not capped and n_assign <= self.all_frames_rows * len(used):
             return self._dispatch_all_frames(x, top_idx, gates, used)
         order = torch.argsort(flat, stable=True)
         token = torch.div(order, k, rounding_mode="floor")
@@ -237,20 +240,18 @@ class MoEFFN(nn.Module):
             y_sorted = torch.cat(pieces, 0) * gate_sorted
             return torch.zeros_like(x, dtype=y_sorted.dtype).index_add(0, token, y_sorted)
         y_sorted = x.new_empty(n_assign, dim)
+        if packed is not None and packed[0] == "kernel":    # inference: never capped
+            self._kernel_experts(packed[1], x_sorted, counts, y_sorted)
+            y_sorted.mul_(gate_sorted)
+            return torch.zeros_like(x).index_add_(0, token, y_sorted)
         start = 0
         for e, end in enumerate(bounds):
             kept = min(end - start, cap)
-            if kept > 0 and packs is not None:
-                y_sorted[start:start + kept] = self._packed_expert(packs[e],
+            if kept > 0 and packed is not None:
+                y_sorted[start:start + kept] = self._packed_expert(packed[1][e],
                                                                    x_sorted[start:start + kept])
             elif kept > 0:
-                h = torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e])
-                if isinstance(self.activation, nn.SiLU):
-                    h = torch.nn.functional.silu(h, inplace=True)
-                elif isinstance(self.activation, nn.ReLU):
-                    h = h.relu_()
-                else:
-                    h = self.activation(h)
+                h = self._activate_(torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e]))
                 torch.addmm(self.b2[e], self.dropout(h), self.w2[e],
                             out=y_sorted[start:start + kept])
             if end - start > kept:
@@ -260,27 +261,73 @@ class MoEFFN(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y_sorted)
 
     @torch.jit.unused
-    def _packed(self, x: torch.Tensor) -> Optional[List[Tuple[torch.Tensor, ...]]]:
-        """Per-expert (w1 packed, b1, w2 packed, b2) when this call may use the packed
-        oneDNN kernels (CPU, fp32, eval mode, no autograd/autocast), else None. Built on
-        first use; rebuilt when any expert tensor was modified or moved."""
-        if (not self.packed_experts or not _ONEDNN_LINEAR or self.training
-                or x.device.type != "cpu" or x.dtype != torch.float32
+    def _packed(self, x: torch.Tensor, rows_per_expert: float = 1.0) -> Optional[Tuple[str, Any]]:
+        """Packed expert weights when this call may use them (CPU, fp32, eval mode, no
+        autograd/autocast), else None:
+          ("kernel", (w1, b1, w2, b2)) in `cpu_kernel.pack_weight`'s layout, for the
+            small-batch C kernel: with `packed_experts` true when experts get at most
+            KERNEL_MAX_ROWS rows on average (`rows_per_expert`), always with "kernel";
+          ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
+            (or when the kernel cannot run: no C compiler, D or H not multiples of 16).
+        Each kind is built on first use and rebuilt when any expert tensor was modified
+        or moved, so a process that decodes both streaming chunks and whole utterances
+        holds up to two packed copies."""
+        mode = self.packed_experts
+        if (mode is False or self.training or x.device.type != "cpu" or x.dtype != torch.float32
                 or self.w1.dtype != torch.float32 or torch.is_grad_enabled()
                 or torch.is_autocast_enabled("cpu")):
             return None
+        kernel = (mode in (True, "kernel") and self.idim % cpu_kernel.BLOCK == 0
+                  and self.hidden_units % cpu_kernel.BLOCK == 0 and cpu_kernel.library() is not None)
+        onednn = mode in (True, "onednn") and _ONEDNN_LINEAR
+        if kernel and (mode == "kernel" or rows_per_expert <= KERNEL_MAX_ROWS or not onednn):
+            kind = "kernel"
+        elif onednn:
+            kind = "onednn"
+        else:
+            return None
         params = (self.w1, self.b1, self.w2, self.b2)
         key = tuple((p.data_ptr(), p._version) for p in params)
-        entry = _PACKED.get(self)
-        if entry is not None and entry[0] == key:
-            return entry[1]
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        with torch.no_grad():
-            packs = [(reorder(self.w1[e].t().contiguous()), self.b1[e].detach().clone(),
-                      reorder(self.w2[e].t().contiguous()), self.b2[e].detach().clone())
-                     for e in range(self.n_expert)]
-        _PACKED[self] = (key, packs)
-        return packs
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            cached = (key, {})
+            _PACKED[self] = cached
+        if kind not in cached[1]:
+            with torch.no_grad():
+                if kind == "kernel":
+                    cached[1][kind] = (cpu_kernel.pack_weight(self.w1), self.b1.detach().contiguous().clone(),
+                                       cpu_kernel.pack_weight(self.w2), self.b2.detach().contiguous().clone())
+                else:
+                    reorder = torch.ops.mkldnn._reorder_linear_weight
+                    cached[1][kind] = [(reorder(self.w1[e].t().contiguous()), self.b1[e].detach().clone(),
+                                        reorder(self.w2[e].t().contiguous()), self.b2[e].detach().clone())
+                                       for e in range(self.n_expert)]
+        return kind, cached[1][kind]
+
+    @torch.jit.unused
+    def _kernel_experts(self, packs: Tuple[torch.Tensor, ...], x_sorted: torch.Tensor,
+                        counts: List[int], out: torch.Tensor) -> None:
+        """All experts on their rows of the expert-sorted x (N*k, D) -> out (N*k, D), by
+        the small-batch C kernel: one call for every first linear (relu / swish fused
+        into it, other activations applied to all hidden rows at once), one call for
+        every second linear."""
+        lib = cpu_kernel.library()
+        segments = cpu_kernel.segments_of(counts, x_sorted.size(0))
+        hidden = x_sorted.new_empty(x_sorted.size(0), self.hidden_units)
+        fused = self._fused_activation[0] if self._fused_activation[0] in ("relu", "swish") else "none"
+        cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden, fused)
+        if fused == "none":
+            hidden = self._activate_(hidden)
+        cpu_kernel.segment_linear(lib, hidden, segments, packs[2], packs[3], out)
+
+    @torch.jit.unused
+    def _activate_(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation, in place where PyTorch has an in-place form (inference only)."""
+        if isinstance(self.activation, nn.SiLU):
+            return torch.nn.functional.silu(h, inplace=True)
+        if isinstance(self.activation, nn.ReLU):
+            return h.relu_()
+        return self.activation(h)
 
     @torch.jit.unused
     def _packed_expert(self, pack: Tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:

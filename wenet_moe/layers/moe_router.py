@@ -44,7 +44,7 @@ MOE_CONF_DEFAULTS: Dict[str, Any] = {
     "capacity_factor": 0.0,       # 0 = off; > 0 drops overflow assignments in training
     "router_bias": True,          # router linear layer with a bias
     "all_frames_rows": ALL_FRAMES_ROWS,  # eager all-frames dispatch threshold (0 = never)
-    "packed_experts": True,       # CPU fp32 inference: oneDNN-packed expert weights
+    "packed_experts": True,       # CPU fp32 inference: packed expert weights (moe.py)
 }
 
 
@@ -68,9 +68,11 @@ def resolve_moe_conf(moe_conf: Dict[str, Any]) -> Dict[str, Any]:
         value = conf[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"moe_conf.{key}: expected an integer >= 1, got {value!r}")
-    for key in ("router_bias", "packed_experts"):
-        if not isinstance(conf[key], bool):
-            raise ConfigError(f"moe_conf.{key}: expected true/false, got {conf[key]!r}")
+    if not isinstance(conf["router_bias"], bool):
+        raise ConfigError(f"moe_conf.router_bias: expected true/false, got {conf['router_bias']!r}")
+    if not (isinstance(conf["packed_experts"], bool) or conf["packed_experts"] in ("kernel", "onednn")):
+        raise ConfigError(f"moe_conf.packed_experts: expected one of true, false, 'kernel', 'onednn', "
+                          f"got {conf['packed_experts']!r}")
     return conf
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from wenet_moe.train.dist import DistInfo
@@ -50,17 +51,118 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _dtensor_types():
+    from torch.distributed.tensor import DTensor, Shard
+    return DTensor, Shard
+
+
+def _row_shard(t: Any) -> bool:
+    """True for a DTensor sharded on dim 0 over a 1-D mesh (what `fully_shard` makes)."""
+    DTensor, Shard = _dtensor_types()
+    return (isinstance(t, DTensor) and t.device_mesh.ndim == 1 and len(t.placements) == 1
+            and isinstance(t.placements[0], Shard) and t.placements[0].dim == 0)
+
+
+def _full_tensor(t: Any) -> Any:
+    """A dim-0 sharded DTensor -> the whole tensor on CPU (collective); plain tensors
+    -> a CPU copy; anything else unchanged.
+
+    FSDP2 gives rank r the r-th piece of `torch.chunk(param, world_size)` (possibly
+    empty). The pieces are padded to the chunk size and gathered with the synchronous
+    c10d `all_gather`: the DTensor / functional-collective path of
+    `get_model_state_dict` intermittently corrupted the heap or aborted at exit over
+    gloo (torch 2.13: "free(): invalid size", "terminate called without an active
+    exception"; about 1 run in 15).
+    """
+    DTensor, _ = _dtensor_types()
+    if isinstance(t, DTensor) and not _row_shard(t):
+        return t.full_tensor().detach().cpu()
+    if not isinstance(t, DTensor):
+        return t.detach().cpu().clone() if torch.is_tensor(t) else t
+    group = t.device_mesh.get_group()
+    world = dist.get_world_size(group)
+    local = t.to_local().detach()
+    rows = -(-t.shape[0] // world) if t.shape[0] else 0
+    padded = local.new_zeros((rows,) + tuple(t.shape[1:]))
+    padded[:local.shape[0]].copy_(local)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts, 0)[:t.shape[0]].cpu()
+
+
+def _shard_like(full: torch.Tensor, like: Any) -> torch.Tensor:
+    """This rank's dim-0 piece of `full`, as a DTensor placed like the parameter `like`."""
+    DTensor, _ = _dtensor_types()
+    group = like.device_mesh.get_group()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    pieces = torch.chunk(full, world, dim=0)
+    local = pieces[rank] if rank < len(pieces) else full.new_zeros((0,) + tuple(full.shape[1:]))
+    local = local.to(like.to_local().device).clone()
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def _walk(obj: Any, fn) -> Any:
+    if isinstance(obj, dict):
+        return {k: _walk(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_walk(v, fn) for v in obj]
+    return fn(obj)
+
+
 def full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """Full model and optimizer state dicts on CPU (collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"model": get_model_state_dict(model, options=opts),
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=opts)}
+    """Full model and optimizer state dicts on CPU (collective: every rank calls it).
+
+    The model's keys are those of the unwrapped model; the optimizer's is the plain
+    `optimizer.state_dict()` layout (parameter indices), so FSDP and DDP checkpoints
+    are interchangeable.
+    """
+    model_state = {k: _full_tensor(v) for k, v in model.state_dict().items()}
+    return {"model": model_state, "optimizer": _walk(optimizer.state_dict(), _full_tensor)}
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    """Load a full optimizer state dict (from `full_states`) into a sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    """Load a full optimizer state dict (from `full_states`, or from a DDP / single
+    process checkpoint) into the optimizer of a sharded model."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(isinstance(k, str) for k in state.get("state", {})):
+        state = _from_named(model, optimizer, state)
+    sharded: Dict[Any, Any] = {}
+    for idx, entry in state["state"].items():
+        param = params[int(idx)]
+        sharded[idx] = {name: (_shard_like(value, param)
+                               if _row_shard(param) and torch.is_tensor(value) and value.shape == param.shape
+                               else value)
+                        for name, value in entry.items()}
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+
+def _from_named(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Parameter-name keyed optimizer state (checkpoints written before this layout, by
+    torch's `get_optimizer_state_dict`) -> parameter-index keyed."""
+    index_of_param = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    index = {name: index_of_param[id(p)] for name, p in model.named_parameters() if id(p) in index_of_param}
+    groups = [dict(g, params=[index[name] for name in g["params"]]) for g in state["param_groups"]]
+    return {"state": {index[name]: entry for name, entry in state["state"].items()}, "param_groups": groups}
+
+
+def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm of sharded parameters (collective); returns it.
+
+    Sums the squares of the local gradient shards, all-reduces that one number with
+    synchronous c10d, and scales the local shards (the reasons of `_full_tensor`)."""
+    DTensor, _ = _dtensor_types()
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    total = torch.zeros((), dtype=torch.float64, device=local[0].device if local else "cpu")
+    for g in local:
+        total += g.detach().double().pow(2).sum()
+    meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
+    for mesh in meshes.values():     # from the parameters: the same on every rank
+        dist.all_reduce(total, group=mesh.get_group())
+    norm = float(total.sqrt())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for g in local:
+            g.mul_(scale)
+    return norm

@@ -26,7 +26,7 @@ from wenet_moe.train.checkpoint import (atomic_torch_save, capture_rng, link_or_
                                         restore_rng, unwrap_model)
 from wenet_moe.train.diagnostics import ctc_greedy_stats, supports_ctc_stats
 from wenet_moe.train.dist import DistInfo, all_ranks_have_data, all_reduce_sums, sum_counters
-from wenet_moe.train.fsdp import full_states, is_sharded, load_optimizer
+from wenet_moe.train.fsdp import clip_grad_norm, full_states, is_sharded, load_optimizer
 from wenet_moe.train.monitor import Monitor, moe_entropies, scalar_parts
 from wenet_moe.train.scheduler import schedule_advice
 
@@ -139,10 +139,10 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.mul_(self.conf.accum_grad / micro_batches)
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self._params(), self.conf.grad_clip)
-        if hasattr(norm, "full_tensor"):   # DTensor under FSDP
-            norm = norm.full_tensor()
-        self.last_grad_norm = float(norm)
+        if self.sharded:
+            self.last_grad_norm = clip_grad_norm(self._params(), self.conf.grad_clip)
+        else:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params(), self.conf.grad_clip))
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)    # skips itself on inf/nan
             self.scaler.update()

@@ -1,0 +1,152 @@
+"""The small-batch CPU expert kernel (`moe_cpu.c`): built on first use, called via ctypes.
+
+The C file is compiled once per machine with the system C compiler (`$CC`, else `cc`)
+as `-O3 -march=native` into a cache directory (`$WENET_MOE_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/wenet_moe`, else `~/.cache/wenet_moe`); the library name carries a
+hash of the source, the flags and the CPU, and is written under a temporary name and
+renamed. Without a compiler, or with `WENET_MOE_CPU_KERNEL=0`, `library()` returns
+None and MoE layers use the oneDNN kernels instead (a warning says why, once).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+__all__ = ["library", "pack_weight", "segment_linear", "disabled_reason"]
+
+SOURCE = Path(__file__).with_name("moe_cpu.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+ABI_VERSION = 2
+BLOCK = 16          # column block of the packed layout (floats)
+ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
+
+_log = logging.getLogger(__name__)
+_state: dict = {}   # "lib": CDLL or None, "reason": why it is None
+
+
+def _cpu_signature() -> str:
+    """Text that changes when the CPU model / instruction set does (for the cache key)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("WENET_MOE_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wenet_moe"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler '{compiler}' on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode()
+                         + _cpu_signature().encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    target = cache / f"moe_cpu_{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".moe_cpu_", suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["?"])[0]
+                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    if lib.wm_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{target} has ABI {lib.wm_abi_version()}, expected {ABI_VERSION}")
+    fn = lib.wm_segment_linear
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel library, or None when it is disabled or cannot be built."""
+    if "lib" not in _state:
+        lib, reason = None, ""
+        if os.environ.get("WENET_MOE_CPU_KERNEL", "1") == "0":
+            reason = "disabled by WENET_MOE_CPU_KERNEL=0"
+        else:
+            try:
+                lib = _build()
+            except (OSError, RuntimeError) as err:
+                reason = str(err)
+                _log.warning("MoE CPU kernel unavailable (%s); using oneDNN kernels", reason)
+        _state["lib"], _state["reason"] = lib, reason
+    return _state["lib"]
+
+
+def disabled_reason() -> str:
+    """Why `library()` is None ("" when it is available or was not asked for yet)."""
+    return _state.get("reason", "")
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(E, K, N) expert weights (y = x W) -> the packed layout (E, N/16, K, 16), contiguous."""
+    n_expert, k_dim, n_dim = weight.shape
+    if n_dim % BLOCK:
+        raise ValueError(f"packed expert weights need N % {BLOCK} == 0, got N={n_dim}")
+    return weight.detach().reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).permute(0, 2, 1, 3).contiguous()
+
+
+def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, packed: torch.Tensor,
+                   bias: torch.Tensor, out: torch.Tensor, activation: str = "none") -> None:
+    """out[rows of s] = act(x[rows of s] @ W_e + b_e) for each segment s = (start, count, e).
+
+    Args:
+        x: (R, K) float32 rows, row-contiguous (stride(1) == 1).
+        segments: (3, S) int64, contiguous: starts, counts and expert ids.
+        packed: (E, N/16, K, 16) from `pack_weight`; bias: (E, N) contiguous.
+        out: (R, N) float32, row-contiguous; rows outside the segments are untouched.
+        activation: "none", "relu" or "swish" (x * sigmoid(x), exp to ~2 ulp).
+    """
+    n_seg = segments.size(1)
+    k_dim, n_dim = packed.size(2), packed.size(1) * BLOCK
+    if x.stride(1) != 1 or out.stride(1) != 1 or x.size(1) != k_dim or out.size(1) != n_dim:
+        raise ValueError(f"segment_linear: bad shapes x {tuple(x.shape)} out {tuple(out.shape)} "
+                         f"for weights K={k_dim} N={n_dim}")
+    base = segments.data_ptr()
+    step = segments.stride(0) * 8
+    lib.wm_segment_linear(x.data_ptr(), x.stride(0), base, base + step, base + 2 * step, n_seg,
+                          k_dim, n_dim, packed.data_ptr(), bias.data_ptr(), out.data_ptr(), out.stride(0),
+                          ACTIVATIONS[activation])
+
+
+def segments_of(counts: List[int], cap: int) -> torch.Tensor:
+    """(3, S) int64 (start, count, expert) for experts with rows, at most `cap` rows each,
+    from per-expert row counts of an expert-sorted buffer."""
+    starts, kept, experts = [], [], []
+    start = 0
+    for e, count in enumerate(counts):
+        if count > 0 and cap > 0:
+            starts.append(start)
+            kept.append(min(count, cap))
+            experts.append(e)
+        start += count
+    return torch.tensor([starts, kept, experts], dtype=torch.int64)
