@@ -570,6 +570,31 @@ def test_kernel_fused_activation_matches_torch(activation):
     assert torch.allclose(out, want, rtol=1e-6, atol=1e-30), (out - want).abs().max()
 
 
+@needs_kernel
+def test_kernel_moe_forward_matches_loop_and_rejects_bad_ids():
+    """The one-call MoE forward (sort, gather, experts, gated add) against a loop over
+    frames with torch matmuls, including experts that get no frame; an expert id out
+    of range is an error, not a wild read."""
+    torch.manual_seed(3)
+    n_expert, dim, hidden, n_tok, k = 4, 16, 32, 9, 2
+    w1, b1 = torch.randn(n_expert, dim, hidden), torch.randn(n_expert, hidden)
+    w2, b2 = torch.randn(n_expert, hidden, dim), torch.randn(n_expert, dim)
+    packs = (cpu_kernel.pack_weight(w1), b1, cpu_kernel.pack_weight(w2), b2)
+    x = torch.randn(n_tok, dim)
+    top_idx = torch.randint(0, 2, (n_tok, k))          # experts 2 and 3 get nothing
+    top_idx[:, 1] = 1 - top_idx[:, 0]
+    gates = torch.rand(n_tok, k)
+    got = cpu_kernel.moe_forward(cpu_kernel.library(), x, top_idx, gates, packs, "relu")
+    want = torch.zeros(n_tok, dim)
+    for t in range(n_tok):
+        for j in range(k):
+            e = int(top_idx[t, j])
+            want[t] += gates[t, j] * (torch.relu(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        cpu_kernel.moe_forward(cpu_kernel.library(), x, top_idx + 3, gates, packs, "relu")
+
+
 def test_pack_weight_layout_and_errors():
     weight = torch.arange(2 * 3 * 32, dtype=torch.float32).view(2, 3, 32)
     packed = cpu_kernel.pack_weight(weight)

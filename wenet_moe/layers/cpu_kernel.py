@@ -18,15 +18,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["library", "pack_weight", "segment_linear", "disabled_reason"]
+__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 
@@ -83,6 +83,12 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    fn = lib.wm_moe_forward
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -150,3 +156,35 @@ def segments_of(counts: List[int], cap: int) -> torch.Tensor:
             experts.append(e)
         start += count
     return torch.tensor([starts, kept, experts], dtype=torch.int64)
+
+
+def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
+                packs: Tuple[torch.Tensor, ...], activation: str) -> torch.Tensor:
+    """The whole MoE FFN in one call (sort, gather, experts, gated add-back).
+
+    Args:
+        x: (N, D) float32; top_idx: (N, k) int64 expert ids; gates: (N, k) float32.
+        packs: (w1 packed (E, H/16, D, 16), b1 (E, H), w2 packed (E, D/16, H, 16), b2 (E, D)).
+        activation: "none", "relu" or "swish" (fused into the first linear).
+    Returns:
+        (N, D) = sum_j gates[:, j] * expert_{top_idx[:, j]}(x).
+    """
+    x = x.contiguous()
+    top_idx = top_idx.contiguous()
+    gates = gates.contiguous()
+    n_tok, dim = x.shape
+    k = top_idx.size(1)
+    n_expert, hidden = packs[1].shape
+    n_assign = n_tok * k
+    work = x.new_empty(n_assign * (2 * dim + hidden))
+    order = torch.empty(n_assign + 2 * n_expert, dtype=torch.int64)
+    out = torch.empty_like(x)
+    base, size = work.data_ptr(), work.element_size()
+    status = lib.wm_moe_forward(x.data_ptr(), n_tok, dim, top_idx.data_ptr(), gates.data_ptr(), k, n_expert,
+                                hidden, packs[0].data_ptr(), packs[1].data_ptr(), packs[2].data_ptr(),
+                                packs[3].data_ptr(), ACTIVATIONS[activation], base,
+                                base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
+                                order.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise ValueError(f"moe_forward: an expert id in top_idx is outside [0, {n_expert})")
+    return out

@@ -212,11 +212,15 @@ class MoEFFN(nn.Module):
         ceil(cf * N * k / E) assignments in frame order; the rest contribute zero."""
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign, dim = n_tok * k, x.size(1)
+        # inference on CPU fp32: packed experts (rows per expert if all get some)
+        packed = self._packed(x, n_assign / min(n_assign, self.n_expert))
+        if packed is not None and packed[0] == "kernel" and self._fused_activation[0] in ("relu", "swish"):
+            return cpu_kernel.moe_forward(cpu_kernel.library(), x, top_idx, gates.to(x.dtype),
+                                          packed[1], self._fused_activation[0])
         flat = top_idx.reshape(-1)
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()
         capped = self.training and self.capacity_factor > 0
         used = [e for e, count in enumerate(counts) if count > 0]
-        packed = self._packed(x, n_assign / len(used))     # inference on CPU fp32
         if packed is None and not capped and n_assign <= self.all_frames_rows * len(used):
             return self._dispatch_all_frames(x, top_idx, gates, used)
         order = torch.argsort(flat, stable=True)

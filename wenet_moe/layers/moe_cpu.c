@@ -124,7 +124,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 2; }
+int wm_abi_version(void) { return 3; }
 
 /* For each segment s: rows [start[s], start[s] + count[s]) of x (ldx floats apart) go
  * through expert expert[s]: y rows = act(x rows W_e + b_e), W_e = w_packed + e*K*N
@@ -138,4 +138,51 @@ void wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const 
         linear_rows(x + start[s] * ldx, ldx, count[s], K, N, w_packed + e * (int64_t)K * N,
                     bias + e * (int64_t)N, y + start[s] * ldy, ldy, act);
     }
+}
+
+/* The whole MoE FFN for n_tok frames (inference), in one call:
+ *   out[t] = sum_j gates[t, j] * expert_{top_idx[t, j]}(x[t])   for j < k,
+ *   expert_e(v) = act(v W1_e + b1_e) W2_e + b2_e   (W1_e: dim x hidden, W2_e: hidden x dim,
+ *   both packed as above; act is ACT_NONE, ACT_RELU or ACT_SILU).
+ * The n_tok*k assignments are counting-sorted by expert (stable), their frames gathered
+ * into expert-contiguous rows, each expert with rows runs its two linears on its slice,
+ * and the gated rows are added back to their frames. Returns 0, or -1 if an expert id
+ * is outside [0, n_expert) (out is then not written).
+ * Work space: x_sorted and y_sorted n_tok*k*dim floats each, h n_tok*k*hidden floats,
+ * order n_tok*k + 2*n_expert int64. */
+int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
+                   int k, int n_expert, int hidden, const float *w1_packed, const float *b1,
+                   const float *w2_packed, const float *b2, int act, float *x_sorted, float *h,
+                   float *y_sorted, int64_t *order, float *out) {
+    const int64_t n_assign = n_tok * k;
+    int64_t *start = order + n_assign, *fill = start + n_expert;
+    for (int e = 0; e < n_expert; e++) start[e] = 0;
+    for (int64_t a = 0; a < n_assign; a++) {
+        if (top_idx[a] < 0 || top_idx[a] >= n_expert) return -1;
+        start[top_idx[a]]++;
+    }
+    for (int64_t e = 0, sum = 0; e < n_expert; e++) {   /* counts -> starts */
+        const int64_t count = start[e];
+        start[e] = fill[e] = sum;
+        sum += count;
+    }
+    for (int64_t a = 0; a < n_assign; a++) order[fill[top_idx[a]]++] = a;
+    for (int64_t i = 0; i < n_assign; i++)
+        memcpy(x_sorted + i * dim, x + (order[i] / k) * dim, sizeof(float) * (size_t)dim);
+    for (int e = 0; e < n_expert; e++) {
+        const int64_t s = start[e], rows = fill[e] - start[e];
+        if (rows == 0) continue;
+        linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, w1_packed + (int64_t)e * dim * hidden,
+                    b1 + (int64_t)e * hidden, h + s * hidden, hidden, act);
+        linear_rows(h + s * hidden, hidden, rows, hidden, dim, w2_packed + (int64_t)e * hidden * dim,
+                    b2 + (int64_t)e * dim, y_sorted + s * dim, dim, ACT_NONE);
+    }
+    memset(out, 0, sizeof(float) * (size_t)(n_tok * dim));
+    for (int64_t i = 0; i < n_assign; i++) {
+        const float g = gates[order[i]];
+        float *o = out + (order[i] / k) * dim;
+        const float *y = y_sorted + i * dim;
+        for (int c = 0; c < dim; c++) o[c] += g * y[c];
+    }
+    return 0;
 }
