@@ -26,7 +26,7 @@ __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 
@@ -79,7 +79,7 @@ def _build() -> ctypes.CDLL:
     if lib.wm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{target} has ABI {lib.wm_abi_version()}, expected {ABI_VERSION}")
     fn = lib.wm_segment_linear
-    fn.restype = None
+    fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -139,9 +139,11 @@ def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, pa
                          f"for weights K={k_dim} N={n_dim}")
     base = segments.data_ptr()
     step = segments.stride(0) * 8
-    lib.wm_segment_linear(x.data_ptr(), x.stride(0), base, base + step, base + 2 * step, n_seg,
-                          k_dim, n_dim, packed.data_ptr(), bias.data_ptr(), out.data_ptr(), out.stride(0),
-                          ACTIVATIONS[activation])
+    status = lib.wm_segment_linear(x.data_ptr(), x.stride(0), base, base + step, base + 2 * step, n_seg,
+                                   k_dim, n_dim, packed.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                                   out.stride(0), ACTIVATIONS[activation])
+    if status != 0:
+        raise MemoryError("segment_linear: the kernel could not allocate its tile buffer")
 
 
 def segments_of(counts: List[int], cap: int) -> torch.Tensor:
@@ -185,6 +187,8 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
                                 packs[3].data_ptr(), ACTIVATIONS[activation], base,
                                 base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
                                 order.data_ptr(), out.data_ptr())
-    if status != 0:
+    if status == -1:
         raise ValueError(f"moe_forward: an expert id in top_idx is outside [0, {n_expert})")
+    if status != 0:
+        raise MemoryError("moe_forward: the kernel could not allocate its tile buffer")
     return out

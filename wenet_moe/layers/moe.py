@@ -10,13 +10,18 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
   * eager: stable sort, experts without frames skipped (their weights are never read),
     results combined with one index_add (PyTorch accumulates duplicate indices);
     without autograd the expert outputs are written in place into one buffer.
-  * eager CPU fp32 inference (`packed_experts`, default on): the same sorted dispatch,
-    but each expert runs as two oneDNN linear calls on weights packed once into
-    oneDNN's blocked layout (activation fused into the first). MKL's GEMM re-packs the
-    weight matrix on every call, which dominates at the 2-16 rows an expert gets from
-    a streaming chunk; the packed kernels are ~2x faster there and ~1.2x at 256 rows
-    (bench/moe_layer.py). The packed copy (as many bytes again as the experts) is built
-    on first use and rebuilt when a weight changes (tensor version / storage checks).
+  * eager CPU fp32 inference (`packed_experts`, default on), on weights packed once
+    (built on first use, rebuilt when a weight changes: tensor version / storage):
+    - up to KERNEL_MAX_ROWS rows per expert (streaming chunks): the small-batch C
+      kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN if it cannot
+      be): for relu/swish experts the whole layer is one C call (counting sort,
+      gather, both linears with the activation fused, gated add-back); it streams
+      each expert's weights once and prefetches ahead, ~2x oneDNN at 4 rows;
+    - above that, or without the kernel: the same sorted dispatch with each expert as
+      two oneDNN linear calls on weights in oneDNN's blocked layout (activation fused).
+    MKL's GEMM re-packs the weight matrix on every call, which dominates at the few
+    rows an expert gets from a streaming chunk (numbers: docs/moe.md). Each packed
+    copy holds as many bytes again as the experts.
   * eager all-frames (`all_frames_rows`): when frames per used expert N*k/E_used are at
     most the threshold, every used expert runs on all N frames with zero gates where
     not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
@@ -86,7 +91,8 @@ class MoEFFN(nn.Module):
         capacity_factor: > 0 caps each expert at ceil(cf * N * k / E) assignments
             during training (overflow assignments contribute zero); 0 = off.
         all_frames_rows: eager all-frames dispatch threshold (module docstring).
-        packed_experts: eager CPU fp32 inference runs oneDNN-packed experts.
+        packed_experts: eager CPU fp32 inference on packed experts: True (C kernel
+            for small batches, oneDNN above), "kernel", "onednn" or False.
         conf: the resolved moe_conf (loss weights), kept for `moe_aux_losses`.
     """
 

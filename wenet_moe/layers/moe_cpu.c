@@ -15,6 +15,7 @@
  * extensions map vec16 onto AVX-512, AVX2 or NEON registers.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float vec16 __attribute__((vector_size(64)));
@@ -63,9 +64,11 @@ static inline vec16 activate(vec16 v, const int act) {
     return v;
 }
 
-/* rows (<= MAX_TILE, a compile-time constant after inlining) rows of y = x W + b */
+/* rows (<= MAX_TILE, a compile-time constant after inlining) rows of y = act(x W + b);
+ * x is the tile transposed, xt[k * rows + m] (one contiguous stream of broadcasts:
+ * rows 4 KB apart would share one L1 set and evict each other) */
 static inline __attribute__((always_inline)) void tile(
-        const float *x, int64_t ldx, const int rows, const int K, const int N,
+        const float *xt, const int rows, const int K, const int N,
         const float *w, const float *b, float *y, int64_t ldy, const int act) {
     const int blocks = N / 16;
     int j = 0;
@@ -80,7 +83,7 @@ static inline __attribute__((always_inline)) void tile(
             __builtin_prefetch(next + 32 * k + 16, 0, 1);
             const vec16 w0 = load16(p0 + 16 * k), w1 = load16(p1 + 16 * k);
             for (int m = 0; m < rows; m++) {
-                const float xv = x[m * ldx + k];
+                const float xv = xt[k * rows + m];
                 a0[m] += xv * w0;
                 a1[m] += xv * w1;
             }
@@ -98,21 +101,23 @@ static inline __attribute__((always_inline)) void tile(
         for (int k = 0; k < K; k++) {
             __builtin_prefetch(p0 + (int64_t)K * 16 + 16 * k, 0, 1);
             const vec16 w0 = load16(p0 + 16 * k);
-            for (int m = 0; m < rows; m++) a0[m] += x[m * ldx + k] * w0;
+            for (int m = 0; m < rows; m++) a0[m] += xt[k * rows + m] * w0;
         }
         for (int m = 0; m < rows; m++) store16(y + m * ldy + 16 * j, activate(a0[m], act));
     }
 }
 
-#define TILE_CASE(R) case R: tile(x, ldx, R, K, N, w, b, y, ldy, act); break;
+#define TILE_CASE(R) case R: tile(xt, R, K, N, w, b, y, ldy, act); break;
 
 /* y[0:rows] = act(x[0:rows] W + b), in the fewest tiles of up to MAX_TILE rows, of
  * balanced sizes (16 rows = 8 + 8, not 12 + 4: a tile costs at least one pass over W). */
 static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
-                        const float *w, const float *b, float *y, int64_t ldy, int act) {
+                        const float *w, const float *b, float *y, int64_t ldy, int act, float *xt) {
     while (rows > 0) {
         const int64_t tiles = (rows + MAX_TILE - 1) / MAX_TILE;
         const int r = (int)((rows + tiles - 1) / tiles);
+        for (int m = 0; m < r; m++)
+            for (int k = 0; k < K; k++) xt[k * r + m] = x[m * ldx + k];
         switch (r) {
             TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
             TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
@@ -124,20 +129,24 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 3; }
+int wm_abi_version(void) { return 4; }
 
 /* For each segment s: rows [start[s], start[s] + count[s]) of x (ldx floats apart) go
  * through expert expert[s]: y rows = act(x rows W_e + b_e), W_e = w_packed + e*K*N
  * (packed as above), b_e = bias + e*N; y rows are ldy floats apart; act is ACT_NONE,
- * ACT_RELU or ACT_SILU (x * sigmoid(x)). */
-void wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const int64_t *count,
-                       const int64_t *expert, int64_t n_segments, int K, int N,
-                       const float *w_packed, const float *bias, float *y, int64_t ldy, int act) {
+ * ACT_RELU or ACT_SILU (x * sigmoid(x)). Returns 0, or -2 when out of memory. */
+int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const int64_t *count,
+                      const int64_t *expert, int64_t n_segments, int K, int N,
+                      const float *w_packed, const float *bias, float *y, int64_t ldy, int act) {
+    float *xt = malloc(sizeof(float) * MAX_TILE * (size_t)K);
+    if (xt == NULL) return -2;
     for (int64_t s = 0; s < n_segments; s++) {
         const int64_t e = expert[s];
         linear_rows(x + start[s] * ldx, ldx, count[s], K, N, w_packed + e * (int64_t)K * N,
-                    bias + e * (int64_t)N, y + start[s] * ldy, ldy, act);
+                    bias + e * (int64_t)N, y + start[s] * ldy, ldy, act, xt);
     }
+    free(xt);
+    return 0;
 }
 
 /* The whole MoE FFN for n_tok frames (inference), in one call:
@@ -146,8 +155,8 @@ void wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const 
  *   both packed as above; act is ACT_NONE, ACT_RELU or ACT_SILU).
  * The n_tok*k assignments are counting-sorted by expert (stable), their frames gathered
  * into expert-contiguous rows, each expert with rows runs its two linears on its slice,
- * and the gated rows are added back to their frames. Returns 0, or -1 if an expert id
- * is outside [0, n_expert) (out is then not written).
+ * and the gated rows are added back to their frames. Returns 0, -1 if an expert id is
+ * outside [0, n_expert), -2 when out of memory (out is then not written).
  * Work space: x_sorted and y_sorted n_tok*k*dim floats each, h n_tok*k*hidden floats,
  * order n_tok*k + 2*n_expert int64. */
 int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
@@ -169,14 +178,17 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
     for (int64_t a = 0; a < n_assign; a++) order[fill[top_idx[a]]++] = a;
     for (int64_t i = 0; i < n_assign; i++)
         memcpy(x_sorted + i * dim, x + (order[i] / k) * dim, sizeof(float) * (size_t)dim);
+    float *xt = malloc(sizeof(float) * MAX_TILE * (size_t)(dim > hidden ? dim : hidden));
+    if (xt == NULL) return -2;
     for (int e = 0; e < n_expert; e++) {
         const int64_t s = start[e], rows = fill[e] - start[e];
         if (rows == 0) continue;
         linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, w1_packed + (int64_t)e * dim * hidden,
-                    b1 + (int64_t)e * hidden, h + s * hidden, hidden, act);
+                    b1 + (int64_t)e * hidden, h + s * hidden, hidden, act, xt);
         linear_rows(h + s * hidden, hidden, rows, hidden, dim, w2_packed + (int64_t)e * hidden * dim,
-                    b2 + (int64_t)e * dim, y_sorted + s * dim, dim, ACT_NONE);
+                    b2 + (int64_t)e * dim, y_sorted + s * dim, dim, ACT_NONE, xt);
     }
+    free(xt);
     memset(out, 0, sizeof(float) * (size_t)(n_tok * dim));
     for (int64_t i = 0; i < n_assign; i++) {
         const float g = gates[order[i]];
