@@ -531,6 +531,28 @@ def test_packed_true_uses_onednn_when_kernel_cannot_run(monkeypatch):
 
 
 @needs_kernel
+@needs_onednn
+def test_packed_true_picks_the_kernel_by_threads_and_rows():
+    """One torch thread: always the (single-threaded) kernel; several: the kernel for
+    small batches, multi-threaded oneDNN above KERNEL_MAX_ROWS rows per expert."""
+    _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32)
+    layer.eval()
+    x = torch.randn(3, 16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            assert layer._packed(x, 500.0)[0] == "kernel"
+            torch.set_num_threads(2)
+            assert layer._packed(x, moe_module.KERNEL_MAX_ROWS)[0] == "kernel"
+            assert layer._packed(x, moe_module.KERNEL_MAX_ROWS + 1)[0] == "onednn"
+            layer.packed_experts = "kernel"
+            assert layer._packed(x, 500.0)[0] == "kernel"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_segment_linear_matches_matmul_and_leaves_other_rows():
     """Each segment's rows = rows @ W_e + b_e; rows outside segments are not written;
     1..30 rows cover full 12-row tiles and every remainder; x and out may be strided."""

@@ -25,7 +25,7 @@ import torch
 __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 ABI_VERSION = 4
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores

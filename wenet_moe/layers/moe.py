@@ -12,13 +12,15 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     without autograd the expert outputs are written in place into one buffer.
   * eager CPU fp32 inference (`packed_experts`, default on), on weights packed once
     (built on first use, rebuilt when a weight changes: tensor version / storage):
-    - up to KERNEL_MAX_ROWS rows per expert (streaming chunks): the small-batch C
-      kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN if it cannot
-      be): for relu/swish experts the whole layer is one C call (counting sort,
-      gather, both linears with the activation fused, gated add-back); it streams
-      each expert's weights once and prefetches ahead, ~2x oneDNN at 4 rows;
-    - above that, or without the kernel: the same sorted dispatch with each expert as
-      two oneDNN linear calls on weights in oneDNN's blocked layout (activation fused).
+    - with one torch thread, or up to KERNEL_MAX_ROWS rows per expert (streaming
+      chunks): the C kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN
+      if it cannot be): for relu/swish experts the whole layer is one C call
+      (counting sort, gather, both linears with the activation fused, gated add-back);
+      it streams each expert's weights once, prefetching ahead (~2x oneDNN at 4 rows,
+      as fast as MKL's large GEMM at 256 rows);
+    - otherwise (several threads and large batches), or without the kernel: the same
+      sorted dispatch with each expert as two oneDNN linear calls on weights in
+      oneDNN's blocked layout (activation fused).
     MKL's GEMM re-packs the weight matrix on every call, which dominates at the few
     rows an expert gets from a streaming chunk (numbers: docs/moe.md). Each packed
     copy holds as many bytes again as the experts.
@@ -60,8 +62,9 @@ _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
-# packed_experts true: the C kernel up to this many rows per used expert, oneDNN above
-# (bench/moe_layer.py, docs/moe.md: the kernel wins at <= 16 rows, oneDNN from ~64)
+# packed_experts true with several torch threads: the (single-threaded) C kernel up to
+# this many rows per expert, multi-threaded oneDNN above (bench/moe_layer.py --threads 2:
+# the kernel wins at 4-16 rows, oneDNN at 64 and more); with one thread always the kernel
 KERNEL_MAX_ROWS = 32.0
 
 
@@ -275,10 +278,12 @@ class MoEFFN(nn.Module):
         """Packed expert weights when this call may use them (CPU, fp32, eval mode, no
         autograd/autocast), else None:
           ("kernel", (w1, b1, w2, b2)) in `cpu_kernel.pack_weight`'s layout, for the
-            small-batch C kernel: with `packed_experts` true when experts get at most
-            KERNEL_MAX_ROWS rows on average (`rows_per_expert`), always with "kernel";
+            single-threaded C kernel: with `packed_experts` true when torch runs one
+            thread or experts get at most KERNEL_MAX_ROWS rows on average
+            (`rows_per_expert`); always with "kernel";
           ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
-            (or when the kernel cannot run: no C compiler, D or H not multiples of 16).
+            (multi-threaded large batches, or when the kernel cannot run: no C
+            compiler, D or H not multiples of 16).
         Each kind is built on first use and rebuilt when any expert tensor was modified
         or moved, so a process that decodes both streaming chunks and whole utterances
         holds up to two packed copies."""
@@ -290,7 +295,8 @@ class MoEFFN(nn.Module):
         kernel = (mode in (True, "kernel") and self.idim % cpu_kernel.BLOCK == 0
                   and self.hidden_units % cpu_kernel.BLOCK == 0 and cpu_kernel.library() is not None)
         onednn = mode in (True, "onednn") and _ONEDNN_LINEAR
-        if kernel and (mode == "kernel" or rows_per_expert <= KERNEL_MAX_ROWS or not onednn):
+        if kernel and (mode == "kernel" or not onednn or rows_per_expert <= KERNEL_MAX_ROWS
+                       or torch.get_num_threads() == 1):
             kind = "kernel"
         elif onednn:
             kind = "onednn"
