@@ -154,12 +154,19 @@ def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
     DTensor, _ = _dtensor_types()
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    total = torch.zeros((), dtype=torch.float64, device=local[0].device if local else "cpu")
+    device = params[0].device if params else torch.device("cpu")     # the same on every rank
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for g in local:
         total += g.detach().double().pow(2).sum()
-    meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
-    for mesh in meshes.values():     # from the parameters: the same on every rank
-        dist.all_reduce(total, group=mesh.get_group())
+    # one all-reduce per distinct process group (every FSDP unit has its own mesh object,
+    # all over the same ranks); taken from the parameters: the same on every rank
+    groups = {}
+    for p in params:
+        if isinstance(p, DTensor):
+            group = p.device_mesh.get_group()
+            groups.setdefault(tuple(dist.get_process_group_ranks(group)), group)
+    for group in groups.values():
+        dist.all_reduce(total, group=group)
     norm = float(total.sqrt())
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
