@@ -263,21 +263,20 @@ def main() -> int:
                 used.append(int(torch.unique(top_idx).numel()))
                 order = torch.argsort(top_idx.reshape(-1), stable=True)
                 rows = flat.index_select(0, order // args.topk)
-                bounds = torch.bincount(top_idx.reshape(-1), minlength=args.experts).cumsum(0)
-                sorted_rows.append((rows, [0] + bounds.tolist()))
+                counts = torch.bincount(top_idx.reshape(-1), minlength=args.experts)
+                sorted_rows.append((rows, [0] + counts.cumsum(0).tolist(), counts.tolist()))
             all_frames = sum(frames * args.topk <= moe.all_frames_rows * n
                              for moe, n in zip(moes, used))
             if packed is not None:
-                kinds = {moe._packed(rows, rows.size(0) / n)[0] for moe, (rows, _), n in zip(moes, sorted_rows, used)}
+                kinds = {moe._packed(rows, rows.size(0) / n)[0]
+                         for moe, (rows, _, _), n in zip(moes, sorted_rows, used)}
             path = ("+".join(sorted(kinds)) if packed is not None else "all-frames" if all_frames == len(moes)
                     else "sorted" if all_frames == 0 else f"mixed{all_frames}/{len(moes)}")
 
             def gemm_only():   # the expert kernels `moe` runs (packed where it packs)
-                for moe, (rows, bounds) in zip(moes, sorted_rows):
-                    used_experts = sum(bounds[e + 1] > bounds[e] for e in range(args.experts))
-                    packs = moe._packed(rows, rows.size(0) / used_experts)
+                for moe, (rows, bounds, counts), n_used in zip(moes, sorted_rows, used):
+                    packs = moe._packed(rows, rows.size(0) / n_used)
                     if packs is not None and packs[0] == "kernel":
-                        counts = [bounds[e + 1] - bounds[e] for e in range(args.experts)]
                         moe._kernel_experts(packs[1], rows, counts, torch.empty_like(rows))
                         continue
                     for e in range(args.experts):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -40,12 +41,10 @@ def _cpu_signature() -> str:
     """Text that changes when the CPU model / instruction set does (for the cache key)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
+            flags = [line for line in f if line.startswith(("flags", "Features"))]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        flags = []
+    return flags[0] if flags else (platform.processor() or platform.machine())
 
 
 def _cache_dir() -> Path:
@@ -148,18 +147,12 @@ def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, pa
         raise MemoryError("segment_linear: the kernel could not allocate its tile buffer")
 
 
-def segments_of(counts: List[int], cap: int) -> torch.Tensor:
-    """(3, S) int64 (start, count, expert) for experts with rows, at most `cap` rows each,
-    from per-expert row counts of an expert-sorted buffer."""
-    starts, kept, experts = [], [], []
-    start = 0
-    for e, count in enumerate(counts):
-        if count > 0 and cap > 0:
-            starts.append(start)
-            kept.append(min(count, cap))
-            experts.append(e)
-        start += count
-    return torch.tensor([starts, kept, experts], dtype=torch.int64)
+def segments_of(counts: List[int]) -> torch.Tensor:
+    """(3, S) int64 (start, count, expert) for the experts with rows, from per-expert row
+    counts of an expert-sorted buffer."""
+    starts = itertools.accumulate([0] + counts[:-1])
+    segments = [(start, count, e) for e, (start, count) in enumerate(zip(starts, counts)) if count > 0]
+    return torch.tensor(segments, dtype=torch.int64).reshape(-1, 3).t().contiguous()
 
 
 def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -120,6 +120,9 @@ class MoEFFN(nn.Module):
         # CPU fp32 inference through oneDNN-packed expert weights (see module docstring)
         self.packed_experts: Any = packed_experts   # True | False | "kernel" | "onednn"
         self._fused_activation = _fused_activation(activation)
+        # the activation the C kernel fuses ("relu" / "swish"), or "none" (torch's, unfused)
+        self._kernel_activation = (self._fused_activation[0]
+                                   if self._fused_activation[0] in ("relu", "swish") else "none")
         self.router = router
         self.activation = activation
         self.dropout = nn.Dropout(dropout_rate)
@@ -223,9 +226,9 @@ class MoEFFN(nn.Module):
         n_assign, dim = n_tok * k, x.size(1)
         # inference on CPU fp32: packed experts (rows per expert if all get some)
         packed = self._packed(x, n_assign / min(n_assign, self.n_expert))
-        if packed is not None and packed[0] == "kernel" and self._fused_activation[0] in ("relu", "swish"):
+        if packed is not None and packed[0] == "kernel" and self._kernel_activation != "none":
             return cpu_kernel.moe_forward(cpu_kernel.library(), x, top_idx, gates.to(x.dtype),
-                                          packed[1], self._fused_activation[0])
+                                          packed[1], self._kernel_activation)
         flat = top_idx.reshape(-1)
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()
         capped = self.training and self.capacity_factor > 0
@@ -255,21 +258,20 @@ class MoEFFN(nn.Module):
         y_sorted = x.new_empty(n_assign, dim)
         if packed is not None and packed[0] == "kernel":    # inference: never capped
             self._kernel_experts(packed[1], x_sorted, counts, y_sorted)
-            y_sorted.mul_(gate_sorted)
-            return torch.zeros_like(x).index_add_(0, token, y_sorted)
-        start = 0
-        for e, end in enumerate(bounds):
-            kept = min(end - start, cap)
-            if kept > 0 and packed is not None:
-                y_sorted[start:start + kept] = self._packed_expert(packed[1][e],
-                                                                   x_sorted[start:start + kept])
-            elif kept > 0:
-                h = self._activate_(torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e]))
-                torch.addmm(self.b2[e], self.dropout(h), self.w2[e],
-                            out=y_sorted[start:start + kept])
-            if end - start > kept:
-                y_sorted[start + kept:end].zero_()
-            start = end
+        else:
+            start = 0
+            for e, end in enumerate(bounds):
+                kept = min(end - start, cap)
+                if kept > 0 and packed is not None:
+                    y_sorted[start:start + kept] = self._packed_expert(packed[1][e],
+                                                                       x_sorted[start:start + kept])
+                elif kept > 0:
+                    h = self._activate_(torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e]))
+                    torch.addmm(self.b2[e], self.dropout(h), self.w2[e],
+                                out=y_sorted[start:start + kept])
+                if end - start > kept:
+                    y_sorted[start + kept:end].zero_()
+                start = end
         y_sorted.mul_(gate_sorted)
         return torch.zeros_like(x).index_add_(0, token, y_sorted)
 
@@ -328,11 +330,10 @@ class MoEFFN(nn.Module):
         into it, other activations applied to all hidden rows at once), one call for
         every second linear."""
         lib = cpu_kernel.library()
-        segments = cpu_kernel.segments_of(counts, x_sorted.size(0))
+        segments = cpu_kernel.segments_of(counts)
         hidden = x_sorted.new_empty(x_sorted.size(0), self.hidden_units)
-        fused = self._fused_activation[0] if self._fused_activation[0] in ("relu", "swish") else "none"
-        cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden, fused)
-        if fused == "none":
+        cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden, self._kernel_activation)
+        if self._kernel_activation == "none":
             hidden = self._activate_(hidden)
         cpu_kernel.segment_linear(lib, hidden, segments, packs[2], packs[3], out)
 

@@ -126,7 +126,7 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: Di
     process checkpoint) into the optimizer of a sharded model."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(isinstance(k, str) for k in state.get("state", {})):
-        state = _from_named(model, optimizer, state)
+        state = _from_named(model, params, state)
     sharded: Dict[Any, Any] = {}
     for idx, entry in state["state"].items():
         param = params[int(idx)]
@@ -137,10 +137,11 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: Di
     optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
 
 
-def _from_named(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> Dict[str, Any]:
+def _from_named(model: nn.Module, params: List[nn.Parameter], state: Dict[str, Any]) -> Dict[str, Any]:
     """Parameter-name keyed optimizer state (checkpoints written before this layout, by
-    torch's `get_optimizer_state_dict`) -> parameter-index keyed."""
-    index_of_param = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    torch's `get_optimizer_state_dict`) -> keyed by index into `params` (the optimizer's
+    parameters in param-group order)."""
+    index_of_param = {id(p): i for i, p in enumerate(params)}
     index = {name: index_of_param[id(p)] for name, p in model.named_parameters() if id(p) in index_of_param}
     groups = [dict(g, params=[index[name] for name in g["params"]]) for g in state["param_groups"]]
     return {"state": {index[name]: entry for name, entry in state["state"].items()}, "param_groups": groups}
