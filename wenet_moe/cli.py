@@ -17,6 +17,8 @@ COMMANDS = {
     "export": "export a checkpoint to ONNX or TorchScript",
     "transcribe": "transcribe wav files with a trained model directory",
     "moe-heatmap": "plot per-layer expert load of a checkpoint over a data list (PNG)",
+    "import-wenet": "import a WeNet model directory (dense or WeNet-MoE) as a model directory",
+    "upcycle": "turn a dense checkpoint into an MoE one (every expert a copy of the FFN)",
 }
 
 

@@ -61,25 +61,32 @@ def ctc_prefix_beam(ctc_log_probs: torch.Tensor, lens: torch.Tensor, beam_size: 
 
 
 def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
-                          encoder_mask: torch.Tensor, beam_size: int, sos: int, eos: int
-                          ) -> List[DecodeResult]:
+                          encoder_mask: torch.Tensor, beam_size: int, sos: int, eos: int,
+                          max_steps: int = 0) -> List[DecodeResult]:
     """Left-to-right beam search, batched over utterances and beams.
 
     Args:
         decoder: has `forward_one_step(memory, memory_mask, tgt, tgt_mask, cache)`.
         encoder_out: (B, T, D); encoder_mask: bool (B, 1, T).
         beam_size: hypotheses kept per utterance.
+        max_steps: 0 (default): an utterance stops after as many steps as it has
+            encoder frames, so each result equals decoding the utterance alone;
+            > 0: every utterance runs this many steps (WeNet's rule is the padded
+            length T, which makes a result depend on the rest of the batch).
     Returns:
         per utterance the hypothesis with the best log probability (including <eos>
-        once it ended); an utterance stops after as many steps as it has encoder
-        frames, so each result equals decoding the utterance alone.
+        once it ended).
     """
     batch, max_t, dim = encoder_out.shape
     device = encoder_out.device
     n = batch * beam_size
     memory = encoder_out.unsqueeze(1).expand(batch, beam_size, max_t, dim).reshape(n, max_t, dim)
     memory_mask = encoder_mask.unsqueeze(1).expand(batch, beam_size, 1, max_t).reshape(n, 1, max_t)
-    max_steps = encoder_mask.squeeze(1).sum(1).repeat_interleave(beam_size).view(n, 1)
+    if max_steps > 0:
+        steps = torch.full((n, 1), max_steps, dtype=torch.long, device=device)
+    else:
+        steps = encoder_mask.squeeze(1).sum(1).repeat_interleave(beam_size).view(n, 1)
+    max_t_steps = max(max_t, max_steps)
     hyps = torch.full((n, 1), sos, dtype=torch.long, device=device)
     first = torch.full((beam_size,), float("-inf"), device=device)
     first[0] = 0.0
@@ -87,8 +94,8 @@ def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
     ended = torch.zeros(n, 1, dtype=torch.bool, device=device)
     cache: List[torch.Tensor] = []
     base = (torch.arange(batch, device=device) * beam_size).unsqueeze(1)  # (B, 1)
-    for step in range(1, max_t + 1):
-        ended = ended | (max_steps < step)
+    for step in range(1, max_t_steps + 1):
+        ended = ended | (steps < step)
         if bool(ended.all()):
             break
         tgt_mask = subsequent_mask(step, device).unsqueeze(0).expand(n, step, step)
@@ -107,7 +114,7 @@ def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
         hyps = torch.cat([hyps[src], tokens], dim=1)
         cache = [c[src] for c in cache]
         ended = ended[src] | (tokens == eos)
-        max_steps = max_steps[src]
+        steps = steps[src]
         scores = new_scores.view(n, 1)
     scores = scores.view(batch, beam_size)
     hyps = hyps.view(batch, beam_size, -1)

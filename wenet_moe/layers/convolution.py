@@ -10,6 +10,12 @@ odd kernel, `(kernel-1)/2` frames each side, `new_cache` is empty, (B, D, 0).
 
 Padded frames are zeroed at the depthwise input (after the GLU), so a valid frame
 sees exactly what it would see in an unpadded batch of one: zeros beyond the ends.
+
+`pad_input=True` (encoder_conf `cnn_module_pad: input`) computes what WeNet's module
+computes instead: padding frames are zeroed and the causal left context zero-padded at
+the module *input*, before pointwise_conv1, so those positions reach the depthwise
+convolution as GLU(bias) rather than zeros, and the cache holds the last `kernel - 1`
+module inputs (same shape). Imported WeNet models use it.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ class ConvolutionModule(nn.Module):
         norm: "batch_norm" or "layer_norm".
         causal: causal (left-only) depthwise convolution.
         bias: biases on the three convolutions.
+        pad_input: zero-pad and mask at the module input as WeNet (module docstring).
     """
 
     def __init__(self, channels: int, kernel_size: int = 15,
                  activation: Optional[nn.Module] = None, norm: str = "batch_norm",
-                 causal: bool = False, bias: bool = True):
+                 causal: bool = False, bias: bool = True, pad_input: bool = False):
         super().__init__()
+        self.pad_input = pad_input
         if norm not in ("batch_norm", "layer_norm"):
             raise ValueError(f"cnn_module_norm must be batch_norm or layer_norm, got '{norm}'")
         if causal:
@@ -56,7 +64,9 @@ class ConvolutionModule(nn.Module):
                 mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool),
                 cache: torch.Tensor = torch.zeros((0, 0, 0))
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = nn.functional.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)  # (B, D, T)
+        x = x.transpose(1, 2)  # (B, D, T)
+        if not self.pad_input:
+            x = nn.functional.glu(self.pointwise_conv1(x), dim=1)
         has_mask = mask_pad.size(2) > 0
         if has_mask:
             x = x.masked_fill(~mask_pad, 0.0)
@@ -68,6 +78,8 @@ class ConvolutionModule(nn.Module):
             new_cache = x[:, :, x.size(2) - self.lorder:]
         else:
             new_cache = torch.zeros((x.size(0), x.size(1), 0), dtype=x.dtype, device=x.device)
+        if self.pad_input:
+            x = nn.functional.glu(self.pointwise_conv1(x), dim=1)
         x = self.depthwise_conv(x)
         if self.use_layer_norm:
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)

@@ -48,7 +48,8 @@ TRANSFORMER_DEFAULTS: Dict[str, Any] = {
 CONFORMER_DEFAULTS: Dict[str, Any] = dict(
     TRANSFORMER_DEFAULTS, pos_enc_layer_type="rel_pos",
     selfattention_layer_type="rel_selfattn", activation_type="swish", macaron_style=True,
-    use_cnn_module=True, cnn_module_kernel=15, causal=False, cnn_module_norm="batch_norm")
+    use_cnn_module=True, cnn_module_kernel=15, causal=False, cnn_module_norm="batch_norm",
+    cnn_module_pad="glu")
 
 
 def _choice(conf: Dict[str, Any], key: str, choices) -> None:
@@ -75,6 +76,9 @@ def resolve_encoder_conf(conf: Dict[str, Any], defaults: Dict[str, Any]) -> Dict
                           "pos_enc_layer_type rel_pos or abs_pos, not no_pos")
     if "cnn_module_norm" in c:
         _choice(c, "cnn_module_norm", ["batch_norm", "layer_norm"])
+        # where the conv module zero-pads and masks: "glu" output (default) or the
+        # module "input" as WeNet does (layers/convolution.py)
+        _choice(c, "cnn_module_pad", ["glu", "input"])
         if not isinstance(c["cnn_module_kernel"], int) or c["cnn_module_kernel"] < 1:
             raise ConfigError(f"encoder_conf.cnn_module_kernel must be a positive integer, "
                               f"got {c['cnn_module_kernel']!r}")
@@ -315,7 +319,8 @@ class ConformerEncoder(BaseEncoder):
         if c["use_cnn_module"]:
             conv = ConvolutionModule(d, c["cnn_module_kernel"],
                                      get_activation(c["activation_type"]),
-                                     c["cnn_module_norm"], c["causal"])
+                                     c["cnn_module_norm"], c["causal"],
+                                     pad_input=c["cnn_module_pad"] == "input")
         return ConformerEncoderLayer(d, attn, ffn, macaron, conv, c["dropout_rate"],
                                      c["normalize_before"])
 
