@@ -13,15 +13,22 @@ def init_norm(conv):
     return conv.eval()
 
 
-def reference(conv, x, causal):
-    """Independent computation for one unpadded utterance x (T, D)."""
+def reference(conv, x, causal, pad_input=False):
+    """Independent computation for one unpadded utterance x (T, D); `pad_input`:
+    zero frames are added to the module input (WeNet) instead of the GLU output."""
     d = x.size(1)
     w1, b1 = conv.pointwise_conv1.weight[:, :, 0], conv.pointwise_conv1.bias
-    h = x @ w1.T + b1
-    g = h[:, :d] * torch.sigmoid(h[:, d:])  # GLU, (T, D)
     k = conv.depthwise_conv.kernel_size[0]
     left = k - 1 if causal else (k - 1) // 2
-    padded = torch.cat([torch.zeros(left, d), g, torch.zeros(k - 1 - left, d)])
+
+    def glu(v):
+        h = v @ w1.T + b1
+        return h[:, :d] * torch.sigmoid(h[:, d:])  # GLU, (T, D)
+
+    if pad_input:
+        padded = glu(torch.cat([torch.zeros(left, d), x, torch.zeros(k - 1 - left, d)]))
+    else:
+        padded = torch.cat([torch.zeros(left, d), glu(x), torch.zeros(k - 1 - left, d)])
     wd = conv.depthwise_conv.weight[:, 0, :]  # (D, k)
     y = torch.stack([(padded[t:t + k].T * wd).sum(-1) for t in range(x.size(0))])
     y = y + conv.depthwise_conv.bias
@@ -67,6 +74,71 @@ def test_padding_does_not_leak(causal):
     alone, _ = conv(x[1:, :8])
     assert torch.allclose(y[1, :8], alone[0], atol=1e-5)
     assert not y[1, 8:].any()
+
+
+def test_pad_input_matches_reference():
+    """WeNet's placement, causal: the left context frames pass through
+    pointwise_conv1 + GLU, so with a conv1 bias they are GLU(bias), not zeros: the
+    outputs differ from the default placement (by a clear margin) and equal the
+    independent computation."""
+    conv = init_norm(ConvolutionModule(6, 5, norm="layer_norm", causal=True, pad_input=True))
+    with torch.no_grad():
+        conv.pointwise_conv1.bias.uniform_(0.5, 1.0)
+    x = torch.randn(1, 9, 6)
+    y, cache = conv(x)
+    want = reference(conv, x[0], True, pad_input=True)
+    assert torch.allclose(y[0], want, atol=1e-5)
+    assert (want - reference(conv, x[0], True, pad_input=False)).abs().max() > 1e-2
+    assert torch.equal(cache[0], x[0, -4:].T)  # the last kernel-1 module inputs
+    # without a conv1 bias both placements agree: GLU(0 * W + 0) = 0
+    with torch.no_grad():
+        conv.pointwise_conv1.bias.zero_()
+    y, _ = conv(x)
+    assert torch.allclose(y[0], reference(conv, x[0], True, pad_input=False), atol=1e-5)
+
+
+def test_pad_input_noncausal():
+    """Symmetric kernel: the depthwise convolution's own zero padding (after the GLU)
+    as by default, but padding frames are masked at the input, so they reach valid
+    frames near the end as GLU(bias), as in WeNet."""
+    conv = init_norm(ConvolutionModule(6, 5, norm="batch_norm", causal=False, pad_input=True))
+    with torch.no_grad():
+        conv.pointwise_conv1.bias.uniform_(0.5, 1.0)
+    x = torch.randn(2, 12, 6)
+    y, _ = conv(x[:1])
+    assert torch.allclose(y[0], reference(conv, x[0], False), atol=1e-5)
+    x[1, 8:] = 50.0
+    mask = torch.tensor([[True] * 12, [True] * 8 + [False] * 4]).unsqueeze(1)
+    y, _ = conv(x, mask)
+    zeroed = x[1:].clone()
+    zeroed[0, 8:] = 0.0
+    as_zero_frames, _ = conv(zeroed)
+    assert torch.allclose(y[1, :8], as_zero_frames[0, :8], atol=1e-5)
+    alone, _ = conv(x[1:, :8])
+    assert (y[1, 6:8] - alone[0, 6:8]).abs().max() > 1e-3
+    assert not y[1, 8:].any()
+
+
+def test_pad_input_streaming_and_padding():
+    conv = init_norm(ConvolutionModule(6, 5, norm="batch_norm", causal=True, pad_input=True))
+    with torch.no_grad():
+        conv.pointwise_conv1.bias.uniform_(0.5, 1.0)
+    x = torch.randn(2, 20, 6)
+    full, _ = conv(x[:1])
+    outs, cache = [], torch.zeros((0, 0, 0))
+    no_mask = torch.ones((0, 0, 0), dtype=torch.bool)
+    for a, b in [(0, 3), (3, 4), (4, 13), (13, 20)]:
+        y, cache = conv(x[:1, a:b], no_mask, cache)
+        assert cache.shape == (1, 6, 4)
+        outs.append(y)
+    assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
+    # causal: padding at the end cannot reach valid frames
+    x[1, 12:] = 50.0
+    mask = torch.tensor([[True] * 20, [True] * 12 + [False] * 8]).unsqueeze(1)
+    y, _ = conv(x, mask)
+    alone, _ = conv(x[1:, :12])
+    assert torch.allclose(y[1, :12], alone[0], atol=1e-5)
+    assert not y[1, 12:].any()
 
 
 def test_errors():
