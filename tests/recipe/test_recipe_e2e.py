@@ -139,3 +139,34 @@ def test_shards_and_two_phase_training(corpus, tmp_path):
     r = subprocess.run(["bash", "run.sh", "--stage", "0", "--no_such_option", "1"], cwd=ws, capture_output=True,
                        text=True, env=env())
     assert r.returncode == 1 and "unknown option --no_such_option" in r.stderr
+
+
+@pytest.mark.slow
+def test_upcycle_from(corpus, tmp_path):
+    """Dense tiny model (1 epoch) -> `wenet-moe upcycle` (4 experts, top-2) -> stage 4
+    with --upcycle_from: the MoE model comes from the upcycled train.yaml, training
+    starts from its weights, training settings come from --train_config."""
+    import yaml
+    ws = workspace(tmp_path / "ws")
+    run_recipe(ws, corpus, "--stage", "0", "--stop_stage", "3")
+    r = subprocess.run([sys.executable, "local/fill_config.py", "conf/train_demo_tiny.yaml", "dense.yaml",
+                        "encoder_conf.mlp_type=position_wise_feed_forward",
+                        "decoder_conf.mlp_type=position_wise_feed_forward", "max_epoch=1"],
+                       cwd=ws, capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    run_recipe(ws, corpus, "--stage", "4", "--stop_stage", "4", "--train_config", "dense.yaml",
+               "--dir", "exp/dense")
+    r = subprocess.run([sys.executable, "-m", "wenet_moe", "upcycle", "--config", "exp/dense/train.yaml",
+                        "--checkpoint", "exp/dense/0.pt", "--output_dir", "exp/up", "--n_expert", "4",
+                        "--n_expert_activated", "2", "--router", "topk"],
+                       cwd=ws, capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    r = run_recipe(ws, corpus, "--stage", "4", "--stop_stage", "4", "--dir", "exp/moe_up",
+                   "--upcycle_from", "exp/up")
+    assert f"loaded weights from {ws / 'exp' / 'up' / 'final.pt'}" in r.stderr
+    conf = yaml.safe_load((ws / "exp" / "moe_up" / "train.yaml").read_text(encoding="utf-8"))
+    assert conf["encoder_conf"]["mlp_type"] == "moe" and conf["encoder_conf"]["n_expert"] == 4
+    assert conf["decoder_conf"]["n_expert_activated"] == 2
+    assert conf["max_epoch"] == 2            # from conf/train_demo_tiny.yaml, not the dense run
+    assert conf["tokenizer_conf"]["symbol_table_path"] == str(ws / "exp" / "up" / "units.txt")
+    assert (ws / "exp" / "moe_up" / "1.pt").is_file()

@@ -23,6 +23,9 @@ num_workers=2
 prefetch=4
 cpu_procs=1              # no GPU: training processes (gloo DDP when > 1), nj/cpu_procs threads each
 checkpoint=              # initialise training from these weights (optional)
+upcycle_from=            # `wenet-moe upcycle` output dir: stage 4 trains its MoE model from
+                         # its weights (model blocks, units and CMVN from its train.yaml;
+                         # training settings from $train_config)
 tensorboard_dir=tensorboard
 seed=
 
@@ -171,6 +174,16 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   mkdir -p $dir
   cp -p $dict data/train/global_cmvn $dir/ 2>/dev/null || true
   paths=(tokenizer_conf.symbol_table_path=$(pwd)/$dict cmvn_conf.cmvn_file=$(pwd)/data/train/global_cmvn)
+  if [ -n "$upcycle_from" ]; then
+    # the upcycled model brings its own vocabulary, CMVN and features
+    [ -f "$upcycle_from/train.yaml" ] && [ -f "$upcycle_from/final.pt" ] || {
+      echo "run.sh: --upcycle_from $upcycle_from: no train.yaml + final.pt (run wenet-moe upcycle)" >&2; exit 1; }
+    up=$(cd "$upcycle_from" && pwd)
+    paths=(--model_from $up/train.yaml tokenizer_conf.symbol_table_path=$up/units.txt)
+    [ -f $up/global_cmvn ] && paths+=(cmvn_conf.cmvn_file=$up/global_cmvn)
+    [ -n "$checkpoint" ] || checkpoint=$up/final.pt
+    log 4 "starting from the upcycled model $up (weights $checkpoint)"
+  fi
   if [ "$two_phase" = true ]; then
     max_epoch=$(max_epoch_of $train_config)
     p1=${phase1_epochs:-$(( (max_epoch + 1) / 2 ))}

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Copy a training YAML with some keys set (the recipe fills in data paths).
 
-    fill_config.py IN.yaml OUT.yaml key.sub=value ...
+    fill_config.py IN.yaml OUT.yaml [--model_from MODEL.yaml] key.sub=value ...
 
-Values are parsed as YAML (`true`, `16`, `null`, `[1, 2]`); dotted keys create
+`--model_from` replaces the model-defining blocks of IN (encoder, decoder, ctc, cmvn,
+model, tokenizer and their *_conf except model_conf, moe_conf,
+dataset_conf.fbank_conf and resample_conf) by those of MODEL.yaml (e.g. the
+train.yaml of `wenet-moe upcycle`), keeping IN's training settings (model_conf's
+loss weights included). Values are parsed as YAML (`true`, `16`, `null`, `[1, 2]`); dotted keys create
 missing mappings. OUT is rewritten only when its content changes (so a rerun
 leaves its mtime alone), atomically. Prints the value of a key with --get KEY.
 """
@@ -37,13 +41,32 @@ def get_dotted(conf: dict, dotted: str):
     return node
 
 
+MODEL_BLOCKS = ("encoder", "encoder_conf", "decoder", "decoder_conf", "ctc", "ctc_conf", "cmvn",
+                "cmvn_conf", "model", "moe_conf", "tokenizer", "tokenizer_conf")
+
+
+def take_model(conf: dict, model: dict) -> None:
+    """Model-defining blocks of `model` replace those of `conf` (see the docstring)."""
+    for key in MODEL_BLOCKS:
+        conf.pop(key, None)
+        if key in model:
+            conf[key] = model[key]
+    ds = dict(conf.get("dataset_conf") or {})
+    for key in ("fbank_conf", "resample_conf"):
+        ds.pop(key, None)
+        if key in (model.get("dataset_conf") or {}):
+            ds[key] = model["dataset_conf"][key]
+    conf["dataset_conf"] = ds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="input YAML")
     p.add_argument("output", nargs="?", default="", help="output YAML")
     p.add_argument("assignments", nargs="*", help="key.sub=value")
     p.add_argument("--get", default="", help="print the value of this dotted key and exit")
-    a = p.parse_args(argv)
+    p.add_argument("--model_from", default="", help="take the model blocks from this YAML")
+    a = p.parse_intermixed_args(argv)
     try:
         with open(a.config, encoding="utf-8") as f:
             conf = yaml.safe_load(f) or {}
@@ -57,6 +80,9 @@ def main(argv=None) -> int:
             return 0
         if not a.output:
             raise ValueError("an output file is required")
+        if a.model_from:
+            with open(a.model_from, encoding="utf-8") as f:
+                take_model(conf, yaml.safe_load(f) or {})
         for item in a.assignments:
             if "=" not in item:
                 raise ValueError(f"expected key=value, got {item!r}")
