@@ -19,6 +19,7 @@ COMMANDS = {
     "moe-heatmap": "plot per-layer expert load of a checkpoint over a data list (PNG)",
     "import-wenet": "import a WeNet model directory (dense or WeNet-MoE) as a model directory",
     "upcycle": "turn a dense checkpoint into an MoE one (every expert a copy of the FFN)",
+    "export-wenet": "write a dense model as a WeNet model directory (WeNet's keys and config)",
 }
 
 
