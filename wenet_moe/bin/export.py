@@ -6,7 +6,9 @@
 
 ONNX writes encoder.onnx, ctc.onnx, decoder.onnx (WeNet runtime), model.onnx and
 model_streaming.onnx (sherpa-onnx `from_wenet_ctc`), units.txt and tokens.txt;
-TorchScript writes final.zip. Everything is verified against PyTorch before it
+TorchScript writes final.zip. `--wenet_runtime` writes instead only what WeNet's C++
+runtime loads (encoder.onnx, ctc.onnx, decoder.onnx with its 3 inputs, units.txt;
+see wenet_moe/export/wenet_runtime.py). Everything is verified against PyTorch before it
 is moved into --output_dir; on failure nothing there changes.
 """
 from __future__ import annotations
@@ -27,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="left chunks kept in the attention cache (-1: all); metadata")
     parser.add_argument("--quantize", default=None, choices=["int8"],
                         help="also write dynamically int8-quantized copies")
+    parser.add_argument("--wenet_runtime", action="store_true",
+                        help="ONNX for WeNet's C++ runtime: encoder/ctc/decoder.onnx with its "
+                             "interface (decoder without a reverse_weight input, no att_mask "
+                             "input when --num_decoding_left_chunks <= 0)")
     parser.add_argument("--reverse_weight", type=float, default=None,
                         help="right-to-left decoder weight for rescoring (metadata; default "
                              "model_conf.reverse_weight)")
@@ -35,10 +41,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from wenet_moe.export import export_model
 
+    if args.wenet_runtime:
+        return _wenet_runtime(args)
     report = export_model(args.config, args.checkpoint, args.output_dir, args.format,
                           args.chunk_size, args.num_decoding_left_chunks, args.quantize,
                           args.reverse_weight)
     for key, value in report.items():
         print(f"wenet-moe export: check {key}: {value:.3g}", file=sys.stderr)
     print(f"wenet-moe export: wrote {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def _wenet_runtime(args: argparse.Namespace) -> int:
+    from wenet_moe.export.common import build_and_load, load_configs
+    from wenet_moe.export.wenet_runtime import export_wenet_runtime
+
+    if args.format != "onnx" or args.quantize:
+        raise ValueError("--wenet_runtime writes fp32 ONNX only (no --format torchscript, "
+                         "no --quantize)")
+    raw, configs = load_configs(args.config)
+    model = build_and_load(configs, args.checkpoint)
+    report = export_wenet_runtime(model, configs, raw, args.output_dir, args.chunk_size,
+                                  args.num_decoding_left_chunks, args.reverse_weight)
+    for key, value in report.items():
+        print(f"wenet-moe export: check {key}: {value:.3g}", file=sys.stderr)
+    print(f"wenet-moe export: wrote {args.output_dir} (WeNet runtime)", file=sys.stderr)
     return 0
