@@ -312,3 +312,27 @@ def test_cli_and_transcribe_ready(wenet_dirs, tmp_path, capsys):
                                    torch.from_numpy(ref["feats_lens_s"]), -1, -1)
     _close("enc_full_s via transcribe's loader", out_enc.numpy(), ref["enc_full_s"])
     assert json.loads(json.dumps(configs["moe_conf"])) == {"router": "topk", "router_bias": False}
+
+
+def test_cmvn_file_must_match_checkpoint_and_may_be_missing(wenet_dirs, tmp_path):
+    src = tmp_path / "wenet"
+    shutil.copytree(wenet_dirs["dense"], src)
+    stats = json.load(open(src / "global_cmvn"))
+    stats["mean_stat"][3] += 1000.0
+    json.dump(stats, open(src / "global_cmvn", "w"))
+    with pytest.raises(ValueError, match=r"global_cmvn.*encoder\.global_cmvn\.mean"):
+        import_wenet(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    # without the file, the statistics come from the checkpoint's buffers
+    os.unlink(src / "global_cmvn")
+    import_wenet(str(src), str(tmp_path / "out"))
+    _, configs = load_configs(str(tmp_path / "out" / "train.yaml"))
+    model = build_and_load(configs, str(tmp_path / "out" / "final.pt"))
+    from wenet_moe.layers.cmvn import load_cmvn
+    mean, istd = load_cmvn(configs["cmvn_conf"]["cmvn_file"])
+    ref = np.load(os.path.join(BUNDLE, "dense", "reference.npz"))
+    assert np.abs(mean - ref["cmvn_mean"]).max() <= 1e-5 * np.abs(ref["cmvn_mean"]).max()
+    assert np.abs(istd - ref["cmvn_istd"]).max() <= 1e-5 * np.abs(ref["cmvn_istd"]).max()
+    with torch.no_grad():
+        out, _ = model.encoder(*_inputs(ref, "s"), -1, -1)
+    _close("enc_full_s (CMVN from buffers)", out.numpy(), ref["enc_full_s"])

@@ -129,7 +129,7 @@ def upcycle(config: str, checkpoint: str, output_dir: str, n_expert: int,
     directory renamed at the end). Returns a report (`new_parameters`, `parameters`)."""
     from wenet_moe.model import build_model
     from wenet_moe.model.loading import load_configs
-    from wenet_moe.train.checkpoint import atomic_torch_save, extract_state_dict, load_checkpoint
+    from wenet_moe.train.checkpoint import extract_state_dict, load_checkpoint
 
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}")
@@ -141,20 +141,48 @@ def upcycle(config: str, checkpoint: str, output_dir: str, n_expert: int,
     dense_sd = extract_state_dict(load_checkpoint(checkpoint), checkpoint)
     moe_raw = upcycle_config(raw, n_expert, n_expert_activated, router)
     moe_resolved = upcycle_config(configs, n_expert, n_expert_activated, router)
-    if configs.get("cmvn") is not None and not (configs.get("cmvn_conf") or {}).get("cmvn_file"):
-        raise ConfigError(f"{config}: cmvn_conf.cmvn_file not found")
-    torch.manual_seed(seed)
-    model = build_model(moe_resolved)
-    if router_init == "zero":
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".router." in name:
-                    p.zero_()
-    generator = torch.Generator().manual_seed(seed)
-    scale = n_expert / n_expert_activated if scale_experts else 1.0
-    sd = upcycle_state_dict(dense_sd, model, noise, generator, scale)
-    model.load_state_dict(sd, strict=True)
-    fresh = new_parameters(dense_sd, sd)
+    with tempfile.TemporaryDirectory(prefix="wenet-moe-upcycle.") as scratch:
+        _restore_cmvn_file(moe_resolved, moe_raw, dense_sd, scratch, config)
+        torch.manual_seed(seed)
+        model = build_model(moe_resolved)
+        if router_init == "zero":
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".router." in name:
+                        p.zero_()
+        generator = torch.Generator().manual_seed(seed)
+        scale = n_expert / n_expert_activated if scale_experts else 1.0
+        sd = upcycle_state_dict(dense_sd, model, noise, generator, scale)
+        model.load_state_dict(sd, strict=True)
+        _write(model, moe_raw, moe_resolved, output_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    logging.info("upcycle: %s -> %s (%d experts, top-%d, %s router; %d parameters)",
+                 checkpoint, output_dir, n_expert, n_expert_activated, router, n_params)
+    return {"new_parameters": new_parameters(dense_sd, sd), "parameters": n_params}
+
+
+def _restore_cmvn_file(resolved: Dict[str, Any], raw: Dict[str, Any],
+                       dense_sd: Dict[str, torch.Tensor], scratch: str, config: str) -> None:
+    """When the config's CMVN file is gone, write the checkpoint's CMVN buffers as a
+    JSON file in `scratch` and point the resolved config at it."""
+    if resolved.get("cmvn") is None or (resolved.get("cmvn_conf") or {}).get("cmvn_file"):
+        return
+    from wenet_moe.interop.wenet_import import _cmvn_file_from_buffers
+
+    mean, istd = dense_sd.get("encoder.global_cmvn.mean"), dense_sd.get("encoder.global_cmvn.istd")
+    if mean is None or istd is None:
+        raise ConfigError(f"{config}: cmvn_conf.cmvn_file not found and the checkpoint has no "
+                          f"CMVN buffers")
+    path = os.path.join(scratch, "global_cmvn")
+    _cmvn_file_from_buffers(mean, istd, path)
+    resolved["cmvn_conf"] = dict(resolved.get("cmvn_conf") or {}, cmvn_file=path, is_json_cmvn=True)
+    raw["cmvn_conf"] = dict(raw.get("cmvn_conf") or {}, is_json_cmvn=True)
+
+
+def _write(model: torch.nn.Module, moe_raw: Dict[str, Any], moe_resolved: Dict[str, Any],
+           output_dir: str) -> None:
+    """train.yaml, final.pt, units.txt and the CMVN file, via a renamed temporary dir."""
+    from wenet_moe.train.checkpoint import atomic_torch_save
 
     final_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(final_dir)
@@ -180,7 +208,3 @@ def upcycle(config: str, checkpoint: str, output_dir: str, n_expert: int,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_params = sum(p.numel() for p in model.parameters())
-    logging.info("upcycle: %s -> %s (%d experts, top-%d, %s router; %d parameters)",
-                 checkpoint, output_dir, n_expert, n_expert_activated, router, n_params)
-    return {"new_parameters": fresh, "parameters": n_params}

@@ -39,7 +39,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -63,7 +63,7 @@ FIXED_OPTIONS: Dict[str, Any] = {
     "conv_norm_eps": 1e-5, "n_kv_head": None, "head_dim": None, "final_norm": True,
     "conv_inner_factor": 2, "src_attention": True, "tie_word_embedding": False,
     "positionwise_conv_kernel_size": 1, "interctc_layer_idx": [], "interctc_use_conditioning": False,
-    "cnn_module_norm_eps": 1e-5, "stochastic_depth_rate": 0.0,
+    "stochastic_depth_rate": 0.0,
 }
 # WeNet options with no numerical effect at inference, dropped
 NO_EFFECT_OPTIONS = ("gradient_checkpointing", "use_sdpa")
@@ -276,7 +276,7 @@ def import_wenet(wenet_dir: str, output_dir: str, checkpoint: Optional[str] = No
         raise FileExistsError(f"{output_dir}: exists and is not empty")
     wenet = load_yaml(config_path)
     configs = translate_config(wenet, config_path)
-    dropped = sorted(k for k in wenet if k not in MODEL_KEYS and k != "dataset_conf")
+    dropped = sorted(k for k in wenet if k not in MODEL_KEYS + ("dataset_conf", "vocab_size"))
 
     def beside(name: Optional[str], what: str, required: bool) -> Optional[str]:
         """A file named in the config: as given, else by file name in wenet_dir."""
