@@ -281,6 +281,22 @@ def test_unsupported_option_is_an_error(wenet_dirs):
         translate_config(conf)
 
 
+def test_unimplemented_encoder_option_names_file_and_key(wenet_dirs, tmp_path):
+    src = tmp_path / "wenet"
+    shutil.copytree(wenet_dirs["dense"], src)
+    conf = yaml.safe_load(open(src / "train.yaml"))
+    conf["encoder_conf"]["conv_module_type"] = "fancy"
+    yaml.safe_dump(conf, open(src / "train.yaml", "w"))
+    with pytest.raises(ValueError, match=r"train\.yaml: unknown key 'encoder_conf\.conv_module_type'"):
+        import_wenet(str(src), str(tmp_path / "out"))
+    conf["encoder_conf"].pop("conv_module_type")
+    conf["encoder"] = "squeezeformer"
+    yaml.safe_dump(conf, open(src / "train.yaml", "w"))
+    with pytest.raises(ValueError, match=r"train\.yaml: unknown encoder 'squeezeformer'"):
+        import_wenet(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_key_and_shape_errors(imported, wenet_dirs):
     _, model, _ = imported["dense"]
     sd = torch.load(os.path.join(wenet_dirs["dense"], "final.pt"), map_location="cpu")

@@ -335,7 +335,10 @@ def import_wenet(wenet_dir: str, output_dir: str, checkpoint: Optional[str] = No
             cmvn["cmvn_file"] = os.path.join(final_dir, cmvn_name)
             configs["cmvn_conf"] = cmvn
         build_conf["tokenizer_conf"] = dict(tok, symbol_table_path=os.path.join(tmp, "units.txt"))
-        model = build_model(build_conf)
+        try:
+            model = build_model(build_conf)
+        except ConfigError as e:  # an option this toolkit does not implement
+            raise ConfigError(f"{config_path}: {e}") from None
         sd = map_state_dict(wenet_sd, model, ckpt)
         if configs.get("cmvn") is not None:
             _check_cmvn(model, sd, cmvn_src or ckpt)
