@@ -17,24 +17,11 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from wenet_moe.layers.activation import get_activation
+from wenet_moe.layers.moe import MoEFactory
+
 DENSE_TYPES = ("position_wise_feed_forward", "dense")
 MOE_TYPES = ("moe",)
-
-
-def get_activation(name: str) -> nn.Module:
-    """Activation module by WeNet's `activation_type` name."""
-    table = {
-        "relu": nn.ReLU,
-        "swish": nn.SiLU,
-        "silu": nn.SiLU,
-        "gelu": nn.GELU,
-        "tanh": nn.Tanh,
-        "hardtanh": nn.Hardtanh,
-        "selu": nn.SELU,
-    }
-    if name not in table:
-        raise ValueError(f"unknown activation_type '{name}' (choose from {', '.join(sorted(table))})")
-    return table[name]()
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -90,9 +77,8 @@ class FFNFactory:
         self.activation = activation
         self.mlp_type = mlp_type
         self.is_moe = mlp_type in MOE_TYPES
-        self._moe = None
+        self._moe: Optional[MoEFactory] = None
         if self.is_moe:
-            from wenet_moe.layers.moe import MoEFactory
             self._moe = MoEFactory(idim, hidden_units, dropout_rate, activation,
                                    n_expert, n_expert_activated, moe_conf or {},
                                    frame_embedding)

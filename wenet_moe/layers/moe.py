@@ -47,7 +47,7 @@ from torch import nn
 
 from wenet_moe.config import ConfigError
 from wenet_moe.layers import cpu_kernel
-from wenet_moe.layers.ffn import get_activation
+from wenet_moe.layers.activation import get_activation
 from wenet_moe.layers.moe_router import (ALL_FRAMES_ROWS, LAST_EMBEDDING, LAST_ROUTING, RouteEmbedding,
                                          Router, balance_loss, frame_mask, importance_loss,
                                          resolve_moe_conf, sparsity_loss)
