@@ -73,6 +73,36 @@ def test_switch_gate_is_full_softmax_probability():
     assert gates.item() == pytest.approx(math.exp(3.0) / z, abs=1e-6)
 
 
+@pytest.mark.parametrize("router", ["topk", "omni"])
+def test_top1_gate_is_full_softmax_probability_and_router_learns(router):
+    """k = 1: a softmax over the one selected logit would be 1 for every frame, leaving
+    the router without gradient from the main loss; the gate is the full-softmax
+    probability of the chosen expert instead (Switch-style), for topk and omni alike."""
+    torch.manual_seed(0)
+    _, layer = make_layer(router, n_expert=3, k=1, dim=2, balance_weight=0.0)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        layer.router.gate.bias.zero_()
+    _, top_idx, gates = layer.route(torch.tensor([[2.0, 1.0]]), EMPTY)
+    assert top_idx.tolist() == [[2]]
+    z = math.exp(2.0) + math.exp(1.0) + math.exp(3.0)
+    assert gates.item() == pytest.approx(math.exp(3.0) / z, abs=1e-6)
+    # the main loss alone (no auxiliary loss) moves the router
+    x = torch.randn(2, 5, 2)
+    layer(x, EMPTY).pow(2).sum().backward()
+    assert layer.router.gate.weight.grad.abs().sum().item() > 1e-4
+    assert layer.router.gate.bias.grad.abs().sum().item() > 1e-4
+    # k = 2 keeps the paper's gates: softmax over the two selected logits
+    _, layer2 = make_layer(router, n_expert=3, k=2, dim=2)
+    with torch.no_grad():
+        layer2.router.gate.weight.copy_(layer.router.gate.weight)
+        layer2.router.gate.bias.zero_()
+    _, top2, gates2 = layer2.route(torch.tensor([[2.0, 1.0]]), EMPTY)
+    assert top2.tolist() == [[2, 0]]
+    g = math.exp(3.0) / (math.exp(3.0) + math.exp(2.0))
+    assert torch.allclose(gates2, torch.tensor([[g, 1 - g]]), atol=1e-6)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("router,k", [("topk", 2), ("topk", 1), ("switch", 1), ("omni", 3),
                                       ("speechmoe", 2)])

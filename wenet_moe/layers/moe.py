@@ -110,9 +110,11 @@ class MoEFFN(nn.Module):
         self.n_expert = n_expert
         self.n_expert_activated = n_expert_activated
         self.router_kind = router_kind
-        # topk / omni: softmax over the selected logits; switch / speechmoe: gates are
-        # the full-softmax probabilities of the chosen experts.
-        self.renormalize = router_kind in ("topk", "omni")
+        # topk / omni with k >= 2: softmax over the selected logits; switch / speechmoe,
+        # and topk / omni with k = 1: gates are the full-softmax probabilities of the
+        # chosen experts (a softmax over one logit is always 1: the router would get no
+        # gradient from the main loss).
+        self.renormalize = router_kind in ("topk", "omni") and n_expert_activated > 1
         self.use_route_emb = use_route_emb
         self.capacity_factor = float(capacity_factor)
         # eager all-frames path when frames per used expert (N*k/E_used) <= this
