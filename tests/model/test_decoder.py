@@ -152,3 +152,21 @@ def test_omni_router_shared_by_both_directions(tmp_path):
         for a, b in zip(omni(memory, memory_mask, ys, ys_lens, r_ys, 0.5),
                         scripted(memory, memory_mask, ys, ys_lens, r_ys, 0.5)):
             torch.testing.assert_close(a, b)
+
+
+def test_decoder_hands_valid_positions_to_every_moe_ffn():
+    """Teacher forcing: every MoE FFN of both directions gets the (B, 1, L) mask of the
+    valid target positions (for the capacity limit)."""
+    from wenet_moe.layers.moe import MoEFFN
+    dec = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=2,
+                   moe_conf={"router": "topk", "capacity_factor": 1.0}).train()
+    seen = []
+    for module in dec.modules():
+        if isinstance(module, MoEFFN):
+            module.register_forward_pre_hook(lambda m, args: seen.append(args[2].clone()))
+    memory, memory_mask, ys, ys_lens = _inputs()
+    dec(memory, memory_mask, ys, ys_lens, torch.flip(ys, [1]), 0.5)
+    want = (torch.arange(ys.size(1))[None] < ys_lens[:, None]).unsqueeze(1)
+    assert len(seen) == 3
+    for mask in seen:
+        assert torch.equal(mask, want)

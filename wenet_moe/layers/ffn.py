@@ -4,11 +4,13 @@ All FFNs of the encoder and both decoders are created by one `FFNFactory`, keyed
 `mlp_type`; `mlp_type: moe` swaps every one of them for an MoE FFN by configuration
 alone. Every FFN module has the same call signature:
 
-    ffn(xs: Tensor (B, T, D), route_emb: Tensor) -> Tensor (B, T, D)
+    ffn(xs: Tensor (B, T, D), route_emb: Tensor, mask_pad: Tensor = empty) -> Tensor (B, T, D)
 
 `route_emb` is the per-frame shared embedding that SpeechMoE routers concatenate to
 their input, shape (B, T, E); every other FFN ignores it, and callers pass an empty
-tensor (`torch.zeros(0)`) when there is none.
+tensor (`torch.zeros(0)`) when there is none. `mask_pad` is the bool (B, 1, T) mask of
+valid (non-padding) frames, or an empty tensor when all are valid; the MoE capacity
+limit counts and keeps valid frames only, other FFNs ignore it.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.w_2 = nn.Linear(hidden_units, idim)
 
-    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor,
+                mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool)) -> torch.Tensor:
         return self.w_2(self.dropout(self.activation(self.w_1(xs))))
 
 
