@@ -73,6 +73,36 @@ def test_switch_gate_is_full_softmax_probability():
     assert gates.item() == pytest.approx(math.exp(3.0) / z, abs=1e-6)
 
 
+@pytest.mark.parametrize("router", ["topk", "omni"])
+def test_top1_gate_is_full_softmax_probability_and_router_learns(router):
+    """k = 1: a softmax over the one selected logit would be 1 for every frame, leaving
+    the router without gradient from the main loss; the gate is the full-softmax
+    probability of the chosen expert instead (Switch-style), for topk and omni alike."""
+    torch.manual_seed(0)
+    _, layer = make_layer(router, n_expert=3, k=1, dim=2, balance_weight=0.0)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        layer.router.gate.bias.zero_()
+    _, top_idx, gates = layer.route(torch.tensor([[2.0, 1.0]]), EMPTY)
+    assert top_idx.tolist() == [[2]]
+    z = math.exp(2.0) + math.exp(1.0) + math.exp(3.0)
+    assert gates.item() == pytest.approx(math.exp(3.0) / z, abs=1e-6)
+    # the main loss alone (no auxiliary loss) moves the router
+    x = torch.randn(2, 5, 2)
+    layer(x, EMPTY).pow(2).sum().backward()
+    assert layer.router.gate.weight.grad.abs().sum().item() > 1e-4
+    assert layer.router.gate.bias.grad.abs().sum().item() > 1e-4
+    # k = 2 keeps the paper's gates: softmax over the two selected logits
+    _, layer2 = make_layer(router, n_expert=3, k=2, dim=2)
+    with torch.no_grad():
+        layer2.router.gate.weight.copy_(layer.router.gate.weight)
+        layer2.router.gate.bias.zero_()
+    _, top2, gates2 = layer2.route(torch.tensor([[2.0, 1.0]]), EMPTY)
+    assert top2.tolist() == [[2, 0]]
+    g = math.exp(3.0) / (math.exp(3.0) + math.exp(2.0))
+    assert torch.allclose(gates2, torch.tensor([[g, 1 - g]]), atol=1e-6)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("router,k", [("topk", 2), ("topk", 1), ("switch", 1), ("omni", 3),
                                       ("speechmoe", 2)])
@@ -166,6 +196,97 @@ def test_capacity_factor_drops_overflow_in_training_only():
         # capacity = ceil(1.0 * 6 / 2) = 3: the first three frames keep their output
         assert torch.allclose(capped[0, :3], full[0, :3], atol=1e-6)
         assert torch.equal(capped[0, 3:], torch.zeros(3, 6))
+
+
+def capacity_reference(layer, x, lengths):
+    """Independent frame loop: valid frames in flattened (utterance, time) order, each
+    expert keeps its first ceil(cf * N_valid * k / E) assignments; padding is never kept."""
+    batch, time, dim = x.shape
+    flat = x.reshape(-1, dim)
+    logits, top_idx, gates = layer.route(flat, EMPTY)
+    n_valid = int(sum(lengths))
+    cap = math.ceil(layer.capacity_factor * n_valid * layer.n_expert_activated / layer.n_expert)
+    taken = [0] * layer.n_expert
+    out = torch.zeros_like(flat)
+    for b in range(batch):
+        for t in range(lengths[b]):
+            row = b * time + t
+            for j in range(layer.n_expert_activated):
+                e = int(top_idx[row, j])
+                if taken[e] < cap:
+                    taken[e] += 1
+                    h = torch.relu(flat[row] @ layer.w1[e] + layer.b1[e])
+                    out[row] += gates[row, j] * (h @ layer.w2[e] + layer.b2[e])
+    return out.view(batch, time, dim)
+
+
+def _padded(lengths, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), max(lengths), dim, generator=g)   # padding frames are not zero
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).unsqueeze(1)
+    return x, mask
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_capacity_counts_valid_frames_only(grad):
+    """Every frame wants expert 0; capacity ceil(1.0 * 9 valid / 2) = 5. The first
+    utterance's padding must not take the slots of the second utterance's real frames:
+    its first two frames are kept exactly as when the batch has no padding at all."""
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=2, k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.bias.copy_(torch.tensor([1.0, 0.0]))
+    x, mask = _padded([3, 6], 6)
+    unpadded = torch.cat([x[0, :3], x[1]]).unsqueeze(0)          # (1, 9, 6), no padding
+    layer.train()
+    with torch.set_grad_enabled(grad):
+        got = layer(x, EMPTY, mask)
+        alone = layer(unpadded, EMPTY)
+        want = capacity_reference(layer, x, [3, 6])
+    assert torch.allclose(got[0, :3], alone[0, :3], atol=1e-6)
+    assert torch.allclose(got[1], alone[0, 3:], atol=1e-6)
+    assert got[1, :2].abs().min() > 0 and torch.equal(got[1, 2:], torch.zeros(4, 6))
+    assert torch.equal(got[0, 3:], torch.zeros(3, 6))               # padding never kept
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("omni", 3)])
+def test_capacity_with_padding_matches_frame_loop(router, k):
+    """Random routing, k of 5 experts, capacity 0.6: outputs and the router's and
+    experts' gradients equal the independent frame loop; the unpadded concatenation of
+    the same utterances gives the same outputs."""
+    torch.manual_seed(1)
+    _, layer = make_layer(router, n_expert=5, k=k, capacity_factor=0.6)
+    lengths = [4, 9, 2]
+    x, mask = _padded(lengths, 6, seed=3)
+    layer.train()
+    got = layer(x, EMPTY, mask)
+    probe = torch.randn_like(got)
+    (got * probe).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    want = capacity_reference(layer, x, lengths)
+    (want * probe).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    for (name, p), g in zip(layer.named_parameters(), grads):
+        assert torch.allclose(g, p.grad, atol=1e-5), name
+    # the test is not vacuous: some valid assignment overflowed, some was kept
+    valid = torch.cat([x[b, :n] for b, n in enumerate(lengths)]).unsqueeze(0)
+    alone = layer(valid, EMPTY)
+    assert torch.allclose(torch.cat([got[b, :n] for b, n in enumerate(lengths)]), alone[0], atol=1e-5)
+    layer.capacity_factor = 0.0
+    uncapped = layer(valid, EMPTY)
+    assert not torch.allclose(uncapped, alone, atol=1e-3)
+    for b, n in enumerate(lengths):
+        assert torch.equal(got[b, n:], torch.zeros_like(got[b, n:]))
+
+
+def test_capacity_mask_of_wrong_shape_is_an_error():
+    _, layer = make_layer("topk", n_expert=2, k=1, capacity_factor=1.0)
+    layer.train()
+    with pytest.raises(ValueError, match=r"mask_pad of shape \(2, 1, 5\) does not mark the frames"):
+        layer(torch.randn(2, 4, 6), EMPTY, torch.ones(2, 1, 5, dtype=torch.bool))
 
 
 def independent_losses(logits, top_idx, mask):

@@ -95,12 +95,12 @@ def test_moe_ffn_slot_one_factory_per_stack():
     ffns = [layer.feed_forward for layer in dec.left_decoder.decoders]
     assert all(isinstance(f, MoEFFN) for f in ffns)
     assert isinstance(dec.right_decoder.decoders[0].feed_forward, MoEFFN)
-    # Omni-Router: one router per decoder stack, shared by its layers only.
+    # Omni-Router: one router for the decoders, shared by every layer of both directions
     omni = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=1,
                     moe_conf={"router": "omni"})
-    left = [layer.feed_forward.router for layer in omni.left_decoder.decoders]
-    assert left[0] is left[1]
-    assert omni.right_decoder.decoders[0].feed_forward.router is not left[0]
+    routers = [layer.feed_forward.router for stack in (omni.left_decoder, omni.right_decoder)
+               for layer in stack.decoders]
+    assert len(routers) == 3 and all(r is routers[0] for r in routers)
     memory, memory_mask, ys, ys_lens = _inputs()
     with torch.no_grad():
         out = omni(memory, memory_mask, ys, ys_lens, torch.flip(ys, [1]), 0.5)
@@ -112,3 +112,61 @@ def test_bad_settings_are_named():
         _decoder(input_layer="conv1d")
     with pytest.raises(ValueError, match="r_num_blocks"):
         _decoder(BiTransformerDecoder, r_num_blocks=0)
+
+
+def test_omni_router_shared_by_both_directions(tmp_path):
+    """One Omni-Router for the decoders: counted once among the parameters, trained by
+    both directions, saved under every layer's key with one value, and the scripted
+    decoder equals the eager one."""
+    from wenet_moe.checkpoint_io import load_model_weights
+    omni = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=2,
+                    moe_conf={"router": "omni", "balance_weight": 0.0}).train()
+    router = omni.left_decoder.decoders[0].feed_forward.router
+    per_layer = [n for n in omni.state_dict() if n.endswith("feed_forward.router.gate.weight")]
+    assert len(per_layer) == 3
+    named = [n for n, _ in omni.named_parameters() if "router" in n]
+    assert named == ["left_decoder.decoders.0.feed_forward.router.gate.weight",
+                     "left_decoder.decoders.0.feed_forward.router.gate.bias"]
+    memory, memory_mask, ys, ys_lens = _inputs()
+    r_ys = torch.flip(ys, [1])
+    # the right-to-left direction alone moves the shared router
+    _, r_logits, _ = omni(memory, memory_mask, ys, ys_lens, r_ys, 1.0)
+    omni.zero_grad()
+    r_logits.pow(2).sum().backward()
+    assert router.gate.weight.grad.abs().sum().item() > 1e-6
+    # a checkpoint round trip through state_dict keeps the sharing
+    state = omni.state_dict()
+    assert all(torch.equal(state[n], state[per_layer[0]]) for n in per_layer)
+    other = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=2,
+                     moe_conf={"router": "omni"})
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    torch.save(state, tmp_path / "dec.pt")
+    load_model_weights(other, str(tmp_path / "dec.pt"))
+    assert other.right_decoder.decoders[0].feed_forward.router is other.left_decoder.decoders[0].feed_forward.router
+    assert torch.equal(other.right_decoder.decoders[0].feed_forward.router.gate.weight, router.gate.weight)
+    omni.eval()
+    scripted = torch.jit.script(omni)
+    with torch.no_grad():
+        for a, b in zip(omni(memory, memory_mask, ys, ys_lens, r_ys, 0.5),
+                        scripted(memory, memory_mask, ys, ys_lens, r_ys, 0.5)):
+            torch.testing.assert_close(a, b)
+
+
+def test_decoder_hands_valid_positions_to_every_moe_ffn():
+    """Teacher forcing: every MoE FFN of both directions gets the (B, 1, L) mask of the
+    valid target positions (for the capacity limit)."""
+    from wenet_moe.layers.moe import MoEFFN
+    dec = _decoder(BiTransformerDecoder, mlp_type="moe", n_expert=3, n_expert_activated=2,
+                   moe_conf={"router": "topk", "capacity_factor": 1.0}).train()
+    seen = []
+    for module in dec.modules():
+        if isinstance(module, MoEFFN):
+            module.register_forward_pre_hook(lambda m, args: seen.append(args[2].clone()))
+    memory, memory_mask, ys, ys_lens = _inputs()
+    dec(memory, memory_mask, ys, ys_lens, torch.flip(ys, [1]), 0.5)
+    want = (torch.arange(ys.size(1))[None] < ys_lens[:, None]).unsqueeze(1)
+    assert len(seen) == 3
+    for mask in seen:
+        assert torch.equal(mask, want)

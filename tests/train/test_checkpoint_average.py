@@ -5,10 +5,11 @@ import pytest
 import torch
 import yaml
 
+from wenet_moe.checkpoint_io import load_model_weights
 from wenet_moe.cli import main as cli_main
 from wenet_moe.train import checkpoint as ckpt_mod
 from wenet_moe.train.average import average_state_dicts, select_checkpoints
-from wenet_moe.train.checkpoint import atomic_torch_save, load_model_weights, make_checkpoint
+from wenet_moe.train.checkpoint import atomic_torch_save, make_checkpoint
 
 
 def _net():

@@ -96,7 +96,7 @@ def test_train_writes_config_checkpoints_and_average(setup, caplog):
     assert cli_main(["average", "--dst_model", str(exp / "avg_2.pt"), "--src_path", str(exp), "--num", "2",
                      "--val_best"]) == 0
     from wenet_moe.model import build_model
-    from wenet_moe.train.checkpoint import load_model_weights
+    from wenet_moe.checkpoint_io import load_model_weights
     model = build_model(resolved)
     load_model_weights(model, str(exp / "avg_2.pt"))
     picked = sorted(range(3), key=lambda e: yaml.safe_load(open(exp / f"{e}.yaml"))["cv_loss"])[:2]
@@ -152,5 +152,5 @@ def test_torchrun_two_processes(setup, engine):
         info = yaml.safe_load(open(exp / f"{e}.yaml"))
         assert np.isfinite(info["cv_loss"]) and info["skipped"]["bad_json"] == 1
     from wenet_moe.model import build_model
-    from wenet_moe.train.checkpoint import load_model_weights
+    from wenet_moe.checkpoint_io import load_model_weights
     load_model_weights(build_model(yaml.safe_load(open(exp / "train.yaml"))), str(exp / "final.pt"))

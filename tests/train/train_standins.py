@@ -147,3 +147,77 @@ def ddp_worker(rank: int, world_size: int, port: int, model_dir: str, batch_size
     if rank == 0:
         torch.save({"model": state, "step": trainer.step}, result_path)
     cleanup_distributed(info)
+
+
+class _MoEBlock(torch.nn.Module):
+    """Pre-norm residual MoE FFN block: (B, T, D), mask (B, 1, T) -> (B, T, D)."""
+
+    def __init__(self, hidden: int, ffn: torch.nn.Module):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.ffn = ffn
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return h + self.ffn(self.norm(h), torch.zeros(0), mask)
+
+
+class ToyOmniMoEModel(torch.nn.Module):
+    """Frame-wise CTC model whose blocks are Omni-Router MoE FFNs: one router module
+    shared by every block (as in an encoder stack), top-2 of 3 experts, with the balance
+    loss. `route_gaps` collects, per forward, the smallest gap between the k-th and the
+    (k+1)-th router logit over the frames (how far routing is from a tie)."""
+
+    def __init__(self, feat_dim: int = 8, vocab: int = 6, hidden: int = 16, blocks: int = 2):
+        super().__init__()
+        from wenet_moe.layers.moe import MoEFactory
+        self.proj = torch.nn.Linear(feat_dim, hidden)
+        factory = MoEFactory(hidden, 16, 0.0, "relu", 3, 2, {"router": "omni", "balance_weight": 0.0}, False)
+        self.blocks = torch.nn.ModuleList([_MoEBlock(hidden, factory()) for _ in range(blocks)])
+        self.out = torch.nn.Linear(hidden, vocab)
+        self.route_gaps: List[float] = []
+        self.blocks[0].ffn.router.register_forward_hook(self._gap)
+
+    def _gap(self, module, args, logits) -> None:
+        top = torch.topk(logits.detach(), 3, dim=-1).values
+        self.route_gaps.append(float((top[:, 1] - top[:, 2]).min()))
+
+    def forward(self, feats, feats_lengths, target, target_lengths) -> Dict[str, torch.Tensor]:
+        from wenet_moe.layers.moe import moe_aux_losses
+        h = torch.tanh(self.proj(feats))
+        mask = (torch.arange(feats.size(1)).unsqueeze(0) < feats_lengths.unsqueeze(1)).unsqueeze(1)
+        for block in self.blocks:
+            h = block(h, mask)
+        logp = self.out(h).float().log_softmax(-1).transpose(0, 1)
+        ctc = F.ctc_loss(logp, target.clamp(min=0), feats_lengths, target_lengths, reduction="sum",
+                         zero_infinity=True) / feats.size(0)
+        out = {"loss_ctc": ctc, "th_accuracy": None}
+        loss = ctc
+        for name, (value, weight) in moe_aux_losses(self, feats_lengths, None, None).items():
+            loss = loss + weight * value
+            out[name] = value.detach()
+        out["loss"] = loss
+        return out
+
+
+def omni_worker(rank: int, world_size: int, port: int, model_dir: str, configs: Dict[str, object],
+                result_path: str, checkpoint: str = "") -> None:
+    """One rank of a 2-process gloo FSDP run of ToyOmniMoEModel (global batch 4, 2 per
+    rank); rank 0 saves the final full weights."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    from wenet_moe.train.dist import cleanup_distributed, init_distributed
+    from wenet_moe.train.fsdp import full_states
+    from wenet_moe.train.launch import run_training
+    info = init_distributed("cpu")
+    torch.manual_seed(configs["seed"])
+    model = ToyOmniMoEModel()
+    utts = make_utterances(32)
+    train = loader(ToyDataset(utts, 2, seed=3, rank=rank, world_size=world_size))
+    cv = loader(ToyDataset(utts[:8], 2, rank=rank, world_size=world_size, shuffle=False))
+    trainer = run_training(configs, model, train, cv, model_dir, "cpu", info, show_bar=False, engine="fsdp",
+                           checkpoint=checkpoint or None)
+    state = full_states(model, trainer.optimizer)["model"]
+    if rank == 0:
+        torch.save({"model": state, "step": trainer.step}, result_path)
+    cleanup_distributed(info)

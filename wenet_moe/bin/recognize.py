@@ -60,7 +60,7 @@ def test_configs(configs: Dict, batch_size: int) -> Dict:
 
 def load_model(configs: Dict, checkpoint: str, device: torch.device):
     from wenet_moe.model import build_model
-    from wenet_moe.train.checkpoint import load_model_weights
+    from wenet_moe.checkpoint_io import load_model_weights
 
     model = build_model(configs)
     load_model_weights(model, checkpoint)

@@ -4,11 +4,13 @@ All FFNs of the encoder and both decoders are created by one `FFNFactory`, keyed
 `mlp_type`; `mlp_type: moe` swaps every one of them for an MoE FFN by configuration
 alone. Every FFN module has the same call signature:
 
-    ffn(xs: Tensor (B, T, D), route_emb: Tensor) -> Tensor (B, T, D)
+    ffn(xs: Tensor (B, T, D), route_emb: Tensor, mask_pad: Tensor = empty) -> Tensor (B, T, D)
 
 `route_emb` is the per-frame shared embedding that SpeechMoE routers concatenate to
 their input, shape (B, T, E); every other FFN ignores it, and callers pass an empty
-tensor (`torch.zeros(0)`) when there is none.
+tensor (`torch.zeros(0)`) when there is none. `mask_pad` is the bool (B, 1, T) mask of
+valid (non-padding) frames, or an empty tensor when all are valid; the MoE capacity
+limit counts and keeps valid frames only, other FFNs ignore it.
 """
 from __future__ import annotations
 
@@ -17,24 +19,11 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from wenet_moe.layers.activation import get_activation
+from wenet_moe.layers.moe import MoEFactory
+
 DENSE_TYPES = ("position_wise_feed_forward", "dense")
 MOE_TYPES = ("moe",)
-
-
-def get_activation(name: str) -> nn.Module:
-    """Activation module by WeNet's `activation_type` name."""
-    table = {
-        "relu": nn.ReLU,
-        "swish": nn.SiLU,
-        "silu": nn.SiLU,
-        "gelu": nn.GELU,
-        "tanh": nn.Tanh,
-        "hardtanh": nn.Hardtanh,
-        "selu": nn.SELU,
-    }
-    if name not in table:
-        raise ValueError(f"unknown activation_type '{name}' (choose from {', '.join(sorted(table))})")
-    return table[name]()
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -55,7 +44,8 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.w_2 = nn.Linear(hidden_units, idim)
 
-    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor,
+                mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool)) -> torch.Tensor:
         return self.w_2(self.dropout(self.activation(self.w_1(xs))))
 
 
@@ -90,9 +80,8 @@ class FFNFactory:
         self.activation = activation
         self.mlp_type = mlp_type
         self.is_moe = mlp_type in MOE_TYPES
-        self._moe = None
+        self._moe: Optional[MoEFactory] = None
         if self.is_moe:
-            from wenet_moe.layers.moe import MoEFactory
             self._moe = MoEFactory(idim, hidden_units, dropout_rate, activation,
                                    n_expert, n_expert_activated, moe_conf or {},
                                    frame_embedding)

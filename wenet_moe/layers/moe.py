@@ -47,7 +47,7 @@ from torch import nn
 
 from wenet_moe.config import ConfigError
 from wenet_moe.layers import cpu_kernel
-from wenet_moe.layers.ffn import get_activation
+from wenet_moe.layers.activation import get_activation
 from wenet_moe.layers.moe_router import (ALL_FRAMES_ROWS, LAST_EMBEDDING, LAST_ROUTING, RouteEmbedding,
                                          Router, balance_loss, frame_mask, importance_loss,
                                          resolve_moe_conf, sparsity_loss)
@@ -92,7 +92,8 @@ class MoEFFN(nn.Module):
         router_kind: "topk" | "switch" | "speechmoe" | "omni".
         use_route_emb: concat `route_emb` before the layer input as router input.
         capacity_factor: > 0 caps each expert at ceil(cf * N * k / E) assignments
-            during training (overflow assignments contribute zero); 0 = off.
+            during training, N the valid frames of the batch (`mask_pad`); overflow
+            assignments and padding frames contribute zero; 0 = off.
         all_frames_rows: eager all-frames dispatch threshold (module docstring).
         packed_experts: eager CPU fp32 inference on packed experts: True (C kernel
             for small batches, oneDNN above), "kernel", "onednn" or False.
@@ -110,9 +111,11 @@ class MoEFFN(nn.Module):
         self.n_expert = n_expert
         self.n_expert_activated = n_expert_activated
         self.router_kind = router_kind
-        # topk / omni: softmax over the selected logits; switch / speechmoe: gates are
-        # the full-softmax probabilities of the chosen experts.
-        self.renormalize = router_kind in ("topk", "omni")
+        # topk / omni with k >= 2: softmax over the selected logits; switch / speechmoe,
+        # and topk / omni with k = 1: gates are the full-softmax probabilities of the
+        # chosen experts (a softmax over one logit is always 1: the router would get no
+        # gradient from the main loss).
+        self.renormalize = router_kind in ("topk", "omni") and n_expert_activated > 1
         self.use_route_emb = use_route_emb
         self.capacity_factor = float(capacity_factor)
         # eager all-frames path when frames per used expert (N*k/E_used) <= this
@@ -159,7 +162,10 @@ class MoEFFN(nn.Module):
             gates = probs.gather(1, top_idx)
         return logits, top_idx, gates
 
-    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, xs: torch.Tensor, route_emb: torch.Tensor,
+                mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool)) -> torch.Tensor:
+        """xs (B, T, D), route_emb (B, T, E_emb) or empty, mask_pad bool (B, 1, T) valid
+        frames or empty (all valid; read only by the training-time capacity) -> (B, T, D)."""
         batch, time, dim = xs.size(0), xs.size(1), xs.size(2)
         x = xs.reshape(-1, dim)
         emb = route_emb
@@ -169,7 +175,10 @@ class MoEFFN(nn.Module):
                                  "embedding (B, T, E) of the encoder input")
             emb = route_emb.reshape(-1, route_emb.size(-1))
         logits, top_idx, gates = self.route(x, emb)
-        out = self.dispatch(x, top_idx, gates)
+        valid: Optional[torch.Tensor] = None
+        if not torch.jit.is_scripting():
+            valid = self._valid_frames(mask_pad, batch, time)
+        out = self.dispatch(x, top_idx, gates, valid)
         if not torch.jit.is_scripting():
             self._record(logits, top_idx, batch, time)
         return out.view(batch, time, dim)
@@ -180,15 +189,17 @@ class MoEFFN(nn.Module):
         h = self.dropout(self.activation(h))
         return torch.addmm(self.b2[e], h, self.w2[e])
 
-    def dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Mix of the chosen experts: x (N, D), top_idx/gates (N, k) -> (N, D).
+    def dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
+                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mix of the chosen experts: x (N, D), top_idx/gates (N, k), valid (N,) bool or
+        None (eager training capacity only) -> (N, D).
 
         Eager PyTorch takes `_dispatch_eager`; TorchScript (and so the ONNX export) takes
         the path below, which uses only ops whose ONNX forms are exact: unique-key sort,
         gathers, tensor-bounded slices, a scatter of a permutation, and a sum over k.
         """
         if not torch.jit.is_scripting():
-            return self._dispatch_eager(x, top_idx, gates)
+            return self._dispatch_eager(x, top_idx, gates, valid)
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign = n_tok * k
         flat = top_idx.reshape(-1)
@@ -213,15 +224,43 @@ class MoEFFN(nn.Module):
         return y.view(n_tok, k, x.size(1)).sum(1)
 
     @torch.jit.unused
+    def _valid_frames(self, mask_pad: torch.Tensor, batch: int, time: int) -> Optional[torch.Tensor]:
+        """(B*T,) bool valid frames of `mask_pad` (B, 1, T) when the capacity is in force
+        (training, capacity_factor > 0) and a mask was given, else None."""
+        if not (self.training and self.capacity_factor > 0) or mask_pad.numel() == 0:
+            return None
+        if mask_pad.numel() != batch * time or mask_pad.size(0) != batch:
+            raise ValueError(f"MoE FFN: mask_pad of shape {tuple(mask_pad.shape)} does not mark "
+                             f"the frames of xs ({batch}, {time}, D)")
+        return mask_pad.reshape(-1).to(torch.bool)
+
+    @torch.jit.unused
+    def _capacity(self, flat: torch.Tensor, k: int, valid: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, List[int], List[int]]:
+        """Capacity-limited sorting of the assignments `flat` (N*k,) expert ids: (sort keys,
+        assignments per key, the most assignments kept per key). Each expert keeps
+        ceil(cf * N_valid * k / E) assignments, N_valid the valid frames; padding
+        assignments get the extra key E, which is never run, so they neither take an
+        expert's slot nor are kept."""
+        n_valid = flat.numel() // k if valid is None else int(valid.sum())
+        cap = int(math.ceil(self.capacity_factor * n_valid * k / self.n_expert))
+        if valid is None:
+            return flat, torch.bincount(flat, minlength=self.n_expert).tolist(), [cap] * self.n_expert
+        keys = flat.masked_fill(~valid.repeat_interleave(k), self.n_expert)
+        counts = torch.bincount(keys, minlength=self.n_expert + 1).tolist()
+        return keys, counts, [cap] * self.n_expert + [0]
+
+    @torch.jit.unused
     def _dispatch_eager(self, x: torch.Tensor, top_idx: torch.Tensor,
-                        gates: torch.Tensor) -> torch.Tensor:
+                        gates: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Eager dispatch: one stable sort, one gather, a contiguous slice per expert that
         received frames (others are skipped: their weights are never read), one
         index_add back (PyTorch accumulates duplicate indices). Without autograd the
         expert outputs are written in place into one buffer (no concatenation copy),
         by the oneDNN-packed kernels where `_packed` allows them.
         Capacity (training, capacity_factor > 0): each expert keeps its first
-        ceil(cf * N * k / E) assignments in frame order; the rest contribute zero."""
+        ceil(cf * N * k / E) assignments of valid frames (`valid`, N of them) in frame
+        order; the rest and every padding frame contribute zero (`_capacity`)."""
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign, dim = n_tok * k, x.size(1)
         # inference on CPU fp32: packed experts (rows per expert if all get some)
@@ -235,19 +274,19 @@ class MoEFFN(nn.Module):
         used = [e for e, count in enumerate(counts) if count > 0]
         if packed is None and not capped and n_assign <= self.all_frames_rows * len(used):
             return self._dispatch_all_frames(x, top_idx, gates, used)
+        limits = [n_assign] * self.n_expert       # the most assignments kept per sort key
+        if capped:
+            flat, counts, limits = self._capacity(flat, k, valid)
         order = torch.argsort(flat, stable=True)
         token = torch.div(order, k, rounding_mode="floor")
         x_sorted = x.index_select(0, token)
         gate_sorted = gates.reshape(-1).index_select(0, order).unsqueeze(1)
         bounds = list(itertools.accumulate(counts))
-        cap = n_assign
-        if capped:
-            cap = int(math.ceil(self.capacity_factor * n_assign / self.n_expert))
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             pieces: List[torch.Tensor] = []
             start = 0
             for e, end in enumerate(bounds):
-                kept = min(end - start, cap)
+                kept = min(end - start, limits[e])
                 if kept > 0:
                     pieces.append(self.expert(e, x_sorted[start:start + kept]))
                 if end - start > kept:
@@ -261,7 +300,7 @@ class MoEFFN(nn.Module):
         else:
             start = 0
             for e, end in enumerate(bounds):
-                kept = min(end - start, cap)
+                kept = min(end - start, limits[e])
                 if kept > 0 and packed is not None:
                     y_sorted[start:start + kept] = self._packed_expert(packed[1][e],
                                                                        x_sorted[start:start + kept])

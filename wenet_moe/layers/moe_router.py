@@ -1,15 +1,19 @@
 """Routers, the SpeechMoE shared frame embedding, and the MoE auxiliary losses.
 
 Router kinds (``moe_conf.router``):
-  topk       U2++ MoE: top-k, gates = softmax over the k selected logits, no aux loss.
+  topk       U2++ MoE: top-k, gates = softmax over the k selected logits, no aux loss;
+             with k = 1 the gate is the full-softmax probability of the chosen expert
+             (as switch), since a softmax over one logit is 1 and leaves the router
+             without gradient.
   switch     Switch Transformer: gates = full-softmax probability of each chosen expert
              (top-1 in the paper), balance loss ``n * sum_i s_i * P_i``.
   speechmoe  SpeechMoE: router input concat(shared embedding, layer input); gates =
              full-softmax probabilities; sparsity L1 loss on the L2-normalised router
              distribution and mean-importance loss ``n * sum_j Imp_j^2``; the embedding
              network is trained with its own CTC loss.
-  omni       Omni-Router: top-k as `topk` with ONE router module shared by every MoE
-             layer of a stack (encoder, or the decoders); optional balance loss.
+  omni       Omni-Router: gates as `topk` with ONE router module shared by every MoE
+             layer of a stack (the encoder; both decoder directions together);
+             optional balance loss.
 
 The loss functions here take the recorded router logits of one layer and a frame
 mask, so padding frames never count.

@@ -1,7 +1,8 @@
 """Attention decoders: left-to-right Transformer and the U2++ bidirectional pair.
 
-Every FFN of one decoder stack is made by one `FFNFactory(..., frame_embedding=False)`
-(wenet_moe/layers/ffn.py), so `mlp_type: moe` turns each of them into an MoE FFN.
+Every FFN of the decoders is made by one `FFNFactory(..., frame_embedding=False)`
+(wenet_moe/layers/ffn.py), so `mlp_type: moe` turns each of them into an MoE FFN; the
+U2++ pair hands one factory to both directions, so they share one Omni-Router.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ class TransformerDecoder(nn.Module):
         normalize_before: pre-norm blocks (plus a final LayerNorm).
         activation_type, mlp_type, n_expert, n_expert_activated: FFN slot settings.
         moe_conf: the top-level `moe_conf` block (for `mlp_type: moe`).
+        ffn_factory: the FFN factory to draw the blocks' FFNs from (shared with the
+            other direction of a BiTransformerDecoder); None: one of this decoder's own
+            from the settings above. Not a config key.
     """
 
     def __init__(self, vocab_size: int, encoder_output_size: int, attention_heads: int = 4,
@@ -49,7 +53,8 @@ class TransformerDecoder(nn.Module):
                  use_output_layer: bool = True, normalize_before: bool = True,
                  activation_type: str = "relu", mlp_type: str = "position_wise_feed_forward",
                  n_expert: int = 8, n_expert_activated: int = 2,
-                 moe_conf: Optional[Dict[str, Any]] = None):
+                 moe_conf: Optional[Dict[str, Any]] = None,
+                 ffn_factory: Optional[FFNFactory] = None):
         super().__init__()
         if input_layer != "embed":
             raise ValueError(f"decoder_conf.input_layer '{input_layer}' is not supported (use 'embed')")
@@ -63,8 +68,9 @@ class TransformerDecoder(nn.Module):
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
         self.use_output_layer = use_output_layer
         self.output_layer = nn.Linear(d, vocab_size) if use_output_layer else nn.Identity()
-        ffn_factory = FFNFactory(d, linear_units, dropout_rate, activation_type, mlp_type,
-                                 n_expert, n_expert_activated, moe_conf, frame_embedding=False)
+        if ffn_factory is None:
+            ffn_factory = FFNFactory(d, linear_units, dropout_rate, activation_type, mlp_type,
+                                     n_expert, n_expert_activated, moe_conf, frame_embedding=False)
         self.num_blocks = num_blocks
         self.decoders = nn.ModuleList([
             DecoderLayer(d,
@@ -137,7 +143,8 @@ class BiTransformerDecoder(nn.Module):
     """U2++ decoder pair: a left-to-right and a right-to-left TransformerDecoder.
 
     Args: as TransformerDecoder, plus r_num_blocks for the right-to-left stack.
-    Each stack has its own FFNFactory (its own Omni-Router, if any).
+    Both directions draw their FFNs from one FFNFactory: the decoders are one MoE stack
+    with one Omni-Router (if any), as the encoder is another.
     """
 
     def __init__(self, vocab_size: int, encoder_output_size: int, attention_heads: int = 4,
@@ -152,12 +159,16 @@ class BiTransformerDecoder(nn.Module):
         if r_num_blocks < 1:
             raise ValueError(f"decoder_conf.r_num_blocks must be >= 1 for bitransformer, got {r_num_blocks}")
 
+        ffn_factory = FFNFactory(encoder_output_size, linear_units, dropout_rate, activation_type,
+                                 mlp_type, n_expert, n_expert_activated, moe_conf,
+                                 frame_embedding=False)
+
         def stack(blocks: int) -> TransformerDecoder:
             return TransformerDecoder(
                 vocab_size, encoder_output_size, attention_heads, linear_units, blocks,
                 dropout_rate, positional_dropout_rate, self_attention_dropout_rate,
                 src_attention_dropout_rate, input_layer, use_output_layer, normalize_before,
-                activation_type, mlp_type, n_expert, n_expert_activated, moe_conf)
+                activation_type, mlp_type, n_expert, n_expert_activated, moe_conf, ffn_factory)
 
         self.left_decoder = stack(num_blocks)
         self.right_decoder = stack(r_num_blocks)

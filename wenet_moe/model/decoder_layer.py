@@ -14,7 +14,9 @@ class DecoderLayer(nn.Module):
         size: model dimension D.
         self_attn: attention over the target prefix (MultiHeadedAttention).
         src_attn: attention over the encoder output.
-        feed_forward: FFN slot module, called as `ffn(x, torch.zeros(0))`.
+        feed_forward: FFN slot module, called as `ffn(x, torch.zeros(0), mask_pad)` with
+            mask_pad (B, 1, L_query) the valid query positions: the last row of
+            `tgt_mask` (a padding & causal mask's last row marks the valid positions).
         dropout_rate: dropout on each residual branch.
         normalize_before: LayerNorm before each sub-block (True) or after.
     """
@@ -51,10 +53,12 @@ class DecoderLayer(nn.Module):
             tgt = self.norm1(tgt)
         if cache.size(0) == 0:
             query = tgt
+            mask_pad = tgt_mask[:, -1:, :]                  # (B, 1, L)
         else:
             query = tgt[:, -1:, :]
             residual = residual[:, -1:, :]
             tgt_mask = tgt_mask[:, -1:, :]
+            mask_pad = tgt_mask[:, :, -1:]                  # (B, 1, 1): the last position
         x = residual + self.dropout(self.self_attn(query, tgt, tgt, tgt_mask)[0])
         if not self.normalize_before:
             x = self.norm1(x)
@@ -69,7 +73,7 @@ class DecoderLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.norm3(x)
-        x = residual + self.dropout(self.feed_forward(x, torch.zeros(0, device=x.device)))
+        x = residual + self.dropout(self.feed_forward(x, torch.zeros(0, device=x.device), mask_pad))
         if not self.normalize_before:
             x = self.norm3(x)
 

@@ -27,7 +27,8 @@ from wenet_moe.layers.attention import MultiHeadedAttention, RelPositionMultiHea
 from wenet_moe.layers.convolution import ConvolutionModule
 from wenet_moe.layers.embedding import (NoPositionalEncoding, PositionalEncoding,
                                         RelPositionalEncoding)
-from wenet_moe.layers.ffn import FFNFactory, get_activation
+from wenet_moe.layers.activation import get_activation
+from wenet_moe.layers.ffn import FFNFactory
 from wenet_moe.layers.subsampling import INPUT_LAYERS
 from wenet_moe.model.encoder_layer import ConformerEncoderLayer, TransformerEncoderLayer
 from wenet_moe.model.masks import add_optional_chunk_mask, make_pad_mask

@@ -10,7 +10,8 @@ Both blocks share one signature (so one encoder drives either):
         -> (x (B, T, D), mask, new_att_cache (B, H, T_cache+T, 2*d_k),
             new_cnn_cache (B, D, kernel-1); (B, D, 0) without a causal convolution)
 
-Every FFN is called as `ffn(x, route_emb)` (the FFN slot of wenet_moe.layers.ffn).
+Every FFN is called as `ffn(x, route_emb, mask_pad)` (the FFN slot of
+wenet_moe.layers.ffn).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class TransformerEncoderLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.norm2(x)
-        x = residual + self.dropout(self.feed_forward(x, route_emb))
+        x = residual + self.dropout(self.feed_forward(x, route_emb, mask_pad))
         if not self.normalize_before:
             x = self.norm2(x)
         return x, mask, new_att_cache, _empty_cnn_cache(x)
@@ -119,7 +120,7 @@ class ConformerEncoderLayer(nn.Module):
             residual = x
             if self.normalize_before:
                 x = self.norm_ff_macaron(x)
-            x = residual + self.ff_scale * self.dropout(self.feed_forward_macaron(x, route_emb))
+            x = residual + self.ff_scale * self.dropout(self.feed_forward_macaron(x, route_emb, mask_pad))
             if not self.normalize_before:
                 x = self.norm_ff_macaron(x)
 
@@ -144,7 +145,7 @@ class ConformerEncoderLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.norm_ff(x)
-        x = residual + self.ff_scale * self.dropout(self.feed_forward(x, route_emb))
+        x = residual + self.ff_scale * self.dropout(self.feed_forward(x, route_emb, mask_pad))
         if not self.normalize_before:
             x = self.norm_ff(x)
 

@@ -61,7 +61,7 @@ def load_configs(config_path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 def build_and_load(configs: Dict[str, Any], checkpoint: str) -> torch.nn.Module:
     """The ASRModel of `configs` with the weights of `checkpoint`, in eval mode, CPU fp32."""
     from wenet_moe.model import build_model
-    from wenet_moe.train.checkpoint import load_model_weights
+    from wenet_moe.checkpoint_io import load_model_weights
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from wenet_moe.config import ConfigError, load_yaml
-from wenet_moe.train.checkpoint import atomic_torch_save, extract_state_dict, load_checkpoint
+from wenet_moe.checkpoint_io import extract_state_dict, load_checkpoint
+from wenet_moe.train.checkpoint import atomic_torch_save
 
 _EPOCH_FILE = re.compile(r"^(\d+)\.pt$")
 

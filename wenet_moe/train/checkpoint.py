@@ -1,11 +1,12 @@
-"""Checkpoints: atomic writes, RNG states, and loading weights from any checkpoint.
+"""Training checkpoints: atomic writes, RNG states, the checkpoint dict.
 
 A training checkpoint (`N.pt` after epoch N, `step_S.pt` after optimizer step S) is a
 dict: `model` (state dict), `optimizer`, `scheduler`, `scaler`, `rng` (python, numpy,
 torch, cuda), `rng_epoch_start` (the same states captured just before the epoch's data
 iterator was created), `epoch`, `step`, `batch_idx` (batches consumed in `epoch`),
-`epoch_done`. An averaged checkpoint is a plain model state dict; `load_model_weights`
-accepts both.
+`epoch_done`. An averaged checkpoint is a plain model state dict. Reading any of them
+(`load_model_weights`, `load_checkpoint`) lives in `wenet_moe.checkpoint_io`, below
+both this package and the model package.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from wenet_moe.checkpoint_io import unwrap_model
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -63,56 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside a DistributedDataParallel wrapper."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def extract_state_dict(ckpt: Any, path: str = "") -> Dict[str, torch.Tensor]:
-    """Model state dict from a training checkpoint dict or a plain state dict."""
-    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
-        sd = ckpt["model"]
-    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        sd = ckpt
-    else:
-        raise ValueError(f"{path}: not a model checkpoint (no 'model' state dict and not a state dict)")
-    # tolerate weights saved from a DDP-wrapped model
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def load_checkpoint(path: str) -> Any:
-    """torch.load on CPU with a one-line error naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / foreign file
-        raise ValueError(f"{path}: cannot read checkpoint: {str(e).splitlines()[0]}") from e
-
-
-def load_model_weights(model: torch.nn.Module, path: str, strict: bool = True) -> Dict[str, Any]:
-    """Load the weights of any checkpoint (epoch, step, averaged) into `model`.
-
-    Returns the whole checkpoint object (a dict) so callers can read its metadata.
-    Missing or unexpected keys raise ValueError naming the file and the first keys.
-    """
-    ckpt = load_checkpoint(path)
-    sd = extract_state_dict(ckpt, path)
-    target = unwrap_model(model)
-    missing, unexpected = target.load_state_dict(sd, strict=False)
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
-        raise ValueError(f"{path}: checkpoint does not match the model: {'; '.join(parts)}")
-    return ckpt if isinstance(ckpt, dict) else {}
 
 
 def link_or_copy(src: str, dst: str) -> None:

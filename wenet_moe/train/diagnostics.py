@@ -68,7 +68,7 @@ def report(model_dir: str, data_list: str, data_type: str = "raw", checkpoints: 
     from wenet_moe.data import Dataset, build_dataloader, build_tokenizer, eval_dataset_conf
     from wenet_moe.model import build_model
     from wenet_moe.train.average import list_epoch_checkpoints
-    from wenet_moe.train.checkpoint import load_model_weights
+    from wenet_moe.checkpoint_io import load_model_weights
 
     configs = load_yaml(os.path.join(model_dir, "train.yaml"))
     tokenizer = build_tokenizer(configs)

@@ -2,7 +2,10 @@
 
 Every outermost block of a `ModuleList` (encoder blocks, decoder blocks) becomes one
 FSDP unit, then the root; parameters, gradients and Adam moments are sharded over
-ranks and gathered block by block for forward and backward (docs/scaling.md).
+ranks and gathered block by block for forward and backward (docs/scaling.md). A module
+used by several blocks (the Omni-Router of a stack) becomes a unit of its own first, so
+that no block claims it: it is gathered for each use, and its gradient, summed over
+the blocks, is reduce-scattered once per use and accumulated.
 Checkpoints are written as full (unsharded) state dicts, so every tool (average,
 export, recognize) reads them like DDP checkpoints. Works with gloo on CPU and nccl
 on GPU; fp16 is not supported with FSDP here (use bf16).
@@ -32,12 +35,38 @@ def _outermost_blocks(model: nn.Module) -> List[nn.Module]:
     return blocks
 
 
+def _shared_modules(model: nn.Module, blocks: List[nn.Module]) -> List[nn.Module]:
+    """The outermost modules with parameters that are reached through more than one
+    block, or through a block and outside every block (e.g. one router module used by
+    every MoE layer of a stack)."""
+    block_index = {id(b): i for i, b in enumerate(blocks)}
+    owners: Dict[int, set] = {}
+    found: Dict[int, nn.Module] = {}
+
+    def walk(module: nn.Module, owner: Any) -> None:
+        owner = block_index.get(id(module), owner)
+        owners.setdefault(id(module), set()).add(owner)
+        found[id(module)] = module
+        for child in module.children():
+            walk(child, owner)
+
+    walk(model, None)
+    shared = [found[k] for k, who in owners.items()
+              if len(who) > 1 and any(True for _ in found[k].parameters())]
+    return [m for m in shared
+            if not any(other is not m and any(sub is m for sub in other.modules()) for other in shared)]
+
+
 def shard_model(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """Apply `fully_shard` to each outermost list block, then to the root (in place)."""
+    """Apply `fully_shard` to each module shared between blocks, then to each outermost
+    list block, then to the root (bottom-up, in place)."""
     if not info.is_distributed:
         raise ValueError("--train_engine fsdp needs torchrun with at least 2 processes")
     from torch.distributed.fsdp import fully_shard
-    for block in _outermost_blocks(model):
+    blocks = _outermost_blocks(model)
+    for module in _shared_modules(model, blocks):
+        fully_shard(module)
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
     return model

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
-from wenet_moe.train.checkpoint import load_model_weights
+from wenet_moe.checkpoint_io import load_model_weights
 from wenet_moe.train.dist import DistInfo
 from wenet_moe.train.monitor import Monitor
 from wenet_moe.train.optim import build_optimizer

@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from wenet_moe.config import ConfigError, save_yaml
 from wenet_moe.train.conf import DTYPES, TRAIN_KEYS, TrainConf, check_train_conf  # noqa: F401
+from wenet_moe.checkpoint_io import unwrap_model
 from wenet_moe.train.checkpoint import (atomic_torch_save, capture_rng, link_or_copy, make_checkpoint,
-                                        restore_rng, unwrap_model)
+                                        restore_rng)
 from wenet_moe.train.diagnostics import ctc_greedy_stats, supports_ctc_stats
 from wenet_moe.train.dist import DistInfo, all_ranks_have_data, all_reduce_sums, sum_counters
 from wenet_moe.train.fsdp import clip_grad_norm, full_states, is_sharded, load_optimizer
