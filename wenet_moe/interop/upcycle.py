@@ -129,7 +129,7 @@ def upcycle(config: str, checkpoint: str, output_dir: str, n_expert: int,
     directory renamed at the end). Returns a report (`new_parameters`, `parameters`)."""
     from wenet_moe.model import build_model
     from wenet_moe.model.loading import load_configs
-    from wenet_moe.train.checkpoint import extract_state_dict, load_checkpoint
+    from wenet_moe.checkpoint_io import extract_state_dict, load_checkpoint
 
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}")

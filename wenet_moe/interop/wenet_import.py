@@ -238,7 +238,7 @@ def map_state_dict(wenet_sd: Dict[str, torch.Tensor], model: torch.nn.Module,
 
 # ------------------------------------------------------------------------ directory
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    from wenet_moe.train.checkpoint import extract_state_dict, load_checkpoint
+    from wenet_moe.checkpoint_io import extract_state_dict, load_checkpoint
 
     return extract_state_dict(load_checkpoint(path), path)
 
