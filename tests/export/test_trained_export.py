@@ -208,7 +208,8 @@ def decided_and_flipped(want, got, margin=1.0):
     `want` decides a frame when its best log-prob leads the runner-up by `margin`."""
     ranked = np.sort(want, axis=-1)
     decided = ranked[:, -1] - ranked[:, -2] >= margin
-    return want.shape[0], int(decided.sum()), int((decided & (want.argmax(-1) != got.argmax(-1))).sum())
+    flipped = decided & (want.argmax(-1) != got.argmax(-1))
+    return want.shape[0], int(decided.sum()), int(flipped.sum())
 
 
 def gate_feats(tmp):
@@ -255,13 +256,15 @@ def test_int8_gate_passes_on_trained_model_and_counts_match(trained):
     assert report["decoder.int8.onnx disagreement (decided positions)"] <= 0.02
     assert report["decoder.int8.onnx decided positions share"] >= 0.5
 
-    fp32, int8 = session(os.path.join(out, "model.onnx")), session(os.path.join(out, "model.int8.onnx"))
+    fp32 = session(os.path.join(out, "model.onnx"))
+    int8 = session(os.path.join(out, "model.int8.onnx"))
     frames = decided = flipped = 0
     for feat in gate_feats(tmp):
         feeds = {"x": feat[None], "x_lens": np.array([feat.shape[0]], np.int64)}
         n, d, f = decided_and_flipped(fp32.run(None, feeds)[0][0], int8.run(None, feeds)[0][0])
         frames, decided, flipped = frames + n, decided + d, flipped + f
-    assert report["model.int8.onnx decided frames share"] == pytest.approx(decided / frames, abs=1e-12)
+    assert report["model.int8.onnx decided frames share"] == \
+        pytest.approx(decided / frames, abs=1e-12)
     assert report["model.int8.onnx disagreement (decided frames)"] == \
         pytest.approx(flipped / decided, abs=1e-12)
 
@@ -353,8 +356,10 @@ def test_torchscript_int8_loads_agrees_with_fp32_and_is_smaller(trained, torchsc
     assert report[f"{name} decided frames share"] == pytest.approx(decided / frames, abs=1e-12)
     assert report[f"{name} disagreement (decided frames)"] == pytest.approx(flipped / decided,
                                                                              abs=1e-12)
-    assert report[f"final.int8.zip chunk-{CHUNK} streaming CTC disagreement (decided frames)"] <= 0.005
-    assert report["final.int8.zip forward_attention_decoder disagreement (decided positions)"] <= 0.02
+    assert report[f"final.int8.zip chunk-{CHUNK} streaming CTC disagreement "
+                  f"(decided frames)"] <= 0.005
+    assert report["final.int8.zip forward_attention_decoder disagreement "
+                  "(decided positions)"] <= 0.02
 
 
 def test_torchscript_int8_gate_rejects_destroyed_weights(trained, tmp_path, monkeypatch, capsys):

@@ -112,7 +112,9 @@ def check_replaceable(output_dir: str) -> None:
     foreign = sorted(n for n in os.listdir(output_dir)
                      if not EXPORT_FILE.match(n) or not os.path.isfile(os.path.join(output_dir, n)))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+        shown = ", ".join(foreign[:3])
+        if len(foreign) > 3:
+            shown += f" (+{len(foreign) - 3} more)"
         raise ConfigError(f"{output_dir}: holds {shown}, which an export does not write; the "
                           f"export replaces the whole directory: choose a new or export-only "
                           f"--output_dir")
