@@ -7,9 +7,8 @@
 
 ONNX writes encoder.onnx, ctc.onnx, decoder.onnx (WeNet runtime), model.onnx and
 model_streaming.onnx (sherpa-onnx `from_wenet_ctc`), units.txt and tokens.txt;
-TorchScript writes final.zip. Everything is verified against PyTorch (int8 copies
-through the accuracy gate of wenet_moe/export/gate.py) before the new directory
-replaces --output_dir as a whole; on failure nothing there changes.
+TorchScript writes final.zip. Everything is verified against PyTorch before it
+is moved into --output_dir; on failure nothing there changes.
 """
 from __future__ import annotations
 
@@ -29,15 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="left chunks kept in the attention cache (-1: all); metadata")
     parser.add_argument("--quantize", default=None, choices=["int8"],
                         help="also write dynamically int8-quantized copies")
-    parser.add_argument("--int8_max_disagreement", type=float, default=0.02,
-                        help="int8 gate: largest share of frames decided by fp32 (best token "
-                             "ahead by >= 1 nat) on which int8's best token may differ")
-    parser.add_argument("--int8_verify_data", default=None,
-                        help="data.list, wav.scp or audio file whose first 20 utterances the "
-                             "int8 gate runs on (default: random CMVN-centred features)")
     parser.add_argument("--reverse_weight", type=float, default=None,
                         help="right-to-left decoder weight for rescoring (metadata; default "
                              "model_conf.reverse_weight)")
+    parser.add_argument("--int8_max_disagreement", type=float, default=0.02,
+                        help="int8 accuracy gate (wenet_moe/export/gate.py): the export fails, "
+                             "writing nothing, when int8 differs from fp32 on more than this "
+                             "share of the frames fp32 decides (best token ahead by >= 1 nat)")
+    parser.add_argument("--int8_verify_data", default=None,
+                        help="data.list, wav.scp or audio file whose first 20 utterances the "
+                             "int8 gate runs on (default: random CMVN-centred features)")
 
 
 def main(args: argparse.Namespace) -> int:
