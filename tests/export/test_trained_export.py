@@ -364,6 +364,7 @@ def test_torchscript_int8_loads_agrees_with_fp32_and_is_smaller(trained, torchsc
 
 
 def test_torchscript_int8_gate_rejects_destroyed_weights(trained, tmp_path, monkeypatch, capsys):
+    """Linear weights shuffled before quantization: rejected, nothing written."""
     from wenet_moe.cli import main
     from wenet_moe.export import torchscript_export as ts
 
@@ -381,9 +382,15 @@ def test_torchscript_int8_gate_rejects_destroyed_weights(trained, tmp_path, monk
         original(bad, path, metadata)
     monkeypatch.setattr(ts, "quantize_torchscript", broken)
     out = str(tmp_path / "ts")
-    rc = main(export_args(trained[6], out, "--format", "torchscript"))
+    # without --int8_verify_data: the gate's CMVN-centred random inputs, on which the
+    # trained model decides its frames (blank), still catch the destroyed weights
+    args = [a for a in export_args(trained[6], out, "--format", "torchscript")
+            if a not in ("--int8_verify_data", os.path.join(trained[6], "data.list"))]
+    rc = main(args)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert "int8 accuracy gate: final.int8.zip full-context CTC: best token differs" in err
+    assert "inputs: 4 random CMVN-centred inputs (no --int8_verify_data)" in err
+    assert float(err.split("decided frames (")[1].split("%")[0]) / 100 > 0.2
     assert not os.path.exists(out)
     assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export")] == []
