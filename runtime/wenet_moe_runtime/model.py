@@ -2,7 +2,8 @@
 
 `OnnxAsrModel(model_dir)` loads `encoder.onnx`, `ctc.onnx` and `decoder.onnx`
 (or their `*.int8.onnx` versions), `units.txt`, and the metadata stored on
-`encoder.onnx` (WeNet's `export_onnx_cpu` keys plus `fbank_conf`). The model
+`encoder.onnx` (WeNet's `export_onnx_cpu` keys plus `fbank_conf`); the graphs
+must agree on `config_hash` and `vocab_size` must match `units.txt`. The model
 object holds no per-stream state: streams keep their caches in an `EncoderState`,
 so one model serves every connection (ONNX Runtime sessions are thread-safe).
 """
@@ -96,6 +97,35 @@ def read_model_info(meta: Dict[str, str], path: str) -> ModelInfo:
     )
 
 
+def check_graph_metadata(metas: Dict[str, Dict[str, str]], units_path: str,
+                         num_symbols: int) -> None:
+    """Graphs of one export belong together: every `config_hash` present is the
+    same (graphs without one, e.g. hand-made models, are not compared) and every
+    `vocab_size` present equals the symbol table's size.
+
+    Args:
+        metas: graph path -> its metadata map, in load order.
+        units_path, num_symbols: the symbol table and its number of symbols.
+    Raises:
+        ModelError naming the first graph that disagrees.
+    """
+    first = None
+    for path, meta in metas.items():
+        value = meta.get("config_hash", "").strip()
+        if value:
+            if first is None:
+                first = (path, value)
+            elif value != first[1]:
+                raise ModelError(f"{path}: config_hash {value} differs from {first[1]} of "
+                                 f"{first[0]} (graphs of different exports; re-export the "
+                                 f"whole directory)")
+        if "vocab_size" in meta:
+            vocab = _int_meta(meta, "vocab_size", path)
+            if vocab != num_symbols:
+                raise ModelError(f"{path}: metadata vocab_size {vocab}, but {units_path} has "
+                                 f"{num_symbols} symbols")
+
+
 class EncoderState:
     """Caches of one stream: `att_cache (blocks, head, T_cache, 2*d_k)`,
     `cnn_cache (blocks, 1, D, kernel-1)`, the positional `offset` (encoder frames)
@@ -156,6 +186,9 @@ class OnnxAsrModel:
             self.symbols = SymbolTable.read(units)
         except ValueError as exc:
             raise ModelError(str(exc)) from None
+        check_graph_metadata(
+            {p: self.sessions[n].get_modelmeta().custom_metadata_map
+             for n, p in self.paths.items()}, units, len(self.symbols))
         if self.info.vocab_size < 0:
             self.info.vocab_size = len(self.symbols)
         self._enc_inputs = [i.name for i in self.sessions["encoder"].get_inputs()]

@@ -163,3 +163,122 @@ def test_failed_verification_leaves_output_untouched(tmp_path, capsys, monkeypat
     with open(os.path.join(out, "encoder.onnx")) as f:
         assert f.read() == "previous export"
     assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export-")] == []
+
+
+def test_reexport_without_int8_removes_stale_int8(onnx_export_dir, tmp_path):
+    """The new export replaces the directory as a whole: int8 graphs of an earlier
+    export are gone (so `--int8` cannot serve them), the directory keeps its mode."""
+    import shutil
+    from wenet_moe_runtime.model import ModelError, OnnxAsrModel
+    src, _, _ = onnx_export_dir
+    d = os.path.join(os.path.dirname(src), "model")
+    out = str(tmp_path / "onnx")
+    shutil.copytree(src, out)
+    os.chmod(out, 0o750)
+    assert "encoder.int8.onnx" in os.listdir(out)
+    assert run_export(d, out, "--format", "onnx") == 0
+    names = ["encoder", "ctc", "decoder", "model", "model_streaming"]
+    assert sorted(os.listdir(out)) == sorted([f"{n}.onnx" for n in names]
+                                             + ["units.txt", "tokens.txt"])
+    assert os.stat(out).st_mode & 0o777 == 0o750
+    OnnxAsrModel(out)
+    with pytest.raises(ModelError, match=r"encoder\.int8\.onnx: model file not found"):
+        OnnxAsrModel(out, int8=True)
+    assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export")] == []
+
+
+def test_failed_rename_keeps_previous_directory(tmp_path, capsys, monkeypatch):
+    """A failure while putting the new directory in place (after the old one was
+    moved aside) puts the old directory back unchanged."""
+    from wenet_moe.export import common
+    d, _, _ = write_model_dir(tmp_path, "topk")
+    out = os.path.join(str(tmp_path), "ts")
+    os.makedirs(out)
+    with open(os.path.join(out, "final.zip"), "w") as f:
+        f.write("previous export")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src).startswith(".export-") and not \
+                os.path.basename(src).startswith(".export-old-"):
+            raise OSError(28, "No space left on device (injected)")
+        return real_rename(src, dst)
+    monkeypatch.setattr(common.os, "rename", rename)
+    rc = run_export(d, out, "--format", "torchscript")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "injected" in err and len(err.splitlines()) == 1
+    assert os.listdir(out) == ["final.zip"]
+    with open(os.path.join(out, "final.zip")) as f:
+        assert f.read() == "previous export"
+    assert sorted(n for n in os.listdir(str(tmp_path)) if n.startswith(".export")) == []
+
+
+def test_output_dir_with_other_files_is_refused(tmp_path, capsys):
+    """Replacing a directory that holds more than an export (here: a model
+    directory given as --output_dir) would delete it: refused before any work."""
+    d, _, _ = write_model_dir(tmp_path, "topk")
+    before = sorted(os.listdir(d))
+    rc = run_export(d, d, "--format", "onnx")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert f"{d}: holds 0.pt, train.yaml, which an export does not write" in err
+    assert sorted(os.listdir(d)) == before
+
+
+def test_int8_options_bad_input_is_one_line_error(tmp_path, capsys):
+    d, _, _ = write_model_dir(tmp_path, "topk")
+    out = os.path.join(str(tmp_path), "out")
+    bad = os.path.join(str(tmp_path), "data.list")
+    with open(bad, "w") as f:
+        f.write('{"key": "a", "wav": "%s/a.wav", "txt": "ab"}\n{"key": "b"}\n' % tmp_path)
+    missing = os.path.join(str(tmp_path), "missing.scp")
+    with open(missing, "w") as f:
+        f.write(f"a {tmp_path}/a.wav\n")
+    cases = [(["--quantize", "int8", "--int8_verify_data", bad],
+              f"{bad}:2: field 'wav' missing or not a string"),
+             (["--quantize", "int8", "--int8_verify_data", missing],
+              f"{missing}:1: {tmp_path}/a.wav: no such file"),
+             (["--quantize", "int8", "--int8_verify_data", bad + ".nope"],
+              f"{bad}.nope: --int8_verify_data not found"),
+             (["--int8_verify_data", bad], "only used with --quantize int8"),
+             (["--quantize", "int8", "--int8_max_disagreement", "1.5"],
+              "--int8_max_disagreement must be in [0, 1], got 1.5")]
+    for extra, message in cases:
+        rc = run_export(d, out, *extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and message in err and len(err.splitlines()) == 1, (extra, err)
+        assert not os.path.exists(out)
+
+
+def set_meta(path, **kv):
+    proto = onnx.load(path)
+    for p in proto.metadata_props:
+        if p.key in kv:
+            p.value = str(kv[p.key])
+    onnx.save(proto, path)
+
+
+def test_runtime_refuses_mixed_exports_and_vocab_mismatch(onnx_export_dir, tmp_path):
+    """Every graph of the export carries one config_hash; the runtime refuses a
+    graph from another export and a vocab_size that is not units.txt's size."""
+    import shutil
+    from wenet_moe_runtime.model import ModelError, OnnxAsrModel
+    src, _, conf = onnx_export_dir
+    hashes = {n: meta(os.path.join(src, n))["config_hash"] for n in os.listdir(src)
+              if n.endswith(".onnx")}
+    assert len(hashes) == 10 and len(set(hashes.values())) == 1
+    out = str(tmp_path / "onnx")
+    shutil.copytree(src, out)
+    set_meta(os.path.join(out, "ctc.int8.onnx"), config_hash="0123456789abcdef")
+    OnnxAsrModel(out)  # the fp32 graphs still agree
+    with pytest.raises(ModelError) as e:
+        OnnxAsrModel(out, int8=True)
+    msg = str(e.value)
+    assert msg.startswith(os.path.join(out, "ctc.int8.onnx") + ": config_hash 0123456789abcdef "
+                          "differs from " + hashes["encoder.onnx"])
+    set_meta(os.path.join(out, "decoder.onnx"), vocab_size=conf["output_dim"] + 1)
+    with pytest.raises(ModelError) as e:
+        OnnxAsrModel(out)
+    assert str(e.value) == (f"{os.path.join(out, 'decoder.onnx')}: metadata vocab_size "
+                            f"{conf['output_dim'] + 1}, but {os.path.join(out, 'units.txt')} "
+                            f"has {conf['output_dim']} symbols")

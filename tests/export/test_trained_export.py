@@ -2,6 +2,11 @@
 "speech": each token is a tone of its own pitch) and exported with int8:
 
 * int8 greedy CTC output equals fp32 on most utterances (agreement rate printed);
+* the export's int8 accuracy gate, run on the training wavs (`int8_verify_data`),
+  passes with fp32 deciding most frames, its counts equal an independent
+  recomputation, and it rejects an int8 model whose weights were destroyed
+  (ONNX and TorchScript), leaving the previous export untouched;
+* TorchScript `final.int8.zip` loads, agrees with fp32 within the gate, is smaller;
 * sherpa-onnx loads model.onnx (OfflineRecognizer.from_wenet_ctc) and
   model_streaming.onnx (OnlineRecognizer.from_wenet_ctc) and returns our own greedy
   CTC text on the same wavs, features configured identically on both sides
@@ -16,6 +21,7 @@ import pytest
 import torch
 
 from wenet_moe.config import save_yaml
+from wenet_moe.data.audio import write_wav
 from wenet_moe.data.features import fbank_options
 from wenet_moe.export.verify import session
 from wenet_moe.model import build_model
@@ -104,12 +110,18 @@ def trained(tmp_path_factory):
     model.eval()
     save_yaml(conf, os.path.join(tmp, "train.yaml"))
     torch.save({"model": model.state_dict()}, os.path.join(tmp, "final.pt"))
-    from wenet_moe.cli import main
+    data_list = os.path.join(tmp, "data.list")
+    with open(data_list, "w", encoding="utf-8") as f:
+        for k, (wav, text) in enumerate(zip(wavs, texts)):
+            path = os.path.join(tmp, f"utt{k}.wav")
+            write_wav(path, wav, SR)
+            f.write(json.dumps({"key": f"utt{k}", "wav": path,
+                                "txt": "".join(CHARS[i - 2] for i in text)}) + "\n")
+    from wenet_moe.export import export_model
     out = os.path.join(tmp, "onnx")
-    assert main(["export", "--config", os.path.join(tmp, "train.yaml"), "--checkpoint",
-                 os.path.join(tmp, "final.pt"), "--output_dir", out, "--chunk_size", str(CHUNK),
-                 "--num_decoding_left_chunks", str(LEFT), "--quantize", "int8"]) == 0
-    return model, texts, wavs, feats, out
+    report = export_model(os.path.join(tmp, "train.yaml"), os.path.join(tmp, "final.pt"), out,
+                          "onnx", CHUNK, LEFT, "int8", int8_verify_data=data_list)
+    return model, texts, wavs, feats, out, report, tmp
 
 
 def greedy_onnx(sess, feat):
@@ -118,7 +130,7 @@ def greedy_onnx(sess, feat):
 
 
 def test_model_learned_and_int8_agrees_with_fp32(trained):
-    model, texts, wavs, feats, out = trained
+    model, texts, wavs, feats, out = trained[:5]
     fp32, int8 = session(os.path.join(out, "model.onnx")), session(os.path.join(out, "model.int8.onnx"))
     hyp32 = [greedy_onnx(fp32, f) for f in feats]
     hyp8 = [greedy_onnx(int8, f) for f in feats]
@@ -160,7 +172,7 @@ def sherpa_streaming_reference(model, feat):
 
 def test_sherpa_onnx_offline_and_streaming_match_our_greedy_search(trained):
     sherpa_onnx = pytest.importorskip("sherpa_onnx")
-    model, texts, wavs, feats, out = trained
+    model, texts, wavs, feats, out = trained[:5]
     table = SymbolTable.read(os.path.join(out, "units.txt"))
     offline = sherpa_onnx.OfflineRecognizer.from_wenet_ctc(
         model=os.path.join(out, "model.onnx"), tokens=os.path.join(out, "tokens.txt"),
@@ -188,3 +200,197 @@ def test_sherpa_onnx_offline_and_streaming_match_our_greedy_search(trained):
     print(f"\nsherpa-onnx offline == our greedy on {same_offline}/{n} utterances; "
           f"streaming == our chunked greedy on {same_online}/{n}")
     assert same_offline >= n - 1 and same_online >= n - 1
+
+
+# ------------------------------------------------------------ int8 accuracy gate
+def decided_and_flipped(want, got, margin=1.0):
+    """(frames, decided frames, decided frames whose best token differs): fp32
+    `want` decides a frame when its best log-prob leads the runner-up by `margin`."""
+    ranked = np.sort(want, axis=-1)
+    decided = ranked[:, -1] - ranked[:, -2] >= margin
+    flipped = decided & (want.argmax(-1) != got.argmax(-1))
+    return want.shape[0], int(decided.sum()), int(flipped.sum())
+
+
+def gate_feats(tmp):
+    """Features of the gate's inputs: the first VERIFY_UTTS wavs of data.list as written."""
+    from wenet_moe.data.audio import load_audio
+    from wenet_moe.export.gate import VERIFY_UTTS
+
+    with open(os.path.join(tmp, "data.list"), encoding="utf-8") as f:
+        paths = [json.loads(line)["wav"] for line in f][:VERIFY_UTTS]
+    opts = fbank_options({"num_mel_bins": 80, "frame_shift": 10, "frame_length": 25,
+                          "dither": 0.0}, SR)
+    return [compute_fbank(load_audio(p)[0], SR, opts) for p in paths]
+
+
+def snapshot(d):
+    out = {}
+    for name in sorted(os.listdir(d)):
+        with open(os.path.join(d, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def export_args(tmp, out, *extra):
+    return ["export", "--config", os.path.join(tmp, "train.yaml"), "--checkpoint",
+            os.path.join(tmp, "final.pt"), "--output_dir", out, "--chunk_size", str(CHUNK),
+            "--num_decoding_left_chunks", str(LEFT), "--quantize", "int8",
+            "--int8_verify_data", os.path.join(tmp, "data.list"), *extra]
+
+
+def test_int8_gate_passes_on_trained_model_and_counts_match(trained):
+    """Every int8 graph passed the gate on real audio with fp32 deciding most frames
+    (so the gate measured decisions, not ties); model.int8.onnx's counts equal a
+    recomputation from the two graphs' outputs."""
+    report, tmp, out = trained[5], trained[6], trained[4]
+    for name in ("model.int8.onnx", "encoder.int8.onnx + ctc.int8.onnx",
+                 "model_streaming.int8.onnx"):
+        print(f"\n{name}: disagreement {report[f'{name} disagreement (decided frames)']:.4f} on "
+              f"{report[f'{name} decided frames share']:.1%} decided frames; greedy tokens "
+              f"{report[f'{name} greedy token disagreement']:.4f}; max |diff| "
+              f"{report[f'{name} max |diff| log-prob']:.3g}")
+        assert report[f"{name} disagreement (decided frames)"] <= 0.005
+        assert report[f"{name} decided frames share"] >= 0.8
+        assert report[f"{name} greedy token disagreement"] <= 0.05
+        assert report[f"{name} max |diff| log-prob"] > 0  # int8 really ran, not an fp32 copy
+    assert report["decoder.int8.onnx disagreement (decided positions)"] <= 0.02
+    assert report["decoder.int8.onnx decided positions share"] >= 0.5
+
+    fp32 = session(os.path.join(out, "model.onnx"))
+    int8 = session(os.path.join(out, "model.int8.onnx"))
+    frames = decided = flipped = 0
+    for feat in gate_feats(tmp):
+        feeds = {"x": feat[None], "x_lens": np.array([feat.shape[0]], np.int64)}
+        n, d, f = decided_and_flipped(fp32.run(None, feeds)[0][0], int8.run(None, feeds)[0][0])
+        frames, decided, flipped = frames + n, decided + d, flipped + f
+    assert report["model.int8.onnx decided frames share"] == \
+        pytest.approx(decided / frames, abs=1e-12)
+    assert report["model.int8.onnx disagreement (decided frames)"] == \
+        pytest.approx(flipped / decided, abs=1e-12)
+
+
+def destroy_int8_weights(path):
+    """Shuffle the values of every int8 weight of an ONNX file (a broken quantizer)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(path)
+    rng = np.random.default_rng(0)
+    for t in proto.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) >= 16:
+            w = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape),
+                                               t.name))
+    onnx.save(proto, path)
+
+
+def test_int8_gate_rejects_destroyed_onnx_weights(trained, tmp_path, monkeypatch, capsys):
+    """A quantizer that destroys the int8 weights: the export fails with the gate's
+    one-line error, the previous export stays byte for byte; with
+    --int8_max_disagreement 1 the same export is accepted."""
+    import shutil
+    from wenet_moe.cli import main
+    from wenet_moe.export import quantize as q8
+
+    tmp, previous = trained[6], trained[4]
+    original = q8.quantize_onnx
+
+    def broken(src, dst):
+        original(src, dst)
+        destroy_int8_weights(dst)
+    monkeypatch.setattr(q8, "quantize_onnx", broken)
+    out = str(tmp_path / "onnx")
+    shutil.copytree(previous, out)
+    before = snapshot(out)
+    rc = main(export_args(tmp, out))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "int8 accuracy gate: model.int8.onnx: best token differs from fp32 on" in err
+    assert "--int8_max_disagreement 0.02" in err and "of " + os.path.join(tmp, "data.list") in err
+    rate = float(err.split("decided frames (")[1].split("%")[0]) / 100
+    assert rate > 0.2  # destroyed weights are far beyond the gate, not near it
+    assert snapshot(out) == before
+    assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export")] == []
+
+    assert main(export_args(tmp, out, "--int8_max_disagreement", "1")) == 0
+    assert sorted(os.listdir(out)) == sorted(before)
+    assert snapshot(out)["model.int8.onnx"] != before["model.int8.onnx"]
+
+
+@pytest.fixture(scope="module")
+def torchscript_int8(trained):
+    from wenet_moe.export import export_model
+
+    tmp = trained[6]
+    out = os.path.join(tmp, "ts")
+    report = export_model(os.path.join(tmp, "train.yaml"), os.path.join(tmp, "final.pt"), out,
+                          "torchscript", CHUNK, LEFT, "int8",
+                          int8_verify_data=os.path.join(tmp, "data.list"))
+    return out, report
+
+
+def test_torchscript_int8_loads_agrees_with_fp32_and_is_smaller(trained, torchscript_int8):
+    out, report = torchscript_int8
+    assert sorted(os.listdir(out)) == ["final.int8.zip", "final.zip", "tokens.txt", "units.txt"]
+    sizes = {n: os.path.getsize(os.path.join(out, n)) for n in ("final.zip", "final.int8.zip")}
+    print(f"\nTorchScript sizes {sizes}")
+    assert sizes["final.int8.zip"] < sizes["final.zip"]
+    fp32 = torch.jit.load(os.path.join(out, "final.zip")).eval()
+    int8 = torch.jit.load(os.path.join(out, "final.int8.zip")).eval()
+    assert (int8.subsampling_rate(), int8.right_context()) == (4, 6)
+    frames = decided = flipped = same = 0
+    feats = gate_feats(trained[6])
+    with torch.no_grad():
+        for feat in feats:
+            x = torch.from_numpy(feat)[None]
+            lp = [m.ctc_activation(m.forward_encoder_chunk(x, 0, -1)[0])[0].numpy()
+                  for m in (fp32, int8)]
+            n, d, f = decided_and_flipped(*lp)
+            frames, decided, flipped = frames + n, decided + d, flipped + f
+            same += ctc_greedy_search(lp[0])[0] == ctc_greedy_search(lp[1])[0]
+    print(f"final.int8.zip: {flipped}/{decided} decided frames differ ({decided}/{frames} "
+          f"decided); greedy text equal on {same}/{len(feats)} utterances")
+    assert decided >= 0.8 * frames and flipped <= 0.005 * decided
+    assert same >= len(feats) - 2
+    name = "final.int8.zip full-context CTC"
+    assert report[f"{name} decided frames share"] == pytest.approx(decided / frames, abs=1e-12)
+    assert report[f"{name} disagreement (decided frames)"] == pytest.approx(flipped / decided,
+                                                                             abs=1e-12)
+    assert report[f"final.int8.zip chunk-{CHUNK} streaming CTC disagreement "
+                  f"(decided frames)"] <= 0.005
+    assert report["final.int8.zip forward_attention_decoder disagreement "
+                  "(decided positions)"] <= 0.02
+
+
+def test_torchscript_int8_gate_rejects_destroyed_weights(trained, tmp_path, monkeypatch, capsys):
+    """Linear weights shuffled before quantization: rejected, nothing written."""
+    from wenet_moe.cli import main
+    from wenet_moe.export import torchscript_export as ts
+
+    original = ts.quantize_torchscript
+
+    def broken(model, path, metadata=None):
+        bad = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in bad.modules():
+                if isinstance(m, torch.nn.Linear):
+                    flat = m.weight.reshape(-1)
+                    m.weight.copy_(flat[torch.randperm(flat.numel(), generator=gen)]
+                                   .reshape(m.weight.shape))
+        original(bad, path, metadata)
+    monkeypatch.setattr(ts, "quantize_torchscript", broken)
+    out = str(tmp_path / "ts")
+    # without --int8_verify_data: the gate's CMVN-centred random inputs, on which the
+    # trained model decides its frames (blank), still catch the destroyed weights
+    args = [a for a in export_args(trained[6], out, "--format", "torchscript")
+            if a not in ("--int8_verify_data", os.path.join(trained[6], "data.list"))]
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "int8 accuracy gate: final.int8.zip full-context CTC: best token differs" in err
+    assert "inputs: 4 random CMVN-centred inputs (no --int8_verify_data)" in err
+    assert float(err.split("decided frames (")[1].split("%")[0]) / 100 > 0.2
+    assert not os.path.exists(out)
+    assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export")] == []

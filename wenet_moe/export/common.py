@@ -1,5 +1,6 @@
 """Shared pieces of the exporters: loading a checkpoint, export metadata, symbol
-tables, and the staging directory that makes an export all-or-nothing.
+tables, and the staging directory that makes an export all-or-nothing (it
+replaces the output directory as a whole).
 """
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from typing import Any, Dict, Iterator
 
@@ -93,24 +96,73 @@ def write_symbol_tables(configs: Dict[str, Any], out_dir: str) -> None:
         shutil.copyfile(path, os.path.join(out_dir, name))
 
 
+# what an export directory may hold: graphs (+ external weights), TorchScript
+# files, symbol tables, and the recipe's completion marker
+EXPORT_FILE = re.compile(r"^(.+\.onnx(\.data)?|.+\.zip|units\.txt|tokens\.txt|\.done)$")
+
+
+def check_replaceable(output_dir: str) -> None:
+    """Refuse an existing `output_dir` that is not a directory or holds anything an
+    export does not write (a model directory given by mistake would be deleted
+    by replacing it); ConfigError names the directory and the first such entries."""
+    if not os.path.lexists(output_dir):
+        return
+    if not os.path.isdir(output_dir):
+        raise ConfigError(f"{output_dir}: exists and is not a directory")
+    foreign = sorted(n for n in os.listdir(output_dir)
+                     if not EXPORT_FILE.match(n) or not os.path.isfile(os.path.join(output_dir, n)))
+    if foreign:
+        shown = ", ".join(foreign[:3])
+        if len(foreign) > 3:
+            shown += f" (+{len(foreign) - 3} more)"
+        raise ConfigError(f"{output_dir}: holds {shown}, which an export does not write; the "
+                          f"export replaces the whole directory: choose a new or export-only "
+                          f"--output_dir")
+
+
+def _new_dir_mode(output_dir: str) -> int:
+    """Permissions for the replacing directory: the old one's, else 0o777 & ~umask
+    (mkdtemp creates 0o700)."""
+    if os.path.isdir(output_dir):
+        return stat.S_IMODE(os.stat(output_dir).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def replace_dir(new: str, output_dir: str) -> None:
+    """Put directory `new` in place of `output_dir` as a whole: the old directory is
+    renamed aside, `new` renamed in, the old one deleted; if the second rename
+    fails the old directory is put back unchanged."""
+    if not os.path.lexists(output_dir):
+        os.rename(new, output_dir)
+        return
+    aside = tempfile.mkdtemp(prefix=".export-old-", dir=os.path.dirname(output_dir))
+    os.rename(output_dir, aside)  # replaces the empty `aside`
+    try:
+        os.rename(new, output_dir)
+    except BaseException:
+        os.rename(aside, output_dir)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_output(output_dir: str) -> Iterator[str]:
-    """Yield a fresh staging directory beside `output_dir`; on success move every
-    file into `output_dir` (renaming the whole directory when it did not exist),
-    on failure remove it, leaving `output_dir` untouched."""
+    """Yield a fresh staging directory beside `output_dir`; on success it replaces
+    `output_dir` as a whole (no file of an earlier export survives), on failure
+    it is removed and `output_dir` stays untouched. An existing `output_dir`
+    holding files an export does not write is refused before any work."""
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
+    check_replaceable(output_dir)
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
+        os.chmod(stage, _new_dir_mode(output_dir))
         yield stage
-        if not os.path.exists(output_dir):
-            os.rename(stage, output_dir)
-            return
-        if not os.path.isdir(output_dir):
-            raise NotADirectoryError(f"{output_dir}: exists and is not a directory")
-        for name in sorted(os.listdir(stage)):
-            os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+        check_replaceable(output_dir)  # nothing foreign appeared while exporting
+        replace_dir(stage, output_dir)
     finally:
         if os.path.isdir(stage):
             shutil.rmtree(stage, ignore_errors=True)

@@ -1,25 +1,26 @@
 """int8 copies of the ONNX graphs (onnxruntime dynamic quantization) and their
-sanity check.
+accuracy gate.
 
 `quantize_dynamic` stores int8 weights of every MatMul/Gemm whose weight is an
 initializer and quantizes activations per call. MoE expert weights are sliced per
 expert inside the graph (not initializers), so experts stay fp32; attention,
 subsampling, CTC and decoder projections become int8. int8 output is not equal
-to fp32, so it is checked for shapes, finiteness and greedy-CTC agreement, not
-for closeness.
+to fp32, so it is gated on greedy-decision agreement (`gate`), not closeness.
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
 import onnx
 import torch
 
-from wenet_moe.export.verify import ParityError, chunk_windows, feature_dim, session
+from wenet_moe.export.gate import (DEFAULT_MAX_DISAGREEMENT, Agreement, GateInputs,
+                                   decoder_feeds, stream_onnx)
+from wenet_moe.export.verify import session
 
 
 def int8_name(name: str) -> str:
@@ -102,82 +103,59 @@ def _unshare_weights(proto: onnx.ModelProto) -> None:
     walk(proto.graph)
 
 
-def _check(name: str, arrays: Sequence[np.ndarray], shapes: Sequence[tuple]) -> None:
-    for i, (a, s) in enumerate(zip(arrays, shapes)):
-        if tuple(a.shape) != tuple(s):
-            raise ParityError(f"{name}: output {i} has shape {a.shape}, fp32 {s}")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise ParityError(f"{name}: output {i} is not finite")
-
-
 def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chunks: int,
-                lengths: Sequence[int] = (7, 50, 300), seed: int = 0) -> Dict[str, float]:
-    """Run every `*.int8.onnx` beside its fp32 graph: equal shapes, finite values.
-    Returns {"model.int8.onnx greedy agreement": fraction of frames whose argmax
-    equals fp32's, "... max |diff|": largest log-prob difference} and the same
-    for the streaming loop of encoder.int8.onnx (output difference)."""
-    from wenet_moe.export.onnx_export import cache_shapes
+                inputs: GateInputs, max_disagreement: float = DEFAULT_MAX_DISAGREEMENT,
+                reverse_weight: float = 0.0) -> Dict[str, float]:
+    """The int8 accuracy gate (see `gate`) on every `*.int8.onnx` beside its fp32
+    graph, each run as a runtime runs it on the gate's inputs:
 
-    gen = torch.Generator().manual_seed(seed)
-    report: Dict[str, float] = {}
-    fp, q8 = (session(os.path.join(out_dir, n)) for n in ("model.onnx", "model.int8.onnx"))
-    agree, total, worst = 0, 0, 0.0
-    for t in lengths:
-        x = torch.randn(1, t, feature_dim(model), generator=gen).numpy()
-        feeds = {"x": x, "x_lens": np.array([t], dtype=np.int64)}
-        want, got = fp.run(None, feeds), q8.run(None, feeds)
-        _check("model.int8.onnx", got, [w.shape for w in want])
-        agree += int(np.sum(got[0].argmax(-1) == want[0].argmax(-1)))
-        total += want[0].shape[1]
-        worst = max(worst, float(np.abs(got[0] - want[0]).max()))
-    report["model.int8.onnx greedy agreement"] = agree / max(total, 1)
-    report["model.int8.onnx max |diff|"] = worst
+    * model.int8.onnx: offline, one utterance per call;
+    * encoder.int8.onnx + ctc.int8.onnx: streaming at the export's chunk and left
+      chunks (the runtime's `--int8` path);
+    * model_streaming.int8.onnx: streaming, sherpa-onnx's zero cache;
+    * decoder.int8.onnx: teacher-forced on the fp32 greedy hypothesis, given the
+      encoder output of its own precision (per-position best token compared).
 
-    att_shape, cnn_shape = cache_shapes(model)
+    Raises Int8GateError (one line) when one disagrees with fp32 beyond
+    `max_disagreement`; returns the report of every graph."""
+    from wenet_moe.export.onnx_export import ENCODER_INPUTS, STREAMING_INPUTS
+    from wenet_moe.train.diagnostics import greedy_collapse
+
+    def pair(name: str):
+        return (session(os.path.join(out_dir, f"{name}.onnx")),
+                session(os.path.join(out_dir, int8_name(f"{name}.onnx"))))
+
     chunk = chunk_size if chunk_size > 0 else 16
-    for name, names, shape, required in (
-            ("encoder", ("chunk", "offset", "required_cache_size", "att_cache", "cnn_cache",
-                         "att_mask"), (), -1),
-            ("model_streaming", ("x", "offset", "required_cache_size", "attn_cache",
-                                 "conv_cache", "attn_mask"), (1,),
-             chunk * (left_chunks if left_chunks > 0 else 2))):
-        fp, q8 = session(os.path.join(out_dir, f"{name}.onnx")), \
-            session(os.path.join(out_dir, f"{name}.int8.onnx"))
-        cache_t = max(required, 0)
-        states = [[np.zeros((att_shape[0], att_shape[1], cache_t, att_shape[3]), np.float32),
-                   np.zeros(cnn_shape, np.float32)] for _ in range(2)]
-        xs = torch.randn(1, 200, feature_dim(model), generator=gen).numpy()
-        offset, worst = cache_t, 0.0
-        for k, (start, end) in enumerate(chunk_windows(200, chunk, model.subsampling_rate(),
-                                                       model.right_context())):
-            t_out = (end - start - model.right_context() - 1) // model.subsampling_rate() + 1
-            mask = np.ones((1, 1, cache_t + t_out if cache_t else states[0][0].shape[2] + t_out),
-                           dtype=bool)
-            mask[:, :, : max(cache_t - k * chunk, 0)] = False
-            outs = []
-            for sess, st in ((fp, states[0]), (q8, states[1])):
-                feeds = dict(zip(names, [xs[:, start:end], np.full(shape, offset, np.int64),
-                                         np.full(shape, required, np.int64), st[0], st[1], mask]))
-                out = sess.run(None, feeds)
-                st[0], st[1] = out[1], out[2]
-                outs.append(out)
-            _check(f"{name}.int8.onnx", outs[1], [o.shape for o in outs[0]])
-            worst = max(worst, float(np.abs(outs[1][0] - outs[0][0]).max()))
-            offset += outs[0][0].shape[1]
-        report[f"{name}.int8.onnx max |diff|"] = worst
+    required = chunk * left_chunks if (chunk_size > 0 and left_chunks > 0) else -1
+    sherpa_required = chunk * (left_chunks if left_chunks > 0 else 2)
+    blank = int(model.blank_id)
+    offline = Agreement("model.int8.onnx", blank_id=blank)
+    runtime = Agreement("encoder.int8.onnx + ctc.int8.onnx", blank_id=blank)
+    sherpa = Agreement("model_streaming.int8.onnx", blank_id=blank)
+    decoder = Agreement("decoder.int8.onnx", ctc=False)
+    sessions = {n: pair(n) for n in ("model", "encoder", "ctc", "model_streaming", "decoder")}
+    rw = float(reverse_weight) if model.is_bidirectional_decoder() else 0.0
+    for feat in inputs.feats:
+        feeds = {"x": feat[None].astype(np.float32),
+                 "x_lens": np.array([feat.shape[0]], dtype=np.int64)}
+        want, got = (s.run(None, feeds) for s in sessions["model"])
+        offline.add(want[0][0, :int(want[1][0])], got[0][0, :int(got[1][0])])
 
-    for name, feeds in (
-            ("ctc", {"hidden": torch.randn(1, 9, model.encoder.output_size(),
-                                           generator=gen).numpy()}),
-            ("decoder", {"hyps": np.array([[model.sos_symbol(), 1, 2], [model.sos_symbol(), 3,
-                                                                       model.eos_symbol()]]),
-                         "hyps_lens": np.array([3, 2]),
-                         "encoder_out": torch.randn(1, 11, model.encoder.output_size(),
-                                                    generator=gen).numpy(),
-                         "reverse_weight": np.array(0.3, dtype=np.float32)})):
-        want = session(os.path.join(out_dir, f"{name}.onnx")).run(None, feeds)
-        got = session(os.path.join(out_dir, f"{name}.int8.onnx")).run(None, feeds)
-        _check(f"{name}.int8.onnx", got, [w.shape for w in want])
-        report[f"{name}.int8.onnx max |diff|"] = max(float(np.abs(g - w).max())
-                                                     for g, w in zip(got, want))
+        hidden = [stream_onnx(s, ENCODER_INPUTS, feat, chunk, required, model)
+                  for s in sessions["encoder"]]
+        if hidden[0].shape[0] == 0:
+            continue
+        lp = [s.run(None, {"hidden": h[None]})[0][0] for s, h in zip(sessions["ctc"], hidden)]
+        runtime.add(lp[0], lp[1])
+        sherpa.add(*(stream_onnx(s, STREAMING_INPUTS, feat, chunk, sherpa_required, model,
+                                 scalar_offsets=False) for s in sessions["model_streaming"]))
+        hyp = greedy_collapse(lp[0].argmax(-1).tolist(), blank)
+        outs = [s.run(None, decoder_feeds(model, hyp, h, rw))
+                for s, h in zip(sessions["decoder"], hidden)]
+        decoder.add(outs[0][0][0], outs[1][0][0])
+        if rw > 0:
+            decoder.add(outs[0][1][0], outs[1][1][0])
+    report: Dict[str, float] = {}
+    for tally in (offline, runtime, sherpa, decoder):
+        report.update(tally.check(max_disagreement, inputs))
     return report

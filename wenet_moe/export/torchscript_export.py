@@ -11,8 +11,10 @@ import os
 import warnings
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
+from wenet_moe.export.gate import DEFAULT_MAX_DISAGREEMENT, Agreement, GateInputs
 from wenet_moe.export.verify import (ParityError, chunk_windows, compare, feature_dim,
                                      random_hyps)
 
@@ -96,27 +98,61 @@ def verify_torchscript(model: torch.nn.Module, path: str, chunk_size: int, left_
     return {base: worst}
 
 
-def check_quantized_torchscript(model: torch.nn.Module, path: str, seed: int = 0
-                                ) -> Dict[str, float]:
-    """Load the int8 file and run a chunk, the CTC head and both decoders beside the
-    eager fp32 model: equal shapes and finite values (int8 is not expected to be
-    close). Returns {"final.int8.zip greedy agreement": fraction of frames whose
-    CTC argmax equals fp32's}."""
-    loaded = torch.jit.load(path, map_location="cpu").eval()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 120, feature_dim(model), generator=gen)
-    with torch.no_grad():
-        got = loaded.forward_encoder_chunk(x, 0, -1)
-        want = model.forward_encoder_chunk(x, 0, -1)
-        got_lp, want_lp = loaded.ctc_activation(got[0]), model.ctc_activation(want[0])
-        hyps, lens = random_hyps(model, gen, 3, 5)
-        dec = loaded.forward_attention_decoder(hyps, lens, want[0], 0.5)
-    for g, w in zip(list(got) + [got_lp] + list(dec),
-                    list(want) + [want_lp] + list(model.forward_attention_decoder(
-                        hyps, lens, want[0], 0.5))):
-        if g.shape != w.shape or not bool(torch.isfinite(g).all()):
-            raise ParityError(f"{os.path.basename(path)}: output of shape {tuple(g.shape)} "
-                              f"(fp32 {tuple(w.shape)}) or not finite")
-    agree = (got_lp.argmax(-1) == want_lp.argmax(-1)).float().mean().item()
-    return {f"{os.path.basename(path)} greedy agreement": agree}
+def _ts_stream(module, x: torch.Tensor, chunk: int, required: int, sub: int, rc: int
+               ) -> torch.Tensor:
+    """forward_encoder_chunk over x (1, T, F) chunk by chunk from empty caches (as
+    WeNet's LibTorch runtime); returns the concatenated output (1, T', D)."""
+    caches = [torch.zeros(0, 0, 0, 0), torch.zeros(0, 0, 0, 0)]
+    offset, outs = 0, []
+    for start, end in chunk_windows(x.size(1), chunk, sub, rc):
+        out, caches[0], caches[1] = module.forward_encoder_chunk(x[:, start:end], offset,
+                                                                 required, *caches)
+        outs.append(out)
+        offset += out.size(1)
+    return torch.cat(outs, 1) if outs else torch.zeros(1, 0, 0)
 
+
+def check_quantized_torchscript(model: torch.nn.Module, path: str, inputs: GateInputs,
+                                chunk_size: int, left_chunks: int, reverse_weight: float,
+                                max_disagreement: float = DEFAULT_MAX_DISAGREEMENT
+                                ) -> Dict[str, float]:
+    """The int8 accuracy gate (see `gate`) on `final.int8.zip` against the eager
+    fp32 model, on the gate's inputs: CTC of the full-context encoder (the whole
+    utterance as one chunk), CTC of the streaming encoder at the export's chunk and
+    left chunks, and both decoders teacher-forced on the fp32 greedy hypothesis
+    given the encoder output of their own precision. Raises Int8GateError (one
+    line) beyond `max_disagreement`; returns the report."""
+    from wenet_moe.train.diagnostics import greedy_collapse
+
+    loaded = torch.jit.load(path, map_location="cpu").eval()
+    base = os.path.basename(path)
+    blank = int(model.blank_id)
+    chunk = chunk_size if chunk_size > 0 else 16
+    required = chunk * left_chunks if (chunk_size > 0 and left_chunks > 0) else -1
+    sub, rc = model.subsampling_rate(), model.right_context()
+    rw = float(reverse_weight) if model.is_bidirectional_decoder() else 0.0
+    full = Agreement(f"{base} full-context CTC", blank_id=blank)
+    stream = Agreement(f"{base} chunk-{chunk} streaming CTC", blank_id=blank)
+    decoder = Agreement(f"{base} forward_attention_decoder", ctc=False)
+    with torch.no_grad():
+        for feat in inputs.feats:
+            x = torch.from_numpy(np.ascontiguousarray(feat, dtype=np.float32))[None]
+            if x.size(1) < rc + 1:
+                continue
+            enc = [m.forward_encoder_chunk(x, 0, -1)[0] for m in (model, loaded)]
+            lp = [m.ctc_activation(h) for m, h in zip((model, loaded), enc)]
+            full.add(lp[0][0].numpy(), lp[1][0].numpy())
+            hs = [_ts_stream(m, x, chunk, required, sub, rc) for m in (model, loaded)]
+            stream.add(*(m.ctc_activation(h)[0].numpy() for m, h in zip((model, loaded), hs)))
+            hyp = greedy_collapse(lp[0][0].argmax(-1).tolist(), blank)
+            hyps = torch.tensor([[model.sos_symbol()] + hyp], dtype=torch.long)
+            lens = torch.tensor([hyps.size(1)], dtype=torch.long)
+            outs = [m.forward_attention_decoder(hyps, lens, h, rw)
+                    for m, h in zip((model, loaded), enc)]
+            decoder.add(outs[0][0][0].numpy(), outs[1][0][0].numpy())
+            if rw > 0:
+                decoder.add(outs[0][1][0].numpy(), outs[1][1][0].numpy())
+    report: Dict[str, float] = {}
+    for tally in (full, stream, decoder):
+        report.update(tally.check(max_disagreement, inputs))
+    return report

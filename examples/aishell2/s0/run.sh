@@ -247,7 +247,7 @@ if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
     if [ -f $out/.done ]; then log 6 "$out exists, skipping"; continue; fi
     log 6 "exporting $avg_model as $fmt to $out"
     extra=()
-    [ $fmt = onnx ] && extra=(--chunk_size $export_chunk_size --num_decoding_left_chunks $export_left_chunks --quantize int8)
+    [ $fmt = onnx ] && extra=(--chunk_size $export_chunk_size --num_decoding_left_chunks $export_left_chunks --quantize int8 --int8_verify_data data/dev/wav.scp)
     rm -rf $out.tmp
     wenet_moe export --config $dir/train.yaml --checkpoint $avg_model --output_dir $out.tmp --format $fmt "${extra[@]}"
     cp -p $dict $out.tmp/units.txt 2>/dev/null || true
