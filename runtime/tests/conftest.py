@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Dict
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from rt_fixtures import CHUNK, TRAIN_SET, ServerProcess, fbank_fn  # noqa: E402
+from rt_fixtures import CHUNK, TRAIN_SET, ServerProcess, fbank_fn, two_sentences  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +46,8 @@ def test_wavs(tmp_path_factory) -> Dict[str, str]:
     for i, (ids, seed, tail) in enumerate(TRAIN_SET[:6]):
         out[f"u{i}"] = str(root / f"u{i}.wav")
         write_wav(out[f"u{i}"], T.synth(ids, seed=seed, tail_s=tail))
-    two = np.concatenate([T.synth([2, 3, 4, 5], seed=0), np.zeros(24000, np.int16),
-                          T.synth([6, 7, 2], seed=1)])
     out["two"] = str(root / "two.wav")
-    write_wav(out["two"], two)
+    write_wav(out["two"], two_sentences()[0])
     return out
 
 
