@@ -12,7 +12,7 @@ decision is taken by a wide margin, whatever the CPU, thread count or kernels:
   `(T - 7) // 4 + 1`): output frame i averages log-mel frames 4i+3 and 4i+4
   (`POOL`) of its 7-frame window, minus the noise floor (the CMVN mean), clipped
   at 0 (digital silence and the noise floor both become ~0), minus its mean over
-  the bins (broadband noise of any level becomes ~0), minus `EXCESS_NATS`,
+  the bins (white noise of any level becomes ~0), minus `EXCESS_NATS`,
   clipped at 0: `e`, the (1, T', 80) tone energy above a flat spectrum;
 - the first `N_MAIN` output dims ("main") are nearest-centroid scores
   `g * (t_k . e - |t_k|^2 / 2)` with tone templates t_k (float64 means of `e`
