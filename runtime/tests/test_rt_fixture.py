@@ -156,9 +156,10 @@ def _run_backend(backend: str, model, tiny_exports, feats: np.ndarray) -> np.nda
         finally:
             torch.set_num_threads(before)
     if backend == "torch_no_mkldnn":
-        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
-            warnings.simplefilter("ignore")     # a note on TF32 for Intel GPUs
-            return _torch_lp(model, feats)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # torch's note on TF32 for Intel GPUs
+            with torch.backends.mkldnn.flags(enabled=False):
+                return _torch_lp(model, feats)
     return _torch_lp(model, feats)
 
 
