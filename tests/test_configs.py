@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wenet_moe.config import load_yaml
+from wenet_moe.model import build_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "examples" / "aishell2" / "s0" / "conf"
 CONFIGS = {
@@ -23,8 +24,6 @@ WENET_DATASET_KEYS = {"filter_conf", "resample_conf", "speed_perturb", "fbank_co
                       "spec_aug_conf", "spec_sub", "spec_sub_conf", "spec_trim",
                       "spec_trim_conf", "shuffle", "shuffle_conf", "sort", "sort_conf",
                       "batch_conf"}
-
-build_model = pytest.importorskip("wenet_moe.model").build_model
 
 
 def load(name, tmp_path):

@@ -1,4 +1,5 @@
-"""Fixtures of the runtime tests: a tiny model trained in the session and exported
+"""Fixtures of the runtime tests: a tiny model constructed in the session (see
+rt_tiny_model.py; its margins are checked by test_rt_fixture.py) and exported
 to ONNX (tests may use torch; the runtime package never does), test wavs, and a
 server subprocess on 127.0.0.1."""
 from __future__ import annotations
@@ -7,26 +8,25 @@ import os
 import sys
 from typing import Dict
 
-import numpy as np
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from rt_fixtures import CHUNK, TRAIN_SET, ServerProcess, fbank_fn  # noqa: E402
+from rt_fixtures import CHUNK, TRAIN_SET, ServerProcess, fbank_fn, two_sentences  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory) -> Dict[str, str]:
-    """Directories of two exports of one briefly trained model: 'full' (chunk 4,
-    all left context) and 'left2' (chunk 4, two left chunks); both fp32 + int8."""
-    torch = pytest.importorskip("torch")
+    """Directories of two exports of the constructed stand-in model: 'full' (chunk 4,
+    all left context) and 'left2' (chunk 4, two left chunks); both fp32 + int8;
+    'torch_model' is the model itself."""
     torch.set_num_threads(1)
     import rt_tiny_model as T
     opts, fbank = fbank_fn()
-    utts = [(T.synth(ids, seed=seed, tail_s=tail), ids) for ids, seed, tail in TRAIN_SET]
-    model = T.train_tiny(utts, fbank, chunk=CHUNK, epochs=70)
+    model = T.build_tiny(fbank)
     root = tmp_path_factory.mktemp("tiny_export")
     dirs = {"full": str(root / "full"), "left2": str(root / "left2")}
     T.export_onnx(model, dirs["full"], opts.to_dict(), chunk=CHUNK, left_chunks=-1)
@@ -46,21 +46,9 @@ def test_wavs(tmp_path_factory) -> Dict[str, str]:
     for i, (ids, seed, tail) in enumerate(TRAIN_SET[:6]):
         out[f"u{i}"] = str(root / f"u{i}.wav")
         write_wav(out[f"u{i}"], T.synth(ids, seed=seed, tail_s=tail))
-    two = np.concatenate([T.synth([2, 3, 4, 5], seed=0), np.zeros(24000, np.int16),
-                          T.synth([6, 7, 2], seed=1)])
     out["two"] = str(root / "two.wav")
-    write_wav(out["two"], two)
+    write_wav(out["two"], two_sentences()[0])
     return out
-
-
-@pytest.fixture(scope="module")
-def ctc_server(tiny_exports):
-    """A server in `--mode ctc_prefix_beam`, for tests that stream seconds of silence:
-    there the overfit tiny model's attention rescoring depends on the CPU's float
-    rounding (see the note on the endpoint tests in test_rt_engine.py)."""
-    srv = ServerProcess(tiny_exports["full"], ["--mode", "ctc_prefix_beam"])
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

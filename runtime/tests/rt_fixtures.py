@@ -22,6 +22,16 @@ TRAIN_SET = [([2, 3, 4, 5], 0, 0.3), ([6, 7, 2], 1, 0.3), ([3, 5, 7, 4, 2], 2, 0
              ([4, 4, 6], 3, 0.3), ([7, 6, 5, 3], 4, 0.3), ([2, 6, 3], 5, 0.3),
              ([5, 2, 7], 6, 1.3), ([2, 3, 4, 5], 7, 1.3)]
 CHUNK = 4
+PAUSE_SAMPLES = 24000           # 1.5 s of digital silence between the two sentences
+
+
+def two_sentences():
+    """The 'two' test wav (sentences [2,3,4,5] and [6,7,2], 1.5 s of digital
+    silence between them) and its tone spans (see rt_tiny_model.tone_spans)."""
+    import rt_tiny_model as T
+    first = T.synth([2, 3, 4, 5], seed=0)
+    wav = np.concatenate([first, np.zeros(PAUSE_SAMPLES, np.int16), T.synth([6, 7, 2], seed=1)])
+    return wav, T.tone_spans([2, 3, 4, 5]) + T.tone_spans([6, 7, 2], start=len(first) + PAUSE_SAMPLES)
 
 
 def fbank_fn():

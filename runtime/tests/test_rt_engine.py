@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
+import torch
 
 from rt_fixtures import CHUNK, TRAIN_SET
 from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder
@@ -61,7 +63,6 @@ def test_int8_export_decodes(tiny_exports, test_wavs):
 
 
 def _torch_encoder(tiny_exports, feats, left_chunks, offset):
-    torch = pytest.importorskip("torch")
     import rt_tiny_model as T
     enc = tiny_exports["torch_model"].encoder
     t_out = (feats.shape[0] - T.RC - 1) // T.SUB + 1
@@ -94,7 +95,6 @@ def test_encoder_chunk_loop_matches_torch_full_sequence(tiny_exports, test_wavs,
 
 
 def test_rescoring_scores_match_torch(tiny_exports, test_wavs):
-    torch = pytest.importorskip("torch")
     model = OnnxAsrModel(tiny_exports["full"])
     tm = tiny_exports["torch_model"]
     enc_out = np.random.default_rng(0).normal(size=(30, 32)).astype(np.float32)
@@ -113,16 +113,10 @@ def test_rescoring_scores_match_torch(tiny_exports, test_wavs):
             assert math.isclose(got, (1 - rw) * fwd + rw * bwd, rel_tol=1e-4, abs_tol=1e-3)
 
 
-# The endpoint tests below stream seconds of silence that the overfit tiny model never
-# saw in training; its decoder's scores there (hence attention rescoring's choice)
-# depend on the CPU's float rounding, so they check the endpoint logic on the CTC
-# prefix-beam finals. Rescoring itself: test_rescoring_scores_match_torch and
-# test_streaming_final_equals_offline_rescoring.
 def test_continuous_decoding_two_sentences(tiny_exports, test_wavs):
     model = OnnxAsrModel(tiny_exports["full"])
     samples, _ = read_wav(test_wavs["two"])
-    _, events = stream(model, samples, DecodeOptions(continuous_decoding=True, nbest=2,
-                                                     mode="ctc_prefix_beam"))
+    _, events = stream(model, samples, DecodeOptions(continuous_decoding=True, nbest=2))
     finals = [e[1] for e in events if e[0] == "final"]
     assert [f[0]["sentence"] for f in finals] == ["你好世界", "语音你"]
     assert [k for k, _ in events][-1] == "speech_end"
@@ -130,8 +124,7 @@ def test_continuous_decoding_two_sentences(tiny_exports, test_wavs):
     starts = [p["start"] for p in finals[1][0]["word_pieces"]]
     assert 3300 <= starts[0] <= 3900 and starts == sorted(starts)
     # Without continuous decoding the endpoint ends the stream after the first one.
-    dec, events = stream(model, samples, DecodeOptions(continuous_decoding=False,
-                                                       mode="ctc_prefix_beam"))
+    dec, events = stream(model, samples, DecodeOptions(continuous_decoding=False))
     assert [k for k, _ in events if k != "partial"] == ["final", "speech_end"]
     assert events[-2][1][0]["sentence"] == "你好世界" and dec.stopped
 
@@ -140,8 +133,7 @@ def test_rule1_long_silence_gives_empty_final_then_continues(tiny_exports, test_
     model = OnnxAsrModel(tiny_exports["full"])
     speech, _ = read_wav(test_wavs["u0"])
     samples = np.concatenate([np.zeros(16000 * 6, np.int16), speech])
-    _, events = stream(model, samples, DecodeOptions(continuous_decoding=True, mode="ctc_prefix_beam"),
-                       step=8000)
+    _, events = stream(model, samples, DecodeOptions(continuous_decoding=True), step=8000)
     finals = [e[1][0]["sentence"] for e in events if e[0] == "final"]
     assert finals == ["", "你好世界"]
 
@@ -193,7 +185,6 @@ def test_decode_cli_writes_key_text(tiny_exports, test_wavs, tmp_path):
 
 
 def test_model_errors_name_file_and_key(tiny_exports, tmp_path):
-    onnx = pytest.importorskip("onnx")
     with pytest.raises(ModelError, match="model directory does not exist"):
         OnnxAsrModel(str(tmp_path / "nope"))
     broken = tmp_path / "broken"

@@ -249,13 +249,13 @@ def test_max_connections_and_graceful_shutdown(tiny_exports, test_wavs):
         srv.stop()
 
 
-def test_continuous_decoding_over_the_socket(test_wavs, ctc_server):
-    """Two sentences over one connection (CTC prefix-beam finals: see `ctc_server`)."""
+def test_continuous_decoding_over_the_socket(test_wavs, server):
+    """Two sentences over one connection (attention-rescoring finals)."""
     samples, _ = read_wav(test_wavs["two"])
-    res = run(stream_samples(ctc_server.url, samples, chunk_ms=500, continuous_decoding=True))
+    res = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=True))
     assert [f[0]["sentence"] for f in res.finals] == ["你好世界", "语音你"]
     assert res.speech_end and not res.failures
-    single = run(stream_samples(ctc_server.url, samples, chunk_ms=500, continuous_decoding=False))
+    single = run(stream_samples(server.url, samples, chunk_ms=500, continuous_decoding=False))
     assert [f[0]["sentence"] for f in single.finals] == ["你好世界"] and single.speech_end
 
 

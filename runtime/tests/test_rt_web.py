@@ -53,8 +53,7 @@ async def _evaluate(ws_url: str, expression: str):
 
 
 @pytest.mark.slow
-def test_browser_page_streams_microphone_and_shows_final(chromium, ctc_server, test_wavs, tmp_path):
-    server = ctc_server
+def test_browser_page_streams_microphone_and_shows_final(chromium, server, test_wavs, tmp_path):
     speech, _ = read_wav(test_wavs["u0"])
     capture = str(tmp_path / "mic.wav")
     write_wav(capture, np.concatenate([speech, np.zeros(32000, np.int16)]))

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import pytest
+import sherpa_onnx
 import torch
 
 from wenet_moe.config import save_yaml
@@ -171,7 +172,6 @@ def sherpa_streaming_reference(model, feat):
 
 
 def test_sherpa_onnx_offline_and_streaming_match_our_greedy_search(trained):
-    sherpa_onnx = pytest.importorskip("sherpa_onnx")
     model, texts, wavs, feats, out = trained[:5]
     table = SymbolTable.read(os.path.join(out, "units.txt"))
     offline = sherpa_onnx.OfflineRecognizer.from_wenet_ctc(

@@ -6,12 +6,11 @@ some experts receive 0 or 1 frames (forced with a crafted router).
 import io
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from wenet_moe.layers.moe import MoEFactory
-
-ort = pytest.importorskip("onnxruntime")
 
 DIM, HIDDEN, EMB = 8, 12, 4
 LENGTHS = list(range(1, 301))   # every length (each run is ~1 ms on this tiny layer)

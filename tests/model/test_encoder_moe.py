@@ -6,8 +6,6 @@ import torch
 from test_encoder_common import FEAT
 from wenet_moe.model.encoder import ConformerEncoder
 
-pytest.importorskip("wenet_moe.layers.moe")
-
 
 @pytest.mark.parametrize("router", ["speechmoe", "omni"])
 def test_moe_conformer_streaming_and_script(router):

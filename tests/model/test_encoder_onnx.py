@@ -4,12 +4,11 @@ the eager outputs over many chunks, including a shorter last chunk."""
 import io
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from test_encoder_common import FEAT, tiny_conformer
-
-ort = pytest.importorskip("onnxruntime")
 
 
 class _ChunkForward(torch.nn.Module):
