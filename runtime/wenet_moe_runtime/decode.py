@@ -1,7 +1,8 @@
 """Decode a Kaldi `wav.scp` with an export (the recipe's runtime stage).
 
     python -m wenet_moe_runtime.decode --model_dir DIR --wav_scp wav.scp \
-        --result text [--mode attention_rescoring] [--chunk_size 16] [--int8]
+        --result text [--mode attention_rescoring] [--chunk_size 16] [--int8] \
+        [--context_path hotwords.txt --context_score 3.0]
 
 Writes `key text` lines (atomically: temporary name, then rename).
 """
@@ -13,6 +14,7 @@ import sys
 import tempfile
 from typing import List, Optional, Tuple
 
+from .context import add_context_arguments, context_from_args
 from .decoder import MODES, DecodeOptions
 from .model import ModelError, OnnxAsrModel
 from .offline import decode_samples
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="R2L decoder weight; default: the export's")
     parser.add_argument("--int8", action="store_true", help="use the *.int8.onnx models")
     parser.add_argument("--num_threads", type=int, default=1)
+    add_context_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -60,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
         opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size,
                              mode=ALIASES.get(args.mode, args.mode), ctc_weight=args.ctc_weight,
                              rescoring_weight=args.rescoring_weight,
-                             reverse_weight=args.reverse_weight)
+                             reverse_weight=args.reverse_weight,
+                             context=context_from_args(args, model.symbols))
         entries = read_scp(args.wav_scp)
         rate = int(model.info.fbank.sample_rate)
         lines = []

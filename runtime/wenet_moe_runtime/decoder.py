@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .context import ContextGraph
 from .ctc_search import CtcPrefixBeamSearch
 from .endpoint import CtcEndpoint, EndpointConfig
 from .features import OnlineFbank
@@ -38,10 +39,13 @@ class DecodeOptions:
     reverse_weight: Optional[float] = None   # None: the export's reverse_weight
     continuous_decoding: bool = False
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    context: Optional[ContextGraph] = None   # hotword biasing of the CTC prefix search
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.context is not None and self.mode == "ctc_greedy":
+            raise ValueError("hotwords (context) need a beam search mode, not ctc_greedy")
 
 
 def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
@@ -114,7 +118,8 @@ class StreamingDecoder:
     # ---------------------------------------------------------------- state
     def _new_segment(self) -> None:
         self.state = self.model.new_state(self.chunk_size)
-        self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id)
+        self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id,
+                                          context=self.opts.context)
         self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
         self.encoder_outs: List[np.ndarray] = []
         self.cached = np.zeros((0, self.model.info.fbank.num_mel_bins), np.float32)

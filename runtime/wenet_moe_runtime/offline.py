@@ -68,7 +68,7 @@ def decode_samples(model: OnnxAsrModel, samples: np.ndarray, opts: DecodeOptions
         tokens, times = ctc_greedy_search(log_probs, blank)
         hyps = [(tokens, 0.0, times)]
     else:
-        hyps = ctc_prefix_beam_search(log_probs, opts.beam_size, blank)
+        hyps = ctc_prefix_beam_search(log_probs, opts.beam_size, blank, context=opts.context)
         if opts.mode == "attention_rescoring":
             hyps = rescore(model, hyps, encoder_out, opts)
     return format_nbest(model, hyps, opts.nbest, 0, True)

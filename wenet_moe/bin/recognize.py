@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=-1, help="WeNet's flag: GPU id (-1: use --device)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    from wenet_moe_runtime.context import add_context_arguments
+    add_context_arguments(parser)  # hotwords: --context_path, --context_score, bounds
 
 
 def test_configs(configs: Dict, batch_size: int) -> Dict:
@@ -83,6 +85,7 @@ def write_text(path: str, lines: List[str]) -> None:
 def main(args: argparse.Namespace) -> int:
     from wenet_moe.config import ConfigError, load_yaml
     from wenet_moe.data import Dataset, build_dataloader, build_tokenizer
+    from wenet_moe_runtime.context import context_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads > 0:
@@ -98,6 +101,10 @@ def main(args: argparse.Namespace) -> int:
     if "input_dim" not in configs or "output_dim" not in configs:
         raise ConfigError(f"{args.config}: no input_dim/output_dim; pass the train.yaml written by train")
     tokenizer = build_tokenizer(configs)
+    context = context_from_args(args, tokenizer.symbol_table)
+    if context is not None and not set(args.modes) & {"ctc_prefix_beam_search", "attention_rescoring"}:
+        raise ValueError("--context_path biases ctc_prefix_beam_search and attention_rescoring; "
+                         f"--modes {' '.join(args.modes)} has neither")
     model = load_model(configs, args.checkpoint, device)
     dataset = Dataset(args.data_type, args.test_data, tokenizer, configs["dataset_conf"], partition=False)
     loader = build_dataloader(dataset, num_workers=args.num_workers, prefetch=2)
@@ -116,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
                                 decoding_chunk_size=args.decoding_chunk_size,
                                 num_decoding_left_chunks=args.num_decoding_left_chunks,
                                 ctc_weight=args.ctc_weight, reverse_weight=args.reverse_weight,
-                                simulate_streaming=args.simulate_streaming)
+                                simulate_streaming=args.simulate_streaming, context=context)
             for mode in args.modes:
                 for key, ids in zip(batch["keys"], hyps[mode]):
                     results[mode].append(f"{key} {tokenizer.detokenize(list(ids))}\n")

@@ -50,11 +50,12 @@ def ctc_greedy(ctc_log_probs: torch.Tensor, lens: torch.Tensor, blank_id: int = 
 
 
 def ctc_prefix_beam(ctc_log_probs: torch.Tensor, lens: torch.Tensor, beam_size: int,
-                    blank_id: int = 0) -> List[DecodeResult]:
-    """CTC prefix beam search per utterance; scores are total CTC log probabilities."""
+                    blank_id: int = 0, context=None) -> List[DecodeResult]:
+    """CTC prefix beam search per utterance; scores are total CTC log probabilities
+    (plus the hotword bonus with a `wenet_moe_runtime.context.ContextGraph`)."""
     out = []
     for lp in _utterance_log_probs(ctc_log_probs, lens):
-        hyps = ctc_prefix_beam_search(lp, beam_size, blank_id)
+        hyps = ctc_prefix_beam_search(lp, beam_size, blank_id, context=context)
         out.append(DecodeResult(hyps[0][0], hyps[0][1], hyps[0][2], [h[0] for h in hyps],
                                 [h[1] for h in hyps], [h[2] for h in hyps]))
     return out

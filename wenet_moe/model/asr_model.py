@@ -173,7 +173,7 @@ class ASRModel(nn.Module):
                        speech_lengths: torch.Tensor, beam_size: int = 10,
                        decoding_chunk_size: int = -1, num_decoding_left_chunks: int = -1,
                        ctc_weight: float = 0.3, reverse_weight: float = 0.5,
-                       simulate_streaming: bool = False):
+                       simulate_streaming: bool = False, context=None):
         """Like `decode`, but returns {method: [DecodeResult]} with scores, token
         times (encoder frames, CTC-based methods) and the n-best lists."""
         from wenet_moe.decode import search
@@ -194,7 +194,8 @@ class ASRModel(nn.Module):
             results = {}
             prefix = None
             if "ctc_prefix_beam_search" in methods or "attention_rescoring" in methods:
-                prefix = search.ctc_prefix_beam(ctc_logp, encoder_lens, beam_size, self.blank_id)
+                prefix = search.ctc_prefix_beam(ctc_logp, encoder_lens, beam_size, self.blank_id,
+                                                context=context)
             for method in methods:
                 if method == "ctc_greedy_search":
                     results[method] = search.ctc_greedy(ctc_logp, encoder_lens, self.blank_id)
@@ -212,8 +213,8 @@ class ASRModel(nn.Module):
     def decode(self, methods: List[str], speech: torch.Tensor, speech_lengths: torch.Tensor,
                beam_size: int = 10, decoding_chunk_size: int = -1,
                num_decoding_left_chunks: int = -1, ctc_weight: float = 0.3,
-               reverse_weight: float = 0.5, simulate_streaming: bool = False
-               ) -> Dict[str, List[List[int]]]:
+               reverse_weight: float = 0.5, simulate_streaming: bool = False,
+               context=None) -> Dict[str, List[List[int]]]:
         """Decode a batch: {method: [token ids per utterance]}.
 
         Args:
@@ -227,10 +228,12 @@ class ASRModel(nn.Module):
             reverse_weight: weight of the right-to-left decoder in rescoring (ignored
                 without a bidirectional decoder).
             simulate_streaming: encode chunk by chunk with caches.
+            context: hotwords (`wenet_moe_runtime.context.ContextGraph`) biasing the CTC
+                prefix beam search (and so the n-best that attention rescoring ranks).
         """
         res = self.decode_results(methods, speech, speech_lengths, beam_size,
                                   decoding_chunk_size, num_decoding_left_chunks, ctc_weight,
-                                  reverse_weight, simulate_streaming)
+                                  reverse_weight, simulate_streaming, context)
         return {m: [r.tokens for r in rs] for m, rs in res.items()}
 
     # ------------------------------------------------------------------ export API
