@@ -136,3 +136,77 @@ def test_half_heard_phrase_recovered_only_with_bonus():
     for start in range(0, lp.shape[0], 3):
         search.advance(lp[start:start + 3])
     assert search.nbest() == biased
+
+
+# ------------------------------------------------------------------ the server
+def test_server_context_per_connection_and_bad_lists(tiny_exports, test_wavs):
+    """Two concurrent streams of one wav: the one whose start message carries a
+    context gets the biased result (equal to offline decoding with that context),
+    the other the unbiased one. The bonus (1000 per unit) makes the phrase win by a
+    margin no acoustic score of the tiny model can match. Bad lists get `failed`
+    replies and the connection stays usable."""
+    import asyncio
+    import json
+    from websockets.asyncio.client import connect
+
+    from rt_fixtures import ServerProcess
+    from wenet_moe_runtime.decoder import DecodeOptions
+    from wenet_moe_runtime.model import OnnxAsrModel
+    from wenet_moe_runtime.offline import decode_samples
+    from wenet_moe_runtime.wavio import read_wav
+
+    model = OnnxAsrModel(tiny_exports["full"])
+    samples, _ = read_wav(test_wavs["u0"])
+    graph = build_context_graph(model.symbols, ["语音"], 1000.0)
+    plain = decode_samples(model, samples, DecodeOptions())
+    biased = decode_samples(model, samples, DecodeOptions(context=graph))
+    assert "语音" in biased[0]["sentence"] and "语音" not in plain[0]["sentence"]
+
+    async def stream(url, start):
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"signal": "start", "nbest": 1, **start}))
+            assert json.loads(await ws.recv())["type"] == "server_ready"
+            for k in range(0, len(samples), 3200):
+                await ws.send(samples[k: k + 3200].tobytes())
+                await asyncio.sleep(0)
+            await ws.send(json.dumps({"signal": "end"}))
+            finals = []
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("type") == "final_result":
+                    finals.append(json.loads(msg["nbest"]))
+            return finals
+
+    async def bad_lists(url):
+        replies = []
+        async with connect(url) as ws:
+            for ctx in ("语音", ["语音", 3], ["a"] * 4, ["你好世界语"], ["你们"]):
+                await ws.send(json.dumps({"signal": "start", "context": ctx}))
+                replies.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"signal": "start", "context": ["世界"]}))
+            replies.append(json.loads(await ws.recv()))
+        return replies
+
+    srv = ServerProcess(tiny_exports["full"], ["--context_score", "1000",
+                                               "--max_context_phrases", "3",
+                                               "--max_context_len", "4"])
+    try:
+        async def both():
+            return await asyncio.gather(stream(srv.url, {"context": ["语音"]}),
+                                        stream(srv.url, {}),
+                                        stream(srv.url, {"context": []}))
+        with_ctx, without, empty = asyncio.run(asyncio.wait_for(both(), 60))
+        assert with_ctx == [biased] and without == [plain] and empty == [plain]
+        replies = asyncio.run(asyncio.wait_for(bad_lists(srv.url), 60))
+    finally:
+        assert srv.stop() == 0
+    assert all(r["status"] == "failed" for r in replies[:5])
+    msgs = [r["message"] for r in replies[:5]]
+    assert msgs[0].startswith("Wrong message header: context must be a list of strings")
+    assert msgs[1] == "Wrong message header: context: phrase 2 must be a non-empty string, got 3"
+    assert msgs[2] == "Wrong message header: context: 4 phrases, at most 3 allowed"
+    assert msgs[3] == ("Wrong message header: context: phrase 1 '你好世界语' has 5 units, "
+                       "at most 4 allowed")
+    assert msgs[4] == ("Wrong message header: context: phrase 1 '你们': "
+                       "character '们' is not a unit of units.txt")
+    assert replies[5] == {"status": "ok", "type": "server_ready"}

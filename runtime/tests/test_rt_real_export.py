@@ -86,7 +86,8 @@ def real_export(tmp_path_factory):
     out = str(root / "export")
     export_loaded(model, copy.deepcopy(conf), copy.deepcopy(conf), out, chunk_size=CHUNK,
                   left_chunks=-1, quantize="int8", reverse_weight=REVERSE_WEIGHT, verify=False)
-    return {"dir": out, "model": model, "utts": utts, "feats": feats}
+    return {"dir": out, "model": model, "utts": utts, "feats": feats, "conf": conf,
+            "root": root}
 
 
 def test_runtime_offline_matches_torch_decode(real_export):
@@ -133,3 +134,70 @@ def test_server_on_real_export_equals_offline(real_export):
                 assert offline[0]["sentence"] == onnx_model.symbols.detokenize(ids)
         finally:
             assert srv.stop() == 0
+
+
+def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
+    """`wenet-moe recognize` on the checkpoint and `python -m wenet_moe_runtime.decode`
+    on its export, both with the same hotword file, write the same text, for the
+    CTC prefix beam search and attention rescoring; the hotwords change results."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    torch = pytest.importorskip("torch")
+    from wenet_moe_runtime.wavio import write_wav
+
+    conf = copy.deepcopy(real_export["conf"])
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
+    torch.save(real_export["model"].state_dict(), tmp_path / "final.pt")
+    scp, data = [], []
+    for i, (wav, _) in enumerate(real_export["utts"]):
+        path = str(tmp_path / f"u{i}.wav")
+        write_wav(path, wav)
+        scp.append(f"u{i} {path}\n")
+        data.append(json.dumps({"key": f"u{i}", "wav": path, "txt": "你"}) + "\n")
+    (tmp_path / "wav.scp").write_text("".join(scp))
+    (tmp_path / "data.list").write_text("".join(data))
+    (tmp_path / "hot.txt").write_text("世界\n", encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "4.0"]
+
+    def recognize(name, extra):
+        cmd = [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+               "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+               "--result_dir", str(tmp_path / name), "--modes", "ctc_prefix_beam_search",
+               "attention_rescoring", "--decoding_chunk_size", str(CHUNK), "--batch_size", "3",
+               "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT), *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return {m: sorted((tmp_path / name / m / "text").read_text(encoding="utf-8").splitlines())
+                for m in ("ctc_prefix_beam_search", "attention_rescoring")}
+
+    def runtime(mode, extra):
+        out = tmp_path / f"rt_{mode}_{len(extra)}.txt"
+        cmd = [sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", real_export["dir"],
+               "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(out), "--mode", mode,
+               "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT), *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return sorted(out.read_text(encoding="utf-8").splitlines())
+
+    biased, plain = recognize("hot", hot), recognize("plain", [])
+    for mode in ("ctc_prefix_beam_search", "attention_rescoring"):
+        assert runtime(mode, hot) == biased[mode]
+    assert biased["ctc_prefix_beam_search"] != plain["ctc_prefix_beam_search"]
+    assert sum("世界" in line for line in biased["ctc_prefix_beam_search"]) > \
+        sum("世界" in line for line in plain["ctc_prefix_beam_search"])
+    # A bad hotword file is a one-line error naming file and line, from both commands.
+    (tmp_path / "bad.txt").write_text("世界\n世外\n", encoding="utf-8")
+    bad = ["--context_path", str(tmp_path / "bad.txt")]
+    for cmd in ([sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", real_export["dir"],
+                 "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(tmp_path / "x.txt"), *bad],
+                [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+                 "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+                 "--result_dir", str(tmp_path / "x"), *bad]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and f"bad.txt: line 2 '世外': character '外'" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x").exists()
