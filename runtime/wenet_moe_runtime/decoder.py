@@ -40,12 +40,20 @@ class DecodeOptions:
     continuous_decoding: bool = False
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     context: Optional[ContextGraph] = None   # hotword biasing of the CTC prefix search
+    # TLG graph search (wfst.WfstDecoder) replacing the prefix search in final results:
+    # ctc_prefix_beam -> graph 1-best, attention_rescoring -> rescored graph n-best
+    wfst: Optional[object] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.context is not None and self.mode == "ctc_greedy":
             raise ValueError("hotwords (context) need a beam search mode, not ctc_greedy")
+        if self.wfst is not None and self.mode == "ctc_greedy":
+            raise ValueError("the LM graph needs mode ctc_prefix_beam or attention_rescoring")
+        if self.wfst is not None and self.context is not None:
+            raise ValueError("hotwords bias the CTC prefix search; they are not applied "
+                             "in LM graph decoding (use one or the other)")
 
 
 def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
@@ -77,6 +85,15 @@ def rescore(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int
               for h, a in zip(hyps, att)]
     scored.sort(key=lambda h: h[1], reverse=True)
     return scored
+
+
+def wfst_hyps(opts: DecodeOptions, log_probs: np.ndarray
+              ) -> List[Tuple[List[int], float, List[int]]]:
+    """Graph search of a segment's (T, V) CTC log-posteriors: the 1-best for
+    ctc_prefix_beam, the n-best for attention_rescoring; (tokens, score, times)."""
+    wfst = opts.wfst
+    hyps = wfst.decode_nbest(log_probs) if opts.mode == "attention_rescoring" else wfst.decode(log_probs)
+    return [(h.tokens, h.score, h.times) for h in hyps] or [([], float("-inf"), [])]
 
 
 def format_nbest(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int]]],
@@ -122,6 +139,7 @@ class StreamingDecoder:
                                           context=self.opts.context)
         self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
         self.encoder_outs: List[np.ndarray] = []
+        self.log_probs: List[np.ndarray] = []  # kept for the graph search (opts.wfst)
         self.cached = np.zeros((0, self.model.info.fbank.num_mel_bins), np.float32)
         self.segment_started = False
         self.segment_start_ms = int(round(self.frames_read * self.model.info.fbank_shift_ms))
@@ -183,6 +201,8 @@ class StreamingDecoder:
         """Search and endpoint on one chunk's (T', V) CTC log-posteriors."""
         events: List[Event] = []
         self.search.advance(log_probs)
+        if self.opts.wfst is not None:
+            self.log_probs.append(log_probs)
         self.endpoint.update(log_probs, self.model.symbols.blank_id)
         decoded = self.decoded_something()
         if self.endpoint.is_endpoint(decoded):
@@ -211,6 +231,10 @@ class StreamingDecoder:
     def _final_nbest(self) -> List[Dict]:
         self.finals_sent += 1
         hyps = self.search.nbest()
+        if self.opts.wfst is not None:
+            lp = (np.concatenate(self.log_probs, axis=0) if self.log_probs
+                  else np.zeros((0, self.model.info.vocab_size), np.float32))
+            hyps = wfst_hyps(self.opts, lp)
         if self.opts.mode == "attention_rescoring" and self.encoder_outs:
             hyps = rescore(self.model, hyps, np.concatenate(self.encoder_outs, axis=0), self.opts)
         return format_nbest(self.model, hyps, self.opts.nbest, self.segment_start_ms, True)

@@ -177,3 +177,28 @@ class WfstDecoder:
 def words_text(words: Sequence[str]) -> str:
     """Words joined by spaces, none next to a CJK character; `<...>` symbols dropped."""
     return normalize_spaces(" ".join(w for w in words if not (w.startswith("<") and w.endswith(">"))))
+
+
+def add_wfst_arguments(parser) -> None:
+    """WFST search options, shared by `wenet-moe recognize` and the runtime's CLIs."""
+    d = WfstOptions()
+    parser.add_argument("--beam", type=float, default=d.beam, help="WFST decoding beam")
+    parser.add_argument("--lattice_beam", type=float, default=d.lattice_beam,
+                        help="lattice beam (n-best for rescoring)")
+    parser.add_argument("--max_active", type=int, default=d.max_active, help="most active states")
+    parser.add_argument("--min_active", type=int, default=d.min_active, help="fewest active states")
+    parser.add_argument("--acoustic_scale", type=float, default=d.acoustic_scale,
+                        help="scale of CTC log-probabilities against the LM")
+    parser.add_argument("--blank_skip_thresh", type=float, default=d.blank_skip_thresh,
+                        help="skip frames whose blank posterior exceeds this (> 1: never)")
+    parser.add_argument("--length_penalty", type=float, default=d.length_penalty,
+                        help="added to every non-blank log-probability")
+    parser.add_argument("--wfst_nbest", type=int, default=d.nbest,
+                        help="word sequences passed to attention rescoring")
+
+
+def wfst_from_args(args, graph_dir: str, symbols: SymbolTable) -> WfstDecoder:
+    opts = WfstOptions(args.beam, args.lattice_beam, args.max_active, args.min_active,
+                       args.acoustic_scale, args.blank_skip_thresh, args.length_penalty,
+                       args.wfst_nbest)
+    return WfstDecoder(graph_dir, symbols, opts)

@@ -18,7 +18,8 @@ from typing import Dict, List
 
 import torch
 
-MODES = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attention_rescoring")
+MODES = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attention_rescoring",
+         "ctc_wfst", "ctc_wfst_rescoring")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     from wenet_moe_runtime.context import add_context_arguments
+    from wenet_moe_runtime.wfst import add_wfst_arguments
     add_context_arguments(parser)  # hotwords: --context_path, --context_score, bounds
+    parser.add_argument("--graph_dir", default=None,
+                        help="TLG.fst + words.txt (tools/make_tlg.py) for ctc_wfst modes")
+    add_wfst_arguments(parser)
 
 
 def test_configs(configs: Dict, batch_size: int) -> Dict:
@@ -105,6 +110,12 @@ def main(args: argparse.Namespace) -> int:
     if context is not None and not set(args.modes) & {"ctc_prefix_beam_search", "attention_rescoring"}:
         raise ValueError("--context_path biases ctc_prefix_beam_search and attention_rescoring; "
                          f"--modes {' '.join(args.modes)} has neither")
+    wfst = None
+    if {"ctc_wfst", "ctc_wfst_rescoring"} & set(args.modes):
+        from wenet_moe_runtime.wfst import wfst_from_args
+        if not args.graph_dir:
+            raise ValueError("--modes ctc_wfst/ctc_wfst_rescoring need --graph_dir (TLG.fst, words.txt)")
+        wfst = wfst_from_args(args, args.graph_dir, tokenizer.symbol_table)
     model = load_model(configs, args.checkpoint, device)
     dataset = Dataset(args.data_type, args.test_data, tokenizer, configs["dataset_conf"], partition=False)
     loader = build_dataloader(dataset, num_workers=args.num_workers, prefetch=2)
@@ -123,7 +134,8 @@ def main(args: argparse.Namespace) -> int:
                                 decoding_chunk_size=args.decoding_chunk_size,
                                 num_decoding_left_chunks=args.num_decoding_left_chunks,
                                 ctc_weight=args.ctc_weight, reverse_weight=args.reverse_weight,
-                                simulate_streaming=args.simulate_streaming, context=context)
+                                simulate_streaming=args.simulate_streaming, context=context,
+                                wfst=wfst)
             for mode in args.modes:
                 for key, ids in zip(batch["keys"], hyps[mode]):
                     results[mode].append(f"{key} {tokenizer.detokenize(list(ids))}\n")

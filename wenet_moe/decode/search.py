@@ -61,6 +61,24 @@ def ctc_prefix_beam(ctc_log_probs: torch.Tensor, lens: torch.Tensor, beam_size: 
     return out
 
 
+def ctc_wfst(ctc_log_probs: torch.Tensor, lens: torch.Tensor, wfst, nbest: bool = False
+             ) -> List[DecodeResult]:
+    """TLG graph search per utterance (`wenet_moe_runtime.wfst.WfstDecoder`): the
+    1-best (FasterDecoder) or, with `nbest`, the lattice's distinct word sequences.
+    Scores are acoustic_scale * CTC + LM log-probabilities; an utterance where no
+    path reached a final state gets an empty hypothesis."""
+    out = []
+    for lp in _utterance_log_probs(ctc_log_probs, lens):
+        hyps = wfst.decode_nbest(lp) if nbest else wfst.decode(lp)
+        if not hyps:
+            out.append(DecodeResult([], float("-inf"), [], [[]], [float("-inf")], [[]]))
+            continue
+        out.append(DecodeResult(hyps[0].tokens, hyps[0].score, hyps[0].times,
+                                [h.tokens for h in hyps], [h.score for h in hyps],
+                                [h.times for h in hyps]))
+    return out
+
+
 def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
                           encoder_mask: torch.Tensor, beam_size: int, sos: int, eos: int,
                           max_steps: int = 0) -> List[DecodeResult]:
