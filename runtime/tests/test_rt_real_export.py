@@ -201,3 +201,76 @@ def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
         assert r.returncode == 1 and f"bad.txt: line 2 '世外': character '外'" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x").exists()
+
+
+def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
+    """A character LM from the training texts compiled into TLG.fst: `wenet-moe
+    recognize --modes ctc_wfst ctc_wfst_rescoring` and the runtime's decode with the
+    graph in the export directory (`--lm on`) write the same text; `--lm off` gives
+    the plain prefix search."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("kaldi_decoder")
+    pytest.importorskip("kaldilm")
+    import rt_tiny_model as T
+    from wenet_moe_runtime.wavio import write_wav
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tools = os.path.join(root, "tools")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    syms = [ln.split()[0] for ln in T.units()]
+    texts = ["".join(syms[i] for i in ids) for ids, _, _ in TRAIN_SET]
+    (tmp_path / "text").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    export = tmp_path / "export"
+    shutil.copytree(real_export["dir"], export)
+    for cmd in ([sys.executable, os.path.join(tools, "train_ngram_lm.py"), "--text",
+                 str(tmp_path / "text"), "--arpa", str(tmp_path / "lm.arpa"), "--char"],
+                [sys.executable, os.path.join(tools, "make_tlg.py"), "--units",
+                 str(export / "units.txt"), "--arpa", str(tmp_path / "lm.arpa"),
+                 "--graph_dir", str(export)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+    conf = copy.deepcopy(real_export["conf"])
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
+    torch.save(real_export["model"].state_dict(), tmp_path / "final.pt")
+    scp, data = [], []
+    for i, (wav, _) in enumerate(real_export["utts"]):
+        path = str(tmp_path / f"u{i}.wav")
+        write_wav(path, wav)
+        scp.append(f"u{i} {path}\n")
+        data.append(json.dumps({"key": f"u{i}", "wav": path, "txt": "你"}) + "\n")
+    (tmp_path / "wav.scp").write_text("".join(scp))
+    (tmp_path / "data.list").write_text("".join(data))
+    modes = ("ctc_wfst", "ctc_wfst_rescoring", "ctc_prefix_beam_search")
+    r = subprocess.run(
+        [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+         "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+         "--result_dir", str(tmp_path / "rec"), "--modes", *modes, "--graph_dir", str(export),
+         "--decoding_chunk_size", str(CHUNK), "--ctc_weight", str(CTC_WEIGHT),
+         "--reverse_weight", str(REVERSE_WEIGHT), "--length_penalty", "0.5"],
+        capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    rec = {m: sorted((tmp_path / "rec" / m / "text").read_text(encoding="utf-8").splitlines())
+           for m in modes}
+
+    def runtime(mode, lm):
+        out = tmp_path / f"rt_{mode}_{lm}.txt"
+        r = subprocess.run(
+            [sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", str(export),
+             "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(out), "--mode", mode,
+             "--lm", lm, "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT),
+             "--length_penalty", "0.5"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return sorted(out.read_text(encoding="utf-8").splitlines())
+
+    assert runtime("ctc_prefix_beam", "on") == rec["ctc_wfst"]
+    assert runtime("attention_rescoring", "on") == rec["ctc_wfst_rescoring"]
+    assert runtime("ctc_prefix_beam", "off") == rec["ctc_prefix_beam_search"]
+    # the LM knows the training sentences: the graph search reads them
+    expected = sorted(f"u{i} {t}" for i, t in enumerate(texts))
+    assert rec["ctc_wfst"] == expected

@@ -98,8 +98,7 @@ class WfstDecoder:
         if lp.ndim != 2 or lp.shape[1] != len(self.symbols):
             raise WfstError(f"log_probs must be (T, {len(self.symbols)}), got {lp.shape}")
         o = self.opts
-        keep = np.flatnonzero(np.exp(lp[:, self.blank_id]) <= o.blank_skip_thresh) \
-            if o.blank_skip_thresh <= 1.0 else np.arange(lp.shape[0])
+        keep = self._kept_frames(lp) if o.blank_skip_thresh <= 1.0 else np.arange(lp.shape[0])
         scaled = lp[keep].copy()
         if o.length_penalty:
             nonblank = np.ones(scaled.shape[1], bool)
@@ -107,6 +106,25 @@ class WfstDecoder:
             scaled[:, nonblank] += o.length_penalty
         scaled *= o.acoustic_scale
         return keep, np.ascontiguousarray(scaled, dtype=np.float32)
+
+    def _kept_frames(self, lp: np.ndarray) -> np.ndarray:
+        """Frames left after blank skipping. Where skipped blanks separate two frames
+        with the same best unit, the last skipped blank is kept, so that a repeated
+        unit (世 _ 世) does not merge into one (as WeNet's runtime does)."""
+        blank = self.blank_id
+        skip = np.exp(lp[:, blank]) > self.opts.blank_skip_thresh
+        best = lp.argmax(axis=1)
+        keep: List[int] = []
+        last_skipped = -1
+        for t in range(lp.shape[0]):
+            if skip[t]:
+                last_skipped = t
+                continue
+            if (last_skipped >= 0 and keep and last_skipped > keep[-1]
+                    and best[t] == best[keep[-1]] and best[t] != blank):
+                keep.append(last_skipped)
+            keep.append(t)
+        return np.asarray(keep, dtype=np.int64)
 
     def _hypothesis(self, ilabels: Sequence[int], olabels: Sequence[int], cost: float,
                     keep: np.ndarray, scaled: np.ndarray) -> WfstHypothesis:

@@ -168,3 +168,19 @@ def test_graph_tool_errors(graph, tmp_path, capsys):
     from wenet_moe_runtime.wfst import WfstDecoder, WfstError
     with pytest.raises(WfstError, match="TLG.fst: no such file"):
         WfstDecoder(str(tmp_path), SymbolTable.read(str(d / "units.txt")))
+
+
+def test_blank_skipping_keeps_repeated_units_apart(graph):
+    """世 _ _ 世: skipping the blanks keeps one of them, so the repeat is two units."""
+    from wenet_moe_runtime.symbols import SymbolTable
+    from wenet_moe_runtime.wfst import WfstDecoder, WfstOptions
+    d, _ = graph
+    sym = SymbolTable.read(str(d / "units.txt"))
+    dec = WfstDecoder(str(d / "g"), sym, WfstOptions(blank_skip_thresh=0.9))
+    p = np.full((6, len(UNITS)), 1e-4)
+    for t, u in enumerate([4, 0, 0, 4, 0, 5]):
+        p[t, u] = 1.0
+    lp = np.log(p / p.sum(1, keepdims=True))
+    keep, _ = dec.frame_costs(lp)
+    assert keep.tolist() == [0, 2, 3, 5]
+    assert dec.decode(lp)[0].tokens == [4, 4, 5]
