@@ -274,3 +274,34 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
     # the LM knows the training sentences: the graph search reads them
     expected = sorted(f"u{i} {t}" for i, t in enumerate(texts))
     assert rec["ctc_wfst"] == expected
+    # The server finds the graph in the model directory: its streamed finals equal
+    # the offline decoding with the graph; hotwords on such a server get `failed`.
+    import argparse
+    import asyncio
+    from wenet_moe_runtime.client import stream_samples
+    from wenet_moe_runtime.decode import add_lm_arguments, lm_from_args
+    from wenet_moe_runtime.decoder import DecodeOptions
+    from wenet_moe_runtime.model import OnnxAsrModel
+    from wenet_moe_runtime.offline import decode_samples
+    parser = argparse.ArgumentParser()
+    add_lm_arguments(parser)
+    onnx_model = OnnxAsrModel(str(export))
+    wfst = lm_from_args(parser.parse_args([]), str(export), onnx_model.symbols, "ctc_prefix_beam")
+    assert wfst is not None
+    srv = ServerProcess(str(export), ["--mode", "ctc_prefix_beam"])
+    try:
+        for wav, ids in real_export["utts"][:3]:
+            offline = decode_samples(onnx_model, wav, DecodeOptions(mode="ctc_prefix_beam", wfst=wfst))
+            res = asyncio.run(asyncio.wait_for(stream_samples(srv.url, wav, chunk_ms=200), 60))
+            assert not res.failures and res.finals == [offline]
+            assert offline[0]["sentence"] == onnx_model.symbols.detokenize(ids)
+
+        async def with_context():
+            from websockets.asyncio.client import connect
+            async with connect(srv.url) as ws:
+                await ws.send(json.dumps({"signal": "start", "context": ["你好"]}))
+                return json.loads(await ws.recv())
+        reply = asyncio.run(asyncio.wait_for(with_context(), 60))
+        assert reply["status"] == "failed" and "not applied in LM graph decoding" in reply["message"]
+    finally:
+        assert srv.stop() == 0

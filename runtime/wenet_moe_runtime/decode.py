@@ -79,6 +79,8 @@ def lm_from_args(args: argparse.Namespace, model_dir: str, symbols, mode: str):
         if wants:
             raise ValueError(f"--mode {mode} needs --lm on")
         return None
+    if mode in ("ctc_greedy", "ctc_greedy_search") and not args.graph_dir:
+        return None  # greedy search never uses the graph found in the model dir
     graph_dir = args.graph_dir or model_dir
     if not has_graph(graph_dir):
         if args.graph_dir or wants:

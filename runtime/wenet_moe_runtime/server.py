@@ -213,11 +213,14 @@ class AsrServer:
                                                lim.max_phrases, lim.max_len) if phrases else None)
             except ContextError as exc:
                 return None, f"Wrong message header: {exc}"
-        opts = DecodeOptions(chunk_size=base.chunk_size, beam_size=max(base.beam_size, nbest),
-                             nbest=nbest, mode=base.mode, ctc_weight=base.ctc_weight,
-                             rescoring_weight=base.rescoring_weight,
-                             reverse_weight=base.reverse_weight, continuous_decoding=cont,
-                             endpoint=base.endpoint, context=context)
+        try:
+            opts = DecodeOptions(chunk_size=base.chunk_size, beam_size=max(base.beam_size, nbest),
+                                 nbest=nbest, mode=base.mode, ctc_weight=base.ctc_weight,
+                                 rescoring_weight=base.rescoring_weight,
+                                 reverse_weight=base.reverse_weight, continuous_decoding=cont,
+                                 endpoint=base.endpoint, context=context, wfst=base.wfst)
+        except ValueError as exc:  # e.g. hotwords on a server decoding with an LM graph
+            return None, f"Wrong message header: {exc}"
         return opts, None
 
     async def _decode(self, ws: ServerConnection, decoder: StreamingDecoder,
@@ -303,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule2_silence_ms", type=int, default=1000)
     p.add_argument("--rule3_max_utterance_ms", type=int, default=20000)
     add_context_arguments(p)  # a start message's "context" replaces --context_path's list
+    from .decode import add_lm_arguments
+    add_lm_arguments(p)  # final results from TLG.fst + words.txt when the model dir has them
     p.add_argument("--log_level", default="WARNING")
     return p
 
@@ -328,11 +333,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads)
         endpoint = EndpointConfig(args.blank_threshold, args.rule1_silence_ms,
                                   args.rule2_silence_ms, args.rule3_max_utterance_ms)
+        from .decode import lm_from_args
         limits = ContextLimits(args.context_score, args.max_context_phrases, args.max_context_len)
         opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size, mode=args.mode,
                              ctc_weight=args.ctc_weight, rescoring_weight=args.rescoring_weight,
                              reverse_weight=args.reverse_weight, endpoint=endpoint,
-                             context=context_from_args(args, model.symbols))
+                             context=context_from_args(args, model.symbols),
+                             wfst=lm_from_args(args, args.model_dir, model.symbols, args.mode))
         from .decoder import resolve_chunk_size
         resolve_chunk_size(model, args.chunk_size)
     except (ModelError, ValueError) as exc:
