@@ -40,8 +40,9 @@ class DecodeOptions:
     continuous_decoding: bool = False
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     context: Optional[ContextGraph] = None   # hotword biasing of the CTC prefix search
-    # TLG graph search (wfst.WfstDecoder) replacing the prefix search in final results:
-    # ctc_prefix_beam -> graph 1-best, attention_rescoring -> rescored graph n-best
+    # TLG graph search (wfst.WfstDecoder) replacing the prefix search in results:
+    # partials from the graph's best active path; finals: ctc_prefix_beam -> graph
+    # 1-best, attention_rescoring -> rescored graph n-best
     wfst: Optional[object] = None
 
     def __post_init__(self) -> None:
@@ -139,7 +140,11 @@ class StreamingDecoder:
                                           context=self.opts.context)
         self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
         self.encoder_outs: List[np.ndarray] = []
-        self.log_probs: List[np.ndarray] = []  # kept for the graph search (opts.wfst)
+        self.log_probs: List[np.ndarray] = []  # kept for the graph's n-best (opts.wfst)
+        self.wfst_stream = None
+        if self.opts.wfst is not None:
+            from .wfst import WfstStream
+            self.wfst_stream = WfstStream(self.opts.wfst)
         self.cached = np.zeros((0, self.model.info.fbank.num_mel_bins), np.float32)
         self.segment_started = False
         self.segment_start_ms = int(round(self.frames_read * self.model.info.fbank_shift_ms))
@@ -201,8 +206,10 @@ class StreamingDecoder:
         """Search and endpoint on one chunk's (T', V) CTC log-posteriors."""
         events: List[Event] = []
         self.search.advance(log_probs)
-        if self.opts.wfst is not None:
-            self.log_probs.append(log_probs)
+        if self.wfst_stream is not None:
+            self.wfst_stream.accept(log_probs)
+            if self.opts.mode == "attention_rescoring":
+                self.log_probs.append(log_probs)
         self.endpoint.update(log_probs, self.model.symbols.blank_id)
         decoded = self.decoded_something()
         if self.endpoint.is_endpoint(decoded):
@@ -213,8 +220,12 @@ class StreamingDecoder:
                 self.stopped = True
                 events.append(("speech_end", None))
         elif decoded:
-            events.append(("partial", format_nbest(self.model, self.search.nbest(self.opts.nbest),
-                                                   self.opts.nbest, self.segment_start_ms, False)))
+            hyps = self.search.nbest(self.opts.nbest)
+            if self.wfst_stream is not None:  # the graph's best active path
+                best = self.wfst_stream.best(final=False)
+                hyps = [(best.tokens, best.score, best.times)] if best is not None else hyps
+            events.append(("partial", format_nbest(self.model, hyps, self.opts.nbest,
+                                                   self.segment_start_ms, False)))
         return events
 
     def finish(self) -> List[Event]:
@@ -231,10 +242,13 @@ class StreamingDecoder:
     def _final_nbest(self) -> List[Dict]:
         self.finals_sent += 1
         hyps = self.search.nbest()
-        if self.opts.wfst is not None:
+        if self.opts.mode == "attention_rescoring" and self.wfst_stream is not None:
             lp = (np.concatenate(self.log_probs, axis=0) if self.log_probs
                   else np.zeros((0, self.model.info.vocab_size), np.float32))
             hyps = wfst_hyps(self.opts, lp)
+        elif self.wfst_stream is not None:  # the same search as offline, fed chunk by chunk
+            best = self.wfst_stream.best(final=True)
+            hyps = [(best.tokens, best.score, best.times)] if best is not None else [([], 0.0, [])]
         if self.opts.mode == "attention_rescoring" and self.encoder_outs:
             hyps = rescore(self.model, hyps, np.concatenate(self.encoder_outs, axis=0), self.opts)
         return format_nbest(self.model, hyps, self.opts.nbest, self.segment_start_ms, True)

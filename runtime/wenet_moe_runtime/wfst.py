@@ -92,39 +92,27 @@ class WfstDecoder:
         self.blank_id = symbols.blank_id
 
     # ---------------------------------------------------------------- frames
-    def frame_costs(self, log_probs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """(kept frame indices, (T', V) scaled log-likelihoods for the decoder)."""
+    def _check(self, log_probs: np.ndarray) -> np.ndarray:
         lp = np.asarray(log_probs, dtype=np.float32)
         if lp.ndim != 2 or lp.shape[1] != len(self.symbols):
             raise WfstError(f"log_probs must be (T, {len(self.symbols)}), got {lp.shape}")
-        o = self.opts
-        keep = self._kept_frames(lp) if o.blank_skip_thresh <= 1.0 else np.arange(lp.shape[0])
-        scaled = lp[keep].copy()
-        if o.length_penalty:
+        return lp
+
+    def scale(self, rows: np.ndarray) -> np.ndarray:
+        """Decoder log-likelihoods: acoustic_scale * (log p + length_penalty on non-blanks)."""
+        scaled = np.array(rows, dtype=np.float32, copy=True).reshape(-1, len(self.symbols))
+        if self.opts.length_penalty:
             nonblank = np.ones(scaled.shape[1], bool)
             nonblank[self.blank_id] = False
-            scaled[:, nonblank] += o.length_penalty
-        scaled *= o.acoustic_scale
-        return keep, np.ascontiguousarray(scaled, dtype=np.float32)
+            scaled[:, nonblank] += self.opts.length_penalty
+        scaled *= self.opts.acoustic_scale
+        return np.ascontiguousarray(scaled, dtype=np.float32)
 
-    def _kept_frames(self, lp: np.ndarray) -> np.ndarray:
-        """Frames left after blank skipping. Where skipped blanks separate two frames
-        with the same best unit, the last skipped blank is kept, so that a repeated
-        unit (世 _ 世) does not merge into one (as WeNet's runtime does)."""
-        blank = self.blank_id
-        skip = np.exp(lp[:, blank]) > self.opts.blank_skip_thresh
-        best = lp.argmax(axis=1)
-        keep: List[int] = []
-        last_skipped = -1
-        for t in range(lp.shape[0]):
-            if skip[t]:
-                last_skipped = t
-                continue
-            if (last_skipped >= 0 and keep and last_skipped > keep[-1]
-                    and best[t] == best[keep[-1]] and best[t] != blank):
-                keep.append(last_skipped)
-            keep.append(t)
-        return np.asarray(keep, dtype=np.int64)
+    def frame_costs(self, log_probs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(kept frame indices, (T', V) scaled log-likelihoods for the decoder)."""
+        lp = self._check(log_probs)
+        keep = FrameSelector(self.blank_id, self.opts.blank_skip_thresh).push(lp)
+        return np.asarray(keep, dtype=np.int64), self.scale(lp[keep])
 
     def _hypothesis(self, ilabels: Sequence[int], olabels: Sequence[int], cost: float,
                     keep: np.ndarray, scaled: np.ndarray) -> WfstHypothesis:
@@ -151,18 +139,12 @@ class WfstDecoder:
 
     # ---------------------------------------------------------------- search
     def decode(self, log_probs: np.ndarray) -> List[WfstHypothesis]:
-        """1-best of a whole utterance (empty list when no path reached the end)."""
-        keep, scaled = self.frame_costs(log_probs)
-        if scaled.shape[0] == 0:
-            return [WfstHypothesis([], 0.0, [], [])]
-        o = self.opts
-        dec = self._kd.FasterDecoder(self.graph, self._kd.FasterDecoderOptions(
-            beam=o.beam, max_active=o.max_active, min_active=o.min_active))
-        dec.decode(self._kd.DecodableCtc(scaled))
-        ok, path = dec.get_best_path()
-        if not ok:
-            return []
-        return [self._hypothesis(*self._linear(path), keep, scaled)]
+        """1-best of a whole utterance (empty list when the decoder found no path);
+        the same computation as a `WfstStream` fed in chunks."""
+        stream = WfstStream(self)
+        stream.accept(log_probs)
+        best = stream.best(final=True)
+        return [best] if best is not None else []
 
     def decode_nbest(self, log_probs: np.ndarray, n: int = 0) -> List[WfstHypothesis]:
         """Up to n (default opts.nbest) distinct word sequences, best first, from the
@@ -190,6 +172,87 @@ class WfstDecoder:
                 break
         out.sort(key=lambda h: -h.score)
         return out
+
+
+class FrameSelector:
+    """Blank frame skipping, chunk by chunk: frames whose blank posterior exceeds
+    `thresh` are dropped; where dropped blanks separate two kept frames with the same
+    best unit, the last dropped blank is kept, so that a repeated unit (世 _ 世) does
+    not merge into one (as WeNet's runtime does). `thresh > 1` keeps every frame."""
+
+    def __init__(self, blank_id: int, thresh: float) -> None:
+        self.blank_id, self.thresh = blank_id, thresh
+        self.t = 0                  # frames seen
+        self.last_skipped = -1      # index of the last dropped frame
+        self.prev_t, self.prev_best = -1, -1   # last kept non-inserted frame
+
+    def push(self, lp: np.ndarray) -> List[int]:
+        """Indices (counted from the first frame pushed) of the frames to decode,
+        relative to this chunk's first frame plus the frames before it."""
+        keep: List[int] = []
+        if self.thresh > 1.0:
+            keep = list(range(self.t, self.t + lp.shape[0]))
+            self.t += lp.shape[0]
+            return [k - (self.t - lp.shape[0]) for k in keep]
+        start = self.t
+        skip = np.exp(lp[:, self.blank_id]) > self.thresh
+        best = lp.argmax(axis=1)
+        for i in range(lp.shape[0]):
+            t = start + i
+            if skip[i]:
+                self.last_skipped = t
+                continue
+            b = int(best[i])
+            if (self.last_skipped > self.prev_t >= 0 and b == self.prev_best
+                    and b != self.blank_id):
+                keep.append(self.last_skipped)
+            keep.append(t)
+            self.prev_t, self.prev_best = t, b
+        self.t = start + lp.shape[0]
+        return [k - start for k in keep]
+
+
+class WfstStream:
+    """Incremental graph search of one stream (FasterDecoder): `accept(chunk)` as CTC
+    log-posteriors arrive, `best(final)` for partial (best active path) or final
+    (best path to a final state, if any) results. Frame times are counted from the
+    first accepted frame."""
+
+    def __init__(self, wfst: WfstDecoder) -> None:
+        self.wfst = wfst
+        o = wfst.opts
+        self.decoder = wfst._kd.FasterDecoder(wfst.graph, wfst._kd.FasterDecoderOptions(
+            beam=o.beam, max_active=o.max_active, min_active=o.min_active))
+        self.decoder.init_decoding()
+        self.selector = FrameSelector(wfst.blank_id, o.blank_skip_thresh)
+        self.keep: List[int] = []          # original index of every decoded frame
+        self.rows: List[np.ndarray] = []   # their scaled log-likelihoods
+        self.frames = 0                    # frames accepted
+        self.prev_row: Optional[np.ndarray] = None
+
+    def accept(self, log_probs: np.ndarray) -> None:
+        lp = self.wfst._check(log_probs)
+        kept = self.selector.push(lp)
+        # an inserted blank is the frame just before a kept one: for the first frame
+        # of a chunk, the previous chunk's last frame (index -1)
+        rows = [lp[k] if k >= 0 else self.prev_row for k in kept]
+        if lp.shape[0]:
+            self.prev_row = lp[-1]
+        if rows:
+            scaled = self.wfst.scale(np.stack(rows))
+            self.decoder.advance_decoding(self.wfst._kd.DecodableCtc(scaled, offset=len(self.keep)))
+            self.keep.extend(self.frames + k for k in kept)
+            self.rows.append(scaled)
+        self.frames += lp.shape[0]
+
+    def best(self, final: bool) -> Optional[WfstHypothesis]:
+        if not self.keep:
+            return WfstHypothesis([], 0.0, [], [])
+        ok, path = self.decoder.get_best_path(use_final_probs=final)
+        if not ok:
+            return None
+        return self.wfst._hypothesis(*self.wfst._linear(path), np.asarray(self.keep),
+                                     np.concatenate(self.rows, axis=0))
 
 
 def words_text(words: Sequence[str]) -> str:
