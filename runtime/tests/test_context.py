@@ -68,6 +68,10 @@ def test_tokenize_phrase_char_and_bpe():
     chars = table(["你", "好", "世", "界", "HELLO"])
     assert tokenize_phrase(chars, "你好 世界") == [2, 3, 4, 5]
     assert tokenize_phrase(chars, "你好hello") == [2, 3, 6]
+    letters = table(["你", "5", "G"])
+    assert tokenize_phrase(letters, "你5g") == [2, 3, 4]
+    with pytest.raises(ContextError, match="word '5GX' is not a unit"):
+        tokenize_phrase(letters, "5gx")
     with pytest.raises(ContextError, match="character '语'"):
         tokenize_phrase(chars, "你语")
     bpe = table(["\u2581HE", "LLO", "\u2581WORLD", "L", "O", "\u2581"])

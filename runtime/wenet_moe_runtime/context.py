@@ -53,7 +53,8 @@ class ContextLimits:
 def tokenize_phrase(symbols: SymbolTable, phrase: str) -> List[int]:
     """Unit ids of a phrase: CJK characters one unit each; a Latin word as the
     whole (upper-cased) word when `units.txt` holds it, else as BPE pieces by
-    greedy longest match (`▁` on the first piece). Raises ContextError naming the
+    greedy longest match (`▁` on the first piece), or, in a table without BPE
+    pieces, letter by letter. Raises ContextError naming the
     unit that `units.txt` lacks."""
     ids: List[int] = []
     word = ""
@@ -69,7 +70,11 @@ def tokenize_phrase(symbols: SymbolTable, phrase: str) -> List[int]:
                 ids.append(symbols.get(cand))
                 return
         if not symbols.is_bpe:
-            raise ContextError(f"word '{w}' is not a unit of units.txt")
+            letters = [symbols.get(c) for c in w]
+            if None in letters:
+                raise ContextError(f"word '{w}' is not a unit of units.txt (nor are all its letters)")
+            ids.extend(letters)
+            return
         text, pos = BPE_SPACE + w, 0
         while pos < len(text):
             for end in range(len(text), pos, -1):
