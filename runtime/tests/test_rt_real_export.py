@@ -258,19 +258,33 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
     rec = {m: sorted((tmp_path / "rec" / m / "text").read_text(encoding="utf-8").splitlines())
            for m in modes}
 
-    def runtime(mode, lm):
-        out = tmp_path / f"rt_{mode}_{lm}.txt"
+    def runtime(mode, lm, *extra):
+        out = tmp_path / f"rt_{mode}_{lm}_{len(extra)}.txt"
         r = subprocess.run(
             [sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", str(export),
              "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(out), "--mode", mode,
              "--lm", lm, "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT),
-             "--length_penalty", "0.5"], capture_output=True, text=True, env=env)
+             "--length_penalty", "0.5", *extra], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         return sorted(out.read_text(encoding="utf-8").splitlines())
 
     assert runtime("ctc_prefix_beam", "on") == rec["ctc_wfst"]
     assert runtime("attention_rescoring", "on") == rec["ctc_wfst_rescoring"]
     assert runtime("ctc_prefix_beam", "off") == rec["ctc_prefix_beam_search"]
+    # hotwords with the graph: recognize and the runtime re-rank the same n-best
+    (tmp_path / "hot.txt").write_text("世界\n", encoding="utf-8")
+    hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "4.0"]
+    r = subprocess.run(
+        [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+         "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+         "--result_dir", str(tmp_path / "rec_hot"), "--modes", "ctc_wfst", "ctc_wfst_rescoring",
+         "--graph_dir", str(export), "--decoding_chunk_size", str(CHUNK), "--ctc_weight",
+         str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT), "--length_penalty", "0.5", *hot],
+        capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for mode, rt_mode in (("ctc_wfst", "ctc_prefix_beam"), ("ctc_wfst_rescoring", "attention_rescoring")):
+        got = sorted((tmp_path / "rec_hot" / mode / "text").read_text(encoding="utf-8").splitlines())
+        assert runtime(rt_mode, "on", *hot) == got
     # the LM knows the training sentences: the graph search reads them
     expected = sorted(f"u{i} {t}" for i, t in enumerate(texts))
     assert rec["ctc_wfst"] == expected
@@ -296,12 +310,22 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
             assert not res.failures and res.finals == [offline]
             assert offline[0]["sentence"] == onnx_model.symbols.detokenize(ids)
 
+        # hotwords on a graph server re-rank the graph's n-best, per connection
+        from wenet_moe_runtime.context import build_context_graph
+        graph = build_context_graph(onnx_model.symbols, ["世界"], 4.0)
+        wav = real_export["utts"][2][0]
+        offline = decode_samples(onnx_model, wav, DecodeOptions(mode="ctc_prefix_beam", wfst=wfst,
+                                                                context=graph))
+
         async def with_context():
             from websockets.asyncio.client import connect
             async with connect(srv.url) as ws:
-                await ws.send(json.dumps({"signal": "start", "context": ["你好"]}))
-                return json.loads(await ws.recv())
-        reply = asyncio.run(asyncio.wait_for(with_context(), 60))
-        assert reply["status"] == "failed" and "not applied in LM graph decoding" in reply["message"]
+                await ws.send(json.dumps({"signal": "start", "context": ["世界"]}))
+                assert json.loads(await ws.recv())["type"] == "server_ready"
+                await ws.send(wav.tobytes())
+                await ws.send(json.dumps({"signal": "end"}))
+                return [json.loads(json.loads(m)["nbest"]) async for m in ws
+                        if json.loads(m).get("type") == "final_result"]
+        assert asyncio.run(asyncio.wait_for(with_context(), 60)) == [offline]
     finally:
         assert srv.stop() == 0

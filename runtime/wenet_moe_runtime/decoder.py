@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .context import ContextGraph
+from .context import ContextGraph, rerank_with_context
 from .ctc_search import CtcPrefixBeamSearch
 from .endpoint import CtcEndpoint, EndpointConfig
 from .features import OnlineFbank
@@ -52,9 +52,7 @@ class DecodeOptions:
             raise ValueError("hotwords (context) need a beam search mode, not ctc_greedy")
         if self.wfst is not None and self.mode == "ctc_greedy":
             raise ValueError("the LM graph needs mode ctc_prefix_beam or attention_rescoring")
-        if self.wfst is not None and self.context is not None:
-            raise ValueError("hotwords bias the CTC prefix search; they are not applied "
-                             "in LM graph decoding (use one or the other)")
+
 
 
 def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
@@ -91,10 +89,16 @@ def rescore(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int
 def wfst_hyps(opts: DecodeOptions, log_probs: np.ndarray
               ) -> List[Tuple[List[int], float, List[int]]]:
     """Graph search of a segment's (T, V) CTC log-posteriors: the 1-best for
-    ctc_prefix_beam, the n-best for attention_rescoring; (tokens, score, times)."""
+    ctc_prefix_beam, the n-best for attention_rescoring; with hotwords, the n-best
+    re-ranked by score + hotword bonus; (tokens, score, times) best first."""
     wfst = opts.wfst
-    hyps = wfst.decode_nbest(log_probs) if opts.mode == "attention_rescoring" else wfst.decode(log_probs)
-    return [(h.tokens, h.score, h.times) for h in hyps] or [([], float("-inf"), [])]
+    if opts.context is None and opts.mode != "attention_rescoring":
+        hyps = [(h.tokens, h.score, h.times) for h in wfst.decode(log_probs)]
+    else:
+        hyps = [(h.tokens, h.score, h.times) for h in wfst.decode_nbest(log_probs)]
+        if opts.context is not None:
+            hyps = rerank_with_context(hyps, opts.context)
+    return hyps or [([], float("-inf"), [])]
 
 
 def format_nbest(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int]]],
@@ -208,7 +212,7 @@ class StreamingDecoder:
         self.search.advance(log_probs)
         if self.wfst_stream is not None:
             self.wfst_stream.accept(log_probs)
-            if self.opts.mode == "attention_rescoring":
+            if self.opts.mode == "attention_rescoring" or self.opts.context is not None:
                 self.log_probs.append(log_probs)
         self.endpoint.update(log_probs, self.model.symbols.blank_id)
         decoded = self.decoded_something()
@@ -242,7 +246,8 @@ class StreamingDecoder:
     def _final_nbest(self) -> List[Dict]:
         self.finals_sent += 1
         hyps = self.search.nbest()
-        if self.opts.mode == "attention_rescoring" and self.wfst_stream is not None:
+        if self.wfst_stream is not None and (self.opts.mode == "attention_rescoring"
+                                             or self.opts.context is not None):
             lp = (np.concatenate(self.log_probs, axis=0) if self.log_probs
                   else np.zeros((0, self.model.info.vocab_size), np.float32))
             hyps = wfst_hyps(self.opts, lp)

@@ -219,7 +219,7 @@ class AsrServer:
                                  rescoring_weight=base.rescoring_weight,
                                  reverse_weight=base.reverse_weight, continuous_decoding=cont,
                                  endpoint=base.endpoint, context=context, wfst=base.wfst)
-        except ValueError as exc:  # e.g. hotwords on a server decoding with an LM graph
+        except ValueError as exc:
             return None, f"Wrong message header: {exc}"
         return opts, None
 

@@ -210,3 +210,26 @@ def test_stream_in_chunks_equals_whole_utterance(graph):
                 got = stream.best(final=True)
                 assert (got.tokens, got.times, got.words) == (whole.tokens, whole.times, whole.words)
                 assert abs(got.score - whole.score) < 1e-4
+
+
+def test_hotwords_rerank_the_graph_nbest(graph):
+    """With an LM graph, hotwords re-rank the lattice's word sequences: the phrase
+    好语界 that the LM dislikes wins with its bonus (3 units x 3.0) and not without."""
+    from wenet_moe_runtime.context import ContextGraph
+    from wenet_moe_runtime.decoder import DecodeOptions, wfst_hyps
+    from wenet_moe_runtime.symbols import SymbolTable
+    from wenet_moe_runtime.wfst import WfstDecoder, WfstOptions
+    d, _ = graph
+    sym = SymbolTable.read(str(d / "units.txt"))
+    dec = WfstDecoder(str(d / "g"), sym, WfstOptions(lattice_beam=20.0))
+    lp = half_heard_world()
+    for mode in ("ctc_prefix_beam", "attention_rescoring"):
+        plain = wfst_hyps(DecodeOptions(mode=mode, wfst=dec), lp)
+        assert plain[0][0] == [2, 3, 4, 5]
+        nbest = {tuple(h[0]): h[1] for h in wfst_hyps(DecodeOptions(mode="attention_rescoring",
+                                                                    wfst=dec), lp)}
+        assert (2, 3, 6, 5) in nbest and nbest[(2, 3, 4, 5)] - nbest[(2, 3, 6, 5)] < 9.0
+        biased = wfst_hyps(DecodeOptions(mode=mode, wfst=dec,
+                                         context=ContextGraph([[3, 6, 5]], 3.0)), lp)
+        assert biased[0][0] == [2, 3, 6, 5]
+        assert abs(biased[0][1] - (nbest[(2, 3, 6, 5)] + 9.0)) < 1e-9

@@ -107,9 +107,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: no input_dim/output_dim; pass the train.yaml written by train")
     tokenizer = build_tokenizer(configs)
     context = context_from_args(args, tokenizer.symbol_table)
-    if context is not None and not set(args.modes) & {"ctc_prefix_beam_search", "attention_rescoring"}:
-        raise ValueError("--context_path biases ctc_prefix_beam_search and attention_rescoring; "
-                         f"--modes {' '.join(args.modes)} has neither")
+    biased = {"ctc_prefix_beam_search", "attention_rescoring", "ctc_wfst", "ctc_wfst_rescoring"}
+    if context is not None and not set(args.modes) & biased:
+        raise ValueError(f"--context_path biases {', '.join(sorted(biased))}; "
+                         f"--modes {' '.join(args.modes)} has none of them")
     wfst = None
     if {"ctc_wfst", "ctc_wfst_rescoring"} & set(args.modes):
         from wenet_moe_runtime.wfst import wfst_from_args

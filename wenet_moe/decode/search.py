@@ -61,21 +61,27 @@ def ctc_prefix_beam(ctc_log_probs: torch.Tensor, lens: torch.Tensor, beam_size: 
     return out
 
 
-def ctc_wfst(ctc_log_probs: torch.Tensor, lens: torch.Tensor, wfst, nbest: bool = False
-             ) -> List[DecodeResult]:
+def ctc_wfst(ctc_log_probs: torch.Tensor, lens: torch.Tensor, wfst, nbest: bool = False,
+             context=None) -> List[DecodeResult]:
     """TLG graph search per utterance (`wenet_moe_runtime.wfst.WfstDecoder`): the
     1-best (FasterDecoder) or, with `nbest`, the lattice's distinct word sequences.
     Scores are acoustic_scale * CTC + LM log-probabilities; an utterance where no
-    path reached a final state gets an empty hypothesis."""
+    path reached a final state gets an empty hypothesis. With hotwords (`context`)
+    the lattice n-best is re-ranked by score + bonus, as the runtime does."""
+    from wenet_moe_runtime.context import rerank_with_context
     out = []
     for lp in _utterance_log_probs(ctc_log_probs, lens):
-        hyps = wfst.decode_nbest(lp) if nbest else wfst.decode(lp)
+        if context is not None:
+            hyps = rerank_with_context([(h.tokens, h.score, h.times) for h in wfst.decode_nbest(lp)],
+                                       context)
+        else:
+            hyps = [(h.tokens, h.score, h.times)
+                    for h in (wfst.decode_nbest(lp) if nbest else wfst.decode(lp))]
         if not hyps:
             out.append(DecodeResult([], float("-inf"), [], [[]], [float("-inf")], [[]]))
             continue
-        out.append(DecodeResult(hyps[0].tokens, hyps[0].score, hyps[0].times,
-                                [h.tokens for h in hyps], [h.score for h in hyps],
-                                [h.times for h in hyps]))
+        out.append(DecodeResult(hyps[0][0], hyps[0][1], hyps[0][2], [h[0] for h in hyps],
+                                [h[1] for h in hyps], [h[2] for h in hyps]))
     return out
 
 

@@ -210,9 +210,9 @@ class ASRModel(nn.Module):
                     results[method] = search.attention_rescoring(
                         self, prefix, encoder_out, encoder_mask, ctc_weight, reverse_weight)
                 elif method == "ctc_wfst":
-                    results[method] = search.ctc_wfst(ctc_logp, encoder_lens, wfst)
+                    results[method] = search.ctc_wfst(ctc_logp, encoder_lens, wfst, context=context)
                 else:
-                    nbest = search.ctc_wfst(ctc_logp, encoder_lens, wfst, nbest=True)
+                    nbest = search.ctc_wfst(ctc_logp, encoder_lens, wfst, nbest=True, context=context)
                     results[method] = search.attention_rescoring(
                         self, nbest, encoder_out, encoder_mask, ctc_weight, reverse_weight)
         return results
