@@ -187,13 +187,12 @@ class FrameSelector:
         self.prev_t, self.prev_best = -1, -1   # last kept non-inserted frame
 
     def push(self, lp: np.ndarray) -> List[int]:
-        """Indices (counted from the first frame pushed) of the frames to decode,
-        relative to this chunk's first frame plus the frames before it."""
-        keep: List[int] = []
+        """Indices, relative to this chunk's first frame, of the frames to decode
+        (-1: the previous chunk's last frame, kept as the blank between repeats)."""
         if self.thresh > 1.0:
-            keep = list(range(self.t, self.t + lp.shape[0]))
             self.t += lp.shape[0]
-            return [k - (self.t - lp.shape[0]) for k in keep]
+            return list(range(lp.shape[0]))
+        keep: List[int] = []
         start = self.t
         skip = np.exp(lp[:, self.blank_id]) > self.thresh
         best = lp.argmax(axis=1)
