@@ -91,6 +91,8 @@ def test_phrase_list_errors_name_line_and_bounds(tmp_path):
         load_context_graph(sym, str(path), 3.0, max_len=3)
     with pytest.raises(ContextError, match="3 phrases, at most 2"):
         build_context_graph(sym, ["你", "好", "世"], 3.0, max_phrases=2)
+    with pytest.raises(ContextError, match="phrase 1 has 100000 characters, at most 512"):
+        build_context_graph(sym, ["你" * 100000], 3.0)
     with pytest.raises(ContextError, match="phrase 2 must be a non-empty string"):
         build_context_graph(sym, ["你", 7], 3.0)
     with pytest.raises(ContextError, match="must be positive"):

@@ -232,6 +232,9 @@ def build_context_graph(symbols: SymbolTable, phrases: Sequence[str], score: flo
         label = labels[n] if labels is not None else f"phrase {n + 1}"
         if not isinstance(phrase, str) or not phrase.strip():
             raise ContextError(f"{where}: {label} must be a non-empty string, got {phrase!r}")
+        if len(phrase) > 16 * max_len:  # before tokenizing: bounds the work on bad input
+            raise ContextError(f"{where}: {label} has {len(phrase)} characters, "
+                               f"at most {16 * max_len} allowed")
         try:
             ids = tokenize_phrase(symbols, phrase)
         except ContextError as exc:
