@@ -102,7 +102,8 @@ def real_export(tmp_path_factory):
     out = str(root / "export")
     export_loaded(model, copy.deepcopy(conf), copy.deepcopy(conf), out, chunk_size=CHUNK,
                   left_chunks=-1, quantize="int8", reverse_weight=REVERSE_WEIGHT, verify=False)
-    return {"dir": out, "model": model, "utts": utts, "feats": feats}
+    return {"dir": out, "model": model, "utts": utts, "feats": feats, "conf": conf,
+            "root": root}
 
 
 def _nbest_with_scores(onnx_model, wav):
@@ -165,3 +166,198 @@ def test_server_on_real_export_equals_offline(real_export):
                 assert offline[0]["sentence"] == onnx_model.symbols.detokenize(ids)
         finally:
             assert srv.stop() == 0
+
+
+def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
+    """`wenet-moe recognize` on the checkpoint and `python -m wenet_moe_runtime.decode`
+    on its export, both with the same hotword file, write the same text, for the
+    CTC prefix beam search and attention rescoring; the hotwords change results."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    torch = pytest.importorskip("torch")
+    from wenet_moe_runtime.wavio import write_wav
+
+    conf = copy.deepcopy(real_export["conf"])
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
+    torch.save(real_export["model"].state_dict(), tmp_path / "final.pt")
+    scp, data = [], []
+    for i, (wav, _) in enumerate(real_export["utts"]):
+        path = str(tmp_path / f"u{i}.wav")
+        write_wav(path, wav)
+        scp.append(f"u{i} {path}\n")
+        data.append(json.dumps({"key": f"u{i}", "wav": path, "txt": "你"}) + "\n")
+    (tmp_path / "wav.scp").write_text("".join(scp))
+    (tmp_path / "data.list").write_text("".join(data))
+    (tmp_path / "hot.txt").write_text("世界\n", encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "4.0"]
+
+    def recognize(name, extra):
+        cmd = [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+               "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+               "--result_dir", str(tmp_path / name), "--modes", "ctc_prefix_beam_search",
+               "attention_rescoring", "--decoding_chunk_size", str(CHUNK), "--batch_size", "3",
+               "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT), *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return {m: sorted((tmp_path / name / m / "text").read_text(encoding="utf-8").splitlines())
+                for m in ("ctc_prefix_beam_search", "attention_rescoring")}
+
+    def runtime(mode, extra):
+        out = tmp_path / f"rt_{mode}_{len(extra)}.txt"
+        cmd = [sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", real_export["dir"],
+               "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(out), "--mode", mode,
+               "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT), *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return sorted(out.read_text(encoding="utf-8").splitlines())
+
+    biased, plain = recognize("hot", hot), recognize("plain", [])
+    for mode in ("ctc_prefix_beam_search", "attention_rescoring"):
+        assert runtime(mode, hot) == biased[mode]
+    assert biased["ctc_prefix_beam_search"] != plain["ctc_prefix_beam_search"]
+    assert sum("世界" in line for line in biased["ctc_prefix_beam_search"]) > \
+        sum("世界" in line for line in plain["ctc_prefix_beam_search"])
+    # A bad hotword file is a one-line error naming file and line, from both commands.
+    (tmp_path / "bad.txt").write_text("世界\n世外\n", encoding="utf-8")
+    bad = ["--context_path", str(tmp_path / "bad.txt")]
+    for cmd in ([sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", real_export["dir"],
+                 "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(tmp_path / "x.txt"), *bad],
+                [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+                 "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+                 "--result_dir", str(tmp_path / "x"), *bad]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and f"bad.txt: line 2 '世外': character '外'" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x").exists()
+
+
+def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
+    """A character LM from the training texts compiled into TLG.fst: `wenet-moe
+    recognize --modes ctc_wfst ctc_wfst_rescoring` and the runtime's decode with the
+    graph in the export directory (`--lm on`) write the same text; `--lm off` gives
+    the plain prefix search."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("kaldi_decoder")
+    pytest.importorskip("kaldilm")
+    import rt_tiny_model as T
+    from wenet_moe_runtime.wavio import write_wav
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tools = os.path.join(root, "tools")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    syms = [ln.split()[0] for ln in T.units()]
+    texts = ["".join(syms[i] for i in ids) for ids, _, _ in TRAIN_SET]
+    (tmp_path / "text").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    export = tmp_path / "export"
+    shutil.copytree(real_export["dir"], export)
+    for cmd in ([sys.executable, os.path.join(tools, "train_ngram_lm.py"), "--text",
+                 str(tmp_path / "text"), "--arpa", str(tmp_path / "lm.arpa"), "--char"],
+                [sys.executable, os.path.join(tools, "make_tlg.py"), "--units",
+                 str(export / "units.txt"), "--arpa", str(tmp_path / "lm.arpa"),
+                 "--graph_dir", str(export)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+    conf = copy.deepcopy(real_export["conf"])
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
+    torch.save(real_export["model"].state_dict(), tmp_path / "final.pt")
+    scp, data = [], []
+    for i, (wav, _) in enumerate(real_export["utts"]):
+        path = str(tmp_path / f"u{i}.wav")
+        write_wav(path, wav)
+        scp.append(f"u{i} {path}\n")
+        data.append(json.dumps({"key": f"u{i}", "wav": path, "txt": "你"}) + "\n")
+    (tmp_path / "wav.scp").write_text("".join(scp))
+    (tmp_path / "data.list").write_text("".join(data))
+    modes = ("ctc_wfst", "ctc_wfst_rescoring", "ctc_prefix_beam_search")
+    r = subprocess.run(
+        [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+         "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+         "--result_dir", str(tmp_path / "rec"), "--modes", *modes, "--graph_dir", str(export),
+         "--decoding_chunk_size", str(CHUNK), "--ctc_weight", str(CTC_WEIGHT),
+         "--reverse_weight", str(REVERSE_WEIGHT), "--length_penalty", "0.5"],
+        capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    rec = {m: sorted((tmp_path / "rec" / m / "text").read_text(encoding="utf-8").splitlines())
+           for m in modes}
+
+    def runtime(mode, lm, *extra):
+        out = tmp_path / f"rt_{mode}_{lm}_{len(extra)}.txt"
+        r = subprocess.run(
+            [sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir", str(export),
+             "--wav_scp", str(tmp_path / "wav.scp"), "--result", str(out), "--mode", mode,
+             "--lm", lm, "--ctc_weight", str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT),
+             "--length_penalty", "0.5", *extra], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return sorted(out.read_text(encoding="utf-8").splitlines())
+
+    assert runtime("ctc_prefix_beam", "on") == rec["ctc_wfst"]
+    assert runtime("attention_rescoring", "on") == rec["ctc_wfst_rescoring"]
+    assert runtime("ctc_prefix_beam", "off") == rec["ctc_prefix_beam_search"]
+    # hotwords with the graph: recognize and the runtime re-rank the same n-best
+    (tmp_path / "hot.txt").write_text("世界\n", encoding="utf-8")
+    hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "4.0"]
+    r = subprocess.run(
+        [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
+         "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
+         "--result_dir", str(tmp_path / "rec_hot"), "--modes", "ctc_wfst", "ctc_wfst_rescoring",
+         "--graph_dir", str(export), "--decoding_chunk_size", str(CHUNK), "--ctc_weight",
+         str(CTC_WEIGHT), "--reverse_weight", str(REVERSE_WEIGHT), "--length_penalty", "0.5", *hot],
+        capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for mode, rt_mode in (("ctc_wfst", "ctc_prefix_beam"), ("ctc_wfst_rescoring", "attention_rescoring")):
+        got = sorted((tmp_path / "rec_hot" / mode / "text").read_text(encoding="utf-8").splitlines())
+        assert runtime(rt_mode, "on", *hot) == got
+    # the LM knows the training sentences: the graph search reads them
+    expected = sorted(f"u{i} {t}" for i, t in enumerate(texts))
+    assert rec["ctc_wfst"] == expected
+    # The server finds the graph in the model directory: its streamed finals equal
+    # the offline decoding with the graph; hotwords on such a server get `failed`.
+    import argparse
+    import asyncio
+    from wenet_moe_runtime.client import stream_samples
+    from wenet_moe_runtime.decode import add_lm_arguments, lm_from_args
+    from wenet_moe_runtime.decoder import DecodeOptions
+    from wenet_moe_runtime.model import OnnxAsrModel
+    from wenet_moe_runtime.offline import decode_samples
+    parser = argparse.ArgumentParser()
+    add_lm_arguments(parser)
+    onnx_model = OnnxAsrModel(str(export))
+    wfst = lm_from_args(parser.parse_args([]), str(export), onnx_model.symbols, "ctc_prefix_beam")
+    assert wfst is not None
+    srv = ServerProcess(str(export), ["--mode", "ctc_prefix_beam"])
+    try:
+        for wav, ids in real_export["utts"][:3]:
+            offline = decode_samples(onnx_model, wav, DecodeOptions(mode="ctc_prefix_beam", wfst=wfst))
+            res = asyncio.run(asyncio.wait_for(stream_samples(srv.url, wav, chunk_ms=200), 60))
+            assert not res.failures and res.finals == [offline]
+            assert offline[0]["sentence"] == onnx_model.symbols.detokenize(ids)
+
+        # hotwords on a graph server re-rank the graph's n-best, per connection
+        from wenet_moe_runtime.context import build_context_graph
+        graph = build_context_graph(onnx_model.symbols, ["世界"], 4.0)
+        wav = real_export["utts"][2][0]
+        offline = decode_samples(onnx_model, wav, DecodeOptions(mode="ctc_prefix_beam", wfst=wfst,
+                                                                context=graph))
+
+        async def with_context():
+            from websockets.asyncio.client import connect
+            async with connect(srv.url) as ws:
+                await ws.send(json.dumps({"signal": "start", "context": ["世界"]}))
+                assert json.loads(await ws.recv())["type"] == "server_ready"
+                await ws.send(wav.tobytes())
+                await ws.send(json.dumps({"signal": "end"}))
+                return [json.loads(json.loads(m)["nbest"]) async for m in ws
+                        if json.loads(m).get("type") == "final_result"]
+        assert asyncio.run(asyncio.wait_for(with_context(), 60)) == [offline]
+    finally:
+        assert srv.stop() == 0

@@ -5,14 +5,20 @@ and serving run the same code. Inputs are CTC log-posteriors `(T, V)` (natural l
 one row per encoder frame). Token times are encoder-frame indices of each emitted
 token's peak: the frame, within the run of frames the best alignment assigns to the
 token, where the token's posterior is highest.
+
+Contextual biasing: given a `ContextGraph` (`context.py`), each prefix carries its
+trie state and bonus; the beam is ranked by CTC log probability + bonus, and the
+n-best scores include the bonus (an unfinished phrase's partial bonus removed).
 """
 from __future__ import annotations
 
 import heapq
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .context import ContextGraph
 
 NEG_INF = float("-inf")
 
@@ -68,9 +74,10 @@ class _Prefix:
     """Scores of one prefix: total log probs ending in blank / non-blank, plus the
     Viterbi (best single alignment) scores and token times used for timestamps."""
 
-    __slots__ = ("pb", "pnb", "vb", "vnb", "times_b", "times_nb", "peak_nb")
+    __slots__ = ("pb", "pnb", "vb", "vnb", "times_b", "times_nb", "peak_nb", "ctx_state",
+                 "ctx_score")
 
-    def __init__(self) -> None:
+    def __init__(self, ctx_state=None, ctx_score: float = 0.0) -> None:
         self.pb = NEG_INF
         self.pnb = NEG_INF
         self.vb = NEG_INF
@@ -78,9 +85,14 @@ class _Prefix:
         self.times_b: Tuple[int, ...] = ()
         self.times_nb: Tuple[int, ...] = ()
         self.peak_nb = NEG_INF  # posterior of the last token at its recorded time
+        self.ctx_state = ctx_state  # context trie state (None without biasing)
+        self.ctx_score = ctx_score  # context bonus accumulated so far
 
     def total(self) -> float:
         return _logadd(self.pb, self.pnb)
+
+    def ranking(self) -> float:
+        return _logadd(self.pb, self.pnb) + self.ctx_score
 
     def best_times(self) -> Tuple[int, ...]:
         return self.times_nb if self.vnb > self.vb else self.times_b
@@ -98,23 +110,26 @@ class CtcPrefixBeamSearch:
         blank_id: index of the blank symbol.
         top_k: tokens considered per frame (the k most probable); defaults to
             `beam_size`. Use the vocabulary size for an exact (unpruned) search.
+        context: optional hotword graph; prefixes are ranked with its bonus.
 
     `advance(chunk)` consumes (T, V) log-posteriors; `nbest()` returns the current
     hypotheses best first; `reset()` starts a new utterance. Frame indices in the
     times keep counting across chunks.
     """
 
-    def __init__(self, beam_size: int, blank_id: int = 0, top_k: int = 0) -> None:
+    def __init__(self, beam_size: int, blank_id: int = 0, top_k: int = 0,
+                 context: Optional[ContextGraph] = None) -> None:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.beam_size = int(beam_size)
         self.blank_id = int(blank_id)
         self.top_k = int(top_k) if top_k > 0 else self.beam_size
+        self.context = context
         self.reset()
 
     def reset(self) -> None:
         """Forget all frames (start of a new utterance)."""
-        root = _Prefix()
+        root = _Prefix(self.context.root if self.context is not None else None)
         root.pb = 0.0
         root.vb = 0.0
         self._beam: Dict[Tuple[int, ...], _Prefix] = {(): root}
@@ -144,6 +159,7 @@ class CtcPrefixBeamSearch:
         blank = self.blank_id
         tokens = top.tolist()
         tok_lps = row[top].tolist()  # log-posteriors of the pruned tokens
+        context = self.context
         new: Dict[Tuple[int, ...], _Prefix] = {}
         for prefix, old in self._beam.items():
             last = prefix[-1] if prefix else -1
@@ -154,7 +170,7 @@ class CtcPrefixBeamSearch:
                 if tok == blank:
                     p = new.get(prefix)
                     if p is None:
-                        p = new[prefix] = _Prefix()
+                        p = new[prefix] = _Prefix(old.ctx_state, old.ctx_score)
                     p.pb = _logadd(p.pb, p_any + lp)
                     if v_any + lp > p.vb:
                         p.vb, p.times_b = v_any + lp, times_any
@@ -162,12 +178,16 @@ class CtcPrefixBeamSearch:
                 key = prefix + (tok,)
                 q = new.get(key)
                 if q is None:
-                    q = new[key] = _Prefix()
+                    if context is None:
+                        q = new[key] = _Prefix()
+                    else:
+                        delta, state = context.step(old.ctx_state, tok)
+                        q = new[key] = _Prefix(state, old.ctx_score + delta)
                 if tok == last:
                     # Same token without a blank in between: collapses into prefix.
                     p = new.get(prefix)
                     if p is None:
-                        p = new[prefix] = _Prefix()
+                        p = new[prefix] = _Prefix(old.ctx_state, old.ctx_score)
                     p.pnb = _logadd(p.pnb, old.pnb + lp)
                     if old.vnb > NEG_INF:
                         times, peak = old.times_nb, old.peak_nb
@@ -182,21 +202,28 @@ class CtcPrefixBeamSearch:
                     q.pnb = _logadd(q.pnb, p_any + lp)
                     q.offer_nb(v_any + lp, times_any + (t,), lp)
         if len(new) > self.beam_size:
-            ranked = heapq.nlargest(self.beam_size, new.items(), key=lambda kv: kv[1].total())
+            ranked = heapq.nlargest(self.beam_size, new.items(), key=lambda kv: kv[1].ranking())
         else:
-            ranked = sorted(new.items(), key=lambda kv: kv[1].total(), reverse=True)
+            ranked = sorted(new.items(), key=lambda kv: kv[1].ranking(), reverse=True)
         self._beam = dict(ranked)
 
+    def _final_score(self, p: _Prefix) -> float:
+        if self.context is None:
+            return p.total()
+        return p.total() + p.ctx_score + self.context.finalize(p.ctx_state)
+
     def nbest(self, n: int = 0) -> List[Hypothesis]:
-        """Current hypotheses, best first: (tokens, log score, token times).
+        """Current hypotheses, best first: (tokens, log score, token times); with a
+        context graph the score includes the bonus of completed phrases.
 
         Args:
             n: how many to return (0: the whole beam).
         """
-        ranked = sorted(self._beam.items(), key=lambda kv: kv[1].total(), reverse=True)
+        scored = [(self._final_score(p), i, k, p) for i, (k, p) in enumerate(self._beam.items())]
+        scored.sort(key=lambda x: (-x[0], x[1]))
         if n > 0:
-            ranked = ranked[:n]
-        return [(list(k), p.total(), list(p.best_times())) for k, p in ranked]
+            scored = scored[:n]
+        return [(list(k), score, list(p.best_times())) for score, _, k, p in scored]
 
     def scores(self) -> Dict[Tuple[int, ...], float]:
         """Total log probability of every prefix in the beam."""
@@ -204,7 +231,8 @@ class CtcPrefixBeamSearch:
 
 
 def ctc_prefix_beam_search(log_probs: np.ndarray, beam_size: int, blank_id: int = 0,
-                           top_k: int = 0) -> List[Hypothesis]:
+                           top_k: int = 0, context: Optional[ContextGraph] = None
+                           ) -> List[Hypothesis]:
     """Prefix beam search over a whole utterance.
 
     Args:
@@ -212,10 +240,11 @@ def ctc_prefix_beam_search(log_probs: np.ndarray, beam_size: int, blank_id: int 
         beam_size: prefixes kept per frame (and returned).
         blank_id: index of the blank symbol.
         top_k: tokens considered per frame (default: beam_size).
+        context: optional hotword graph (scores then include its bonus).
     Returns:
         up to beam_size (tokens, log score, token times), best first.
     """
-    search = CtcPrefixBeamSearch(beam_size, blank_id, top_k)
+    search = CtcPrefixBeamSearch(beam_size, blank_id, top_k, context)
     search.advance(log_probs)
     return search.nbest()
 

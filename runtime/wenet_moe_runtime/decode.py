@@ -1,7 +1,8 @@
 """Decode a Kaldi `wav.scp` with an export (the recipe's runtime stage).
 
     python -m wenet_moe_runtime.decode --model_dir DIR --wav_scp wav.scp \
-        --result text [--mode attention_rescoring] [--chunk_size 16] [--int8]
+        --result text [--mode attention_rescoring] [--chunk_size 16] [--int8] \
+        [--context_path hotwords.txt --context_score 3.0]
 
 Writes `key text` lines (atomically: temporary name, then rename).
 """
@@ -13,12 +14,14 @@ import sys
 import tempfile
 from typing import List, Optional, Tuple
 
+from .context import add_context_arguments, context_from_args
 from .decoder import MODES, DecodeOptions
 from .model import ModelError, OnnxAsrModel
 from .offline import decode_samples
 from .wavio import read_wav
 
-ALIASES = {"ctc_greedy_search": "ctc_greedy", "ctc_prefix_beam_search": "ctc_prefix_beam"}
+ALIASES = {"ctc_greedy_search": "ctc_greedy", "ctc_prefix_beam_search": "ctc_prefix_beam",
+           "ctc_wfst": "ctc_prefix_beam", "ctc_wfst_rescoring": "attention_rescoring"}
 
 
 def read_scp(path: str) -> List[Tuple[str, str]]:
@@ -52,6 +55,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="R2L decoder weight; default: the export's")
     parser.add_argument("--int8", action="store_true", help="use the *.int8.onnx models")
     parser.add_argument("--num_threads", type=int, default=1)
+    add_context_arguments(parser)
+    add_lm_arguments(parser)
+
+
+def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lm / --graph_dir and the WFST search options (shared with the server)."""
+    from .wfst import add_wfst_arguments
+    parser.add_argument("--lm", default="on", choices=["on", "off"],
+                        help="on: decode with TLG.fst + words.txt when the graph directory "
+                             "holds them (ctc_prefix_beam -> graph 1-best, attention_rescoring "
+                             "-> rescored graph n-best)")
+    parser.add_argument("--graph_dir", default=None,
+                        help="directory of TLG.fst + words.txt (default: --model_dir)")
+    add_wfst_arguments(parser)
+
+
+def lm_from_args(args: argparse.Namespace, model_dir: str, symbols, mode: str):
+    """The WfstDecoder to use, or None (`--lm off`, or no graph in the model dir)."""
+    from .wfst import has_graph, wfst_from_args
+    wants = mode in ("ctc_wfst", "ctc_wfst_rescoring")
+    if args.lm == "off":
+        if wants:
+            raise ValueError(f"--mode {mode} needs --lm on")
+        return None
+    if mode in ("ctc_greedy", "ctc_greedy_search") and not args.graph_dir:
+        return None  # greedy search never uses the graph found in the model dir
+    graph_dir = args.graph_dir or model_dir
+    if not has_graph(graph_dir):
+        if args.graph_dir or wants:
+            raise ValueError(f"{graph_dir}: no TLG.fst and words.txt")
+        return None
+    return wfst_from_args(args, graph_dir, symbols)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -60,7 +95,9 @@ def main(args: argparse.Namespace) -> int:
         opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size,
                              mode=ALIASES.get(args.mode, args.mode), ctc_weight=args.ctc_weight,
                              rescoring_weight=args.rescoring_weight,
-                             reverse_weight=args.reverse_weight)
+                             reverse_weight=args.reverse_weight,
+                             context=context_from_args(args, model.symbols),
+                             wfst=lm_from_args(args, args.model_dir, model.symbols, args.mode))
         entries = read_scp(args.wav_scp)
         rate = int(model.info.fbank.sample_rate)
         lines = []

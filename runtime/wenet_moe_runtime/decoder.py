@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .context import ContextGraph, rerank_with_context
 from .ctc_search import CtcPrefixBeamSearch
 from .endpoint import CtcEndpoint, EndpointConfig
 from .features import OnlineFbank
@@ -38,10 +39,20 @@ class DecodeOptions:
     reverse_weight: Optional[float] = None   # None: the export's reverse_weight
     continuous_decoding: bool = False
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    context: Optional[ContextGraph] = None   # hotword biasing of the CTC prefix search
+    # TLG graph search (wfst.WfstDecoder) replacing the prefix search in results:
+    # partials from the graph's best active path; finals: ctc_prefix_beam -> graph
+    # 1-best, attention_rescoring -> rescored graph n-best
+    wfst: Optional[object] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.context is not None and self.mode == "ctc_greedy":
+            raise ValueError("hotwords (context) need a beam search mode, not ctc_greedy")
+        if self.wfst is not None and self.mode == "ctc_greedy":
+            raise ValueError("the LM graph needs mode ctc_prefix_beam or attention_rescoring")
+
 
 
 def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
@@ -73,6 +84,21 @@ def rescore(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int
               for h, a in zip(hyps, att)]
     scored.sort(key=lambda h: h[1], reverse=True)
     return scored
+
+
+def wfst_hyps(opts: DecodeOptions, log_probs: np.ndarray
+              ) -> List[Tuple[List[int], float, List[int]]]:
+    """Graph search of a segment's (T, V) CTC log-posteriors: the 1-best for
+    ctc_prefix_beam, the n-best for attention_rescoring; with hotwords, the n-best
+    re-ranked by score + hotword bonus; (tokens, score, times) best first."""
+    wfst = opts.wfst
+    if opts.context is None and opts.mode != "attention_rescoring":
+        hyps = [(h.tokens, h.score, h.times) for h in wfst.decode(log_probs)]
+    else:
+        hyps = [(h.tokens, h.score, h.times) for h in wfst.decode_nbest(log_probs)]
+        if opts.context is not None:
+            hyps = rerank_with_context(hyps, opts.context)
+    return hyps or [([], float("-inf"), [])]
 
 
 def format_nbest(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int]]],
@@ -114,9 +140,15 @@ class StreamingDecoder:
     # ---------------------------------------------------------------- state
     def _new_segment(self) -> None:
         self.state = self.model.new_state(self.chunk_size)
-        self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id)
+        self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id,
+                                          context=self.opts.context)
         self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
         self.encoder_outs: List[np.ndarray] = []
+        self.log_probs: List[np.ndarray] = []  # kept for the graph's n-best (opts.wfst)
+        self.wfst_stream = None
+        if self.opts.wfst is not None:
+            from .wfst import WfstStream
+            self.wfst_stream = WfstStream(self.opts.wfst)
         self.cached = np.zeros((0, self.model.info.fbank.num_mel_bins), np.float32)
         self.segment_started = False
         self.segment_start_ms = int(round(self.frames_read * self.model.info.fbank_shift_ms))
@@ -178,6 +210,10 @@ class StreamingDecoder:
         """Search and endpoint on one chunk's (T', V) CTC log-posteriors."""
         events: List[Event] = []
         self.search.advance(log_probs)
+        if self.wfst_stream is not None:
+            self.wfst_stream.accept(log_probs)
+            if self.opts.mode == "attention_rescoring" or self.opts.context is not None:
+                self.log_probs.append(log_probs)
         self.endpoint.update(log_probs, self.model.symbols.blank_id)
         decoded = self.decoded_something()
         if self.endpoint.is_endpoint(decoded):
@@ -188,8 +224,12 @@ class StreamingDecoder:
                 self.stopped = True
                 events.append(("speech_end", None))
         elif decoded:
-            events.append(("partial", format_nbest(self.model, self.search.nbest(self.opts.nbest),
-                                                   self.opts.nbest, self.segment_start_ms, False)))
+            hyps = self.search.nbest(self.opts.nbest)
+            if self.wfst_stream is not None:  # the graph's best active path
+                best = self.wfst_stream.best(final=False)
+                hyps = [(best.tokens, best.score, best.times)] if best is not None else hyps
+            events.append(("partial", format_nbest(self.model, hyps, self.opts.nbest,
+                                                   self.segment_start_ms, False)))
         return events
 
     def finish(self) -> List[Event]:
@@ -206,6 +246,14 @@ class StreamingDecoder:
     def _final_nbest(self) -> List[Dict]:
         self.finals_sent += 1
         hyps = self.search.nbest()
+        if self.wfst_stream is not None and (self.opts.mode == "attention_rescoring"
+                                             or self.opts.context is not None):
+            lp = (np.concatenate(self.log_probs, axis=0) if self.log_probs
+                  else np.zeros((0, self.model.info.vocab_size), np.float32))
+            hyps = wfst_hyps(self.opts, lp)
+        elif self.wfst_stream is not None:  # the same search as offline, fed chunk by chunk
+            best = self.wfst_stream.best(final=True)
+            hyps = [(best.tokens, best.score, best.times)] if best is not None else [([], 0.0, [])]
         if self.opts.mode == "attention_rescoring" and self.encoder_outs:
             hyps = rescore(self.model, hyps, np.concatenate(self.encoder_outs, axis=0), self.opts)
         return format_nbest(self.model, hyps, self.opts.nbest, self.segment_start_ms, True)

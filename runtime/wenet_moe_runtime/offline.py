@@ -13,7 +13,7 @@ from typing import Dict, List
 import numpy as np
 
 from .ctc_search import ctc_greedy_search, ctc_prefix_beam_search
-from .decoder import DecodeOptions, format_nbest, rescore, resolve_chunk_size
+from .decoder import DecodeOptions, format_nbest, rescore, resolve_chunk_size, wfst_hyps
 from .features import compute_fbank
 from .model import OnnxAsrModel
 
@@ -68,7 +68,10 @@ def decode_samples(model: OnnxAsrModel, samples: np.ndarray, opts: DecodeOptions
         tokens, times = ctc_greedy_search(log_probs, blank)
         hyps = [(tokens, 0.0, times)]
     else:
-        hyps = ctc_prefix_beam_search(log_probs, opts.beam_size, blank)
+        if opts.wfst is not None:
+            hyps = wfst_hyps(opts, log_probs)
+        else:
+            hyps = ctc_prefix_beam_search(log_probs, opts.beam_size, blank, context=opts.context)
         if opts.mode == "attention_rescoring":
             hyps = rescore(model, hyps, encoder_out, opts)
     return format_nbest(model, hyps, opts.nbest, 0, True)

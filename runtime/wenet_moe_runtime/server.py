@@ -2,7 +2,8 @@
 
     wenet-moe-server --model_dir DIR --port 10086
 
-Client -> server: text `{"signal":"start","nbest":1,"continuous_decoding":false}`,
+Client -> server: text `{"signal":"start","nbest":1,"continuous_decoding":false}`
+(optionally `"context": ["phrase", ...]`, hotwords for this connection only),
 binary 16 kHz 16-bit mono PCM, text `{"signal":"end"}`. Server -> client:
 `{"status":"ok","type":"server_ready"|"partial_result"|"final_result"|"speech_end"}`
 (results carry `nbest`, a JSON string) or `{"status":"failed","message":...}`.
@@ -28,6 +29,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .batching import InferenceWorkers
+from .context import (ContextError, ContextLimits, add_context_arguments,
+                      build_context_graph, context_from_args)
 from .decoder import MODES, DecodeOptions, Event, StreamingDecoder
 from .endpoint import EndpointConfig
 from .model import ModelError, OnnxAsrModel
@@ -65,10 +68,12 @@ def event_message(event: Event) -> str:
 class AsrServer:
     """Serves one model to many connections; inference runs in `InferenceWorkers`."""
 
-    def __init__(self, model: OnnxAsrModel, config: ServerConfig, opts: DecodeOptions) -> None:
+    def __init__(self, model: OnnxAsrModel, config: ServerConfig, opts: DecodeOptions,
+                 context_limits: Optional[ContextLimits] = None) -> None:
         self.model = model
         self.config = config
         self.opts = opts
+        self.context_limits = context_limits or ContextLimits()
         self.workers = InferenceWorkers(config.num_workers, config.max_batch)
         self.active = 0
         self.total_connections = 0
@@ -196,11 +201,26 @@ class AsrServer:
         if not isinstance(cont, bool):
             return None, f"Wrong message header: continuous_decoding must be a boolean, got {cont!r}"
         base = self.opts
-        opts = DecodeOptions(chunk_size=base.chunk_size, beam_size=max(base.beam_size, nbest),
-                             nbest=nbest, mode=base.mode, ctc_weight=base.ctc_weight,
-                             rescoring_weight=base.rescoring_weight,
-                             reverse_weight=base.reverse_weight, continuous_decoding=cont,
-                             endpoint=base.endpoint)
+        context = base.context
+        if "context" in obj:  # this connection's hotwords replace the server's
+            phrases, lim = obj["context"], self.context_limits
+            if not isinstance(phrases, list):
+                return None, f"Wrong message header: context must be a list of strings, got {phrases!r:.80}"
+            if base.mode == "ctc_greedy":
+                return None, "Wrong message header: context needs a beam search mode (server runs ctc_greedy)"
+            try:
+                context = (build_context_graph(self.model.symbols, phrases, lim.score,
+                                               lim.max_phrases, lim.max_len) if phrases else None)
+            except ContextError as exc:
+                return None, f"Wrong message header: {exc}"
+        try:
+            opts = DecodeOptions(chunk_size=base.chunk_size, beam_size=max(base.beam_size, nbest),
+                                 nbest=nbest, mode=base.mode, ctc_weight=base.ctc_weight,
+                                 rescoring_weight=base.rescoring_weight,
+                                 reverse_weight=base.reverse_weight, continuous_decoding=cont,
+                                 endpoint=base.endpoint, context=context, wfst=base.wfst)
+        except ValueError as exc:
+            return None, f"Wrong message header: {exc}"
         return opts, None
 
     async def _decode(self, ws: ServerConnection, decoder: StreamingDecoder,
@@ -285,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule1_silence_ms", type=int, default=5000)
     p.add_argument("--rule2_silence_ms", type=int, default=1000)
     p.add_argument("--rule3_max_utterance_ms", type=int, default=20000)
+    add_context_arguments(p)  # a start message's "context" replaces --context_path's list
+    from .decode import add_lm_arguments
+    add_lm_arguments(p)  # final results from TLG.fst + words.txt when the model dir has them
     p.add_argument("--log_level", default="WARNING")
     return p
 
@@ -310,9 +333,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads)
         endpoint = EndpointConfig(args.blank_threshold, args.rule1_silence_ms,
                                   args.rule2_silence_ms, args.rule3_max_utterance_ms)
+        from .decode import lm_from_args
+        limits = ContextLimits(args.context_score, args.max_context_phrases, args.max_context_len)
         opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size, mode=args.mode,
                              ctc_weight=args.ctc_weight, rescoring_weight=args.rescoring_weight,
-                             reverse_weight=args.reverse_weight, endpoint=endpoint)
+                             reverse_weight=args.reverse_weight, endpoint=endpoint,
+                             context=context_from_args(args, model.symbols),
+                             wfst=lm_from_args(args, args.model_dir, model.symbols, args.mode))
         from .decoder import resolve_chunk_size
         resolve_chunk_size(model, args.chunk_size)
     except (ModelError, ValueError) as exc:
@@ -321,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = ServerConfig(args.host, args.port, args.max_connections, args.max_message_bytes,
                           args.idle_timeout, args.num_workers, args.max_batch)
     try:
-        asyncio.run(_serve(AsrServer(model, config, opts)))
+        asyncio.run(_serve(AsrServer(model, config, opts, limits)))
     except OSError as exc:
         print(f"wenet-moe-server: error: {exc}", file=sys.stderr)
         return 1

@@ -115,6 +115,28 @@ def test_stages_0_to_7_then_rerun_changes_nothing(corpus, tmp_path):
     assert "skipping" in r2.stderr
     assert snapshot(ws) == before
 
+    # stages 8-9: character LM + TLG graph from the training text, decoding with the
+    # graph and with hotwords (phrases of the training transcripts); a rerun changes nothing
+    # (the LM packages are in requirements.txt)
+    train_text = (ws / "data" / "train" / "text").read_text(encoding="utf-8").splitlines()
+    hot = ws / "hotwords.txt"
+    hot.write_text("".join(line.split(" ", 1)[1][:3] + "\n" for line in train_text[:2]), encoding="utf-8")
+    extra = ("--stage", "8", "--stop_stage", "9", "--context_path", str(hot))
+    run_recipe(ws, corpus, *extra)
+    lang = ws / "data" / "lang_char_3gram"
+    assert (lang / "TLG.fst").stat().st_size > 0 and "\\3-grams:" in (lang / "lm.arpa").read_text(
+        encoding="utf-8")
+    for tag in ("full", "chunk16"):
+        for kind, modes in (("lm", ("ctc_wfst", "ctc_wfst_rescoring")),
+                            ("hotwords", ("ctc_prefix_beam_search", "attention_rescoring"))):
+            for mode in modes:
+                rdir = exp / f"decode_dev_{tag}_{kind}" / mode
+                assert len((rdir / "text").read_text(encoding="utf-8").splitlines()) == 4
+                overall_cer(rdir / "wer")
+    before = snapshot(ws)
+    r3 = run_recipe(ws, corpus, *extra)
+    assert "skipping" in r3.stderr and snapshot(ws) == before
+
 
 @pytest.mark.slow
 def test_shards_and_two_phase_training(corpus, tmp_path):

@@ -18,7 +18,8 @@ from typing import Dict, List
 
 import torch
 
-MODES = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attention_rescoring")
+MODES = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention", "attention_rescoring",
+         "ctc_wfst", "ctc_wfst_rescoring")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=-1, help="WeNet's flag: GPU id (-1: use --device)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    from wenet_moe_runtime.context import add_context_arguments
+    from wenet_moe_runtime.wfst import add_wfst_arguments
+    add_context_arguments(parser)  # hotwords: --context_path, --context_score, bounds
+    parser.add_argument("--graph_dir", default=None,
+                        help="TLG.fst + words.txt (tools/make_tlg.py) for ctc_wfst modes")
+    add_wfst_arguments(parser)
 
 
 def test_configs(configs: Dict, batch_size: int) -> Dict:
@@ -83,6 +90,7 @@ def write_text(path: str, lines: List[str]) -> None:
 def main(args: argparse.Namespace) -> int:
     from wenet_moe.config import ConfigError, load_yaml
     from wenet_moe.data import Dataset, build_dataloader, build_tokenizer
+    from wenet_moe_runtime.context import context_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads > 0:
@@ -98,6 +106,17 @@ def main(args: argparse.Namespace) -> int:
     if "input_dim" not in configs or "output_dim" not in configs:
         raise ConfigError(f"{args.config}: no input_dim/output_dim; pass the train.yaml written by train")
     tokenizer = build_tokenizer(configs)
+    context = context_from_args(args, tokenizer.symbol_table)
+    biased = {"ctc_prefix_beam_search", "attention_rescoring", "ctc_wfst", "ctc_wfst_rescoring"}
+    if context is not None and not set(args.modes) & biased:
+        raise ValueError(f"--context_path biases {', '.join(sorted(biased))}; "
+                         f"--modes {' '.join(args.modes)} has none of them")
+    wfst = None
+    if {"ctc_wfst", "ctc_wfst_rescoring"} & set(args.modes):
+        from wenet_moe_runtime.wfst import wfst_from_args
+        if not args.graph_dir:
+            raise ValueError("--modes ctc_wfst/ctc_wfst_rescoring need --graph_dir (TLG.fst, words.txt)")
+        wfst = wfst_from_args(args, args.graph_dir, tokenizer.symbol_table)
     model = load_model(configs, args.checkpoint, device)
     dataset = Dataset(args.data_type, args.test_data, tokenizer, configs["dataset_conf"], partition=False)
     loader = build_dataloader(dataset, num_workers=args.num_workers, prefetch=2)
@@ -116,7 +135,8 @@ def main(args: argparse.Namespace) -> int:
                                 decoding_chunk_size=args.decoding_chunk_size,
                                 num_decoding_left_chunks=args.num_decoding_left_chunks,
                                 ctc_weight=args.ctc_weight, reverse_weight=args.reverse_weight,
-                                simulate_streaming=args.simulate_streaming)
+                                simulate_streaming=args.simulate_streaming, context=context,
+                                wfst=wfst)
             for mode in args.modes:
                 for key, ids in zip(batch["keys"], hyps[mode]):
                     results[mode].append(f"{key} {tokenizer.detokenize(list(ids))}\n")

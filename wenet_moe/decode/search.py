@@ -50,11 +50,36 @@ def ctc_greedy(ctc_log_probs: torch.Tensor, lens: torch.Tensor, blank_id: int = 
 
 
 def ctc_prefix_beam(ctc_log_probs: torch.Tensor, lens: torch.Tensor, beam_size: int,
-                    blank_id: int = 0) -> List[DecodeResult]:
-    """CTC prefix beam search per utterance; scores are total CTC log probabilities."""
+                    blank_id: int = 0, context=None) -> List[DecodeResult]:
+    """CTC prefix beam search per utterance; scores are total CTC log probabilities
+    (plus the hotword bonus with a `wenet_moe_runtime.context.ContextGraph`)."""
     out = []
     for lp in _utterance_log_probs(ctc_log_probs, lens):
-        hyps = ctc_prefix_beam_search(lp, beam_size, blank_id)
+        hyps = ctc_prefix_beam_search(lp, beam_size, blank_id, context=context)
+        out.append(DecodeResult(hyps[0][0], hyps[0][1], hyps[0][2], [h[0] for h in hyps],
+                                [h[1] for h in hyps], [h[2] for h in hyps]))
+    return out
+
+
+def ctc_wfst(ctc_log_probs: torch.Tensor, lens: torch.Tensor, wfst, nbest: bool = False,
+             context=None) -> List[DecodeResult]:
+    """TLG graph search per utterance (`wenet_moe_runtime.wfst.WfstDecoder`): the
+    1-best (FasterDecoder) or, with `nbest`, the lattice's distinct word sequences.
+    Scores are acoustic_scale * CTC + LM log-probabilities; an utterance where no
+    path reached a final state gets an empty hypothesis. With hotwords (`context`)
+    the lattice n-best is re-ranked by score + bonus, as the runtime does."""
+    from wenet_moe_runtime.context import rerank_with_context
+    out = []
+    for lp in _utterance_log_probs(ctc_log_probs, lens):
+        if context is not None:
+            hyps = rerank_with_context([(h.tokens, h.score, h.times) for h in wfst.decode_nbest(lp)],
+                                       context)
+        else:
+            hyps = [(h.tokens, h.score, h.times)
+                    for h in (wfst.decode_nbest(lp) if nbest else wfst.decode(lp))]
+        if not hyps:
+            out.append(DecodeResult([], float("-inf"), [], [[]], [float("-inf")], [[]]))
+            continue
         out.append(DecodeResult(hyps[0][0], hyps[0][1], hyps[0][2], [h[0] for h in hyps],
                                 [h[1] for h in hyps], [h[2] for h in hyps]))
     return out

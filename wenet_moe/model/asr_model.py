@@ -18,7 +18,7 @@ from wenet_moe.model.label_smoothing import LabelSmoothingLoss
 _LAST_LENGTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 DECODE_METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search", "attention",
-                  "attention_rescoring")
+                  "attention_rescoring", "ctc_wfst", "ctc_wfst_rescoring")
 
 
 def _moe_module():
@@ -173,7 +173,7 @@ class ASRModel(nn.Module):
                        speech_lengths: torch.Tensor, beam_size: int = 10,
                        decoding_chunk_size: int = -1, num_decoding_left_chunks: int = -1,
                        ctc_weight: float = 0.3, reverse_weight: float = 0.5,
-                       simulate_streaming: bool = False):
+                       simulate_streaming: bool = False, context=None, wfst=None):
         """Like `decode`, but returns {method: [DecodeResult]} with scores, token
         times (encoder frames, CTC-based methods) and the n-best lists."""
         from wenet_moe.decode import search
@@ -183,6 +183,8 @@ class ASRModel(nn.Module):
                              f"{', '.join(DECODE_METHODS)})")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if wfst is None and {"ctc_wfst", "ctc_wfst_rescoring"} & set(methods):
+            raise ValueError("ctc_wfst decoding needs a graph (wfst=WfstDecoder of TLG.fst)")
         if not self.bidirectional:
             reverse_weight = 0.0
         with torch.no_grad():
@@ -194,7 +196,8 @@ class ASRModel(nn.Module):
             results = {}
             prefix = None
             if "ctc_prefix_beam_search" in methods or "attention_rescoring" in methods:
-                prefix = search.ctc_prefix_beam(ctc_logp, encoder_lens, beam_size, self.blank_id)
+                prefix = search.ctc_prefix_beam(ctc_logp, encoder_lens, beam_size, self.blank_id,
+                                                context=context)
             for method in methods:
                 if method == "ctc_greedy_search":
                     results[method] = search.ctc_greedy(ctc_logp, encoder_lens, self.blank_id)
@@ -203,22 +206,29 @@ class ASRModel(nn.Module):
                 elif method == "attention":
                     results[method] = search.attention_beam_search(
                         self.decoder, encoder_out, encoder_mask, beam_size, self.sos, self.eos)
-                else:
+                elif method == "attention_rescoring":
                     results[method] = search.attention_rescoring(
                         self, prefix, encoder_out, encoder_mask, ctc_weight, reverse_weight)
+                elif method == "ctc_wfst":
+                    results[method] = search.ctc_wfst(ctc_logp, encoder_lens, wfst, context=context)
+                else:
+                    nbest = search.ctc_wfst(ctc_logp, encoder_lens, wfst, nbest=True, context=context)
+                    results[method] = search.attention_rescoring(
+                        self, nbest, encoder_out, encoder_mask, ctc_weight, reverse_weight)
         return results
 
     @torch.jit.unused
     def decode(self, methods: List[str], speech: torch.Tensor, speech_lengths: torch.Tensor,
                beam_size: int = 10, decoding_chunk_size: int = -1,
                num_decoding_left_chunks: int = -1, ctc_weight: float = 0.3,
-               reverse_weight: float = 0.5, simulate_streaming: bool = False
-               ) -> Dict[str, List[List[int]]]:
+               reverse_weight: float = 0.5, simulate_streaming: bool = False,
+               context=None, wfst=None) -> Dict[str, List[List[int]]]:
         """Decode a batch: {method: [token ids per utterance]}.
 
         Args:
             methods: any of ctc_greedy_search, ctc_prefix_beam_search, attention,
-                attention_rescoring.
+                attention_rescoring, ctc_wfst (TLG graph search), ctc_wfst_rescoring
+                (attention rescoring of the graph's n-best).
             speech: (B, T, F); speech_lengths: (B,).
             beam_size: beam of the prefix and attention searches.
             decoding_chunk_size: -1 full context, > 0 chunk size in encoder frames.
@@ -227,10 +237,13 @@ class ASRModel(nn.Module):
             reverse_weight: weight of the right-to-left decoder in rescoring (ignored
                 without a bidirectional decoder).
             simulate_streaming: encode chunk by chunk with caches.
+            context: hotwords (`wenet_moe_runtime.context.ContextGraph`) biasing the CTC
+                prefix beam search (and so the n-best that attention rescoring ranks).
+            wfst: `wenet_moe_runtime.wfst.WfstDecoder` for the ctc_wfst methods.
         """
         res = self.decode_results(methods, speech, speech_lengths, beam_size,
                                   decoding_chunk_size, num_decoding_left_chunks, ctc_weight,
-                                  reverse_weight, simulate_streaming)
+                                  reverse_weight, simulate_streaming, context, wfst)
         return {m: [r.tokens for r in rs] for m, rs in res.items()}
 
     # ------------------------------------------------------------------ export API

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # U2++ MoE on AISHELL-2: data preparation, CMVN, dictionary, data lists,
-# training, averaging + decoding + CER, export, runtime decoding.
+# training, averaging + decoding + CER, export, runtime decoding; optional stages 8-9:
+# n-gram LM + TLG graph from the training transcripts, decoding with the graph
+# (and with hotwords when --context_path is given): bash run.sh --stage 8 --stop_stage 9
 #   bash run.sh [--stage N] [--stop_stage M] [--var value ...]
 # Every stage skips work whose outputs already exist, so a rerun changes nothing.
 . ./path.sh || exit 1
@@ -56,6 +58,19 @@ export_left_chunks=-1
 runtime_mode=attention_rescoring
 runtime_set=test
 runtime_chunk_size=16
+
+# stages 8-9: LM (needs `pip install 'wenet-moe[lm]'`, in requirements.txt)
+lm_order=3               # character n-gram order (interpolated modified Kneser-Ney)
+lang_dir=data/lang_char_${lm_order}gram   # lm.arpa, TLG.fst, words.txt
+wfst_modes="ctc_wfst ctc_wfst_rescoring"
+wfst_beam=15.0
+lattice_beam=7.5
+max_active=7000
+acoustic_scale=1.0
+blank_skip_thresh=0.98
+length_penalty=0.0
+context_path=            # hotwords, one phrase per line: stage 9 also decodes with them
+context_score=3.0
 
 . "$WENET_MOE_ROOT/tools/parse_options.sh"
 
@@ -273,5 +288,59 @@ if [ ${stage} -le 7 ] && [ ${stop_stage} -ge 7 ]; then
         > $rdir/wer.tmp && mv $rdir/wer.tmp $rdir/wer
     fi
     log 7 "runtime $variant: $(grep Overall $rdir/wer)"
+  done
+fi
+
+if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
+  if [ -s $lang_dir/TLG.fst ] && [ -s $lang_dir/words.txt ]; then
+    log 8 "$lang_dir/TLG.fst exists, skipping"
+  else
+    mkdir -p $lang_dir
+    if [ ! -s $lang_dir/lm.arpa ]; then
+      log 8 "training a character ${lm_order}-gram LM on data/train/text"
+      "$PYTHON" "$WENET_MOE_ROOT/tools/train_ngram_lm.py" --text data/train/text --has_key --char \
+        --order $lm_order --arpa $lang_dir/lm.arpa
+    fi
+    log 8 "compiling $lang_dir/TLG.fst"
+    "$PYTHON" "$WENET_MOE_ROOT/tools/make_tlg.py" --units $dict --arpa $lang_dir/lm.arpa --graph_dir $lang_dir
+  fi
+fi
+
+if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
+  wfst_opts=(--graph_dir $lang_dir --beam $wfst_beam --lattice_beam $lattice_beam --max_active $max_active
+             --acoustic_scale $acoustic_scale --blank_skip_thresh $blank_skip_thresh
+             --length_penalty $length_penalty)
+  decode_device=cpu
+  [ "$(count_gpus)" -gt 0 ] && decode_device=cuda
+  runs=("lm:$wfst_modes")
+  [ -n "$context_path" ] && runs+=("hotwords:ctc_prefix_beam_search attention_rescoring")
+  for x in $decode_sets; do
+    for chunk in $decode_chunks; do
+      if [ "$chunk" = -1 ]; then tag=full; else tag=chunk$chunk; fi
+      for run in "${runs[@]}"; do
+        kind=${run%%:*}; modes=${run#*:}
+        rdir=$dir/decode_${x}_${tag}_$kind
+        extra=("${wfst_opts[@]}")
+        [ $kind = hotwords ] && extra=(--context_path $context_path --context_score $context_score)
+        todo=()
+        for mode in $modes; do [ -s $rdir/$mode/text ] || todo+=($mode); done
+        if [ ${#todo[@]} -gt 0 ]; then
+          log 9 "decoding data/$x ($tag, $kind): ${todo[*]}"
+          wenet_moe recognize --config $dir/train.yaml --checkpoint $avg_model --data_type $data_type \
+            --test_data data/$x/data.list --result_dir $rdir --modes "${todo[@]}" --beam_size $beam_size \
+            --batch_size $batch_size --decoding_chunk_size $chunk --ctc_weight $ctc_weight \
+            --reverse_weight $reverse_weight --threads $decode_threads --device $decode_device "${extra[@]}"
+        else
+          log 9 "data/$x ($tag, $kind) is decoded, skipping"
+        fi
+        for mode in $modes; do
+          if [ ! -s $rdir/$mode/wer ] || [ $rdir/$mode/text -nt $rdir/$mode/wer ]; then
+            "$PYTHON" "$WENET_MOE_ROOT/tools/compute_cer.py" --char=1 --v=1 data/$x/text $rdir/$mode/text \
+              > $rdir/$mode/wer.tmp && mv $rdir/$mode/wer.tmp $rdir/$mode/wer
+          fi
+          log 9 "$x $tag $kind $mode: $(grep Overall $rdir/$mode/wer)"
+        done
+      done
+    done
   done
 fi
