@@ -106,31 +106,14 @@ def read_hyps(path):
     return dict((line.split(" ", 1) + [""])[:2] for line in path.read_text(encoding="utf-8").splitlines())
 
 
-# CER bounds (%) on the four training utterances. Measured on this machine (Xeon, 2
-# cores): attention_rescoring 0.0, ctc_greedy/ctc_prefix_beam 7.1 (1 of 14 characters),
-# attention 28.6 (its beam search without CTC drops or repeats a character); an
-# untrained model scores 90-270. Each bound is >= 2 characters' slack above the
-# measurement and far below the untrained scores.
-CER_BOUND = {"attention_rescoring": 15.0, "ctc_greedy_search": 25.0, "ctc_prefix_beam_search": 25.0,
-             "attention": 50.0}
-
-
-def rescoring_gaps(ws, exp):
-    """Per test utterance: score of the best attention-rescoring hypothesis minus the
-    runner-up's (inf when the CTC n-best has one entry), with run.sh's settings (avg_2.pt,
-    chunk 16, beam 3, ctc_weight 0.5, reverse_weight 0.5)."""
-    import torch
-    from wenet_moe.bin.transcribe import features, load_model_dir
-    model, _, configs, _ = load_model_dir(str(exp), str(exp / "avg_2.pt"))
-    model.eval()
-    gaps = []
-    for line in (ws / "data" / "test" / "wav.scp").read_text(encoding="utf-8").splitlines():
-        x = features(line.split(maxsplit=1)[1], configs)[None]
-        res = model.decode_results(["attention_rescoring"], x, torch.tensor([x.size(1)]), beam_size=3,
-                                   decoding_chunk_size=16, ctc_weight=0.5, reverse_weight=0.5)
-        scores = res["attention_rescoring"][0].nbest_scores
-        gaps.append(scores[0] - scores[1] if len(scores) > 1 else float("inf"))
-    return gaps
+# CER bounds (%) on the four training utterances (14 characters). Measured on this
+# machine (Xeon, 2 cores): 0.0 for ctc_greedy, ctc_prefix_beam and attention_rescoring
+# (full and chunk 16, and the runtime's fp32 and int8), 7.1 for attention (its beam
+# search without CTC drops a character); the CTC loss on them ends at 0.005, and the
+# rescored best leads its runner-up by 8.1-12.8. An untrained model scores 90-270.
+# Each bound leaves 2 characters' slack above the measurement.
+CER_BOUND = {"attention_rescoring": 15.0, "ctc_greedy_search": 15.0, "ctc_prefix_beam_search": 15.0,
+             "attention": 22.0}
 
 
 @pytest.mark.slow
@@ -180,7 +163,7 @@ def test_stages_0_to_7_then_rerun_changes_nothing(easy_corpus, tmp_path):
     assert overall_cer(exp / "runtime_test_chunk16_fp32" / "wer") <= CER_BOUND["attention_rescoring"]
     int8 = read_hyps(exp / "runtime_test_chunk16_int8" / "text")
     assert sorted(int8) == sorted(refs)
-    overall_cer(exp / "runtime_test_chunk16_int8" / "wer")
+    assert overall_cer(exp / "runtime_test_chunk16_int8" / "wer") <= CER_BOUND["attention_rescoring"]
 
     before = snapshot(ws)
     r2 = run_recipe(ws, None, "--stage", "0", "--stop_stage", "7", sets=easy_corpus)
