@@ -116,6 +116,24 @@ CER_BOUND = {"attention_rescoring": 15.0, "ctc_greedy_search": 15.0, "ctc_prefix
              "attention": 22.0}
 
 
+def rescoring_gaps(ws, exp):
+    """Per test utterance: score of the best attention-rescoring hypothesis minus the
+    runner-up's (inf when the CTC n-best has one entry), with run.sh's settings (avg_2.pt,
+    chunk 16, beam 3, ctc_weight 0.5, reverse_weight 0.5)."""
+    import torch
+    from wenet_moe.bin.transcribe import features, load_model_dir
+    model, _, configs, _ = load_model_dir(str(exp), str(exp / "avg_2.pt"))
+    model.eval()
+    gaps = []
+    for line in (ws / "data" / "test" / "wav.scp").read_text(encoding="utf-8").splitlines():
+        x = features(line.split(maxsplit=1)[1], configs)[None]
+        res = model.decode_results(["attention_rescoring"], x, torch.tensor([x.size(1)]), beam_size=3,
+                                   decoding_chunk_size=16, ctc_weight=0.5, reverse_weight=0.5)
+        scores = res["attention_rescoring"][0].nbest_scores
+        gaps.append(scores[0] - scores[1] if len(scores) > 1 else float("inf"))
+    return gaps
+
+
 @pytest.mark.slow
 def test_stages_0_to_7_then_rerun_changes_nothing(easy_corpus, tmp_path):
     ws = workspace(tmp_path / "ws")
