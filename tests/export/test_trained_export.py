@@ -8,6 +8,7 @@
   CTC text on the same wavs, features configured identically on both sides
   (kaldi-native-fbank, snip_edges=False, high_freq=-400, dither 0).
 """
+import contextlib
 import copy
 import json
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixture_margins import greedy_ctc_margin, greedy_ctc_stable
+from fixture_margins import greedy_ctc_margin, greedy_ctc_stable, jittered, perturbations
 from wenet_moe.config import save_yaml
 from wenet_moe.data.features import fbank_options
 from wenet_moe.export.verify import session
@@ -148,6 +149,13 @@ def test_model_learned_and_int8_agrees_with_fp32(trained):
     assert all(correct[:16])              # measured: 16/16 and 8/8
     assert sum(correct[16:]) >= 6
     assert hyp8 == hyp32
+    # the same outputs with weights jittered by 1e-3, with 1 or 2 threads, with oneDNN off
+    for name, ctx in perturbations() + [("jittered weights", None)]:
+        net = jittered(model, 1e-3) if ctx is None else model
+        with ctx if ctx is not None else contextlib.nullcontext(), torch.no_grad():
+            got = [net.decode(["ctc_greedy_search"], torch.from_numpy(f)[None],
+                              torch.tensor([f.shape[0]]))["ctc_greedy_search"][0] for f in feats]
+        assert got == hyp32, name
 
 
 def sherpa_streaming_reference(model, feat):
