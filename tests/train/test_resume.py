@@ -89,3 +89,51 @@ def test_resume_mid_epoch_position_recorded(tmp_path):
     assert (ck9["epoch"], ck9["batch_idx"]) == (1, 2)
     ep = torch.load(tmp_path / "1.pt", weights_only=False)
     assert ep["epoch_done"] and ep["step"] == 14 and ep["batch_idx"] == 7
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from wenet_moe.train import checkpoint
+stage, path = sys.argv[1], sys.argv[2]
+if stage == "write":          # die with half of the new checkpoint on disk
+    real = torch.save
+    def half(obj, f):
+        real(obj, f)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = half
+else:                         # die with the whole file written, before the rename
+    os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.atomic_torch_save({"model": {"w": torch.full((1000,), 2.0)}, "epoch": 1}, path)
+"""
+
+
+@pytest.mark.parametrize("stage", ["write", "rename"])
+def test_sigkill_during_checkpoint_write_leaves_previous_file(tmp_path, stage):
+    """A SIGKILL inside `atomic_torch_save` leaves the previous `1.pt` intact and only a
+    `.tmp.*` file, which neither run.sh's resume lookup, averaging nor the trainer read,
+    and which the next training start deletes."""
+    import subprocess
+    import sys
+
+    from wenet_moe.train.average import list_epoch_checkpoints
+    from wenet_moe.train.checkpoint import atomic_torch_save, remove_stale_temp_files
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    atomic_torch_save({"model": {"w": torch.ones(1000)}, "epoch": 0}, str(tmp_path / "0.pt"))
+    target = tmp_path / "1.pt"
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, stage, str(target)], capture_output=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == -9, r.stderr
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".tmp.")]
+    assert not target.exists() and len(leftovers) == 1 and leftovers[0].endswith(".pt")
+    if stage == "write":
+        with pytest.raises(Exception):
+            torch.load(tmp_path / leftovers[0], weights_only=False)
+    assert list_epoch_checkpoints(str(tmp_path)) == [(0, str(tmp_path / "0.pt"))]
+    recipe = os.path.join(root, "examples", "aishell2", "s0", "run.sh")
+    lookup = next(line for line in open(recipe) if line.startswith("last_epoch_ckpt()"))
+    last = subprocess.run(["bash", "-c", f"{lookup}\nlast_epoch_ckpt {tmp_path}"], capture_output=True, text=True)
+    assert last.stdout.strip() == "0"
+    assert remove_stale_temp_files(str(tmp_path)) == [str(tmp_path / leftovers[0])]
+    assert sorted(os.listdir(tmp_path)) == ["0.pt"]

@@ -39,6 +39,20 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         raise
 
 
+def remove_stale_temp_files(model_dir: str) -> list:
+    """Delete `.tmp.*` files that a killed run left in `model_dir` (the temporary
+    names of `atomic_torch_save`, `save_yaml` and `link_or_copy`; never read as
+    checkpoints). Returns the removed paths."""
+    removed = []
+    if os.path.isdir(model_dir):
+        for name in sorted(os.listdir(model_dir)):
+            path = os.path.join(model_dir, name)
+            if name.startswith(".tmp.") and (os.path.isfile(path) or os.path.islink(path)):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 def capture_rng() -> Dict[str, Any]:
     """States of python's, numpy's, torch's (and CUDA's) global generators."""
     state = {

@@ -50,10 +50,34 @@ def init_distributed(device: str = "cpu", backend: str = "") -> DistInfo:
         torch.cuda.set_device(local_rank)
     if world_size <= 1:
         return DistInfo(0, 1, 0, "")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, backend)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of torchrun
+    (or of the recipe's process group) would leave the workers running, and still
+    writing checkpoints, beside the rerun that resumes from them. No-op elsewhere.
+    """
+    import ctypes
+    import signal
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:        # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cleanup_distributed(info: DistInfo, finished: bool = True) -> None:

@@ -24,7 +24,7 @@ from wenet_moe.config import ConfigError, save_yaml
 from wenet_moe.train.conf import DTYPES, TRAIN_KEYS, TrainConf, check_train_conf  # noqa: F401
 from wenet_moe.checkpoint_io import unwrap_model
 from wenet_moe.train.checkpoint import (atomic_torch_save, capture_rng, link_or_copy, make_checkpoint,
-                                        restore_rng)
+                                        remove_stale_temp_files, restore_rng)
 from wenet_moe.train.diagnostics import ctc_greedy_stats, supports_ctc_stats
 from wenet_moe.train.dist import DistInfo, all_ranks_have_data, all_reduce_sums, sum_counters
 from wenet_moe.train.fsdp import clip_grad_norm, full_states, is_sharded, load_optimizer
@@ -93,12 +93,29 @@ class Trainer:
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
+        own = self._own_rank_state(ckpt)
         if ckpt["epoch_done"]:
             self.epoch, self.batch_idx = int(ckpt["epoch"]) + 1, 0
-            restore_rng(ckpt["rng"])
+            restore_rng(own["rng"])
         else:
-            self.epoch, self.batch_idx = int(ckpt["epoch"]), int(ckpt["batch_idx"])
-            self._resume = ckpt
+            self.epoch, self.batch_idx = int(ckpt["epoch"]), int(own["batch_idx"])
+            self._resume = own
+
+    def _own_rank_state(self, ckpt: Dict[str, Any]) -> Dict[str, Any]:
+        """This rank's `rng`, `rng_epoch_start`, `batch_idx` and `epoch_stats` from a
+        checkpoint: each rank draws its own dropout masks and DataLoader worker seeds
+        and counts its own batches, so a checkpoint keeps one entry per rank
+        (`ranks`); older checkpoints (and a different world size) fall back to rank 0's."""
+        ranks = ckpt.get("ranks")
+        if ranks and len(ranks) == self.info.world_size:
+            return ranks[self.info.rank]
+        if ranks and self.info.is_main:
+            logging.getLogger("wenet_moe.train").warning(
+                "checkpoint was written by %d process(es), resuming with %d: every rank starts from rank 0's "
+                "random state, so the run does not repeat the original one exactly", len(ranks),
+                self.info.world_size)
+        return {"rng": ckpt["rng"], "rng_epoch_start": ckpt.get("rng_epoch_start"),
+                "batch_idx": ckpt["batch_idx"], "epoch_stats": ckpt.get("epoch_stats")}
 
     # --- helpers --------------------------------------------------------------------
     def lr(self) -> float:
@@ -156,6 +173,9 @@ class Trainer:
 
     # --- epochs ---------------------------------------------------------------------
     def fit(self) -> None:
+        if self.info.is_main:
+            for path in remove_stale_temp_files(self.model_dir):
+                logging.getLogger("wenet_moe.train").info("removed %s (left by an interrupted run)", path)
         while self.epoch < self.conf.max_epoch:
             self.train_epoch()
             cv_parts = self.cross_validate()
@@ -348,9 +368,10 @@ class Trainer:
 
     def save(self, name: str, epoch_done: bool, info: Optional[Dict[str, Any]] = None) -> Optional[str]:
         """Write `model_dir/<name>.pt` and `<name>.yaml` (rank 0 only); returns the .pt path."""
+        ranks = self._rank_states(epoch_done)       # collective: all ranks
         if not self.info.is_main and not self.sharded:
             return None
-        extra = {"epoch_stats": self._stats if not epoch_done else None}
+        extra = {"epoch_stats": self._stats if not epoch_done else None, "ranks": ranks}
         if self.sharded:
             extra.update(full_states(self.model, self.optimizer))    # collective: all ranks
             if not self.info.is_main:
@@ -358,10 +379,18 @@ class Trainer:
         ckpt = make_checkpoint(self.model, self.optimizer, self.scheduler, self.scaler, self.epoch, self.step,
                                self.batch_idx, epoch_done, self._rng_epoch_start, extra=extra)
         path = os.path.join(self.model_dir, f"{name}.pt")
-        atomic_torch_save(ckpt, path)
         meta = info or {"epoch": self.epoch, "step": self.step, "lr": self.lr(), "batch_idx": self.batch_idx}
+        # the .yaml first: N.pt is what marks epoch N done (run.sh resumes from the
+        # highest N.pt), so a kill between the two files repeats the epoch
         save_yaml(_plain(meta), os.path.join(self.model_dir, f"{name}.yaml"))
+        atomic_torch_save(ckpt, path)
         return path
+
+    def _rank_states(self, epoch_done: bool) -> list:
+        """[per rank: {rng, rng_epoch_start, batch_idx, epoch_stats}] (see `_own_rank_state`)."""
+        own = {"rng": capture_rng(), "rng_epoch_start": self._rng_epoch_start, "batch_idx": self.batch_idx,
+               "epoch_stats": None if epoch_done else self._stats}
+        return self._gather(own) if self.info.is_distributed else [own]
 
 
 def _plain(obj: Any) -> Any:

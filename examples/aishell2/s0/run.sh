@@ -279,7 +279,7 @@ if [ ${stage} -le 7 ] && [ ${stop_stage} -ge 7 ]; then
       q=(); [ $variant = int8 ] && q=(--int8)
       "$PYTHON" -m wenet_moe_runtime.decode --model_dir $dir/export/onnx --wav_scp data/$runtime_set/wav.scp \
         --result $rdir/text --mode $runtime_mode --chunk_size $runtime_chunk_size --beam_size $beam_size \
-        --ctc_weight $ctc_weight "${q[@]}"
+        --ctc_weight $ctc_weight --reverse_weight $reverse_weight "${q[@]}"
     else
       log 7 "$rdir/text exists, skipping"
     fi
