@@ -5,13 +5,20 @@ Connections submit `(decoder, pcm | None)` jobs and await a future. Each of the
 and advances those streams together with `advance_many`, so the CTC heads of all
 ready chunks run in one ONNX Runtime call; the encoders run stream by stream
 because their caches have no batch axis. The asyncio loop never runs inference.
+
+Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
+samples (a few encoder chunks), and a stream has at most one job queued at a
+time: its next slice joins the back of the FIFO queue only after the previous one
+is done. The queue therefore serves the streams round robin, one slice each, so a
+client that sends a minute of audio in one frame delays another stream's chunk by
+at most one slice per busy stream, never by the whole minute.
 """
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
-from typing import List, Optional, Tuple
+from typing import AsyncIterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -26,10 +33,14 @@ class InferenceWorkers:
     Args:
         num_workers: threads (about one per CPU core).
         max_batch: most streams advanced together (1: no batching).
+        slice_samples: most samples of one stream fed and decoded per job by
+            `slices()` (0: no limit).
     """
 
-    def __init__(self, num_workers: int = 2, max_batch: int = 1) -> None:
+    def __init__(self, num_workers: int = 2, max_batch: int = 1, slice_samples: int = 0) -> None:
         self.max_batch = max(1, int(max_batch))
+        self.slice_samples = max(0, int(slice_samples))
+        self.jobs_run = 0
         self._jobs: "queue.Queue" = queue.Queue()
         self._threads = [threading.Thread(target=self._run, name=f"asr-worker-{i}", daemon=True)
                          for i in range(max(1, int(num_workers)))]
@@ -45,6 +56,28 @@ class InferenceWorkers:
         Returns the stream's events. The caller must not submit the same decoder
         again before this returns.
         """
+        events: List[Event] = []
+        async for part in self.slices(decoder, pcm, finish):
+            events.extend(part)
+        return events
+
+    async def slices(self, decoder: StreamingDecoder, pcm: Optional[np.ndarray],
+                     finish: bool = False) -> AsyncIterator[List[Event]]:
+        """Like `submit`, in jobs of at most `slice_samples` samples; yields each
+        job's events as soon as it is done (the input ends with the last slice).
+
+        Each slice is queued only after the previous one finished, behind the jobs
+        of the other streams (round robin).
+        """
+        n = 0 if pcm is None else int(pcm.shape[0])
+        step = self.slice_samples if 0 < self.slice_samples < n else max(n, 1)
+        for start in range(0, max(n, 1), step):
+            part = None if pcm is None else pcm[start: start + step]
+            last = start + step >= n
+            yield await self._job(decoder, part, finish and last)
+
+    async def _job(self, decoder: StreamingDecoder, pcm: Optional[np.ndarray],
+                   finish: bool) -> List[Event]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._jobs.put((decoder, pcm, finish, loop, future))
@@ -95,6 +128,7 @@ class InferenceWorkers:
             return
         self.batches_run += 1
         self.streams_run += len(ok)
+        self.jobs_run += len(ok)
         for job, res in zip(ok, results):
             job[3].call_soon_threadsafe(_resolve, job[4], res, None)
 
