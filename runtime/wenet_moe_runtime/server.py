@@ -134,6 +134,7 @@ class AsrServer:
         self.per_ip: Dict[str, int] = {}
         self.total_connections = 0
         self.dropped_clients = 0          # aborted by the send timeout
+        self.throttle_pauses = 0          # times a stream's socket was left unread (rate limit)
         self.shutting_down: Optional[asyncio.Event] = None
         self._server = None
 
@@ -147,6 +148,8 @@ class AsrServer:
             body = json.dumps({"status": "ok", "active_connections": self.active,
                                "max_connections": self.config.max_connections,
                                "total_connections": self.total_connections,
+                               "dropped_clients": self.dropped_clients,
+                               "throttle_pauses": self.throttle_pauses,
                                "chunk_size": self.model.info.chunk_size,
                                "sample_rate": 16000})
             return _response(http.HTTPStatus.OK, body, "application/json")
@@ -219,6 +222,7 @@ class AsrServer:
             if not self.shutting_down.is_set():
                 pause = budget.wait_s()
                 if pause > 0:   # over its audio rate: leave its frames unread (back-pressure)
+                    self.throttle_pauses += 1
                     try:
                         await asyncio.wait_for(self.shutting_down.wait(), pause)
                     except asyncio.TimeoutError:
