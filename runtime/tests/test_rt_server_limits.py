@@ -288,3 +288,34 @@ def test_send_timeout_drops_a_client_that_never_reads(tiny_exports, test_wavs, m
     good, bad_code, dropped, active = run(go())
     assert good.text == "你好世界" and not good.failures
     assert bad_code == 1006 and dropped == 1 and active == 0   # aborted, no closing handshake
+
+
+@pytest.mark.slow
+def test_abuse_bench_miniature(tiny_exports, test_wavs):
+    """bench/server_abuse.py in miniature: two real-time streams alone, then beside
+    every abuser (nbest 100000, 20 s in one frame, 50x real time, silent connections,
+    a raw client that never reads, 10 MB JSON, nested JSON). Behaviour only: the
+    server stays up and serving, the abusers get their replies, and the well-behaved
+    streams get every final, identical to offline decoding, in both phases."""
+    import sys
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+    sys.path.insert(0, os.path.abspath(bench))
+    import server_abuse
+    wavs = [(f"u{i}", read_wav(test_wavs[f"u{i}"])[0]) for i in range(6)]
+    rep = server_abuse.run_abuse(tiny_exports["full"], wavs, streams=2, seconds=6, idle=3,
+                                 long_frame_s=20)
+    assert rep["server_alive"] and rep["server_exit_code"] == 0
+    for phase in ("alone", "with_abusers"):
+        r = rep[phase]
+        assert r["utterances"] >= 2 and r["failures"] == 0 and r["without_final"] == 0
+        assert r["identical_to_offline"] == r["utterances"] and r["cer_vs_offline_pct"] == 0
+    ab = rep["abusers"]
+    assert not [v for v in ab.values() if v.startswith("client error")], ab
+    assert ab["nbest 100000"] == ("failed: Wrong message header: nbest 100000 is more than "
+                                  "the server's limit 10")
+    assert "failed: Wrong message header: malformed JSON (nested too deeply)" in \
+        ab["nested JSON (30000 deep)"]
+    assert "failed: Message too large: text of 2000000 characters" in ab["nested JSON (1M deep)"]
+    assert ab["10 MB JSON"].endswith("closed 1009")
+    assert "speech_end=True, closed 1000" in ab["20 s in one frame"]
+    assert "finals" in ab["50x real time"] and "3 silent connections" in ab["3 connect, never send"]
