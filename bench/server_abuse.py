@@ -252,14 +252,14 @@ async def abuse_json(url: str, text: str) -> str:
 
 
 async def abusers(url: str, port: int, audio: np.ndarray, seconds: float, idle: int,
-                  long_frame_s: float) -> Dict[str, str]:
+                  long_frame_s: float, never_reads_s: float) -> Dict[str, str]:
     long_audio = np.resize(audio, int(long_frame_s * SR))
     jobs = {
         "nbest 100000": abuse_nbest(url),
         f"{long_frame_s:g} s in one frame": abuse_one_frame(url, long_audio, seconds + 60),
         "50x real time": abuse_fast(url, audio, 50.0, seconds),
         f"{idle} connect, never send": abuse_idle(url, idle, seconds),
-        "never reads replies": asyncio.to_thread(never_reads, port, audio, seconds),
+        "never reads replies": asyncio.to_thread(never_reads, port, audio, never_reads_s),
         "10 MB JSON": abuse_json(url, json.dumps({"signal": "start", "pad": "x" * 10_000_000})),
         "nested JSON (30000 deep)": abuse_json(url, "[" * 30000 + "]" * 30000),
         "nested JSON (1M deep)": abuse_json(url, "[" * 1_000_000 + "]" * 1_000_000),
@@ -270,8 +270,12 @@ async def abusers(url: str, port: int, audio: np.ndarray, seconds: float, idle: 
 
 
 def run_abuse(model_dir: str, wavs, streams: int, seconds: float, idle: int,
-              long_frame_s: float = 60.0, extra: Optional[List[str]] = None) -> Dict:
-    """Phases A (streams alone) and B (streams + abusers) on one server process."""
+              long_frame_s: float = 60.0, extra: Optional[List[str]] = None,
+              never_reads_s: Optional[float] = None) -> Dict:
+    """Phases A (streams alone) and B (streams + abusers) on one server process; the
+    client that never reads keeps sending for `never_reads_s` (default `seconds` + 30,
+    long enough to see the keepalive drop it)."""
+    never_reads_s = seconds + 30 if never_reads_s is None else never_reads_s
     model = OnnxAsrModel(model_dir)
     reference = {k: decode_samples(model, w, DecodeOptions())[0]["sentence"] for k, w in wavs}
     del model
@@ -289,7 +293,8 @@ def run_abuse(model_dir: str, wavs, streams: int, seconds: float, idle: int,
         audio = np.concatenate([w for _, w in wavs])
 
         async def phase_b():
-            abuse = asyncio.ensure_future(abusers(srv.url, port, audio, seconds, idle, long_frame_s))
+            abuse = asyncio.ensure_future(abusers(srv.url, port, audio, seconds, idle, long_frame_s,
+                                                  never_reads_s))
             await asyncio.sleep(0.5)    # abusers first: the streams meet them already there
             good = await good_streams(srv.url, wavs, streams, seconds)
             return good, await abuse

@@ -174,3 +174,52 @@ def test_workers_serve_streams_round_robin_in_slices(tiny_exports, test_wavs):
     # Unsliced, the short stream waits for the whole minute.
     _, _, fed, jobs = asyncio.run(asyncio.wait_for(go(0), 300))
     assert fed == len(long_audio) and jobs == 2
+
+
+
+def test_urgent_jobs_go_before_backlogged_slices_which_take_turns(tiny_exports, test_wavs):
+    """Order in which one worker runs the queued jobs: while it is held on a first job,
+    three streams queue a minute each (a backlog) and a real-time stream queues one
+    slice. The real-time slice runs next; the backlogged streams then take turns one
+    slice each (round robin). Without `urgent` it waits behind one slice of each."""
+    import threading
+    model = OnnxAsrModel(tiny_exports["full"])
+    speech = [read_wav(test_wavs[f"u{i}"])[0] for i in range(6)]
+    long_audio = np.concatenate(speech * 9)
+    opts = DecodeOptions(mode="ctc_prefix_beam", continuous_decoding=True)
+    step = 2 * CHUNK * model.info.subsampling_rate * 160
+
+    class Logged(StreamingDecoder):
+        def __init__(self, name, log, gate=None):
+            super().__init__(model, opts)
+            self.name, self.log, self.gate = name, log, gate
+
+        def accept_waveform(self, pcm):
+            if self.gate is not None:
+                self.gate.wait(60)
+            self.log.append(self.name)
+            super().accept_waveform(pcm)
+
+    async def go(urgent):
+        workers = InferenceWorkers(num_workers=1, slice_samples=step)
+        log, gate = [], threading.Event()
+        held = asyncio.ensure_future(workers.submit(Logged("H", log, gate), speech[0][:step]))
+        longs = [asyncio.ensure_future(workers.submit(Logged(f"L{k}", log), long_audio, urgent=False))
+                 for k in range(3)]
+        await asyncio.sleep(0)                       # the backlog is queued
+        short = asyncio.ensure_future(workers.submit(Logged("S", log), speech[1][:step], urgent=urgent))
+        await asyncio.sleep(0)
+        gate.set()
+        await held
+        await short
+        while len(log) < 15:
+            await asyncio.sleep(0.01)
+        for job in longs:
+            job.cancel()
+        workers.shutdown()
+        return log
+    log = asyncio.run(asyncio.wait_for(go(True), 300))
+    assert log[:2] == ["H", "S"]
+    assert log[2:11] == ["L0", "L1", "L2"] * 3
+    log = asyncio.run(asyncio.wait_for(go(False), 300))
+    assert log[:5] == ["H", "L0", "L1", "L2", "S"]

@@ -193,6 +193,18 @@ def test_rate_limit_back_pressure_keeps_results(tiny_exports, test_wavs, limits_
     assert health(limits_server.url)["throttle_pauses"] > before
 
 
+def test_performance_ws_style_whole_utterance_frames(test_wavs, server):
+    """WeNet's performance-ws.py: many concurrent clients, each sending its whole
+    utterance as one binary frame then `end`, work unchanged with the default limits
+    (rate limit, slicing, keepalive)."""
+    wavs = [read_wav(test_wavs[f"u{i}"])[0] for i in range(6)]
+    texts = ["你好世界", "语音你", "好界音世你", "世世语", "音语界好", "你语好"]
+    results = run(asyncio.gather(*[stream_samples(server.url, wavs[i % 6], chunk_ms=100000)
+                                   for i in range(24)]))
+    assert [r.text for r in results] == [texts[i % 6] for i in range(24)]
+    assert all(r.speech_end and not r.failures for r in results)
+
+
 def _raw_handshake(port):
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -303,7 +315,7 @@ def test_abuse_bench_miniature(tiny_exports, test_wavs):
     import server_abuse
     wavs = [(f"u{i}", read_wav(test_wavs[f"u{i}"])[0]) for i in range(6)]
     rep = server_abuse.run_abuse(tiny_exports["full"], wavs, streams=2, seconds=6, idle=3,
-                                 long_frame_s=20)
+                                 long_frame_s=20, never_reads_s=6)
     assert rep["server_alive"] and rep["server_exit_code"] == 0
     for phase in ("alone", "with_abusers"):
         r = rep[phase]

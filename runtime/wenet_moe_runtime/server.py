@@ -215,7 +215,7 @@ class AsrServer:
         cfg = self.config
         decoder: Optional[StreamingDecoder] = None
         carry = b""  # odd trailing byte of a binary frame
-        opened = last_work = time.monotonic()
+        opened = last_work = started = time.monotonic()
         budget = AudioBudget(cfg.max_audio_rate, cfg.audio_burst_s)
         bytes_per_s = 2.0 * self.model.info.fbank.sample_rate
         while True:
@@ -236,7 +236,7 @@ class AsrServer:
             if msg is None or msg is _SHUTDOWN:
                 ended = msg is _SHUTDOWN or time.monotonic() >= session_end
                 if ended and decoder is not None and not decoder.stopped:   # final results first
-                    await self._decode(ws, decoder, None, True)
+                    await self._decode(ws, decoder, None, True, started)
                 if msg is _SHUTDOWN:
                     await ws.close(1001, "server shutting down")
                 elif time.monotonic() >= session_end:
@@ -262,7 +262,7 @@ class AsrServer:
                 carry = data[len(data) - (len(data) % 2):]
                 pcm = np.frombuffer(data[: len(data) - len(carry)], dtype="<i2")
                 if pcm.size:
-                    if not await self._decode(ws, decoder, pcm, False):
+                    if not await self._decode(ws, decoder, pcm, False, started):
                         return
                     last_work = time.monotonic()
                 continue
@@ -288,13 +288,13 @@ class AsrServer:
                     await self._send(ws, failed(error))
                     continue
                 decoder, carry = StreamingDecoder(self.model, opts), b""
-                last_work = time.monotonic()
+                last_work = started = time.monotonic()
                 await self._send(ws, json.dumps({"status": "ok", "type": "server_ready"}))
             elif sig == "end":
                 if decoder is None:
                     await self._send(ws, failed("End signal before start signal"))
                     continue
-                if not decoder.stopped and not await self._decode(ws, decoder, None, True):
+                if not decoder.stopped and not await self._decode(ws, decoder, None, True, started):
                     return
                 await ws.close(1000, "done")
                 return
@@ -321,11 +321,14 @@ class AsrServer:
         return opts, None
 
     async def _decode(self, ws: ServerConnection, decoder: StreamingDecoder,
-                      pcm: Optional[np.ndarray], finish: bool) -> bool:
+                      pcm: Optional[np.ndarray], finish: bool, started: float) -> bool:
         """Decode in slices (round robin with other streams), sending each slice's
-        events; on an engine error reply `failed`, close with 1011 and return False."""
+        events; on an engine error reply `failed`, close with 1011 and return False.
+        A stream not ahead of real time (by more than 1 s) since `started` (monotonic
+        time of its start signal) goes in the urgent class."""
+        ahead = decoder.samples_received / decoder.sample_rate - (time.monotonic() - started)
         try:
-            async for events in self.workers.slices(decoder, pcm, finish=finish):
+            async for events in self.workers.slices(decoder, pcm, finish=finish, urgent=ahead <= 1.0):
                 for event in events:
                     await self._send(ws, event_message(event), quiet=False)
         except (ConnectionClosed, ClientGone):
