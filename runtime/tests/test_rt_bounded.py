@@ -223,3 +223,33 @@ def test_urgent_jobs_go_before_backlogged_slices_which_take_turns(tiny_exports, 
     assert log[2:11] == ["L0", "L1", "L2"] * 3
     log = asyncio.run(asyncio.wait_for(go(False), 300))
     assert log[:5] == ["H", "L0", "L1", "L2", "S"]
+
+
+def test_backlog_never_takes_the_last_worker(tiny_exports, test_wavs):
+    """Two workers; backlogged streams whose slices block (held by a gate) occupy one
+    worker at most, so a real-time stream's job is decoded while they are held."""
+    import threading
+    model = OnnxAsrModel(tiny_exports["full"])
+    speech = read_wav(test_wavs["u0"])[0]
+    opts = DecodeOptions(mode="ctc_prefix_beam")
+    gate = threading.Event()
+
+    class Held(StreamingDecoder):
+        def accept_waveform(self, pcm):
+            gate.wait(120)
+            super().accept_waveform(pcm)
+
+    async def go():
+        workers = InferenceWorkers(num_workers=2)
+        held = [asyncio.ensure_future(workers.submit(Held(model, opts), speech, urgent=False))
+                for _ in range(3)]
+        await asyncio.sleep(0)
+        events = await asyncio.wait_for(
+            workers.submit(StreamingDecoder(model, opts), speech, finish=True), 60)
+        still_held = not any(job.done() for job in held)
+        gate.set()
+        await asyncio.gather(*held)
+        workers.shutdown()
+        return events, still_held
+    events, still_held = asyncio.run(asyncio.wait_for(go(), 120))
+    assert still_held and events[-2][1][0]["sentence"] == TEXTS[0]

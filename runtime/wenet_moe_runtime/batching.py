@@ -9,26 +9,24 @@ because their caches have no batch axis. The asyncio loop never runs inference.
 Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
 samples (a few encoder chunks), and a stream has at most one job queued at a
 time: its next slice joins the back of the queue only after the previous one is
-done. The queue has two classes, each FIFO: urgent jobs (the first slice of audio
-from a stream that is not ahead of real time, as the caller judges) before the
-rest (later slices: a backlog). Streams therefore take turns round robin within a
-class, one slice each, and a real-time stream's chunk waits for at most the slices
-already running, never for another client's minute of audio sent in one frame.
+done. There are two FIFO queues: urgent jobs (the first slice of audio from a
+stream that is not ahead of real time, as the caller judges) go before the rest
+(later slices: a backlog), and backlog jobs occupy at most `num_workers - 1`
+workers at a time (one with a single worker), so with two or more workers one is
+always free for real-time streams. Streams take turns round robin within a queue,
+one slice each, and a real-time stream's chunk never waits for another client's
+minute of audio sent in one frame.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
-import queue
 import threading
-from typing import AsyncIterator, List, Optional, Tuple
+from collections import deque
+from typing import AsyncIterator, Deque, List, Optional, Tuple
 
 import numpy as np
 
 from .decoder import Event, StreamingDecoder, advance_many
-
-_STOP = object()
-
 
 class InferenceWorkers:
     """A pool of inference threads fed by a queue.
@@ -44,10 +42,15 @@ class InferenceWorkers:
         self.max_batch = max(1, int(max_batch))
         self.slice_samples = max(0, int(slice_samples))
         self.jobs_run = 0
-        self._jobs: "queue.PriorityQueue" = queue.PriorityQueue()   # (class, seq, job)
-        self._seq = itertools.count()
+        num_workers = max(1, int(num_workers))
+        self._cv = threading.Condition()
+        self._urgent: Deque[Tuple] = deque()
+        self._backlog: Deque[Tuple] = deque()
+        self._backlog_slots = max(1, num_workers - 1)
+        self._backlog_running = 0
+        self._stopping = False
         self._threads = [threading.Thread(target=self._run, name=f"asr-worker-{i}", daemon=True)
-                         for i in range(max(1, int(num_workers)))]
+                         for i in range(num_workers)]
         self.batches_run = 0
         self.streams_run = 0
         for t in self._threads:
@@ -85,25 +88,43 @@ class InferenceWorkers:
                    finish: bool, urgent: bool) -> List[Event]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((0 if urgent else 1, next(self._seq), (decoder, pcm, finish, loop, future)))
+        with self._cv:
+            (self._urgent if urgent else self._backlog).append((decoder, pcm, finish, loop, future))
+            self._cv.notify_all()
         return await future
+
+    def _take(self) -> Optional[Tuple[List[Tuple], bool]]:
+        """The next batch and whether it is backlog; None when stopping and idle."""
+        with self._cv:
+            while True:
+                if self._urgent:
+                    source, backlog = self._urgent, False
+                elif self._backlog and self._backlog_running < self._backlog_slots:
+                    source, backlog = self._backlog, True
+                    self._backlog_running += 1
+                elif self._stopping and not self._urgent and not self._backlog:
+                    return None
+                else:
+                    self._cv.wait()
+                    continue
+                batch = [source.popleft()]
+                while source and len(batch) < self.max_batch:
+                    batch.append(source.popleft())
+                return batch, backlog
 
     def _run(self) -> None:
         while True:
-            first = self._jobs.get()[2]
-            if first is _STOP:
+            taken = self._take()
+            if taken is None:
                 return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    job = self._jobs.get_nowait()[2]
-                except queue.Empty:
-                    break
-                if job is _STOP:
-                    self._jobs.put((2, next(self._seq), _STOP))  # finish the batch, then stop
-                    break
-                batch.append(job)
-            self._process(batch)
+            batch, backlog = taken
+            try:
+                self._process(batch)
+            finally:
+                if backlog:
+                    with self._cv:
+                        self._backlog_running -= 1
+                        self._cv.notify_all()
 
     def _process(self, batch: List[Tuple]) -> None:
         ok: List[Tuple] = []
@@ -139,8 +160,9 @@ class InferenceWorkers:
 
     def shutdown(self) -> None:
         """Stop the threads after the queued jobs."""
-        for _ in self._threads:
-            self._jobs.put((2, next(self._seq), _STOP))
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=30)
 
