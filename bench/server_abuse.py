@@ -287,7 +287,9 @@ def run_abuse(model_dir: str, wavs, streams: int, seconds: float, idle: int,
     try:
         time.sleep(0.5)
         report["rss_idle_mb"] = round(rss_mb(srv.proc.pid), 1)
+        cpu0 = cpu_seconds(srv.proc.pid)
         a = asyncio.run(good_streams(srv.url, wavs, streams, seconds))
+        cpu1 = cpu_seconds(srv.proc.pid)
         report["rss_after_a_mb"] = round(rss_mb(srv.proc.pid), 1)
         port = int(srv.url.rsplit(":", 1)[1])
         audio = np.concatenate([w for _, w in wavs])
@@ -299,6 +301,8 @@ def run_abuse(model_dir: str, wavs, streams: int, seconds: float, idle: int,
             good = await good_streams(srv.url, wavs, streams, seconds)
             return good, await abuse
         b, abuse = asyncio.run(phase_b())
+        report["server_cpu_s"] = {"alone": round(cpu1 - cpu0, 1),
+                                  "with_abusers": round(cpu_seconds(srv.proc.pid) - cpu1, 1)}
         time.sleep(1.0)
         report["rss_after_b_mb"] = round(rss_mb(srv.proc.pid), 1)
         report["alone"], report["with_abusers"] = summarize(a, reference), summarize(b, reference)
@@ -427,7 +431,9 @@ def print_table(rep: Dict) -> None:
         r = rep[name]
         print(f"{name:<14}{r['utterances']:>6}{r['failures'] + r['without_final']:>8}"
               f"{r['final_p50_ms']:>9}{r['final_p95_ms']:>9}{r['cer_vs_offline_pct']:>15.3f}%")
-    print(f"p95 growth with abusers: {rep['p95_growth_pct']:+.1f} % (target < 30 %)")
+    print(f"p95 growth with abusers: {rep['p95_growth_pct']:+.1f} % (target < 30 %); server CPU "
+          f"seconds alone / with abusers: {rep['server_cpu_s']['alone']} / "
+          f"{rep['server_cpu_s']['with_abusers']}")
     print(f"server RSS idle / after A / after B: {rep['rss_idle_mb']} / {rep['rss_after_a_mb']} / "
           f"{rep['rss_after_b_mb']} MB; server alive and serving: {rep['server_alive']}")
     for k, v in rep["abusers"].items():

@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule1_silence_ms", type=int, default=5000)
     p.add_argument("--rule2_silence_ms", type=int, default=1000)
     p.add_argument("--rule3_max_utterance_ms", type=int, default=20000)
-    p.add_argument("--switch_interval_ms", type=float, default=0.5,
+    p.add_argument("--switch_interval_ms", type=float, default=0.2,
                    help="Python's thread switch interval (its default is 5 ms)")
     p.add_argument("--log_level", default="WARNING")
     return p
