@@ -199,8 +199,10 @@ def test_performance_ws_style_whole_utterance_frames(test_wavs, server):
     (rate limit, slicing, keepalive)."""
     wavs = [read_wav(test_wavs[f"u{i}"])[0] for i in range(6)]
     texts = ["你好世界", "语音你", "好界音世你", "世世语", "音语界好", "你语好"]
-    results = run(asyncio.gather(*[stream_samples(server.url, wavs[i % 6], chunk_ms=100000)
-                                   for i in range(24)]))
+    async def go():
+        return await asyncio.gather(*[stream_samples(server.url, wavs[i % 6], chunk_ms=100000)
+                                      for i in range(24)])
+    results = run(go())
     assert [r.text for r in results] == [texts[i % 6] for i in range(24)]
     assert all(r.speech_end and not r.failures for r in results)
 
