@@ -333,3 +333,19 @@ def test_abuse_bench_miniature(tiny_exports, test_wavs):
     assert ab["10 MB JSON"].endswith("closed 1009")
     assert "speech_end=True, closed 1000" in ab["20 s in one frame"]
     assert "finals" in ab["50x real time"] and "3 silent connections" in ab["3 connect, never send"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_nbest", "20", "--beam_size", "10"], "--max_nbest 20 is more than --beam_size 10"),
+    (["--max_audio_rate", "-1"], "--max_audio_rate must be >= 0, got -1.0"),
+    (["--max_text_bytes", "10"], "--max_text_bytes (>= 64), --send_timeout and --audio_burst_s "
+                                 "must be positive"),
+])
+def test_server_cli_refuses_bad_limits_in_one_line(tiny_exports, flags, message):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "wenet_moe_runtime.server", "--model_dir",
+                           tiny_exports["full"], "--port", "0", *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"wenet-moe-server: error: {message}"
