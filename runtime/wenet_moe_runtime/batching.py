@@ -5,20 +5,28 @@ Connections submit `(decoder, pcm | None)` jobs and await a future. Each of the
 and advances those streams together with `advance_many`, so the CTC heads of all
 ready chunks run in one ONNX Runtime call; the encoders run stream by stream
 because their caches have no batch axis. The asyncio loop never runs inference.
+
+Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
+samples (a few encoder chunks), and a stream has at most one job queued at a
+time: its next slice joins the back of the queue only after the previous one is
+done. There are two FIFO queues: urgent jobs (the first slice of audio from a
+stream that is not ahead of real time, as the caller judges) go before the rest
+(later slices: a backlog), and backlog jobs occupy at most `num_workers - 1`
+workers at a time (one with a single worker), so with two or more workers one is
+always free for real-time streams. Streams take turns round robin within a queue,
+one slice each, and a real-time stream's chunk never waits for another client's
+minute of audio sent in one frame.
 """
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-from typing import List, Optional, Tuple
+from collections import deque
+from typing import AsyncIterator, Deque, List, Optional, Tuple
 
 import numpy as np
 
 from .decoder import Event, StreamingDecoder, advance_many
-
-_STOP = object()
-
 
 class InferenceWorkers:
     """A pool of inference threads fed by a queue.
@@ -26,46 +34,97 @@ class InferenceWorkers:
     Args:
         num_workers: threads (about one per CPU core).
         max_batch: most streams advanced together (1: no batching).
+        slice_samples: most samples of one stream fed and decoded per job by
+            `slices()` (0: no limit).
     """
 
-    def __init__(self, num_workers: int = 2, max_batch: int = 1) -> None:
+    def __init__(self, num_workers: int = 2, max_batch: int = 1, slice_samples: int = 0) -> None:
         self.max_batch = max(1, int(max_batch))
-        self._jobs: "queue.Queue" = queue.Queue()
+        self.slice_samples = max(0, int(slice_samples))
+        self.jobs_run = 0
+        num_workers = max(1, int(num_workers))
+        self._cv = threading.Condition()
+        self._urgent: Deque[Tuple] = deque()
+        self._backlog: Deque[Tuple] = deque()
+        self._backlog_slots = max(1, num_workers - 1)
+        self._backlog_running = 0
+        self._stopping = False
         self._threads = [threading.Thread(target=self._run, name=f"asr-worker-{i}", daemon=True)
-                         for i in range(max(1, int(num_workers)))]
+                         for i in range(num_workers)]
         self.batches_run = 0
         self.streams_run = 0
         for t in self._threads:
             t.start()
 
     async def submit(self, decoder: StreamingDecoder, pcm: Optional[np.ndarray],
-                     finish: bool = False) -> List[Event]:
+                     finish: bool = False, urgent: bool = True) -> List[Event]:
         """Feed `pcm` (int16, may be None), optionally end the input, and decode.
 
         Returns the stream's events. The caller must not submit the same decoder
         again before this returns.
         """
+        events: List[Event] = []
+        async for part in self.slices(decoder, pcm, finish, urgent):
+            events.extend(part)
+        return events
+
+    async def slices(self, decoder: StreamingDecoder, pcm: Optional[np.ndarray],
+                     finish: bool = False, urgent: bool = True) -> AsyncIterator[List[Event]]:
+        """Like `submit`, in jobs of at most `slice_samples` samples; yields each
+        job's events as soon as it is done (the input ends with the last slice).
+
+        Each slice is queued only after the previous one finished, behind the jobs
+        of the other streams (round robin); the first one in the urgent class if
+        `urgent`, the later ones never.
+        """
+        n = 0 if pcm is None else int(pcm.shape[0])
+        step = self.slice_samples if 0 < self.slice_samples < n else max(n, 1)
+        for start in range(0, max(n, 1), step):
+            part = None if pcm is None else pcm[start: start + step]
+            last = start + step >= n
+            yield await self._job(decoder, part, finish and last, urgent and start == 0)
+
+    async def _job(self, decoder: StreamingDecoder, pcm: Optional[np.ndarray],
+                   finish: bool, urgent: bool) -> List[Event]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((decoder, pcm, finish, loop, future))
+        with self._cv:
+            (self._urgent if urgent else self._backlog).append((decoder, pcm, finish, loop, future))
+            self._cv.notify_all()
         return await future
+
+    def _take(self) -> Optional[Tuple[List[Tuple], bool]]:
+        """The next batch and whether it is backlog; None when stopping and idle."""
+        with self._cv:
+            while True:
+                if self._urgent:
+                    source, backlog = self._urgent, False
+                elif self._backlog and self._backlog_running < self._backlog_slots:
+                    source, backlog = self._backlog, True
+                    self._backlog_running += 1
+                elif self._stopping and not self._urgent and not self._backlog:
+                    return None
+                else:
+                    self._cv.wait()
+                    continue
+                batch = [source.popleft()]
+                while source and len(batch) < self.max_batch:
+                    batch.append(source.popleft())
+                return batch, backlog
 
     def _run(self) -> None:
         while True:
-            first = self._jobs.get()
-            if first is _STOP:
+            taken = self._take()
+            if taken is None:
                 return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is _STOP:
-                    self._jobs.put(_STOP)  # let this thread finish the batch, then stop
-                    break
-                batch.append(job)
-            self._process(batch)
+            batch, backlog = taken
+            try:
+                self._process(batch)
+            finally:
+                if backlog:
+                    with self._cv:
+                        self._backlog_running -= 1
+                        self._cv.notify_all()
 
     def _process(self, batch: List[Tuple]) -> None:
         ok: List[Tuple] = []
@@ -95,13 +154,15 @@ class InferenceWorkers:
             return
         self.batches_run += 1
         self.streams_run += len(ok)
+        self.jobs_run += len(ok)
         for job, res in zip(ok, results):
             job[3].call_soon_threadsafe(_resolve, job[4], res, None)
 
     def shutdown(self) -> None:
         """Stop the threads after the queued jobs."""
-        for _ in self._threads:
-            self._jobs.put(_STOP)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=30)
 

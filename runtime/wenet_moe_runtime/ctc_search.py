@@ -253,3 +253,51 @@ def batch_ctc_greedy_search(log_probs: np.ndarray, lengths: Sequence[int],
                             blank_id: int = 0) -> List[Tuple[List[int], List[int]]]:
     """Greedy search for a padded batch (B, T, V) with valid lengths (B,)."""
     return [ctc_greedy_search(log_probs[b, : int(n)], blank_id) for b, n in enumerate(lengths)]
+
+
+class CtcGreedySearch:
+    """Incremental best-path search, chunk by chunk; after any split of the frames
+    into chunks its result equals `ctc_greedy_search` of all frames (a run of one
+    token that spans chunks stays one token, its time the first peak of the run).
+
+    Same interface as `CtcPrefixBeamSearch`: `advance(chunk)`, `nbest()`, `reset()`.
+    The score of the single hypothesis is the sum of the per-frame best
+    log-posteriors (the best path's log probability).
+    """
+
+    def __init__(self, blank_id: int = 0) -> None:
+        self.blank_id = int(blank_id)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all frames (start of a new utterance)."""
+        self.tokens: List[int] = []
+        self.times: List[int] = []
+        self.score = 0.0
+        self.num_frames = 0
+        self._last = -1                # argmax of the previous frame (-1: none yet)
+        self._peak = NEG_INF           # best log-posterior of the current non-blank run
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        """Consume (T, V) log-posteriors of the next T encoder frames."""
+        log_probs = _check_log_probs(log_probs)
+        if log_probs.shape[0] == 0:
+            return
+        best = log_probs.argmax(axis=1)
+        best_lp = log_probs[np.arange(best.shape[0]), best]
+        self.score += float(best_lp.sum())
+        for t, (tok, lp) in enumerate(zip(best.tolist(), best_lp.tolist())):
+            if tok != self._last:
+                if tok != self.blank_id:
+                    self.tokens.append(tok)
+                    self.times.append(self.num_frames + t)
+                    self._peak = lp
+            elif tok != self.blank_id and lp > self._peak:
+                self.times[-1] = self.num_frames + t
+                self._peak = lp
+            self._last = tok
+        self.num_frames += best.shape[0]
+
+    def nbest(self, n: int = 0) -> List[Hypothesis]:
+        """The one best path as `[(tokens, log score, token times)]`."""
+        return [(list(self.tokens), self.score, list(self.times))]

@@ -1,6 +1,14 @@
 """Per-connection streaming decoder: fbank -> encoder chunks -> CTC prefix beam
 search -> endpoint -> attention rescoring (torch-free).
 
+In `ctc_greedy` mode the search is the best path (`CtcGreedySearch`), equal to
+the offline greedy result; otherwise CTC prefix beam search.
+
+Memory stays bounded over long sessions: fbank frames are freed once consumed, a
+segment that decodes nothing is restarted silently when it reaches rule 3's length
+(so noise that never triggers an endpoint cannot grow the caches), and
+`max_left_chunks` caps the attention cache of full-context exports at serving time.
+
 Feature windows follow WeNet's runtime: the first chunk of a segment needs
 `(chunk-1)*subsampling + right_context + 1` fbank frames, later chunks
 `chunk*subsampling` new frames, and the last `right_context + 1 - subsampling`
@@ -18,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .context import ContextGraph, rerank_with_context
-from .ctc_search import CtcPrefixBeamSearch
+from .ctc_search import CtcGreedySearch, CtcPrefixBeamSearch
 from .endpoint import CtcEndpoint, EndpointConfig
 from .features import OnlineFbank
 from .model import OnnxAsrModel
@@ -44,15 +52,17 @@ class DecodeOptions:
     # partials from the graph's best active path; finals: ctc_prefix_beam -> graph
     # 1-best, attention_rescoring -> rescored graph n-best
     wfst: Optional[object] = None
+    max_left_chunks: int = -1       # > 0: attention cache kept to this many chunks (serving)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.beam_size < 1 or self.nbest < 1:
+            raise ValueError(f"beam_size and nbest must be >= 1, got {self.beam_size} and {self.nbest}")
         if self.context is not None and self.mode == "ctc_greedy":
             raise ValueError("hotwords (context) need a beam search mode, not ctc_greedy")
         if self.wfst is not None and self.mode == "ctc_greedy":
             raise ValueError("the LM graph needs mode ctc_prefix_beam or attention_rescoring")
-
 
 
 def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
@@ -134,14 +144,17 @@ class StreamingDecoder:
         self.stopped = False          # an endpoint ended the stream (no continuous decoding)
         self.finals_sent = 0
         self.frames_read = 0          # fbank frames taken from the extractor
+        self.frames_freed = 0         # of which freed in the extractor
+        self.forced_resets = 0        # segments restarted at rule 3 with nothing decoded
         self.samples_received = 0
         self._new_segment()
 
     # ---------------------------------------------------------------- state
     def _new_segment(self) -> None:
         self.state = self.model.new_state(self.chunk_size)
-        self.search = CtcPrefixBeamSearch(self.opts.beam_size, self.model.symbols.blank_id,
-                                          context=self.opts.context)
+        blank = self.model.symbols.blank_id
+        self.search = (CtcGreedySearch(blank) if self.opts.mode == "ctc_greedy"
+                       else CtcPrefixBeamSearch(self.opts.beam_size, blank, context=self.opts.context))
         self.endpoint = CtcEndpoint(self.opts.endpoint, self.model.info.frame_ms)
         self.encoder_outs: List[np.ndarray] = []
         self.log_probs: List[np.ndarray] = []  # kept for the graph's n-best (opts.wfst)
@@ -192,23 +205,43 @@ class StreamingDecoder:
             if not self.input_done:
                 return None
             self.frames_read += take  # a tail too short for one output frame
+            self._free_frames()
             return None
         new = np.asarray(self.fbank.get_frames(self.frames_read, take), dtype=np.float32)
         self.frames_read += take
+        self._free_frames()
         window = np.concatenate([self.cached, new], axis=0) if self.cached.shape[0] else new
         self.cached = window[window.shape[0] - self.keep_frames:] if self.keep_frames else window[:0]
         self.segment_started = True
         return window
 
+    def _free_frames(self) -> None:
+        """Free the extractor's frames that every later window has read already."""
+        if self.frames_read > self.frames_freed:
+            self.fbank.pop(self.frames_read - self.frames_freed)
+            self.frames_freed = self.frames_read
+
     def encode(self, window: np.ndarray) -> np.ndarray:
         """(T, bins) -> (T', D) encoder output; caches advance."""
         hidden = self.model.forward_encoder_chunk(window, self.state)
-        self.encoder_outs.append(hidden)
+        if self.opts.mode == "attention_rescoring":   # only rescoring reads them
+            self.encoder_outs.append(hidden)
         return hidden
+
+    def _bound_cache(self) -> None:
+        """Keep the last `max_left_chunks` chunks of attention cache (exports with
+        unlimited left context only; WeNet's `required_cache_size` cut, at serving
+        time). The copy lets the longer array go."""
+        keep = self.chunk_size * self.opts.max_left_chunks
+        cache = self.state.att_cache
+        if (self.opts.max_left_chunks > 0 and self.chunk_size > 0 and self.model.info.left_chunks <= 0
+                and cache.ndim == 4 and cache.shape[2] > keep):
+            self.state.att_cache = np.ascontiguousarray(cache[:, :, cache.shape[2] - keep:])
 
     def consume(self, log_probs: np.ndarray) -> List[Event]:
         """Search and endpoint on one chunk's (T', V) CTC log-posteriors."""
         events: List[Event] = []
+        self._bound_cache()
         self.search.advance(log_probs)
         if self.wfst_stream is not None:
             self.wfst_stream.accept(log_probs)
@@ -216,6 +249,8 @@ class StreamingDecoder:
                 self.log_probs.append(log_probs)
         self.endpoint.update(log_probs, self.model.symbols.blank_id)
         decoded = self.decoded_something()
+        ep = self.opts.endpoint
+        rule3 = ep.rule3_max_utterance_ms if ep.enabled else 0
         if self.endpoint.is_endpoint(decoded):
             events.append(("final", self._final_nbest()))
             if self.opts.continuous_decoding:
@@ -223,6 +258,9 @@ class StreamingDecoder:
             else:
                 self.stopped = True
                 events.append(("speech_end", None))
+        elif not decoded and rule3 > 0 and self.endpoint.utterance_ms >= rule3:
+            self.forced_resets += 1   # nothing decoded in a rule-3-long segment: restart it
+            self._new_segment()
         elif decoded:
             hyps = self.search.nbest(self.opts.nbest)
             if self.wfst_stream is not None:  # the graph's best active path
