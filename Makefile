@@ -16,10 +16,10 @@ venv: $(STAMP)
 
 # The full suite: slow end-to-end tests run in their small CI configuration.
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q -ra
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q -ra -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -ra -m "not slow"
 
 demo: $(STAMP)
 	bash examples/aishell2/s0/demo.sh
