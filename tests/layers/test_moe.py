@@ -532,9 +532,10 @@ def test_packed_true_uses_onednn_when_kernel_cannot_run(monkeypatch):
 
 @needs_kernel
 @needs_onednn
-def test_packed_true_picks_the_kernel_by_threads_and_rows():
-    """One torch thread: always the (single-threaded) kernel; several: the kernel for
-    small batches, multi-threaded oneDNN above KERNEL_MAX_ROWS rows per expert."""
+def test_packed_true_picks_the_kernel_by_threads_and_rows(monkeypatch):
+    """One torch thread: always the kernel; several: the kernel up to the measured
+    `kernel_max_rows` rows per expert, oneDNN above; WENET_MOE_KERNEL_MAX_ROWS fixes
+    the limit; the measurement is made once per shape and thread count."""
     _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32)
     layer.eval()
     x = torch.randn(3, 16)
@@ -542,10 +543,20 @@ def test_packed_true_picks_the_kernel_by_threads_and_rows():
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
+            act = layer._kernel_activation
+            assert moe_module.kernel_max_rows(16, 32, act) == math.inf
             assert layer._packed(x, 500.0)[0] == "kernel"
             torch.set_num_threads(2)
-            assert layer._packed(x, moe_module.KERNEL_MAX_ROWS)[0] == "kernel"
-            assert layer._packed(x, moe_module.KERNEL_MAX_ROWS + 1)[0] == "onednn"
+            limit = moe_module.kernel_max_rows(16, 32, act)
+            assert limit in (0.0, math.inf) or limit in moe_module._PROBE_ROWS
+            assert moe_module._KERNEL_MAX_ROWS[(16, 32, act, 2)] == limit
+            if limit > 0:
+                assert layer._packed(x, min(limit, 500.0))[0] == "kernel"
+            if limit < math.inf:
+                assert layer._packed(x, limit + 1)[0] == "onednn"
+            monkeypatch.setenv("WENET_MOE_KERNEL_MAX_ROWS", "8")
+            assert layer._packed(x, 8.0)[0] == "kernel"
+            assert layer._packed(x, 9.0)[0] == "onednn"
             layer.packed_experts = "kernel"
             assert layer._packed(x, 500.0)[0] == "kernel"
     finally:

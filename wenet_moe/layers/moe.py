@@ -12,8 +12,8 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     without autograd the expert outputs are written in place into one buffer.
   * eager CPU fp32 inference (`packed_experts`, default on), on weights packed once
     (built on first use, rebuilt when a weight changes: tensor version / storage):
-    - with one torch thread, or up to KERNEL_MAX_ROWS rows per expert (streaming
-      chunks): the C kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN
+    - with one torch thread, or up to `kernel_max_rows` rows per expert (measured
+      at first use on this CPU, see there): the C kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN
       if it cannot be): for relu/swish experts the whole layer is one C call
       (counting sort, gather, both linears with the activation fused, gated add-back);
       it streams each expert's weights once, prefetching ahead (~2x oneDNN at 4 rows,
@@ -62,10 +62,72 @@ _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
-# packed_experts true with several torch threads: the (single-threaded) C kernel up to
-# this many rows per expert, multi-threaded oneDNN above (bench/moe_layer.py --threads 2:
-# the kernel wins at 4-16 rows, oneDNN at 64 and more); with one thread always the kernel
-KERNEL_MAX_ROWS = 32.0
+# (dim, hidden, activation, threads) -> rows per expert up to which the C kernel beats
+# oneDNN, measured once per process (kernel_max_rows)
+_KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int], float] = {}
+# rows per expert tried by kernel_max_rows, ascending
+_PROBE_ROWS = (4, 16, 64, 256)
+
+
+def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
+    """Rows per expert up to which `packed_experts: true` takes the C kernel rather than
+    oneDNN, for experts D x H -> D at torch's current thread count.
+
+    One thread: inf (the kernel is the fastest at every size). Several: measured at
+    first use in this process (a few ms): one random expert, both kernels, at
+    `_PROBE_ROWS` rows, interleaved, median of 5; the limit is the largest size up to
+    which the kernel was never slower (oneDNN's multi-threaded GEMM wins once the
+    expert is compute-bound, at a size that depends on the CPU). The environment
+    variable `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
+    import os
+    import time
+    threads = torch.get_num_threads()
+    fixed = os.environ.get("WENET_MOE_KERNEL_MAX_ROWS")
+    if fixed:
+        return float(fixed)
+    if threads == 1 or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
+        return math.inf
+    key = (dim, hidden, activation, threads)
+    if key in _KERNEL_MAX_ROWS:
+        return _KERNEL_MAX_ROWS[key]
+    lib = cpu_kernel.library()
+    gen = torch.Generator().manual_seed(0)
+    w1 = torch.randn(1, dim, hidden, generator=gen) / math.sqrt(dim)
+    w2 = torch.randn(1, hidden, dim, generator=gen) / math.sqrt(hidden)
+    b1, b2 = torch.zeros(1, hidden), torch.zeros(1, dim)
+    packs = (cpu_kernel.pack_weight(w1), b1, cpu_kernel.pack_weight(w2), b2)
+    reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    dnn = (reorder(w1[0].t().contiguous()), b1[0], reorder(w2[0].t().contiguous()), b2[0])
+    attr = activation if activation in ("relu", "swish") else "none"
+    limit = 0.0
+    with torch.inference_mode():
+        for rows in _PROBE_ROWS:
+            x = torch.randn(rows, dim, generator=gen)
+            segments = cpu_kernel.segments_of([rows])
+            hid, out = x.new_empty(rows, hidden), x.new_empty(rows, dim)
+
+            def by_kernel() -> None:
+                cpu_kernel.segment_linear(lib, x, segments, packs[0], packs[1], hid, attr)
+                cpu_kernel.segment_linear(lib, hid, segments, packs[2], packs[3], out)
+
+            def by_onednn() -> None:
+                linear(linear(x, dnn[0], dnn[1], attr, [], None), dnn[2], dnn[3], "none", [], None)
+            times: Dict[str, List[float]] = {"kernel": [], "onednn": []}
+            for rep in range(6):
+                for name, fn in (("kernel", by_kernel), ("onednn", by_onednn))[::1 - 2 * (rep % 2)]:
+                    start = time.perf_counter()
+                    fn()
+                    if rep > 0:                 # the first round warms up
+                        times[name].append(time.perf_counter() - start)
+            kernel_t = sorted(times["kernel"])[2]
+            onednn_t = sorted(times["onednn"])[2]
+            if kernel_t > onednn_t:
+                break
+            limit = float(rows)
+    if limit == float(_PROBE_ROWS[-1]):
+        limit = math.inf
+    _KERNEL_MAX_ROWS[key] = limit
+    return limit
 
 
 def _fused_activation(activation: nn.Module) -> Tuple[str, Optional[str]]:
@@ -280,9 +342,9 @@ class MoEFFN(nn.Module):
         """Packed expert weights when this call may use them (CPU, fp32, eval mode, no
         autograd/autocast), else None:
           ("kernel", (w1, b1, w2, b2)) in `cpu_kernel.pack_weight`'s layout, for the
-            single-threaded C kernel: with `packed_experts` true when torch runs one
-            thread or experts get at most KERNEL_MAX_ROWS rows on average
-            (`rows_per_expert`); always with "kernel";
+            C kernel (torch's threads through OpenMP): with `packed_experts` true when
+            experts get at most `kernel_max_rows` rows on average (`rows_per_expert`;
+            every size with one thread); always with "kernel";
           ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
             (multi-threaded large batches, or when the kernel cannot run: no C
             compiler, D or H not multiples of 16).
@@ -297,8 +359,8 @@ class MoEFFN(nn.Module):
         kernel = (mode in (True, "kernel") and self.idim % cpu_kernel.BLOCK == 0
                   and self.hidden_units % cpu_kernel.BLOCK == 0 and cpu_kernel.library() is not None)
         onednn = mode in (True, "onednn") and _ONEDNN_LINEAR
-        if kernel and (mode == "kernel" or not onednn or rows_per_expert <= KERNEL_MAX_ROWS
-                       or torch.get_num_threads() == 1):
+        if kernel and (mode == "kernel" or not onednn or rows_per_expert <= kernel_max_rows(
+                self.idim, self.hidden_units, self._kernel_activation)):
             kind = "kernel"
         elif onednn:
             kind = "onednn"
