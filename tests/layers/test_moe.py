@@ -692,3 +692,40 @@ def test_bad_packed_experts_names_the_key():
     for bad in ("yes", 1, None):
         with pytest.raises(ConfigError, match="moe_conf.packed_experts"):
             make_layer("topk", packed_experts=bad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+def test_kernel_threads_give_identical_outputs(activation):
+    """The C kernel shares its work items among torch's threads: 1 and 2 threads give
+    bit-identical outputs (each frame sums its k rows in slot order), equal to the
+    frame-by-frame reference, also when one expert gets most rows (split into blocks)."""
+    torch.manual_seed(3)
+    factory = MoEFactory(32, 64, 0.0, activation, 4, 2, {"router": "topk", "packed_experts": "kernel"},
+                         False)
+    layer = factory().eval()
+    threads = torch.get_num_threads()
+    try:
+        for frames in (1, 5, 16, 120):
+            x = torch.randn(1, frames, 32)
+            if frames == 120:      # skew the routing: expert 0 gets nearly every frame
+                with torch.no_grad():
+                    layer.router.gate.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+            outs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    assert layer._packed(x.reshape(-1, 32), 500.0)[0] == "kernel"
+                    outs.append(layer(x, torch.zeros(0)))
+            assert torch.equal(outs[0], outs[1]), f"T={frames}: outputs differ between 1 and 2 threads"
+            with torch.no_grad():   # frame by frame, with the layer's activation
+                flat = x.reshape(-1, 32)
+                _, top_idx, gates = layer.route(flat, torch.zeros(0))
+                want = torch.zeros_like(flat)
+                for t in range(frames):
+                    for e, g in zip(top_idx[t].tolist(), gates[t]):
+                        h = layer.activation(flat[t] @ layer.w1[e] + layer.b1[e])
+                        want[t] += g * (h @ layer.w2[e] + layer.b2[e])
+            assert torch.allclose(outs[0].reshape(-1, 32), want, atol=1e-5, rtol=1e-4), f"T={frames}"
+    finally:
+        torch.set_num_threads(threads)
