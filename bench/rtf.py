@@ -320,14 +320,14 @@ def print_table(title: str, results: Dict[str, Dict[str, float]], names: List[st
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--routers", nargs="+", default=list(ROUTER_CONFIGS), choices=list(ROUTER_CONFIGS))
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--features", nargs="+", default=["random", "speech"], choices=["random", "speech"])
-    p.add_argument("--precisions", nargs="*", default=["fp32", "int8"], choices=["fp32", "int8"],
-                   help="runtime precisions (none: no runtime cases)")
+    p.add_argument("--routers", nargs="+", choices=list(ROUTER_CONFIGS), help="default: all")
+    p.add_argument("--threads", type=int, nargs="+", help="default: 1 2")
+    p.add_argument("--features", nargs="+", choices=["random", "speech"], help="default: both")
+    p.add_argument("--precisions", nargs="*", choices=["fp32", "int8"],
+                   help="runtime precisions (default: both; none: no runtime cases)")
     p.add_argument("--no-decode", action="store_true", help="encoder cases only")
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
     p.add_argument("--vocab", type=int, default=5000)
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "wenet_moe_rtf"),
                    help="exports are written (and reused) here")
@@ -336,17 +336,25 @@ def main() -> int:
                         "dense_s=... moe_topk=...: replaces the random model of that name, or adds one")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--quick", action="store_true",
-                   help="dense_s, moe_topk, dense_l; random features; current thread count; "
-                        "fp32 runtime; 3 reps; no memory probes")
+                   help="defaults become: dense_s, moe_topk, dense_l; random features; current "
+                        "thread count; fp32 runtime; 3 reps; no memory probes (options given "
+                        "explicitly still apply)")
     p.add_argument("--memory-backend", help=argparse.SUPPRESS)
     p.add_argument("--memory-conf", help=argparse.SUPPRESS)
     p.add_argument("--memory-export", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_backend:
         return memory_worker(args)
-    if args.quick:
-        args.routers, args.features, args.precisions = ["topk"], ["random"], ["fp32"]
-        args.threads, args.reps, args.no_memory = [torch.get_num_threads()], min(args.reps, 3), True
+    quick = args.quick
+
+    def default(value, full, fast):
+        return value if value is not None else (fast if quick else full)
+    args.routers = default(args.routers, list(ROUTER_CONFIGS), ["topk"])
+    args.threads = default(args.threads, [1, 2], [torch.get_num_threads()])
+    args.features = default(args.features, ["random", "speech"], ["random"])
+    args.precisions = default(args.precisions, ["fp32", "int8"], ["fp32"])
+    args.reps = default(args.reps, 5, 3)
+    args.no_memory = args.no_memory or quick
 
     print(machine.describe())
     print(f"torch {torch.__version__}, {sys.argv[0]} {' '.join(sys.argv[1:])}")
