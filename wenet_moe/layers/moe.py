@@ -13,9 +13,10 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
   * eager CPU fp32 inference (`packed_experts`, default on), on weights packed once
     (built on first use, rebuilt when a weight changes: tensor version / storage):
     - with one torch thread, or up to `kernel_max_rows` rows per expert (measured
-      at first use on this CPU, see there): the C kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN
-      if it cannot be): for relu/swish experts the whole layer is one C call
-      (counting sort, gather, both linears with the activation fused, gated add-back);
+      at first use on this CPU): the C kernel of moe_cpu.c (cpu_kernel.py; compiled
+      on first use, oneDNN if it cannot be; torch's OpenMP threads): for relu/swish
+      experts the whole layer is one C call (counting sort, gather, both linears with
+      the activation fused, gated add-back);
       it streams each expert's weights once, prefetching ahead (~2x oneDNN at 4 rows,
       as fast as MKL's large GEMM at 256 rows);
     - otherwise (several threads and large batches), or without the kernel: the same
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import time
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -79,12 +82,14 @@ def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
     which the kernel was never slower (oneDNN's multi-threaded GEMM wins once the
     expert is compute-bound, at a size that depends on the CPU). The environment
     variable `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
-    import os
-    import time
     threads = torch.get_num_threads()
     fixed = os.environ.get("WENET_MOE_KERNEL_MAX_ROWS")
     if fixed:
-        return float(fixed)
+        try:
+            return float(fixed)
+        except ValueError:
+            raise ValueError(f"WENET_MOE_KERNEL_MAX_ROWS: expected a number of rows, "
+                             f"got {fixed!r}") from None
     if threads == 1 or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
         return math.inf
     key = (dim, hidden, activation, threads)
