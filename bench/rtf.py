@@ -260,14 +260,15 @@ def breakdown(model, x: torch.Tensor, mode: str, reps: int = 3) -> Dict[str, flo
 
 # -------------------------------------------------------------------------- memory
 def memory_worker(args) -> int:
-    """Subprocess: build / load one model, run it, print the max RSS in MiB."""
+    """Subprocess: build / load one model, run it, print its peak RSS in MiB (VmHWM:
+    getrusage's ru_maxrss would carry over the parent's peak across fork + exec)."""
     feats = features("random", args.seconds)
     if args.memory_backend == "torch":
         torch.set_num_threads(1)
         conf = json.loads(open(args.memory_conf).read())
         x = torch.from_numpy(feats)[None]
+        model = build_random(conf, x)      # parameters outside inference mode
         with torch.inference_mode():
-            model = build_random(conf, x)
             model.encoder(x, torch.tensor([x.size(1)]), -1, -1)
             model.encoder.forward_chunk_by_chunk(x, CHUNK, -1)
     else:
@@ -275,7 +276,10 @@ def memory_worker(args) -> int:
         from wenet_moe_runtime.offline import encode_utterance
         rt = OnnxAsrModel(args.memory_export, int8=args.memory_backend == "int8", num_threads=1)
         encode_utterance(rt, feats, CHUNK)
-    print(json.dumps({"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    with open("/proc/self/status") as f:
+        peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"max_rss_mib": peak}))
     return 0
 
 
