@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench bench-quick clean
 
 $(STAMP): requirements.txt pyproject.toml runtime/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	bash examples/aishell2/s0/demo.sh
 
+# Whole-model RTF table (Dense-S / MoE per router / Dense-L, PyTorch and runtime; tens
+# of minutes on 2 cores), then the per-layer MoE benchmark.
 bench: $(STAMP)
-	$(PY) bench/moe_layer.py
+	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py
+	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/moe_layer.py
+
+bench-quick: $(STAMP)
+	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -32,11 +32,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine as host  # noqa: E402
 from wenet_moe.layers.ffn import PositionwiseFeedForward
 from wenet_moe.layers.moe import MoEFactory, MoEFFN
 
@@ -142,7 +145,8 @@ def ort_table(moes, loops, denses, frames_list, reps, dim) -> None:
         feeds = [{"xs": x.numpy()} for x in inputs]
         with torch.inference_mode():
             for name, sessions in graphs.items():
-                for i, (sess, x) in enumerate(zip(sessions, inputs)):
+                for i, sess in enumerate(sessions[:len(inputs)]):
+                    x = inputs[i]
                     want = (denses[i] if name == "dense" else moes[i])(x, torch.zeros(0))
                     diff = float(abs(sess.run(None, feeds[i])[0] - want.numpy()).max())
                     if diff > 1e-4:
@@ -152,8 +156,8 @@ def ort_table(moes, loops, denses, frames_list, reps, dim) -> None:
             for name in rotated(list(graphs), rep):
                 sessions = graphs[name]
                 start = time.perf_counter()
-                for sess, feed in zip(sessions, feeds):
-                    sess.run(None, feed)
+                for i, sess in enumerate(sessions):
+                    sess.run(None, feeds[i % len(feeds)])
                 samples[name].append((time.perf_counter() - start) / len(sessions))
         t = {name: statistics.median(v) for name, v in samples.items()}
         print(f"{frames:>5} {t['moe'] * 1e3:>8.3f} {t['allfr'] * 1e3:>8.3f} "
@@ -199,7 +203,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = keep default)")
     parser.add_argument("--reps", type=int, default=30, help="repetitions per measurement")
-    parser.add_argument("--layers", type=int, default=12, help="distinct layers cycled through")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="distinct MoE layers cycled through (0: enough that their experts "
+                             "hold >= 3x the L3 cache, at least 12; dense layers are cycled the "
+                             "same way), so weights come from memory as in a real 12-layer model")
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=1024, help="hidden units of one expert")
@@ -226,21 +233,28 @@ def main() -> int:
     moe_conf["packed_experts"] = {"auto": True, "off": False}.get(args.packed, args.packed)
     factory = MoEFactory(args.dim, args.hidden, 0.0, "swish", args.experts, args.topk,
                          moe_conf, False)
+    expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
+    dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
+    l3 = host.l3_bytes()
+    n_dense = args.layers
+    if args.layers <= 0:   # cycle >= 3x L3, so no layer's weights survive in cache
+        args.layers = max(12, -(-3 * l3 // (args.experts * expert_bytes)))
+        n_dense = max(12, -(-3 * l3 // dense_bytes))
     moes = [factory().to(device).eval() for _ in range(args.layers)]
     loops = [LoopMoE(m).to(device).eval() for m in moes]
     denses = [PositionwiseFeedForward(args.dim, args.topk * args.hidden, 0.0, nn.SiLU())
-              .to(device).eval() for _ in range(args.layers)]
+              .to(device).eval() for _ in range(n_dense)]
     empty = torch.zeros(0, device=device)
     with torch.inference_mode():
         inputs_probe = torch.zeros(1, args.dim, device=device)
         packed = moes[0]._packed(inputs_probe)
     machine = MachineFloor(device)
-    expert_bytes = (2 * args.dim * args.hidden + args.hidden + args.dim) * 4
-    dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(host.describe())
     print(f"device {args.device}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
-          f"load average {load:.1f} at start; layers cycled {args.layers} "
-          f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts); "
+          f"load average {load:.1f} at start; layers cycled {args.layers} MoE "
+          f"({args.layers * args.experts * expert_bytes / 2**20:.0f} MiB of experts), {n_dense} dense "
+          f"({n_dense * dense_bytes / 2**20:.0f} MiB), L3 {l3 / 2**20:.0f} MiB; "
           f"medians of {args.reps} interleaved repetitions, times per layer call; "
           f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts: {args.packed} "
           f"(`path` says which kernels each T used)")
@@ -289,8 +303,8 @@ def main() -> int:
 
             def run(layers, call):
                 def go():
-                    for layer, x in zip(layers, inputs):
-                        call(layer, x)
+                    for i, layer in enumerate(layers):
+                        call(layer, inputs[i % len(inputs)])
                 return go
 
             def forced_all_frames(m, x):
@@ -319,7 +333,7 @@ def main() -> int:
                     fn()
                     sync(device)
                     samples[name].append((time.perf_counter() - start)
-                                         / per_call.get(name, args.layers))
+                                         / per_call.get(name, n_dense if name == "dense" else args.layers))
             t = {name: statistics.median(v) for name, v in samples.items()}
             bandwidth = machine.copy_bytes / t["copy"]
             throughput = machine.gemm_flops / t["peak"]

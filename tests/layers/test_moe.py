@@ -659,9 +659,10 @@ def test_packed_true_uses_onednn_when_kernel_cannot_run(monkeypatch):
 
 @needs_kernel
 @needs_onednn
-def test_packed_true_picks_the_kernel_by_threads_and_rows():
-    """One torch thread: always the (single-threaded) kernel; several: the kernel for
-    small batches, multi-threaded oneDNN above KERNEL_MAX_ROWS rows per expert."""
+def test_packed_true_picks_the_kernel_by_threads_and_rows(monkeypatch):
+    """One torch thread: always the kernel; several: the kernel up to the measured
+    `kernel_max_rows` rows per expert, oneDNN above; WENET_MOE_KERNEL_MAX_ROWS fixes
+    the limit; the measurement is made once per shape and thread count."""
     _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32)
     layer.eval()
     x = torch.randn(3, 16)
@@ -669,10 +670,20 @@ def test_packed_true_picks_the_kernel_by_threads_and_rows():
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
+            act = layer._kernel_activation
+            assert moe_module.kernel_max_rows(16, 32, act) == math.inf
             assert layer._packed(x, 500.0)[0] == "kernel"
             torch.set_num_threads(2)
-            assert layer._packed(x, moe_module.KERNEL_MAX_ROWS)[0] == "kernel"
-            assert layer._packed(x, moe_module.KERNEL_MAX_ROWS + 1)[0] == "onednn"
+            limit = moe_module.kernel_max_rows(16, 32, act)
+            assert limit in (0.0, math.inf) or limit in moe_module._PROBE_ROWS
+            assert moe_module._KERNEL_MAX_ROWS[(16, 32, act, 2)] == limit
+            if limit > 0:
+                assert layer._packed(x, min(limit, 500.0))[0] == "kernel"
+            if limit < math.inf:
+                assert layer._packed(x, limit + 1)[0] == "onednn"
+            monkeypatch.setenv("WENET_MOE_KERNEL_MAX_ROWS", "8")
+            assert layer._packed(x, 8.0)[0] == "kernel"
+            assert layer._packed(x, 9.0)[0] == "onednn"
             layer.packed_experts = "kernel"
             assert layer._packed(x, 500.0)[0] == "kernel"
     finally:
@@ -808,3 +819,40 @@ def test_bad_packed_experts_names_the_key():
     for bad in ("yes", 1, None):
         with pytest.raises(ConfigError, match="moe_conf.packed_experts"):
             make_layer("topk", packed_experts=bad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+def test_kernel_threads_give_identical_outputs(activation):
+    """The C kernel shares its work items among torch's threads: 1 and 2 threads give
+    bit-identical outputs (each frame sums its k rows in slot order), equal to the
+    frame-by-frame reference, also when one expert gets most rows (split into blocks)."""
+    torch.manual_seed(3)
+    factory = MoEFactory(32, 64, 0.0, activation, 4, 2, {"router": "topk", "packed_experts": "kernel"},
+                         False)
+    layer = factory().eval()
+    threads = torch.get_num_threads()
+    try:
+        for frames in (1, 5, 16, 120):
+            x = torch.randn(1, frames, 32)
+            if frames == 120:      # skew the routing: expert 0 gets nearly every frame
+                with torch.no_grad():
+                    layer.router.gate.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+            outs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    assert layer._packed(x.reshape(-1, 32), 500.0)[0] == "kernel"
+                    outs.append(layer(x, torch.zeros(0)))
+            assert torch.equal(outs[0], outs[1]), f"T={frames}: outputs differ between 1 and 2 threads"
+            with torch.no_grad():   # frame by frame, with the layer's activation
+                flat = x.reshape(-1, 32)
+                _, top_idx, gates = layer.route(flat, torch.zeros(0))
+                want = torch.zeros_like(flat)
+                for t in range(frames):
+                    for e, g in zip(top_idx[t].tolist(), gates[t]):
+                        h = layer.activation(flat[t] @ layer.w1[e] + layer.b1[e])
+                        want[t] += g * (h @ layer.w2[e] + layer.b2[e])
+            assert torch.allclose(outs[0].reshape(-1, 32), want, atol=1e-5, rtol=1e-4), f"T={frames}"
+    finally:
+        torch.set_num_threads(threads)

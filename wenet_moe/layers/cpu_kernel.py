@@ -28,7 +28,10 @@ __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
-ABI_VERSION = 4
+# tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
+# builds the single-threaded kernel)
+OPENMP_FLAGS = ["-fopenmp"]
+ABI_VERSION = 5
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 
@@ -59,20 +62,26 @@ def _build() -> ctypes.CDLL:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler '{compiler}' on PATH")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode()
-                         + _cpu_signature().encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    target = cache / f"moe_cpu_{key}.so"
-    if not target.exists():
+    for extra in (OPENMP_FLAGS, []):
+        flags = FLAGS + extra
+        key = hashlib.sha256(source + " ".join([compiler] + flags).encode()
+                             + _cpu_signature().encode()).hexdigest()[:16]
+        cache = _cache_dir()
+        target = cache / f"moe_cpu_{key}.so"
+        if target.exists():
+            break
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".moe_cpu_", suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-            if done.returncode != 0:
-                first = (done.stderr.strip().splitlines() or ["?"])[0]
-                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
-            os.replace(tmp, target)
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                break
+            if extra:
+                continue    # no OpenMP: build the single-threaded kernel
+            first = (done.stderr.strip().splitlines() or ["?"])[0]
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -83,13 +92,14 @@ def _build() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     fn = lib.wm_moe_forward
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.wm_openmp.restype = ctypes.c_int
     return lib
 
 
@@ -107,6 +117,11 @@ def library() -> Optional[ctypes.CDLL]:
                 _log.warning("MoE CPU kernel unavailable (%s); using oneDNN kernels", reason)
         _state["lib"], _state["reason"] = lib, reason
     return _state["lib"]
+
+
+def threads(lib: ctypes.CDLL) -> int:
+    """Threads a kernel call uses: torch's intra-op threads when built with OpenMP, else 1."""
+    return torch.get_num_threads() if lib.wm_openmp() else 1
 
 
 def disabled_reason() -> str:
@@ -142,7 +157,7 @@ def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, pa
     step = segments.stride(0) * 8
     status = lib.wm_segment_linear(x.data_ptr(), x.stride(0), base, base + step, base + 2 * step, n_seg,
                                    k_dim, n_dim, packed.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                                   out.stride(0), ACTIVATIONS[activation])
+                                   out.stride(0), ACTIVATIONS[activation], threads(lib))
     if status != 0:
         raise MemoryError("segment_linear: the kernel could not allocate its tile buffer")
 
@@ -186,14 +201,14 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
     n_expert, hidden = packs[1].shape
     n_assign = n_tok * k
     work = _workspace("float", n_assign * (2 * dim + hidden), torch.float32)
-    order = _workspace("index", n_assign + 2 * n_expert, torch.int64)
+    order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
     out = torch.empty_like(x)
     base, size = work.data_ptr(), work.element_size()
     status = lib.wm_moe_forward(x.data_ptr(), n_tok, dim, top_idx.data_ptr(), gates.data_ptr(), k, n_expert,
                                 hidden, packs[0].data_ptr(), packs[1].data_ptr(), packs[2].data_ptr(),
                                 packs[3].data_ptr(), ACTIVATIONS[activation], base,
                                 base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
-                                order.data_ptr(), out.data_ptr())
+                                order.data_ptr(), out.data_ptr(), threads(lib))
     if status == -1:
         raise ValueError(f"moe_forward: an expert id in top_idx is outside [0, {n_expert})")
     if status != 0:

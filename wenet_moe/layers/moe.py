@@ -12,10 +12,11 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     without autograd the expert outputs are written in place into one buffer.
   * eager CPU fp32 inference (`packed_experts`, default on), on weights packed once
     (built on first use, rebuilt when a weight changes: tensor version / storage):
-    - with one torch thread, or up to KERNEL_MAX_ROWS rows per expert (streaming
-      chunks): the C kernel of moe_cpu.c (cpu_kernel.py; compiled on first use, oneDNN
-      if it cannot be): for relu/swish experts the whole layer is one C call
-      (counting sort, gather, both linears with the activation fused, gated add-back);
+    - with one torch thread, or up to `kernel_max_rows` rows per expert (measured
+      at first use on this CPU): the C kernel of moe_cpu.c (cpu_kernel.py; compiled
+      on first use, oneDNN if it cannot be; torch's OpenMP threads): for relu/swish
+      experts the whole layer is one C call (counting sort, gather, both linears with
+      the activation fused, gated add-back);
       it streams each expert's weights once, prefetching ahead (~2x oneDNN at 4 rows,
       as fast as MKL's large GEMM at 256 rows);
     - otherwise (several threads and large batches), or without the kernel: the same
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import time
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -62,10 +65,74 @@ _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
-# packed_experts true with several torch threads: the (single-threaded) C kernel up to
-# this many rows per expert, multi-threaded oneDNN above (bench/moe_layer.py --threads 2:
-# the kernel wins at 4-16 rows, oneDNN at 64 and more); with one thread always the kernel
-KERNEL_MAX_ROWS = 32.0
+# (dim, hidden, activation, threads) -> rows per expert up to which the C kernel beats
+# oneDNN, measured once per process (kernel_max_rows)
+_KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int], float] = {}
+# rows per expert tried by kernel_max_rows, ascending
+_PROBE_ROWS = (4, 16, 64, 256)
+
+
+def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
+    """Rows per expert up to which `packed_experts: true` takes the C kernel rather than
+    oneDNN, for experts D x H -> D at torch's current thread count.
+
+    One thread: inf (the kernel is the fastest at every size). Several: measured at
+    first use in this process (a few ms): one random expert, both kernels, at
+    `_PROBE_ROWS` rows, interleaved, median of 5; the limit is the largest size up to
+    which the kernel was never slower (oneDNN's multi-threaded GEMM wins once the
+    expert is compute-bound, at a size that depends on the CPU). The environment
+    variable `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
+    threads = torch.get_num_threads()
+    fixed = os.environ.get("WENET_MOE_KERNEL_MAX_ROWS")
+    if fixed:
+        try:
+            return float(fixed)
+        except ValueError:
+            raise ValueError(f"WENET_MOE_KERNEL_MAX_ROWS: expected a number of rows, "
+                             f"got {fixed!r}") from None
+    if threads == 1 or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
+        return math.inf
+    key = (dim, hidden, activation, threads)
+    if key in _KERNEL_MAX_ROWS:
+        return _KERNEL_MAX_ROWS[key]
+    lib = cpu_kernel.library()
+    gen = torch.Generator().manual_seed(0)
+    w1 = torch.randn(1, dim, hidden, generator=gen) / math.sqrt(dim)
+    w2 = torch.randn(1, hidden, dim, generator=gen) / math.sqrt(hidden)
+    b1, b2 = torch.zeros(1, hidden), torch.zeros(1, dim)
+    packs = (cpu_kernel.pack_weight(w1), b1, cpu_kernel.pack_weight(w2), b2)
+    reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    dnn = (reorder(w1[0].t().contiguous()), b1[0], reorder(w2[0].t().contiguous()), b2[0])
+    attr = activation if activation in ("relu", "swish") else "none"
+    limit = 0.0
+    with torch.inference_mode():
+        for rows in _PROBE_ROWS:
+            x = torch.randn(rows, dim, generator=gen)
+            segments = cpu_kernel.segments_of([rows])
+            hid, out = x.new_empty(rows, hidden), x.new_empty(rows, dim)
+
+            def by_kernel() -> None:
+                cpu_kernel.segment_linear(lib, x, segments, packs[0], packs[1], hid, attr)
+                cpu_kernel.segment_linear(lib, hid, segments, packs[2], packs[3], out)
+
+            def by_onednn() -> None:
+                linear(linear(x, dnn[0], dnn[1], attr, [], None), dnn[2], dnn[3], "none", [], None)
+            times: Dict[str, List[float]] = {"kernel": [], "onednn": []}
+            for rep in range(6):
+                for name, fn in (("kernel", by_kernel), ("onednn", by_onednn))[::1 - 2 * (rep % 2)]:
+                    start = time.perf_counter()
+                    fn()
+                    if rep > 0:                 # the first round warms up
+                        times[name].append(time.perf_counter() - start)
+            kernel_t = sorted(times["kernel"])[2]
+            onednn_t = sorted(times["onednn"])[2]
+            if kernel_t > onednn_t:
+                break
+            limit = float(rows)
+    if limit == float(_PROBE_ROWS[-1]):
+        limit = math.inf
+    _KERNEL_MAX_ROWS[key] = limit
+    return limit
 
 
 def _fused_activation(activation: nn.Module) -> Tuple[str, Optional[str]]:
@@ -283,15 +350,30 @@ class MoEFFN(nn.Module):
         gate_sorted = gates.reshape(-1).index_select(0, order).unsqueeze(1)
         bounds = list(itertools.accumulate(counts))
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-            pieces: List[torch.Tensor] = []
+            # unbind / split, not w1[e] / x_sorted[a:b]: the backward of each indexing
+            # op materialises a zero tensor of the whole stack (E x D x H per expert and
+            # parameter), which cost a third of a training step; unbind and split
+            # assemble their gradients once
+            w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+            sizes: List[int] = []
+            owners: List[int] = []      # expert of each piece, -1 for dropped rows
             start = 0
             for e, end in enumerate(bounds):
                 kept = min(end - start, limits[e])
                 if kept > 0:
-                    pieces.append(self.expert(e, x_sorted[start:start + kept]))
+                    sizes.append(kept)
+                    owners.append(e)
                 if end - start > kept:
-                    pieces.append(x_sorted.new_zeros(end - start - kept, dim))
+                    sizes.append(end - start - kept)
+                    owners.append(-1)
                 start = end
+            pieces: List[torch.Tensor] = []
+            for e, rows in zip(owners, x_sorted.split(sizes, 0)):
+                if e < 0:
+                    pieces.append(torch.zeros_like(rows))
+                    continue
+                h = self.dropout(self.activation(torch.addmm(b1[e], rows, w1[e])))
+                pieces.append(torch.addmm(b2[e], h, w2[e]))
             y_sorted = torch.cat(pieces, 0) * gate_sorted
             return torch.zeros_like(x, dtype=y_sorted.dtype).index_add(0, token, y_sorted)
         y_sorted = x.new_empty(n_assign, dim)
@@ -319,9 +401,9 @@ class MoEFFN(nn.Module):
         """Packed expert weights when this call may use them (CPU, fp32, eval mode, no
         autograd/autocast), else None:
           ("kernel", (w1, b1, w2, b2)) in `cpu_kernel.pack_weight`'s layout, for the
-            single-threaded C kernel: with `packed_experts` true when torch runs one
-            thread or experts get at most KERNEL_MAX_ROWS rows on average
-            (`rows_per_expert`); always with "kernel";
+            C kernel (torch's threads through OpenMP): with `packed_experts` true when
+            experts get at most `kernel_max_rows` rows on average (`rows_per_expert`;
+            every size with one thread); always with "kernel";
           ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
             (multi-threaded large batches, or when the kernel cannot run: no C
             compiler, D or H not multiples of 16).
@@ -336,8 +418,8 @@ class MoEFFN(nn.Module):
         kernel = (mode in (True, "kernel") and self.idim % cpu_kernel.BLOCK == 0
                   and self.hidden_units % cpu_kernel.BLOCK == 0 and cpu_kernel.library() is not None)
         onednn = mode in (True, "onednn") and _ONEDNN_LINEAR
-        if kernel and (mode == "kernel" or not onednn or rows_per_expert <= KERNEL_MAX_ROWS
-                       or torch.get_num_threads() == 1):
+        if kernel and (mode == "kernel" or not onednn or rows_per_expert <= kernel_max_rows(
+                self.idim, self.hidden_units, self._kernel_activation)):
             kind = "kernel"
         elif onednn:
             kind = "onednn"

@@ -13,10 +13,18 @@
  * i.e. column blocks of 16, each a contiguous K x 16 panel. N must be a multiple of 16.
  * Built with -O3 -march=native by wenet_moe/layers/cpu_kernel.py; GCC vector
  * extensions map vec16 onto AVX-512, AVX2 or NEON registers.
+ *
+ * Threads: with -fopenmp the work items (an expert's rows, or a block of them) are
+ * shared by `threads` OpenMP threads, largest first. In a PyTorch process the
+ * library binds to the libgomp torch already loaded (same soname), so these regions
+ * run on torch's own OpenMP thread pool instead of competing with it.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float vec16 __attribute__((vector_size(64)));
 typedef int32_t ivec16 __attribute__((vector_size(64)));
@@ -129,7 +137,50 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 4; }
+int wm_abi_version(void) { return 5; }
+
+/* 1 when built with OpenMP (the threads arguments below are honoured), else 0 */
+int wm_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Work items of the expert loop: (expert, first row, rows), largest first. An expert
+ * with many rows is split into blocks of >= 2 tiles so that `threads` threads share
+ * it (each block streams the weights once more: only worth it when compute-bound);
+ * with few rows an expert stays one item (one pass over its weights). */
+typedef struct { int64_t expert, first, rows; } item_t;
+
+static int cmp_items(const void *a, const void *b) {
+    const int64_t ra = ((const item_t *)a)->rows, rb = ((const item_t *)b)->rows;
+    return (ra < rb) - (ra > rb);
+}
+
+static int64_t make_items(const int64_t *start, const int64_t *count, int64_t n, int threads,
+                          item_t *items) {
+    int64_t total = 0, n_items = 0;
+    for (int64_t e = 0; e < n; e++) total += count[e];
+    /* blocks of at least 2 tiles, and about 4 items per thread over the whole call */
+    int64_t block = total / (4 * (int64_t)(threads > 0 ? threads : 1));
+    if (block < 2 * MAX_TILE) block = 2 * MAX_TILE;
+    block = (block + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
+    for (int64_t e = 0; e < n; e++) {
+        for (int64_t r = 0; r < count[e]; r += block) {
+            const int64_t rows = count[e] - r < block ? count[e] - r : block;
+            /* a tail shorter than a tile joins the previous block */
+            if (r > 0 && rows < MAX_TILE) { items[n_items - 1].rows += rows; break; }
+            items[n_items].expert = e;
+            items[n_items].first = start[e] + r;
+            items[n_items].rows = rows;
+            n_items++;
+        }
+    }
+    if (threads > 1) qsort(items, (size_t)n_items, sizeof(item_t), cmp_items);
+    return n_items;
+}
 
 /* For each segment s: rows [start[s], start[s] + count[s]) of x (ldx floats apart) go
  * through expert expert[s]: y rows = act(x rows W_e + b_e), W_e = w_packed + e*K*N
@@ -137,16 +188,34 @@ int wm_abi_version(void) { return 4; }
  * ACT_RELU or ACT_SILU (x * sigmoid(x)). Returns 0, or -2 when out of memory. */
 int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const int64_t *count,
                       const int64_t *expert, int64_t n_segments, int K, int N,
-                      const float *w_packed, const float *bias, float *y, int64_t ldy, int act) {
-    float *xt = malloc(sizeof(float) * MAX_TILE * (size_t)K);
-    if (xt == NULL) return -2;
-    for (int64_t s = 0; s < n_segments; s++) {
-        const int64_t e = expert[s];
-        linear_rows(x + start[s] * ldx, ldx, count[s], K, N, w_packed + e * (int64_t)K * N,
-                    bias + e * (int64_t)N, y + start[s] * ldy, ldy, act, xt);
+                      const float *w_packed, const float *bias, float *y, int64_t ldy, int act,
+                      int threads) {
+    /* work items as in wm_moe_forward; their "expert" field is the segment number */
+    int64_t max_items = 1;
+    for (int64_t s = 0; s < n_segments; s++) max_items += count[s] / MAX_TILE + 1;
+    item_t *items = malloc(sizeof(item_t) * (size_t)max_items);
+    if (items == NULL) return -2;
+    const int64_t n_items = make_items(start, count, n_segments, threads, items);
+    int status = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && n_items > 1)
+    {
+        float *xt = malloc(sizeof(float) * MAX_TILE * (size_t)K);
+        if (xt == NULL) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_items; i++) {
+            if (xt == NULL) continue;
+            const int64_t s = items[i].expert, e = expert[s];
+            const int64_t first = items[i].first;
+            linear_rows(x + first * ldx, ldx, items[i].rows, K, N, w_packed + e * (int64_t)K * N,
+                        bias + e * (int64_t)N, y + first * ldy, ldy, act, xt);
+        }
+        free(xt);
     }
-    free(xt);
-    return 0;
+    free(items);
+    return status;
 }
 
 /* The whole MoE FFN for n_tok frames (inference), in one call:
@@ -155,16 +224,17 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
  *   both packed as above; act is ACT_NONE, ACT_RELU or ACT_SILU).
  * The n_tok*k assignments are counting-sorted by expert (stable), their frames gathered
  * into expert-contiguous rows, each expert with rows runs its two linears on its slice,
- * and the gated rows are added back to their frames. Returns 0, -1 if an expert id is
- * outside [0, n_expert), -2 when out of memory (out is then not written).
+ * and the gated rows are added back to their frames (each frame sums its k rows in
+ * slot order, so the result does not depend on `threads`). Returns 0, -1 if an expert
+ * id is outside [0, n_expert), -2 when out of memory (out is then not written).
  * Work space: x_sorted and y_sorted n_tok*k*dim floats each, h n_tok*k*hidden floats,
- * order n_tok*k + 2*n_expert int64. */
+ * order 2*n_tok*k + 2*n_expert int64. */
 int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
                    int k, int n_expert, int hidden, const float *w1_packed, const float *b1,
                    const float *w2_packed, const float *b2, int act, float *x_sorted, float *h,
-                   float *y_sorted, int64_t *order, float *out) {
+                   float *y_sorted, int64_t *order, float *out, int threads) {
     const int64_t n_assign = n_tok * k;
-    int64_t *start = order + n_assign, *fill = start + n_expert;
+    int64_t *start = order + n_assign, *fill = start + n_expert, *where = fill + n_expert;
     for (int e = 0; e < n_expert; e++) start[e] = 0;
     for (int64_t a = 0; a < n_assign; a++) {
         if (top_idx[a] < 0 || top_idx[a] >= n_expert) return -1;
@@ -175,26 +245,47 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
         start[e] = fill[e] = sum;
         sum += count;
     }
-    for (int64_t a = 0; a < n_assign; a++) order[fill[top_idx[a]]++] = a;
+    for (int64_t a = 0; a < n_assign; a++) {
+        where[a] = fill[top_idx[a]];
+        order[fill[top_idx[a]]++] = a;
+    }
     for (int64_t i = 0; i < n_assign; i++)
         memcpy(x_sorted + i * dim, x + (order[i] / k) * dim, sizeof(float) * (size_t)dim);
-    float *xt = malloc(sizeof(float) * MAX_TILE * (size_t)(dim > hidden ? dim : hidden));
-    if (xt == NULL) return -2;
-    for (int e = 0; e < n_expert; e++) {
-        const int64_t s = start[e], rows = fill[e] - start[e];
-        if (rows == 0) continue;
-        linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, w1_packed + (int64_t)e * dim * hidden,
-                    b1 + (int64_t)e * hidden, h + s * hidden, hidden, act, xt);
-        linear_rows(h + s * hidden, hidden, rows, hidden, dim, w2_packed + (int64_t)e * hidden * dim,
-                    b2 + (int64_t)e * dim, y_sorted + s * dim, dim, ACT_NONE, xt);
+    for (int e = 0; e < n_expert; e++) fill[e] -= start[e];    /* fill -> rows per expert */
+    item_t *items = malloc(sizeof(item_t) * (size_t)(n_assign / MAX_TILE + n_expert + 1));
+    if (items == NULL) return -2;
+    const int64_t n_items = make_items(start, fill, n_expert, threads, items);
+    int status = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && n_items > 1)
+    {
+        float *xt = malloc(sizeof(float) * MAX_TILE * (size_t)(dim > hidden ? dim : hidden));
+        if (xt == NULL) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_items; i++) {
+            if (xt == NULL) continue;
+            const int64_t e = items[i].expert, s = items[i].first, rows = items[i].rows;
+            linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, w1_packed + e * dim * hidden,
+                        b1 + e * hidden, h + s * hidden, hidden, act, xt);
+            linear_rows(h + s * hidden, hidden, rows, hidden, dim, w2_packed + e * hidden * dim,
+                        b2 + e * dim, y_sorted + s * dim, dim, ACT_NONE, xt);
+        }
+        free(xt);
     }
-    free(xt);
-    memset(out, 0, sizeof(float) * (size_t)(n_tok * dim));
-    for (int64_t i = 0; i < n_assign; i++) {
-        const float g = gates[order[i]];
-        float *o = out + (order[i] / k) * dim;
-        const float *y = y_sorted + i * dim;
-        for (int c = 0; c < dim; c++) o[c] += g * y[c];
+    free(items);
+    if (status != 0) return status;
+    for (int64_t t = 0; t < n_tok; t++) {   /* each frame: its k gated rows, in slot order */
+        float *o = out + t * dim;
+        const float *y = y_sorted + where[t * k] * dim;
+        const float g = gates[t * k];
+        for (int c = 0; c < dim; c++) o[c] = g * y[c];
+        for (int j = 1; j < k; j++) {
+            const float *yj = y_sorted + where[t * k + j] * dim;
+            const float gj = gates[t * k + j];
+            for (int c = 0; c < dim; c++) o[c] += gj * yj[c];
+        }
     }
     return 0;
 }

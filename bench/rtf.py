@@ -1,0 +1,491 @@
+"""Whole-model real-time factor: Dense-S vs MoE (each router) vs Dense-L, PyTorch and runtime.
+
+Models (random weights unless `--checkpoint`; 80-dim fbank input, `--vocab` outputs):
+  dense_s      examples/aishell2/s0/conf/train_u2++_conformer.yaml (FFN 2048)
+  moe_<router> train_u2++_moe.yaml (topk: 8 x 1024, top-2), train_switch.yaml,
+               train_speechmoe.yaml (8 x 2048, top-1), train_omni.yaml (8 x 1024, top-2)
+  dense_l      the dense config with FFN = n_expert x expert hidden of train_u2++_moe.yaml
+               (8192: the MoE's total parameters)
+Random-weight models get their CTC blank bias raised so that ~70% of frames are blank
+(peaky posteriors, so the prefix beam search and rescoring see realistic n-best lists).
+
+Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
+  torch offline / chunk16      encoder only: full context, or `forward_chunk_by_chunk`
+                               with chunk 16 and all left chunks (caches)
+  torch dec offline / chunk16  full decoding: encoder + CTC prefix beam (beam 10) +
+                               attention rescoring (`ASRModel.decode`)
+  rt chunk16 fp32|int8         the ONNX export through the torch-free runtime:
+                               `wenet_moe_runtime.offline.encode_utterance` at chunk 16
+  rt dec chunk16 fp32|int8     runtime encoder + CTC + prefix beam + rescoring
+at each `--threads` value (torch intra-op threads and ONNX Runtime intra-op threads),
+for each feature kind:
+  random   N(0, 1) features: every chunk spreads over nearly all experts (worst case)
+  speech   fbank of `--seconds` of espeak-ng Mandarin (voice cmn), normalised per bin
+           over the utterance (what global CMVN does for a trained model)
+Every repetition times each model once, in an order rotated by one place per
+repetition; the table gives medians. Peak memory (max RSS) is measured per model in
+a fresh subprocess (PyTorch: build + offline + chunk16; runtime: load + chunk16).
+Where MoE/Dense-S misses its target (1.15 offline, 1.3 chunk 16), a per-part
+breakdown (attention, conv, FFN/MoE split into router and experts+dispatch, rest)
+of the PyTorch encoder is printed.
+
+    python bench/rtf.py                 # everything (tens of minutes on 2 cores)
+    python bench/rtf.py --quick         # dense_s, moe_topk, dense_l; random features;
+                                        # current threads; no int8, no memory
+    python bench/rtf.py --checkpoint dense=exp/dense/avg_10.pt --checkpoint moe=exp/moe/avg_10.pt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict, defaultdict
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF_DIR = os.path.join(ROOT, "examples", "aishell2", "s0", "conf")
+ROUTER_CONFIGS = {"topk": "train_u2++_moe.yaml", "switch": "train_switch.yaml",
+                  "speechmoe": "train_speechmoe.yaml", "omni": "train_omni.yaml"}
+TARGETS = {"offline": 1.15, "chunk16": 1.3}
+CHUNK = 16
+
+
+# ---------------------------------------------------------------------------- models
+def model_configs(routers: List[str], vocab: int, units: str) -> "OrderedDict[str, dict]":
+    """name -> resolved config (random-weight models) for Dense-S, each MoE, Dense-L."""
+    from wenet_moe.config import load_yaml
+
+    def prepared(path: str) -> dict:
+        conf = load_yaml(path)
+        conf.update({"input_dim": 80, "output_dim": vocab})
+        conf.pop("cmvn", None)
+        conf.pop("cmvn_conf", None)
+        conf["tokenizer_conf"]["symbol_table_path"] = units
+        return conf
+
+    confs: "OrderedDict[str, dict]" = OrderedDict()
+    confs["dense_s"] = prepared(os.path.join(CONF_DIR, "train_u2++_conformer.yaml"))
+    for router in routers:
+        confs[f"moe_{router}"] = prepared(os.path.join(CONF_DIR, ROUTER_CONFIGS[router]))
+    moe = prepared(os.path.join(CONF_DIR, ROUTER_CONFIGS["topk"]))
+    dense_l = copy.deepcopy(confs["dense_s"])
+    for key in ("encoder_conf", "decoder_conf"):
+        dense_l[key]["linear_units"] = moe[key]["n_expert"] * moe[key]["linear_units"]
+    confs["dense_l"] = dense_l
+    return confs
+
+
+def write_units(path: str, vocab: int) -> None:
+    syms = ["<blank>", "<unk>", "<sos/eos>"] + [chr(0x4E00 + i) for i in range(vocab - 3)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{s} {i}\n" for i, s in enumerate(syms))
+
+
+def build_random(conf: dict, feats: torch.Tensor) -> torch.nn.Module:
+    """Random-weight model, CTC blank bias raised until ~70% of `feats`' frames are blank."""
+    from wenet_moe.model import build_model
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(conf)).eval()
+    with torch.no_grad():
+        enc, _ = model.encoder(feats, torch.tensor([feats.size(1)]), CHUNK, -1)
+        logits = model.ctc.ctc_lo(enc)[0]
+        margin = logits[:, 1:].max(dim=1).values - logits[:, 0]
+        model.ctc.ctc_lo.bias[0] += float(torch.quantile(margin, 0.7))
+    return model
+
+
+def params_m(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# -------------------------------------------------------------------------- features
+def speech_fbank(seconds: float) -> np.ndarray:
+    """(frames, 80) fbank of `seconds` of espeak-ng Mandarin, normalised per bin."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import espeak_tts
+    from scipy.signal import resample_poly
+    from wenet_moe_runtime.features import FbankOptions, compute_fbank
+    text = ("今天天气很好我们一起去公园散步然后在湖边喝茶聊天"
+            "明天早上八点在学校门口见面请不要迟到")
+    tts = espeak_tts.EspeakTTS("cmn")
+    pieces, total = [], 0
+    rate = 16000
+    while total < seconds * rate + 800:
+        raw = tts.synth(text, "", 175, 50, 50, seed=len(pieces))
+        x = resample_poly(raw.astype(np.float64), rate, tts.sample_rate).astype(np.float32)
+        pieces.append(x)
+        total += len(x)
+    wav = np.concatenate(pieces)[: int(seconds * rate) + 240]
+    opts = FbankOptions()
+    opts.dither = 0.0
+    feats = np.asarray(compute_fbank(wav, rate, opts), np.float32)
+    return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+
+
+def features(kind: str, seconds: float) -> np.ndarray:
+    frames = int(seconds * 100)
+    if kind == "random":
+        return np.random.default_rng(0).standard_normal((frames, 80)).astype(np.float32)
+    return speech_fbank(seconds)[:frames]
+
+
+# ------------------------------------------------------------------------- timing
+def interleaved(fns: Dict[str, Callable[[], None]], reps: int) -> Dict[str, float]:
+    """Median seconds of each fn; every repetition runs all, rotated by one per rep."""
+    names = list(fns)
+    for fn in fns.values():          # warm-up (packing, allocator, ORT arenas)
+        fn()
+    samples: Dict[str, List[float]] = defaultdict(list)
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def torch_cases(model, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    lens = torch.tensor([x.size(1)])
+
+    def offline():
+        model.encoder(x, lens, -1, -1)
+
+    def chunk16():
+        model.encoder.forward_chunk_by_chunk(x, CHUNK, -1)
+
+    def dec_offline():
+        model.decode(["attention_rescoring"], x, lens, beam_size=10, decoding_chunk_size=-1)
+
+    def dec_chunk16():
+        model.decode(["attention_rescoring"], x, lens, beam_size=10, decoding_chunk_size=CHUNK,
+                     simulate_streaming=True)
+    return {"torch offline": offline, "torch chunk16": chunk16,
+            "torch dec offline": dec_offline, "torch dec chunk16": dec_chunk16}
+
+
+def runtime_cases(rt, feats: np.ndarray, label: str) -> Dict[str, Callable[[], None]]:
+    from wenet_moe_runtime.ctc_search import ctc_prefix_beam_search
+    from wenet_moe_runtime.decoder import DecodeOptions, rescore
+    from wenet_moe_runtime.offline import encode_chunks, encode_utterance
+    opts = DecodeOptions(chunk_size=CHUNK)
+
+    def enc():
+        encode_utterance(rt, feats, CHUNK)
+
+    def dec():
+        chunks = encode_chunks(rt, feats, CHUNK)
+        log_probs = np.concatenate([rt.ctc_log_probs(h) for h in chunks], axis=0)
+        hyps = ctc_prefix_beam_search(log_probs, 10, rt.symbols.blank_id)
+        rescore(rt, hyps, np.concatenate(chunks, axis=0), opts)
+    return {f"rt chunk16 {label}": enc, f"rt dec chunk16 {label}": dec}
+
+
+# ----------------------------------------------------------------------- breakdown
+def breakdown(model, x: torch.Tensor, mode: str, reps: int = 3) -> Dict[str, float]:
+    """Seconds per encoder pass by part: attention, conv, ffn (dense FFN), router and
+    experts (MoE: routing vs sort/gather/experts/add-back), rest (embedding, norms, ...).
+    Timed with forward hooks / method wrappers on one pass (median of `reps`)."""
+    from wenet_moe.layers.moe import MoEFFN
+    acc: Dict[str, float] = defaultdict(float)
+    handles, restore = [], []
+
+    def timed_module(module, part):
+        def pre(_m, _i):
+            module._bench_t0 = time.perf_counter()
+
+        def post(_m, _i, _o):
+            acc[part] += time.perf_counter() - module._bench_t0
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    def timed_method(obj, name, part):
+        original = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                acc[part] += time.perf_counter() - start
+        setattr(obj, name, wrapper)
+        restore.append((obj, name))
+
+    for layer in model.encoder.encoders:
+        timed_module(layer.self_attn, "attention")
+        if getattr(layer, "conv_module", None) is not None:
+            timed_module(layer.conv_module, "conv")
+        for ffn in (layer.feed_forward, getattr(layer, "feed_forward_macaron", None)):
+            if ffn is None:
+                continue
+            if isinstance(ffn, MoEFFN):
+                timed_method(ffn, "route", "router")
+                timed_method(ffn, "dispatch", "experts")
+            else:
+                timed_module(ffn, "ffn")
+    run = torch_cases(model, x)[f"torch {mode}"]
+    totals, parts = [], []
+    try:
+        run()
+        for _ in range(reps):
+            acc.clear()
+            start = time.perf_counter()
+            run()
+            totals.append(time.perf_counter() - start)
+            parts.append(dict(acc))
+    finally:
+        for h in handles:
+            h.remove()
+        for obj, name in restore:
+            delattr(obj, name)
+    best = int(np.argsort(totals)[len(totals) // 2])
+    result = dict(parts[best])
+    result["rest"] = totals[best] - sum(result.values())
+    result["total"] = totals[best]
+    return result
+
+
+# -------------------------------------------------------------------------- memory
+def memory_worker(args) -> int:
+    """Subprocess: build / load one model, run it, print its peak RSS in MiB (VmHWM:
+    getrusage's ru_maxrss would carry over the parent's peak across fork + exec)."""
+    feats = features("random", args.seconds)
+    if args.memory_backend == "torch":
+        torch.set_num_threads(1)
+        conf = json.loads(open(args.memory_conf).read())
+        x = torch.from_numpy(feats)[None]
+        model = build_random(conf, x)      # parameters outside inference mode
+        with torch.inference_mode():
+            model.encoder(x, torch.tensor([x.size(1)]), -1, -1)
+            model.encoder.forward_chunk_by_chunk(x, CHUNK, -1)
+    else:
+        from wenet_moe_runtime.model import OnnxAsrModel
+        from wenet_moe_runtime.offline import encode_utterance
+        rt = OnnxAsrModel(args.memory_export, int8=args.memory_backend == "int8", num_threads=1)
+        encode_utterance(rt, feats, CHUNK)
+    with open("/proc/self/status") as f:
+        peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"max_rss_mib": peak}))
+    return 0
+
+
+def peak_memory(backend: str, conf_path: str = "", export_dir: str = "", seconds: float = 10) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-backend", backend,
+           "--seconds", str(seconds)]
+    cmd += ["--memory-conf", conf_path] if conf_path else ["--memory-export", export_dir]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  memory probe ({backend}) failed: {tail}")
+        return float("nan")
+    return json.loads(done.stdout.strip().splitlines()[-1])["max_rss_mib"]
+
+
+# ---------------------------------------------------------------------------- main
+def export_model(model, conf: dict, out_dir: str, int8: bool) -> None:
+    from wenet_moe.export import export_loaded
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_loaded(model, copy.deepcopy(conf), copy.deepcopy(conf), out_dir, chunk_size=CHUNK,
+                      left_chunks=-1, quantize="int8" if int8 else None, verify=False)
+
+
+def print_table(title: str, results: Dict[str, Dict[str, float]], names: List[str], seconds: float) -> None:
+    cases = list(next(iter(results.values())).keys()) if results else []
+    print(f"\n{title}: RTF (median wall seconds / {seconds:g} audio seconds)")
+    header = f"{'case':<22}" + "".join(f"{n:>14}" for n in names)
+    if "dense_s" in names:
+        header += "".join(f"{n + '/S':>16}" for n in names if n != "dense_s")
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        row = f"{case:<22}" + "".join(f"{results[n][case] / seconds:>14.4f}" for n in names)
+        if "dense_s" in names:
+            row += "".join(f"{results[n][case] / results['dense_s'][case]:>16.2f}"
+                           for n in names if n != "dense_s")
+        print(row, flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--routers", nargs="+", choices=list(ROUTER_CONFIGS), help="default: all")
+    p.add_argument("--threads", type=int, nargs="+", help="default: 1 2")
+    p.add_argument("--features", nargs="+", choices=["random", "speech"], help="default: both")
+    p.add_argument("--precisions", nargs="*", choices=["fp32", "int8"],
+                   help="runtime precisions (default: both; none: no runtime cases)")
+    p.add_argument("--no-decode", action="store_true", help="encoder cases only")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
+    p.add_argument("--vocab", type=int, default=5000)
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "wenet_moe_rtf"),
+                   help="exports are written (and reused) here")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="trained checkpoint (train.yaml beside it); repeat for several, e.g. "
+                        "dense_s=... moe_topk=...: replaces the random model of that name, or adds one")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--quick", action="store_true",
+                   help="defaults become: dense_s, moe_topk, dense_l; random features; current "
+                        "thread count; fp32 runtime; 3 reps; no memory probes (options given "
+                        "explicitly still apply)")
+    p.add_argument("--memory-backend", help=argparse.SUPPRESS)
+    p.add_argument("--memory-conf", help=argparse.SUPPRESS)
+    p.add_argument("--memory-export", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_backend:
+        return memory_worker(args)
+    quick = args.quick
+
+    def default(value, full, fast):
+        return value if value is not None else (fast if quick else full)
+    args.routers = default(args.routers, list(ROUTER_CONFIGS), ["topk"])
+    args.threads = default(args.threads, [1, 2], [torch.get_num_threads()])
+    args.features = default(args.features, ["random", "speech"], ["random"])
+    args.precisions = default(args.precisions, ["fp32", "int8"], ["fp32"])
+    args.reps = default(args.reps, 5, 3)
+    args.no_memory = args.no_memory or quick
+
+    print(machine.describe())
+    print(f"torch {torch.__version__}, {sys.argv[0]} {' '.join(sys.argv[1:])}")
+    os.makedirs(args.work_dir, exist_ok=True)
+    units = os.path.join(args.work_dir, "units.txt")
+    write_units(units, args.vocab)
+    confs = model_configs(args.routers, args.vocab, units)
+    feats = {kind: features(kind, args.seconds) for kind in args.features}
+    calib = torch.from_numpy(feats.get("speech", feats[args.features[0]]))[None]
+
+    models: "OrderedDict[str, torch.nn.Module]" = OrderedDict()
+    trained = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            p.error(f"--checkpoint {item!r}: expected NAME=PATH")
+        trained[name] = path
+    for name, conf in confs.items():
+        if name not in trained:
+            models[name] = build_random(conf, calib)
+    if trained:
+        from wenet_moe.model.loading import build_and_load, load_configs
+        for name, path in trained.items():
+            raw, conf = load_configs(os.path.join(os.path.dirname(path), "train.yaml"))
+            models[name] = build_and_load(conf, path)
+            confs[name] = conf
+            print(f"{name}: trained checkpoint {path} (features: raw fbank, the model's CMVN "
+                  f"applies; 'speech' features are not normalised for it)")
+    names = list(models)
+    for name in names:
+        print(f"  {name:<14} {params_m(models[name]):7.1f} M parameters")
+
+    exports: Dict[str, str] = {}
+    if args.precisions:
+        for name in names:
+            out = os.path.join(args.work_dir, f"{name}-{args.vocab}-{int(bool(name in trained))}")
+            stamp = os.path.join(out, ".bench_complete")
+            want_int8 = "int8" in args.precisions
+            have = os.path.exists(stamp) and (not want_int8 or os.path.exists(os.path.join(out, "encoder.int8.onnx")))
+            if not have or name in trained:
+                start = time.perf_counter()
+                export_model(models[name], confs[name], out, want_int8)
+                open(stamp, "w").close()
+                print(f"  exported {name} to {out} in {time.perf_counter() - start:.0f} s", flush=True)
+            exports[name] = out
+
+    summary = {}
+    with torch.inference_mode():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            runtimes = {}
+            if exports:
+                from wenet_moe_runtime.model import OnnxAsrModel
+                runtimes = {prec: {n: OnnxAsrModel(exports[n], int8=prec == "int8", num_threads=threads)
+                                   for n in names} for prec in args.precisions}
+            for kind, fe in feats.items():
+                x = torch.from_numpy(fe)[None]
+                results: Dict[str, Dict[str, float]] = {n: {} for n in names}
+                case_names = list(torch_cases(models[names[0]], x))
+                if args.no_decode:
+                    case_names = [c for c in case_names if " dec " not in c]
+                for case in case_names:
+                    t = interleaved({n: torch_cases(models[n], x)[case] for n in names}, args.reps)
+                    for n in names:
+                        results[n][case] = t[n]
+                for prec, rts in runtimes.items():
+                    for case in runtime_cases(rts[names[0]], fe, prec):
+                        if args.no_decode and " dec " in case:
+                            continue
+                        t = interleaved({n: runtime_cases(rts[n], fe, prec)[case] for n in names}, args.reps)
+                        for n in names:
+                            results[n][case] = t[n]
+                title = (f"{threads} thread{'s' if threads > 1 else ''}, {kind} features, "
+                         f"batch 1, {args.seconds:g} s")
+                print_table(title, results, names, args.seconds)
+                summary[(threads, kind)] = results
+                # where to look when MoE misses its target
+                for n in names:
+                    if not n.startswith("moe") or "dense_s" not in results:
+                        continue
+                    for mode, target in TARGETS.items():
+                        ratio = results[n][f"torch {mode}"] / results["dense_s"][f"torch {mode}"]
+                        if ratio <= target:
+                            continue
+                        parts = {m: breakdown(models[m], x, mode) for m in ("dense_s", n)}
+                        cells = "  ".join(
+                            f"{part} {parts['dense_s'].get(part, 0) * 1e3:.0f}/{parts[n].get(part, 0) * 1e3:.0f}"
+                            for part in ("attention", "conv", "ffn", "router", "experts", "rest", "total"))
+                        print(f"  {n} torch {mode}: MoE/Dense-S {ratio:.2f} > {target}; ms per "
+                              f"pass dense_s/{n}: {cells}")
+            del runtimes
+
+    if not args.no_memory:
+        print("\npeak memory (max RSS, MiB; fresh process per model)")
+        print(f"{'model':<14}{'torch':>10}" + "".join(f"{'rt ' + prec:>10}" for prec in args.precisions))
+        for name in names:
+            conf_path = ""
+            if name not in trained:
+                conf_path = os.path.join(args.work_dir, f"{name}.json")
+                with open(conf_path, "w") as f:
+                    json.dump(confs[name], f)
+            torch_mb = peak_memory("torch", conf_path, seconds=args.seconds) if conf_path else float("nan")
+            rt_mb = [peak_memory(prec, export_dir=exports[name], seconds=args.seconds)
+                     for prec in args.precisions]
+            print(f"{name:<14}{torch_mb:>10.0f}" + "".join(f"{v:>10.0f}" for v in rt_mb), flush=True)
+
+    # one line of ratios per (threads, features)
+    for (threads, kind), res in summary.items():
+        moe = next((n for n in names if n.startswith("moe")), None)
+        if moe is None or "dense_s" not in res:
+            continue
+        cells = [f"MoE/Dense-S offline {res[moe]['torch offline'] / res['dense_s']['torch offline']:.2f}",
+                 f"chunk16 {res[moe]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}"]
+        for prec in args.precisions:
+            key = f"rt chunk16 {prec}"
+            cells.append(f"runtime {prec} {res[moe][key] / res['dense_s'][key]:.2f}")
+        if "dense_l" in res:
+            l_moe = res['dense_l']['torch offline'] / res[moe]['torch offline']
+            l_s = res['dense_l']['torch offline'] / res['dense_s']['torch offline']
+            cells.append(f"Dense-L/MoE offline {l_moe:.2f} (target >= 0.9 x Dense-L/Dense-S = {0.9 * l_s:.2f})")
+        if "int8" in args.precisions and "fp32" in args.precisions:
+            cells.append(f"int8/fp32 runtime MoE {res[moe]['rt chunk16 int8'] / res[moe]['rt chunk16 fp32']:.2f}")
+        print(f"SUMMARY {moe}, {threads} thread(s), {kind}: " + "; ".join(cells))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.1f} at end (other processes share this machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
