@@ -12,6 +12,13 @@ The largest N whose p95 final latency stays under `--rt_latency_ms` and whose CP
 use stays under the cores available is reported as the real-time capacity. It
 then compares the server's memory after 10 and after `--sequential` (1000)
 sequential connections, and optionally CTC batching on/off (`--compare_batching`).
+
+    python bench/server_load.py --compare DENSE_EXPORT MOE_EXPORT [--concurrency 1,8,16]
+
+compares two exports (e.g. Dense-S vs MoE with the same active compute, from
+`--random_export`) in one run: at each N the two servers run one after the other
+on the same wavs; printed per N are server CPU seconds per audio second, p95 final
+latency and CER against each export's own offline decoding, and the ratio B / A.
 """
 from __future__ import annotations
 
@@ -209,6 +216,49 @@ def make_random_export(config: str, out_dir: str, vocab: int, chunk: int) -> Non
                   left_chunks=-1, quantize="int8", verify=False)
 
 
+def synthetic_wavs() -> List[Tuple[str, np.ndarray]]:
+    """Tone-burst utterances of the runtime tests' stand-in (no corpus needed)."""
+    import rt_tiny_model as T
+    seqs = [[2, 3, 4, 5], [6, 7, 2], [3, 5, 7, 4, 2], [4, 4, 6], [7, 6, 5, 3], [2, 6, 3]]
+    return [(f"syn{i}", T.synth(s, seed=i)) for i, s in enumerate(seqs)]
+
+
+def offline_reference(model_dir: str, wavs, int8: bool) -> Dict[str, str]:
+    model = OnnxAsrModel(model_dir, int8=int8)
+    return {k: decode_samples(model, w, DecodeOptions())[0]["sentence"] for k, w in wavs}
+
+
+def compare_exports(args, dir_a: str, dir_b: str) -> int:
+    """Runs both exports at each concurrency (A then B) and prints B / A ratios."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime", "tests"))
+    from machine import describe  # bench/machine.py: the CPU this was measured on
+    print(describe(), flush=True)
+    wavs = ([(k, read_wav(path)[0]) for k, path in read_scp(args.wav_scp)] if args.wav_scp
+            else synthetic_wavs())
+    refs = {d: offline_reference(d, wavs, args.int8) for d in (dir_a, dir_b)}
+    rows = []
+    for n in [int(x) for x in args.concurrency.split(",")]:
+        pair = [run_concurrency(args, d, wavs, refs[d], n, args.max_batch) for d in (dir_a, dir_b)]
+        rows.append((n, pair))
+        print(json.dumps({"concurrency": n, "A": pair[0], "B": pair[1]}), flush=True)
+    print(f"\nA = {dir_a}\nB = {dir_b}")
+    print("| streams | CPU s / audio s A | B | B / A | p95 final ms A | B | B / A | CER vs offline A / B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, (a, b) in rows:
+        cpu_ratio = b["rtf_cpu"] / a["rtf_cpu"] if a["rtf_cpu"] and b["rtf_cpu"] else float("nan")
+        lat_ratio = b["final_p95_ms"] / a["final_p95_ms"] if a["final_p95_ms"] else float("nan")
+        print(f"| {n} | {a['rtf_cpu']} | {b['rtf_cpu']} | {cpu_ratio:.2f} | {a['final_p95_ms']} | "
+              f"{b['final_p95_ms']} | {lat_ratio:.2f} | {a['cer_vs_offline_pct']} / {b['cer_vs_offline_pct']} |")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"A": dir_a, "B": dir_b, "rows": [{"concurrency": n, "A": a, "B": b}
+                                                       for n, (a, b) in rows]}, f, indent=1)
+        os.replace(tmp, args.out)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_dir", help="ONNX export directory")
@@ -230,6 +280,8 @@ def main() -> int:
     p.add_argument("--compare_batching", action="store_true")
     p.add_argument("--int8", action="store_true")
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--compare", nargs=2, metavar=("EXPORT_A", "EXPORT_B"),
+                   help="server cost of export B against export A at each --concurrency")
     args = p.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime", "tests"))
     if args.standin:
@@ -241,17 +293,13 @@ def main() -> int:
     if args.random_export:
         make_random_export(args.random_export[0], args.random_export[1], args.vocab, 16)
         args.model_dir = args.random_export[1]
+    if args.compare:
+        return compare_exports(args, *args.compare)
     if not args.model_dir:
-        p.error("give --model_dir or --standin")
-    if args.wav_scp:
-        wavs = [(k, read_wav(path)[0]) for k, path in read_scp(args.wav_scp)]
-    else:
-        import rt_tiny_model as T
-        seqs = [[2, 3, 4, 5], [6, 7, 2], [3, 5, 7, 4, 2], [4, 4, 6], [7, 6, 5, 3], [2, 6, 3]]
-        wavs = [(f"syn{i}", T.synth(s, seed=i)) for i, s in enumerate(seqs)]
-    model = OnnxAsrModel(args.model_dir, int8=args.int8)
-    reference = {k: decode_samples(model, w, DecodeOptions())[0]["sentence"] for k, w in wavs}
-    del model
+        p.error("give --model_dir, --standin or --compare")
+    wavs = ([(k, read_wav(path)[0]) for k, path in read_scp(args.wav_scp)] if args.wav_scp
+            else synthetic_wavs())
+    reference = offline_reference(args.model_dir, wavs, args.int8)
     report = {"model_dir": args.model_dir, "cores": args.cores, "runs": []}
     largest = 0
     for n in [int(x) for x in args.concurrency.split(",")]:
