@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "runtime"))
 
+from common import edit_distance  # noqa: E402 (bench/common.py)
 from wenet_moe_runtime.context import build_context_graph  # noqa: E402
 from wenet_moe_runtime.ctc_search import ctc_prefix_beam_search  # noqa: E402
 from wenet_moe_runtime.symbols import SymbolTable  # noqa: E402
@@ -146,20 +147,10 @@ def main() -> int:
         for name, fn in variants:
             fn(lps[0])  # warm-up
             secs, outs = timed(fn, lps)
-            errs = sum(_edits(o, s) for o, s in zip(outs, test)) / sum(len(s) for s in test)
+            errs = sum(edit_distance(o, s) for o, s in zip(outs, test)) / sum(len(s) for s in test)
             base = base or secs
             print(f"| {name} | {secs / audio_s:.4f} | {secs / base:.2f} | {errs:.3f} |")
     return 0
-
-
-def _edits(a, b) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -44,7 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "runtime", "tests"))
 
-from server_load import Server, cpu_seconds, edit_distance, pct, rss_mb  # noqa: E402
+from common import edit_distance, write_json_atomic  # noqa: E402
+from server_load import Server, cpu_seconds, pct, rss_mb  # noqa: E402
 from wenet_moe_runtime.client import stream_samples  # noqa: E402
 from wenet_moe_runtime.decoder import DecodeOptions  # noqa: E402
 from wenet_moe_runtime.model import OnnxAsrModel  # noqa: E402
@@ -480,11 +480,7 @@ def main() -> int:
         print_table(report)
     report["load_average_after"] = os.getloadavg()
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, report)
     return 0
 
 

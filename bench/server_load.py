@@ -29,12 +29,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Tuple
 
 import numpy as np
 
+from common import edit_distance, write_json_atomic  # bench/common.py
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decode import read_scp
 from wenet_moe_runtime.decoder import DecodeOptions
@@ -57,16 +57,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS   # utime + stime
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, cb in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
-        prev = cur
-    return prev[-1]
 
 
 def pct(values: List[float], q: float) -> float:
@@ -250,12 +240,8 @@ def compare_exports(args, dir_a: str, dir_b: str) -> int:
         print(f"| {n} | {a['rtf_cpu']} | {b['rtf_cpu']} | {cpu_ratio:.2f} | {a['final_p95_ms']} | "
               f"{b['final_p95_ms']} | {lat_ratio:.2f} | {a['cer_vs_offline_pct']} / {b['cer_vs_offline_pct']} |")
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"A": dir_a, "B": dir_b, "rows": [{"concurrency": n, "A": a, "B": b}
-                                                       for n, (a, b) in rows]}, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, {"A": dir_a, "B": dir_b, "rows": [
+            {"concurrency": n, "A": a, "B": b} for n, (a, b) in rows]})
     return 0
 
 
@@ -336,11 +322,7 @@ def main() -> int:
         print(json.dumps({"rss_after_sequential_mb": rss}), flush=True)
     print(f"largest real-time concurrency on {args.cores} cores: {largest}", flush=True)
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, report)
     return 0
 
 

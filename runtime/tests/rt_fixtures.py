@@ -77,3 +77,37 @@ class ServerProcess:
         if rest:
             self.lines.append(rest)
         return self.proc.returncode
+
+
+# ------------------------------------------------------------ shared test helpers
+def stream_decode(model, samples, opts, step=1600):
+    """Feed `samples` in `step`-sample pieces to a new StreamingDecoder, then end the
+    input; returns (decoder, [(kind, payload), ...] events)."""
+    from wenet_moe_runtime.decoder import StreamingDecoder
+    dec = StreamingDecoder(model, opts)
+    events = []
+    for k in range(0, len(samples), step):
+        dec.accept_waveform(samples[k: k + step])
+        events += dec.advance()
+    dec.input_finished()
+    events += dec.advance()
+    return dec, events
+
+
+def run_async(coro, timeout: float = 60.0):
+    """Runs a coroutine to completion, failing after `timeout` seconds."""
+    import asyncio
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def recv_json(ws, timeout: float = 20.0):
+    import asyncio
+    import json
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def start_stream(ws, **kw):
+    """Sends WeNet's start signal (nbest 1, no continuous decoding unless given)."""
+    import json
+    await ws.send(json.dumps({"signal": "start", "nbest": 1, "continuous_decoding": False, **kw}))
+    assert await recv_json(ws) == {"status": "ok", "type": "server_ready"}

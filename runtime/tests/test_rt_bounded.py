@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from rt_fixtures import CHUNK
+from rt_fixtures import CHUNK, stream_decode
 from wenet_moe_runtime.batching import InferenceWorkers
 from wenet_moe_runtime.ctc_search import CtcGreedySearch, CtcPrefixBeamSearch, ctc_greedy_search
 from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder
@@ -21,15 +21,7 @@ from wenet_moe_runtime.wavio import read_wav
 TEXTS = ["你好世界", "语音你", "好界音世你", "世世语", "音语界好", "你语好"]
 
 
-def stream(model, samples, opts, step=1600):
-    dec = StreamingDecoder(model, opts)
-    events = []
-    for k in range(0, len(samples), step):
-        dec.accept_waveform(samples[k: k + step])
-        events += dec.advance()
-    dec.input_finished()
-    events += dec.advance()
-    return dec, events
+stream = stream_decode
 
 
 def test_incremental_greedy_equals_one_shot_for_any_chunking():

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from rt_fixtures import CHUNK, TRAIN_SET
+from rt_fixtures import CHUNK, stream_decode, TRAIN_SET
 from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder
 from wenet_moe_runtime.endpoint import CtcEndpoint, EndpointConfig
 from wenet_moe_runtime.model import ModelError, OnnxAsrModel
@@ -23,15 +23,7 @@ from wenet_moe_runtime.wavio import read_wav
 TEXTS = ["你好世界", "语音你", "好界音世你", "世世语", "音语界好", "你语好"]
 
 
-def stream(model, samples, opts, step=1600):
-    dec = StreamingDecoder(model, opts)
-    events = []
-    for k in range(0, len(samples), step):
-        dec.accept_waveform(samples[k: k + step])
-        events += dec.advance()
-    dec.input_finished()
-    events += dec.advance()
-    return dec, events
+stream = stream_decode
 
 
 @pytest.mark.parametrize("export", ["full", "left2"])

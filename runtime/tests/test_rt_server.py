@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from rt_fixtures import ServerProcess
+from rt_fixtures import ServerProcess, recv_json, run_async, start_stream
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decoder import DecodeOptions
 from wenet_moe_runtime.model import OnnxAsrModel
@@ -25,19 +25,11 @@ from wenet_moe_runtime.wavio import read_wav
 
 TEXTS = ["你好世界", "语音你", "好界音世你", "世世语", "音语界好", "你语好"]
 T_OUT = 60
+start = start_stream
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, T_OUT))
-
-
-async def recv_json(ws, timeout=20):
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def start(ws, **kw):
-    await ws.send(json.dumps({"signal": "start", "nbest": 1, "continuous_decoding": False, **kw}))
-    assert await recv_json(ws) == {"status": "ok", "type": "server_ready"}
+    return run_async(coro, T_OUT)
 
 
 async def finish(ws, samples, step=8000):

@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from rt_fixtures import ServerProcess
+from rt_fixtures import ServerProcess, recv_json, run_async, start_stream
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder
 from wenet_moe_runtime.model import OnnxAsrModel
@@ -27,19 +27,11 @@ from wenet_moe_runtime.offline import decode_samples
 from wenet_moe_runtime.wavio import read_wav
 
 T_OUT = 90
+start = start_stream
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, T_OUT))
-
-
-async def recv_json(ws, timeout=20):
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def start(ws, **kw):
-    await ws.send(json.dumps({"signal": "start", "nbest": 1, "continuous_decoding": False, **kw}))
-    assert await recv_json(ws) == {"status": "ok", "type": "server_ready"}
+    return run_async(coro, T_OUT)
 
 
 async def drain(ws):
