@@ -168,16 +168,10 @@ def test_server_on_real_export_equals_offline(real_export):
             assert srv.stop() == 0
 
 
-def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
-    """`wenet-moe recognize` on the checkpoint and `python -m wenet_moe_runtime.decode`
-    on its export, both with the same hotword file, write the same text, for the
-    CTC prefix beam search and attention rescoring; the hotwords change results."""
-    import os
-    import subprocess
-    import sys
-
+def write_model_and_lists(real_export, tmp_path) -> None:
+    """Writes the trained model as a model directory (train.yaml, final.pt) and its
+    training wavs as wav.scp and data.list under `tmp_path`."""
     import yaml
-    torch = pytest.importorskip("torch")
     from wenet_moe_runtime.wavio import write_wav
 
     conf = copy.deepcopy(real_export["conf"])
@@ -191,6 +185,18 @@ def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
         data.append(json.dumps({"key": f"u{i}", "wav": path, "txt": "你"}) + "\n")
     (tmp_path / "wav.scp").write_text("".join(scp))
     (tmp_path / "data.list").write_text("".join(data))
+
+
+def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
+    """`wenet-moe recognize` on the checkpoint and `python -m wenet_moe_runtime.decode`
+    on its export, both with the same hotword file, write the same text, for the
+    CTC prefix beam search and attention rescoring; the hotwords change results."""
+    import os
+    import subprocess
+    import sys
+
+
+    write_model_and_lists(real_export, tmp_path)
     (tmp_path / "hot.txt").write_text("世界\n", encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "4.0"]
@@ -245,12 +251,6 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
     import subprocess
     import sys
 
-    import yaml
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("kaldi_decoder")
-    pytest.importorskip("kaldilm")
-    import rt_tiny_model as T
-    from wenet_moe_runtime.wavio import write_wav
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     tools = os.path.join(root, "tools")
@@ -267,17 +267,7 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
                  "--graph_dir", str(export)]):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
-    conf = copy.deepcopy(real_export["conf"])
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(conf, allow_unicode=True), encoding="utf-8")
-    torch.save(real_export["model"].state_dict(), tmp_path / "final.pt")
-    scp, data = [], []
-    for i, (wav, _) in enumerate(real_export["utts"]):
-        path = str(tmp_path / f"u{i}.wav")
-        write_wav(path, wav)
-        scp.append(f"u{i} {path}\n")
-        data.append(json.dumps({"key": f"u{i}", "wav": path, "txt": "你"}) + "\n")
-    (tmp_path / "wav.scp").write_text("".join(scp))
-    (tmp_path / "data.list").write_text("".join(data))
+    write_model_and_lists(real_export, tmp_path)
     modes = ("ctc_wfst", "ctc_wfst_rescoring", "ctc_prefix_beam_search")
     r = subprocess.run(
         [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
