@@ -37,3 +37,28 @@ def test_shared_tensor_with_different_values_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"separate.pt: checkpoint has different values for "
                                          r"blocks.0.router.weight and blocks.1.router.weight"):
         load_model_weights(SharedRouterNet(), str(tmp_path / "separate.pt"))
+
+
+def test_new_model_dir_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    import os
+
+    from wenet_moe.checkpoint_io import new_model_dir
+
+    out = tmp_path / "model"
+    with new_model_dir(str(out), ".t.") as stage:
+        assert os.path.dirname(stage) == str(tmp_path) and stage != str(out)
+        (tmp_path / os.path.basename(stage) / "final.pt").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    assert (out / "final.pt").read_text() == "x"
+
+    with pytest.raises(FileExistsError, match="model: exists and is not empty"):
+        with new_model_dir(str(out), ".t."):
+            raise AssertionError("not reached")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        with new_model_dir(str(empty), ".t.") as stage:
+            open(os.path.join(stage, "half.pt"), "w").close()
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "model"] and not os.listdir(empty)

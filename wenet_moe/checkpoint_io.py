@@ -3,19 +3,51 @@
 Below both the model package (`wenet_moe.model.loading`: export, transcribe) and the
 trainer (`wenet_moe.train`: resume, averaging, diagnostics), so that neither imports
 the other. Writing training checkpoints (RNG states, optimizer, atomic saves) stays
-in `wenet_moe.train.checkpoint`.
+in `wenet_moe.train.checkpoint`; `new_model_dir` stages a whole new model directory
+(import-wenet, upcycle, export-wenet).
 
 A checkpoint is a training checkpoint dict with a `model` state dict (`N.pt`,
 `step_S.pt`, `final.pt`) or a plain model state dict (`avg_N.pt`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, List
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, List
 
 import torch
 
-__all__ = ["load_checkpoint", "extract_state_dict", "unwrap_model", "load_model_weights"]
+__all__ = ["load_checkpoint", "extract_state_dict", "unwrap_model", "load_model_weights",
+           "require_empty_dir", "new_model_dir"]
+
+
+def require_empty_dir(output_dir: str) -> None:
+    """FileExistsError unless `output_dir` is absent or an empty directory."""
+    if os.path.lexists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir}: exists and is not empty")
+
+
+@contextlib.contextmanager
+def new_model_dir(output_dir: str, prefix: str) -> Iterator[str]:
+    """Yield a staging directory beside `output_dir` (absent or empty); on success it is
+    renamed to `output_dir`, on any failure it is removed and `output_dir` is untouched.
+    Files written inside should name their final location (`os.path.abspath(output_dir)`)."""
+    require_empty_dir(output_dir)
+    final_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(final_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        require_empty_dir(final_dir)  # nothing appeared there meanwhile
+        if os.path.isdir(final_dir):
+            os.rmdir(final_dir)
+        os.replace(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_checkpoint(path: str) -> Any:

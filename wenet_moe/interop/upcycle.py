@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from wenet_moe.checkpoint_io import new_model_dir
 from wenet_moe.config import ConfigError, save_yaml
 
 ROUTERS = ("topk", "switch", "speechmoe", "omni")
@@ -129,14 +130,13 @@ def upcycle(config: str, checkpoint: str, output_dir: str, n_expert: int,
     directory renamed at the end). Returns a report (`new_parameters`, `parameters`)."""
     from wenet_moe.model import build_model
     from wenet_moe.model.loading import load_configs
-    from wenet_moe.checkpoint_io import extract_state_dict, load_checkpoint
+    from wenet_moe.checkpoint_io import extract_state_dict, load_checkpoint, require_empty_dir
 
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}")
     if router_init not in ("random", "zero"):
         raise ConfigError(f"router_init: expected random or zero, got {router_init!r}")
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"{output_dir}: exists and is not empty")
+    require_empty_dir(output_dir)
     raw, configs = load_configs(config)
     dense_sd = extract_state_dict(load_checkpoint(checkpoint), checkpoint)
     moe_raw = upcycle_config(raw, n_expert, n_expert_activated, router)
@@ -185,10 +185,7 @@ def _write(model: torch.nn.Module, moe_raw: Dict[str, Any], moe_resolved: Dict[s
     from wenet_moe.train.checkpoint import atomic_torch_save
 
     final_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(final_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".upcycle.", dir=parent)
-    try:
+    with new_model_dir(output_dir, ".upcycle.") as tmp:
         tok = dict(moe_raw.get("tokenizer_conf") or {})
         units = (moe_resolved.get("tokenizer_conf") or {}).get("symbol_table_path")
         shutil.copyfile(units, os.path.join(tmp, "units.txt"))
@@ -202,9 +199,3 @@ def _write(model: torch.nn.Module, moe_raw: Dict[str, Any], moe_resolved: Dict[s
                                         cmvn_file=os.path.join(final_dir, name))
         atomic_torch_save(model.state_dict(), os.path.join(tmp, "final.pt"))
         save_yaml(moe_raw, os.path.join(tmp, "train.yaml"))
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

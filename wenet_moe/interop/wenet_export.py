@@ -22,11 +22,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, List, Tuple
 
 import torch
 
+from wenet_moe.checkpoint_io import new_model_dir, require_empty_dir
 from wenet_moe.config import ConfigError, save_yaml
 from wenet_moe.interop.wenet_import import WENET_FBANK
 
@@ -169,8 +169,7 @@ def export_wenet(config: str, checkpoint: str, output_dir: str,
     from wenet_moe.model.loading import build_and_load, load_configs
     from wenet_moe.train.checkpoint import atomic_torch_save
 
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"{output_dir}: exists and is not empty")
+    require_empty_dir(output_dir)
     raw, configs = load_configs(config)
     wenet_conf, mismatches = wenet_config(configs)
     if mismatches and not allow_mismatch:
@@ -182,11 +181,7 @@ def export_wenet(config: str, checkpoint: str, output_dir: str,
         change = _conv_padding_change(model, int(configs["input_dim"]))
         mismatches = [m + (f"; encoder output changes by up to {change:.3g}"
                            if "cnn_module_pad" in m else "") for m in mismatches]
-    final_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(final_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-wenet.", dir=parent)
-    try:
+    with new_model_dir(output_dir, ".export-wenet.") as tmp:
         tok = configs.get("tokenizer_conf") or {}
         shutil.copyfile(tok["symbol_table_path"], os.path.join(tmp, "units.txt"))
         for key in ("bpe_path", "non_lang_syms_path"):
@@ -204,11 +199,5 @@ def export_wenet(config: str, checkpoint: str, output_dir: str,
                 wenet_conf["cmvn_conf"]["is_json_cmvn"] = True
         atomic_torch_save(sd, os.path.join(tmp, "final.pt"))
         save_yaml(wenet_conf, os.path.join(tmp, "train.yaml"))
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"mismatches": mismatches, "keys": len(sd)}
 

@@ -38,11 +38,11 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from wenet_moe.checkpoint_io import new_model_dir, require_empty_dir
 from wenet_moe.config import ConfigError, load_yaml, save_yaml
 
 # top-level keys of a WeNet train.yaml that describe the model (checked by the builder)
@@ -272,8 +272,7 @@ def import_wenet(wenet_dir: str, output_dir: str, checkpoint: Optional[str] = No
     ckpt = checkpoint or os.path.join(wenet_dir, "final.pt")
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"{ckpt}: checkpoint not found (give --checkpoint)")
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"{output_dir}: exists and is not empty")
+    require_empty_dir(output_dir)
     wenet = load_yaml(config_path)
     configs = translate_config(wenet, config_path)
     dropped = sorted(k for k in wenet if k not in MODEL_KEYS + ("dataset_conf", "vocab_size"))
@@ -303,11 +302,8 @@ def import_wenet(wenet_dir: str, output_dir: str, checkpoint: Optional[str] = No
     if configs.get("cmvn") is not None:
         cmvn_src = beside(cmvn.get("cmvn_file"), "cmvn_conf.cmvn_file", False)
 
-    out_parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(out_parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".import-wenet.", dir=out_parent)
     final_dir = os.path.abspath(output_dir)
-    try:
+    with new_model_dir(output_dir, ".import-wenet.") as tmp:
         shutil.copyfile(units, os.path.join(tmp, "units.txt"))
         tok["symbol_table_path"] = os.path.join(final_dir, "units.txt")
         for key, src in extra_files.items():
@@ -346,12 +342,6 @@ def import_wenet(wenet_dir: str, output_dir: str, checkpoint: Optional[str] = No
         from wenet_moe.train.checkpoint import atomic_torch_save
         atomic_torch_save(model.state_dict(), os.path.join(tmp, "final.pt"))
         save_yaml(configs, os.path.join(tmp, "train.yaml"))
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked above)
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_params = sum(p.numel() for p in model.parameters())
     report = {"checkpoint": ckpt, "dropped": dropped, "moe": "moe_conf" in configs,
               "parameters": n_params}
