@@ -136,6 +136,7 @@ class ContextGraph:
         self.score = float(score)
         self.root = _Node(0)
         self.num_phrases = 0
+        self.phrases: List[Tuple[int, ...]] = []   # distinct phrases, first-seen order
         for ids in phrases:
             ids = list(ids)
             if not ids:
@@ -148,8 +149,13 @@ class ContextGraph:
                 node = nxt
             if not node.is_end:
                 self.num_phrases += 1
+                self.phrases.append(tuple(ids))
             node.is_end = True
         self._link()
+
+    def key(self) -> Tuple[float, Tuple[Tuple[int, ...], ...]]:
+        """(score, sorted phrases): equal for lists that bias identically."""
+        return self.score, tuple(sorted(self.phrases))
 
     def _link(self) -> None:
         """Breadth-first: scores, partial bonuses and failure links."""
