@@ -40,10 +40,15 @@ class WfstOptions:
     blank_skip_thresh: float = 0.98   # > 1: never skip
     length_penalty: float = 0.0       # added to non-blank log-probabilities
     nbest: int = 10                   # word sequences for attention rescoring
+    # search beam of the lattice decoder behind the n-best: kaldi-decoder's
+    # LatticeSimpleDecoder has no max_active, so at `beam` 15 its active set grows
+    # ~10x the FasterDecoder's; it runs at min(beam, max(this, lattice_beam))
+    lattice_search_beam: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.beam <= 0 or self.lattice_beam <= 0 or self.acoustic_scale <= 0:
-            raise WfstError("beam, lattice_beam and acoustic_scale must be > 0")
+        if (self.beam <= 0 or self.lattice_beam <= 0 or self.acoustic_scale <= 0
+                or self.lattice_search_beam <= 0):
+            raise WfstError("beam, lattice_beam, lattice_search_beam and acoustic_scale must be > 0")
         if self.max_active < 1 or self.min_active < 0 or self.nbest < 1:
             raise WfstError("max_active and nbest must be >= 1, min_active >= 0")
 
@@ -278,30 +283,38 @@ class WfstDecoder:
 
     def decode_nbest(self, log_probs: np.ndarray, n: int = 0) -> List[WfstHypothesis]:
         """Up to n (default opts.nbest) distinct word sequences, best first, from the
-        lattice of the LatticeSimpleDecoder: the distinct ones among its 10n best paths."""
+        lattice of the LatticeSimpleDecoder (search beam `nbest_search_beam`, lattice
+        beam `lattice_beam`): the distinct ones among its 10n best paths (only
+        those are converted to hypotheses)."""
         n = n or self.opts.nbest
         keep, scaled = self.frame_costs(log_probs)
         if scaled.shape[0] == 0:
             return [WfstHypothesis([], 0.0, [], [])]
-        o = self.opts
         dec = self._kd.LatticeSimpleDecoder(self.graph, self._kd.LatticeSimpleDecoderConfig(
-            beam=o.beam, lattice_beam=o.lattice_beam))
+            beam=self.nbest_search_beam, lattice_beam=self.opts.lattice_beam))
         dec.decode(self._kd.DecodableCtc(scaled))
         ok, lattice = dec.get_raw_lattice()
         if not ok:
             return []
         out, seen = [], set()
         for path in self._kf.lattice_to_nbest(lattice, n=10 * n):
-            hyp = self._hypothesis(*self._linear(path), keep, scaled)
-            key = tuple(hyp.words)
+            ilabels, olabels, cost = self._linear(path)
+            key = tuple(olabels)
             if key in seen:
                 continue
             seen.add(key)
-            out.append(hyp)
+            out.append(self._hypothesis(ilabels, olabels, cost, keep, scaled))
             if len(out) == n:
                 break
         out.sort(key=lambda h: -h.score)
         return out
+
+    @property
+    def nbest_search_beam(self) -> float:
+        """The lattice decoder's search beam: min(beam, max(lattice_search_beam,
+        lattice_beam))."""
+        o = self.opts
+        return min(o.beam, max(o.lattice_search_beam, o.lattice_beam))
 
 
 class FrameSelector:
@@ -405,10 +418,13 @@ def add_wfst_arguments(parser) -> None:
                         help="added to every non-blank log-probability")
     parser.add_argument("--wfst_nbest", type=int, default=d.nbest,
                         help="word sequences passed to attention rescoring")
+    parser.add_argument("--lattice_search_beam", type=float, default=d.lattice_search_beam,
+                        help="search beam of the lattice decoder behind the n-best "
+                             "(runs at min(beam, max(this, lattice_beam)))")
 
 
 def wfst_from_args(args, graph_dir: str, symbols: SymbolTable) -> WfstDecoder:
     opts = WfstOptions(args.beam, args.lattice_beam, args.max_active, args.min_active,
                        args.acoustic_scale, args.blank_skip_thresh, args.length_penalty,
-                       args.wfst_nbest)
+                       args.wfst_nbest, args.lattice_search_beam)
     return WfstDecoder(graph_dir, symbols, opts)
