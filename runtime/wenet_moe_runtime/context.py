@@ -208,15 +208,6 @@ class ContextGraph:
         return total + self.finalize(state)
 
 
-def rerank_with_context(hyps: Sequence[Tuple[List[int], float, List[int]]],
-                        context: ContextGraph) -> List[Tuple[List[int], float, List[int]]]:
-    """Add each hypothesis' hotword bonus (completed phrases) to its score; re-sort
-    (stable, so equal scores keep the search's order)."""
-    out = [(t, s + context.score_tokens(t), tm) for t, s, tm in hyps]
-    out.sort(key=lambda h: -h[1])
-    return out
-
-
 def build_context_graph(symbols: SymbolTable, phrases: Sequence[str], score: float,
                         max_phrases: int = DEFAULT_MAX_PHRASES, max_len: int = DEFAULT_MAX_LEN,
                         where: str = "context", labels: Optional[Sequence[str]] = None

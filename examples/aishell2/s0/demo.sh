@@ -10,7 +10,7 @@
 # dir gets a _seedN suffix when it differs), DEMO_NJ (2), DEMO_CPU_PROCS (2 gloo DDP
 # training processes), DEMO_CONFIG, DEMO_DEV_UTTS / DEMO_TEST_UTTS (200),
 # DEMO_AVERAGE_NUM (3), DEMO_LM_ORDER (3), DEMO_HOTWORDS (100), DEMO_HOTWORD_LEN (4),
-# DEMO_WORK.
+# DEMO_LM_ACOUSTIC_SCALE (2.0), DEMO_LM_LENGTH_PENALTY (2.0), DEMO_WORK.
 set -euo pipefail
 recipe=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 root=$(cd "$recipe/../../.." && pwd)
@@ -28,6 +28,10 @@ average_num=${DEMO_AVERAGE_NUM:-3}
 lm_order=${DEMO_LM_ORDER:-3}
 hotwords=${DEMO_HOTWORDS:-100}          # phrases drawn from data/test/text
 hotword_len=${DEMO_HOTWORD_LEN:-4}      # characters per phrase
+# LM weight against CTC, tuned on dev (ctc_wfst, grid acoustic_scale 1-3 x
+# length_penalty 0-4): the graph score is 2 * (CTC + 2 per unit) + LM
+lm_acoustic_scale=${DEMO_LM_ACOUSTIC_SCALE:-2.0}
+lm_length_penalty=${DEMO_LM_LENGTH_PENALTY:-2.0}
 exp=exp/demo_moe
 [ "$train_seed" = "$seed" ] || exp=exp/demo_moe_seed$train_seed
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$nj}
@@ -72,6 +76,6 @@ bash run.sh --stage 5 --stop_stage 5 --dir $exp --average_num "$average_num" --v
   --batch_size 32 --num_workers 1 > /dev/null
 bash run.sh --stage 8 --stop_stage 9 --dir $exp --average_num "$average_num" --val_best false \
   --lm_order "$lm_order" --decode_sets "dev test" --decode_chunks -1 --batch_size 32 --num_workers 1 \
-  --context_path data/hotwords.txt
+  --acoustic_scale "$lm_acoustic_scale" --length_penalty "$lm_length_penalty" --context_path data/hotwords.txt
 "$PYTHON" local/cer_table.py $exp --lm full | tee -a $exp/RESULTS.md
 say "done in $(( $(date +%s) - start )) s; everything is under $work"
