@@ -287,3 +287,23 @@ def test_server_with_graph_context_per_connection(tiny_exports, test_wavs, tmp_p
     finally:
         assert srv.stop() == 0
     assert with_ctx == [biased] and again == [biased] and without == [plain]
+    # A graph above --max_context_graph_states refuses per-connection lists (their
+    # composition would hold the event loop); the server's own list is unaffected.
+    from wenet_moe_runtime.context import ContextLimits
+    from wenet_moe_runtime.server import AsrServer, ServerConfig
+    states = wfst.graph.num_states
+    for bound, ok in ((states, True), (states - 1, False)):
+        server = AsrServer(model, ServerConfig(num_workers=1), DecodeOptions(wfst=wfst),
+                           ContextLimits(1000.0, max_graph_states=bound))
+        try:
+            opts, err = server._start_options({"signal": "start", "context": ["语音"]})
+            if ok:
+                assert err is None and opts.wfst.context is not None and opts.wfst.base is wfst
+            else:
+                assert opts is None and err == (
+                    f"Wrong message header: context: this server's LM graph has {states} states, "
+                    f"more than --max_context_graph_states {states - 1} for per-connection hotwords")
+            opts, err = server._start_options({"signal": "start"})
+            assert err is None and opts.wfst is wfst
+        finally:
+            server.workers.shutdown()

@@ -43,11 +43,16 @@ class ContextLimits:
     score: float = 3.0                      # bonus per matched unit
     max_phrases: int = DEFAULT_MAX_PHRASES  # phrases per list
     max_len: int = DEFAULT_MAX_LEN          # units per phrase
+    # with an LM graph, a per-connection list is composed with TLG (~50 us per graph
+    # state on a loaded 2-core machine, blocking the server's event loop): bound it
+    max_graph_states: int = 300000
 
     def __post_init__(self) -> None:
         if not self.score > 0.0 or self.max_phrases < 1 or self.max_len < 1:
             raise ContextError("context score, max phrases and max length must be positive, got "
                                f"{self.score}, {self.max_phrases}, {self.max_len}")
+        if self.max_graph_states < 0:
+            raise ContextError(f"max context graph states must be >= 0, got {self.max_graph_states}")
 
 
 def tokenize_phrase(symbols: SymbolTable, phrase: str) -> List[int]:
