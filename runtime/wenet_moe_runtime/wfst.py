@@ -10,6 +10,11 @@ the distinct word sequences among its lattice's best paths. A hypothesis carries
 units (collapsed from the frame alignment: the graph's input labels are unit id + 1),
 their peak frames, its words, and its score = -(graph cost + acoustic cost), i.e.
 acoustic_scale * CTC log-probability of the best alignment + LM log-probability.
+
+Hotwords: `WfstDecoder.for_context(ContextGraph)` returns a decoder over TLG o B,
+B the biasing acceptor of `bias_fst` (a trie over the graph's words with back-off
+arcs that take an unfinished match's bonus back); scores then include the bonus of
+completed phrases. Compositions are cached per distinct list on the base decoder.
 """
 from __future__ import annotations
 
@@ -190,8 +195,9 @@ class WfstDecoder:
         it returns to state 0 (the bonus stays). Composed with TLG, the search
         keeps, for each word sequence, its best path through B: CTC + LM score plus
         the bonus of the best set of non-overlapping phrase occurrences (equal to
-        `ContextGraph.score_tokens` unless two phrases overlap), and, at partial
-        results, the held bonus of the unfinished match at the end."""
+        `ContextGraph.score_tokens` unless two phrases overlap); the held bonus of
+        an unfinished match counts in the beam pruning (a partial result is the
+        FasterDecoder's best path to a final state, so a phrase shows once complete)."""
         kf = self._kf
         fst = kf.StdVectorFst()
         root = fst.add_state()
