@@ -45,7 +45,7 @@ class ContextLimits:
     max_len: int = DEFAULT_MAX_LEN          # units per phrase
     # with an LM graph, a per-connection list is composed with TLG (~50 us per graph
     # state on a loaded 2-core machine, blocking the server's event loop): bound it
-    max_graph_states: int = 300000
+    max_graph_states: int = 100000
 
     def __post_init__(self) -> None:
         if not self.score > 0.0 or self.max_phrases < 1 or self.max_len < 1:
