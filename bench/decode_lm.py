@@ -9,7 +9,11 @@ drawn from a seeded Zipf-like bigram process, a character n-gram LM on it
 log-posteriors of held-out sentences of the same process (each unit peaked over 2
 frames at 40 ms, blanks between, Gaussian noise on the logits). Only the search is
 timed (the encoder's cost is the same for every variant). RTF = search seconds /
-audio seconds; ratios are against `prefix beam` (beam 10). Single thread.
+audio seconds; ratios are against `prefix beam` (beam 10). Single thread. Rows:
+without LM (prefix beam), with the LM graph (1-best and the lattice n-best behind
+ctc_wfst_rescoring), each also with `--hotwords` phrases (prefix search: the trie;
+graph: TLG composed with the biasing acceptor, composition timed separately), and
+the n-best at the lattice decoder's former search beam (15) for comparison.
 """
 from __future__ import annotations
 
@@ -95,6 +99,8 @@ def main() -> int:
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--noise", type=float, default=1.5)
     p.add_argument("--beam_size", type=int, default=10)
+    p.add_argument("--skip_wide", action="store_true",
+                   help="skip the n-best at the old lattice search beam (15, slow)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import make_tlg
@@ -130,26 +136,40 @@ def main() -> int:
         lps = [posteriors(rng, s, len(syms), args.noise) for s in test]
         audio_s = sum(lp.shape[0] for lp in lps) * FRAME_S
         wfst = WfstDecoder(os.path.join(tmp, "g"), symbols, WfstOptions())
+        t0 = time.perf_counter()
+        biased = wfst.for_context(context)
+        t_compose = time.perf_counter() - t0
+        wide = WfstDecoder(os.path.join(tmp, "g"), symbols,
+                           WfstOptions(lattice_search_beam=WfstOptions().beam))
+        hw = f"{args.hotwords} hotwords"
         variants = [
             ("prefix beam", lambda lp: ctc_prefix_beam_search(lp, args.beam_size)[0][0]),
-            (f"prefix beam + {args.hotwords} hotwords",
+            (f"prefix beam + {hw}",
              lambda lp: ctc_prefix_beam_search(lp, args.beam_size, context=context)[0][0]),
             ("TLG 1-best (ctc_wfst)", lambda lp: wfst.decode(lp)[0].tokens),
+            (f"TLG 1-best + {hw} (TLG o B)", lambda lp: biased.decode(lp)[0].tokens),
             ("TLG n-best (lattice, for rescoring)", lambda lp: wfst.decode_nbest(lp)[0].tokens),
+            (f"TLG n-best + {hw} (TLG o B)", lambda lp: biased.decode_nbest(lp)[0].tokens),
         ]
+        if not args.skip_wide:
+            variants.append((f"TLG n-best, lattice search beam {wide.nbest_search_beam:g} (before)",
+                             lambda lp: wide.decode_nbest(lp)[0].tokens))
         print(f"CPU: {cpu_description()}")
         print(f"vocabulary {args.vocab} units; LM: order {args.order} on {args.train_sents} sentences "
               f"({t_lm:.1f} s); graph: {sizes['TLG_states']} states, {graph_mb:.1f} MiB "
-              f"({t_graph:.1f} s); {args.hotwords} hotwords compiled in {t_ctx * 1000:.1f} ms")
-        print(f"{len(lps)} utterances, {audio_s:.1f} s of audio (40 ms frames)\n")
-        print(f"| search | RTF | x prefix beam | unit errors |\n|---|---|---|---|")
+              f"({t_graph:.1f} s); {args.hotwords} hotwords compiled in {t_ctx * 1000:.1f} ms "
+              f"(trie), composed with TLG in {t_compose:.2f} s ({biased.graph.num_states} states)")
+        print(f"{len(lps)} utterances, {audio_s:.1f} s of audio (40 ms frames); WFST beam "
+              f"{wfst.opts.beam:g}, max active {wfst.opts.max_active}, lattice beam "
+              f"{wfst.opts.lattice_beam:g}, lattice search beam {wfst.nbest_search_beam:g}\n")
+        print("| search | RTF | x prefix beam | unit errors |\n|---|---|---|---|")
         base = None
         for name, fn in variants:
             fn(lps[0])  # warm-up
             secs, outs = timed(fn, lps)
             errs = sum(edit_distance(o, s) for o, s in zip(outs, test)) / sum(len(s) for s in test)
             base = base or secs
-            print(f"| {name} | {secs / audio_s:.4f} | {secs / base:.2f} | {errs:.3f} |")
+            print(f"| {name} | {secs / audio_s:.4f} | {secs / base:.2f} | {errs:.3f} |", flush=True)
     return 0
 
 

@@ -216,3 +216,94 @@ def test_server_context_per_connection_and_bad_lists(tiny_exports, test_wavs):
     assert msgs[4] == ("Wrong message header: context: phrase 1 '你们': "
                        "character '们' is not a unit of units.txt")
     assert replies[5] == {"status": "ok", "type": "server_ready"}
+
+
+def test_server_with_graph_context_per_connection(tiny_exports, test_wavs, tmp_path):
+    """A server whose model directory holds an LM graph: a stream whose start message
+    carries a context searches TLG o B (its finals equal offline decoding with that
+    context and the graph), while a concurrent stream without context gets the
+    unbiased graph result. The bonus (1000 per unit) makes the phrase win by a margin
+    no score of the tiny model can match."""
+    import asyncio
+    import json
+    import os
+    import shutil
+    import sys
+
+    from websockets.asyncio.client import connect
+
+    from rt_fixtures import ServerProcess
+    from wenet_moe_runtime.decoder import DecodeOptions
+    from wenet_moe_runtime.model import OnnxAsrModel
+    from wenet_moe_runtime.offline import decode_samples
+    from wenet_moe_runtime.wavio import read_wav
+    from wenet_moe_runtime.wfst import WfstDecoder
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "tools")
+    sys.path.insert(0, tools)
+    import make_tlg
+    import train_ngram_lm
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_exports["full"], export)
+    model = OnnxAsrModel(str(export))
+    samples, _ = read_wav(test_wavs["u0"])
+    heard = decode_samples(model, samples, DecodeOptions(mode="ctc_prefix_beam"))[0]["sentence"]
+    assert heard and "语音" not in heard
+    (tmp_path / "text").write_text("\n".join([heard] * 3 + ["语音", heard[:2] + "语音"]) + "\n",
+                                   encoding="utf-8")
+    assert train_ngram_lm.main(["--text", str(tmp_path / "text"), "--arpa",
+                                str(tmp_path / "lm.arpa"), "--order", "2", "--char"]) == 0
+    make_tlg.build_tlg(str(export / "units.txt"), str(tmp_path / "lm.arpa"), str(export))
+    wfst = WfstDecoder(str(export), model.symbols)
+    graph = build_context_graph(model.symbols, ["语音"], 1000.0)
+    plain = decode_samples(model, samples, DecodeOptions(wfst=wfst))
+    biased = decode_samples(model, samples, DecodeOptions(wfst=wfst, context=graph))
+    assert "语音" in biased[0]["sentence"] and "语音" not in plain[0]["sentence"]
+
+    async def stream(url, start):
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"signal": "start", "nbest": 1, **start}))
+            assert json.loads(await ws.recv())["type"] == "server_ready"
+            for k in range(0, len(samples), 3200):
+                await ws.send(samples[k: k + 3200].tobytes())
+                await asyncio.sleep(0)
+            await ws.send(json.dumps({"signal": "end"}))
+            finals = []
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("type") == "final_result":
+                    finals.append(json.loads(msg["nbest"]))
+            return finals
+
+    srv = ServerProcess(str(export), ["--context_score", "1000"])
+    try:
+        async def both():
+            return await asyncio.gather(stream(srv.url, {"context": ["语音"]}),
+                                        stream(srv.url, {}),
+                                        stream(srv.url, {"context": ["语音"]}))
+        with_ctx, without, again = asyncio.run(asyncio.wait_for(both(), 60))
+    finally:
+        assert srv.stop() == 0
+    assert with_ctx == [biased] and again == [biased] and without == [plain]
+    # A graph above --max_context_graph_states refuses per-connection lists (their
+    # composition would hold the event loop); the server's own list is unaffected.
+    from wenet_moe_runtime.context import ContextLimits
+    from wenet_moe_runtime.server import AsrServer, ServerConfig
+    states = wfst.graph.num_states
+    for bound, ok in ((states, True), (states - 1, False)):
+        server = AsrServer(model, ServerConfig(num_workers=1), DecodeOptions(wfst=wfst),
+                           ContextLimits(1000.0, max_graph_states=bound))
+        try:
+            opts, err = server._start_options({"signal": "start", "context": ["语音"]})
+            if ok:
+                assert err is None and opts.wfst.context is not None and opts.wfst.base is wfst
+            else:
+                assert opts is None and err == (
+                    f"Wrong message header: context: this server's LM graph has {states} states, "
+                    f"more than --max_context_graph_states {states - 1} for per-connection hotwords")
+            opts, err = server._start_options({"signal": "start"})
+            assert err is None and opts.wfst is wfst
+        finally:
+            server.workers.shutdown()

@@ -293,9 +293,11 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
     assert runtime("ctc_prefix_beam", "on") == rec["ctc_wfst"]
     assert runtime("attention_rescoring", "on") == rec["ctc_wfst_rescoring"]
     assert runtime("ctc_prefix_beam", "off") == rec["ctc_prefix_beam_search"]
-    # hotwords with the graph: recognize and the runtime re-rank the same n-best
+    # hotwords with the graph: recognize and the runtime search the same TLG o B; the
+    # bonus (1000 per unit) puts the phrase into every utterance, by a margin no
+    # acoustic or LM score can match
     (tmp_path / "hot.txt").write_text("世界\n", encoding="utf-8")
-    hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "4.0"]
+    hot = ["--context_path", str(tmp_path / "hot.txt"), "--context_score", "1000"]
     r = subprocess.run(
         [sys.executable, "-m", "wenet_moe", "recognize", "--config", str(tmp_path / "train.yaml"),
          "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
@@ -307,6 +309,7 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
     for mode, rt_mode in (("ctc_wfst", "ctc_prefix_beam"), ("ctc_wfst_rescoring", "attention_rescoring")):
         got = sorted((tmp_path / "rec_hot" / mode / "text").read_text(encoding="utf-8").splitlines())
         assert runtime(rt_mode, "on", *hot) == got
+        assert all("世界" in line for line in got) and got != rec[mode]
     # the LM knows the training sentences: the graph search reads them
     expected = sorted(f"u{i} {t}" for i, t in enumerate(texts))
     assert rec["ctc_wfst"] == expected
@@ -332,7 +335,7 @@ def test_lm_graph_recognize_equals_runtime_decode(real_export, tmp_path):
             assert not res.failures and res.finals == [offline]
             assert offline[0]["sentence"] == onnx_model.symbols.detokenize(ids)
 
-        # hotwords on a graph server re-rank the graph's n-best, per connection
+        # hotwords on a graph server: this connection's search runs on TLG o B
         from wenet_moe_runtime.context import build_context_graph
         graph = build_context_graph(onnx_model.symbols, ["世界"], 4.0)
         wav = real_export["utts"][2][0]

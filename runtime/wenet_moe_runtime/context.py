@@ -43,11 +43,16 @@ class ContextLimits:
     score: float = 3.0                      # bonus per matched unit
     max_phrases: int = DEFAULT_MAX_PHRASES  # phrases per list
     max_len: int = DEFAULT_MAX_LEN          # units per phrase
+    # with an LM graph, a per-connection list is composed with TLG (~50 us per graph
+    # state on a loaded 2-core machine, blocking the server's event loop): bound it
+    max_graph_states: int = 100000
 
     def __post_init__(self) -> None:
         if not self.score > 0.0 or self.max_phrases < 1 or self.max_len < 1:
             raise ContextError("context score, max phrases and max length must be positive, got "
                                f"{self.score}, {self.max_phrases}, {self.max_len}")
+        if self.max_graph_states < 0:
+            raise ContextError(f"max context graph states must be >= 0, got {self.max_graph_states}")
 
 
 def tokenize_phrase(symbols: SymbolTable, phrase: str) -> List[int]:
@@ -136,6 +141,7 @@ class ContextGraph:
         self.score = float(score)
         self.root = _Node(0)
         self.num_phrases = 0
+        self.phrases: List[Tuple[int, ...]] = []   # distinct phrases, first-seen order
         for ids in phrases:
             ids = list(ids)
             if not ids:
@@ -148,8 +154,13 @@ class ContextGraph:
                 node = nxt
             if not node.is_end:
                 self.num_phrases += 1
+                self.phrases.append(tuple(ids))
             node.is_end = True
         self._link()
+
+    def key(self) -> Tuple[float, Tuple[Tuple[int, ...], ...]]:
+        """(score, sorted phrases): equal for lists that bias identically."""
+        return self.score, tuple(sorted(self.phrases))
 
     def _link(self) -> None:
         """Breadth-first: scores, partial bonuses and failure links."""
@@ -200,15 +211,6 @@ class ContextGraph:
             delta, state = self.step(state, tok)
             total += delta
         return total + self.finalize(state)
-
-
-def rerank_with_context(hyps: Sequence[Tuple[List[int], float, List[int]]],
-                        context: ContextGraph) -> List[Tuple[List[int], float, List[int]]]:
-    """Add each hypothesis' hotword bonus (completed phrases) to its score; re-sort
-    (stable, so equal scores keep the search's order)."""
-    out = [(t, s + context.score_tokens(t), tm) for t, s, tm in hyps]
-    out.sort(key=lambda h: -h[1])
-    return out
 
 
 def build_context_graph(symbols: SymbolTable, phrases: Sequence[str], score: float,

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .context import ContextGraph, rerank_with_context
+from .context import ContextGraph
 from .ctc_search import CtcGreedySearch, CtcPrefixBeamSearch
 from .endpoint import CtcEndpoint, EndpointConfig
 from .features import OnlineFbank
@@ -48,6 +48,7 @@ class DecodeOptions:
     continuous_decoding: bool = False
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     context: Optional[ContextGraph] = None   # hotword biasing of the CTC prefix search
+    # (and, with a graph, of the graph search: wfst becomes wfst.for_context(context))
     # TLG graph search (wfst.WfstDecoder) replacing the prefix search in results:
     # partials from the graph's best active path; finals: ctc_prefix_beam -> graph
     # 1-best, attention_rescoring -> rescored graph n-best
@@ -63,6 +64,10 @@ class DecodeOptions:
             raise ValueError("hotwords (context) need a beam search mode, not ctc_greedy")
         if self.wfst is not None and self.mode == "ctc_greedy":
             raise ValueError("the LM graph needs mode ctc_prefix_beam or attention_rescoring")
+        if self.wfst is not None and hasattr(self.wfst, "for_context"):
+            # hotwords with a graph: search TLG o B(context) (wfst.bias_fst), composed
+            # once per distinct list; None -> the unbiased graph
+            self.wfst = self.wfst.for_context(self.context)
 
 
 def resolve_chunk_size(model: OnnxAsrModel, chunk_size: int) -> int:
@@ -99,15 +104,14 @@ def rescore(model: OnnxAsrModel, hyps: Sequence[Tuple[List[int], float, List[int
 def wfst_hyps(opts: DecodeOptions, log_probs: np.ndarray
               ) -> List[Tuple[List[int], float, List[int]]]:
     """Graph search of a segment's (T, V) CTC log-posteriors: the 1-best for
-    ctc_prefix_beam, the n-best for attention_rescoring; with hotwords, the n-best
-    re-ranked by score + hotword bonus; (tokens, score, times) best first."""
+    ctc_prefix_beam, the n-best for attention_rescoring; with hotwords the graph is
+    TLG o B(context) (`DecodeOptions` composes it), so scores include the bonus of
+    completed phrases; (tokens, score, times) best first."""
     wfst = opts.wfst
-    if opts.context is None and opts.mode != "attention_rescoring":
+    if opts.mode != "attention_rescoring":
         hyps = [(h.tokens, h.score, h.times) for h in wfst.decode(log_probs)]
     else:
         hyps = [(h.tokens, h.score, h.times) for h in wfst.decode_nbest(log_probs)]
-        if opts.context is not None:
-            hyps = rerank_with_context(hyps, opts.context)
     return hyps or [([], float("-inf"), [])]
 
 
@@ -245,7 +249,7 @@ class StreamingDecoder:
         self.search.advance(log_probs)
         if self.wfst_stream is not None:
             self.wfst_stream.accept(log_probs)
-            if self.opts.mode == "attention_rescoring" or self.opts.context is not None:
+            if self.opts.mode == "attention_rescoring":
                 self.log_probs.append(log_probs)
         self.endpoint.update(log_probs, self.model.symbols.blank_id)
         decoded = self.decoded_something()
@@ -284,8 +288,7 @@ class StreamingDecoder:
     def _final_nbest(self) -> List[Dict]:
         self.finals_sent += 1
         hyps = self.search.nbest()
-        if self.wfst_stream is not None and (self.opts.mode == "attention_rescoring"
-                                             or self.opts.context is not None):
+        if self.wfst_stream is not None and self.opts.mode == "attention_rescoring":
             lp = (np.concatenate(self.log_probs, axis=0) if self.log_probs
                   else np.zeros((0, self.model.info.vocab_size), np.float32))
             hyps = wfst_hyps(self.opts, lp)

@@ -330,6 +330,11 @@ class AsrServer:
                                                lim.max_phrases, lim.max_len) if phrases else None)
             except ContextError as exc:
                 return None, f"Wrong message header: {exc}"
+            states = base.wfst.base.graph.num_states if base.wfst is not None else 0
+            if context is not None and states > lim.max_graph_states:
+                return None, ("Wrong message header: context: this server's LM graph has "
+                              f"{states} states, more than --max_context_graph_states "
+                              f"{lim.max_graph_states} for per-connection hotwords")
         try:
             opts = DecodeOptions(chunk_size=base.chunk_size, beam_size=base.beam_size,
                                  nbest=nbest, mode=base.mode, ctc_weight=base.ctc_weight,
@@ -458,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule2_silence_ms", type=int, default=1000)
     p.add_argument("--rule3_max_utterance_ms", type=int, default=20000)
     add_context_arguments(p)  # a start message's "context" replaces --context_path's list
+    p.add_argument("--max_context_graph_states", type=int,
+                   default=ContextLimits.max_graph_states,
+                   help="with an LM graph, per-connection hotwords (composed with the graph, "
+                        "once per distinct list) only for graphs of at most this many states")
     from .decode import add_lm_arguments
     add_lm_arguments(p)  # final results from TLG.fst + words.txt when the model dir has them
     p.add_argument("--switch_interval_ms", type=float, default=0.2,
@@ -500,7 +509,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         endpoint = EndpointConfig(args.blank_threshold, args.rule1_silence_ms,
                                   args.rule2_silence_ms, args.rule3_max_utterance_ms)
         from .decode import lm_from_args
-        limits = ContextLimits(args.context_score, args.max_context_phrases, args.max_context_len)
+        limits = ContextLimits(args.context_score, args.max_context_phrases, args.max_context_len,
+                               args.max_context_graph_states)
         opts = DecodeOptions(chunk_size=args.chunk_size, beam_size=args.beam_size, mode=args.mode,
                              ctc_weight=args.ctc_weight, rescoring_weight=args.rescoring_weight,
                              reverse_weight=args.reverse_weight, endpoint=endpoint,

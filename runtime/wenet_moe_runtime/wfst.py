@@ -10,12 +10,20 @@ the distinct word sequences among its lattice's best paths. A hypothesis carries
 units (collapsed from the frame alignment: the graph's input labels are unit id + 1),
 their peak frames, its words, and its score = -(graph cost + acoustic cost), i.e.
 acoustic_scale * CTC log-probability of the best alignment + LM log-probability.
+
+Hotwords: `WfstDecoder.for_context(ContextGraph)` returns a decoder over TLG o B,
+B the biasing acceptor of `bias_fst` (a trie over the graph's words with back-off
+arcs that take an unfinished match's bonus back); scores then include the bonus of
+completed phrases. Compositions are cached per distinct list on the base decoder.
 """
 from __future__ import annotations
 
+import copy
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,10 +45,15 @@ class WfstOptions:
     blank_skip_thresh: float = 0.98   # > 1: never skip
     length_penalty: float = 0.0       # added to non-blank log-probabilities
     nbest: int = 10                   # word sequences for attention rescoring
+    # search beam of the lattice decoder behind the n-best: kaldi-decoder's
+    # LatticeSimpleDecoder has no max_active, so at `beam` 15 its active set grows
+    # ~10x the FasterDecoder's; it runs at min(beam, max(this, lattice_beam))
+    lattice_search_beam: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.beam <= 0 or self.lattice_beam <= 0 or self.acoustic_scale <= 0:
-            raise WfstError("beam, lattice_beam and acoustic_scale must be > 0")
+        if (self.beam <= 0 or self.lattice_beam <= 0 or self.acoustic_scale <= 0
+                or self.lattice_search_beam <= 0):
+            raise WfstError("beam, lattice_beam, lattice_search_beam and acoustic_scale must be > 0")
         if self.max_active < 1 or self.min_active < 0 or self.nbest < 1:
             raise WfstError("max_active and nbest must be >= 1, min_active >= 0")
 
@@ -90,6 +103,134 @@ class WfstDecoder:
                     raise WfstError(f"{words_path}:{lineno}: expected 'word id', got {line.strip()!r}")
                 self.words[int(parts[1])] = parts[0]
         self.blank_id = symbols.blank_id
+        self.words_path = words_path
+        self.base = self          # the unbiased decoder (self, or the one composed from)
+        self.context = None       # the ContextGraph composed into self.graph, if any
+        self.compose_seconds = 0.0
+        self._biased: "OrderedDict[tuple, WfstDecoder]" = OrderedDict()
+        self._spellings: Optional[Dict[Tuple[int, ...], int]] = None
+        self._longest_spelling = 0
+
+    # ------------------------------------------------------------- hotwords
+    MAX_BIASED_GRAPHS = 8   # composed graphs cached per base decoder (distinct lists)
+
+    def for_context(self, context) -> "WfstDecoder":
+        """The decoder whose graph is TLG o B(context) (`bias_fst`); the base decoder
+        for `context=None`. Composed graphs are cached per distinct phrase list and
+        score (least recently used dropped beyond MAX_BIASED_GRAPHS).
+        Raises WfstError when a phrase cannot be spelled by the graph's words."""
+        base = self.base
+        if context is None:
+            return base
+        if self.context is context:
+            return self
+        key = context.key()
+        cached = base._biased.get(key)
+        if cached is not None:
+            base._biased.move_to_end(key)
+            return cached
+        t0 = time.perf_counter()
+        bias = base.bias_fst(context)
+        kf = self._kf
+        graph = kf.StdVectorFst(kf.compose(base.graph, bias, match_side="right"))
+        kf.arcsort(graph, sort_type="ilabel")
+        dec = copy.copy(base)
+        dec.graph, dec.context, dec._biased = graph, context, OrderedDict()
+        dec.compose_seconds = time.perf_counter() - t0
+        base._biased[key] = dec
+        while len(base._biased) > self.MAX_BIASED_GRAPHS:
+            base._biased.popitem(last=False)
+        return dec
+
+    def _word_spellings(self) -> Dict[Tuple[int, ...], int]:
+        """Unit sequence -> word id, for the words of words.txt that
+        `context.tokenize_phrase` spells (the spelling make_tlg gives them without
+        a lexicon; for a character LM, every character is its own unit)."""
+        if self._spellings is None:
+            from .context import ContextError, tokenize_phrase
+            spellings: Dict[Tuple[int, ...], int] = {}
+            for wid in sorted(self.words):
+                w = self.words[wid]
+                if wid == 0 or w.startswith("#") or (w.startswith("<") and w.endswith(">")):
+                    continue
+                try:
+                    ids = tuple(tokenize_phrase(self.symbols, w))
+                except ContextError:
+                    continue
+                if ids:
+                    spellings.setdefault(ids, wid)
+            self._spellings = spellings
+            self._longest_spelling = max((len(k) for k in spellings), default=0)
+        return self._spellings
+
+    def phrase_words(self, phrase: Sequence[int]) -> List[Tuple[int, int]]:
+        """A phrase's units as words of the graph, greedy longest match:
+        [(word id, number of units)]. Raises WfstError naming the phrase and the unit
+        where no word of words.txt starts."""
+        spellings = self._word_spellings()
+        out, pos = [], 0
+        while pos < len(phrase):
+            for end in range(min(len(phrase), pos + self._longest_spelling), pos, -1):
+                wid = spellings.get(tuple(phrase[pos:end]))
+                if wid is not None:
+                    out.append((wid, end - pos))
+                    pos = end
+                    break
+            else:
+                raise WfstError(
+                    f"hotword '{self.symbols.detokenize(list(phrase))}': no word of "
+                    f"{self.words_path} spells its units from "
+                    f"'{self.symbols.detokenize(list(phrase[pos:]))}' on (the LM graph cannot output it)")
+        return out
+
+    def bias_fst(self, context):
+        """The biasing acceptor B over word ids (tropical costs = -bonus).
+
+        State 0 (start, final) loops on every word at cost 0. The phrases, as words
+        (`phrase_words`), form a trie below it: each arc of a word of n units costs
+        `-score * n`. A trie state s holding an unfinished match has an epsilon arc
+        back to state 0 and a final weight, both `+partial(s)` (the bonus earned
+        since the last completed phrase on its path): leaving the match, or ending
+        in it, takes that bonus back. A completed phrase with no longer phrase below
+        it returns to state 0 (the bonus stays). Composed with TLG, the search
+        keeps, for each word sequence, its best path through B: CTC + LM score plus
+        the bonus of the best set of non-overlapping phrase occurrences (equal to
+        `ContextGraph.score_tokens` unless two phrases overlap); the held bonus of
+        an unfinished match counts in the beam pruning (a partial result is the
+        FasterDecoder's best path to a final state, so a phrase shows once complete)."""
+        kf = self._kf
+        fst = kf.StdVectorFst()
+        root = fst.add_state()
+        fst.start = root
+        fst.set_final(root, 0.0)
+        for wid in sorted(self.words):
+            if wid != 0:
+                fst.add_arc(root, kf.StdArc(wid, wid, 0.0, root))
+        child: Dict[Tuple[int, int], int] = {}
+        edges: List[Tuple[int, int, float, int]] = []   # (src, word, bonus, dst), parents first
+        ends = set()
+        for phrase in context.phrases:
+            state = root
+            for wid, n in self.phrase_words(phrase):
+                nxt = child.get((state, wid))
+                if nxt is None:
+                    nxt = child[(state, wid)] = fst.add_state()
+                    edges.append((state, wid, context.score * n, nxt))
+                state = nxt
+            ends.add(state)
+        has_child = {src for src, _, _, _ in edges}
+        partial = {root: 0.0}
+        for src, wid, bonus, dst in edges:
+            partial[dst] = (0.0 if src in ends else partial[src]) + bonus
+            leaf_end = dst in ends and dst not in has_child
+            fst.add_arc(src, kf.StdArc(wid, wid, -bonus, root if leaf_end else dst))
+            if not leaf_end:
+                held = 0.0 if dst in ends else partial[dst]
+                fst.add_arc(dst, kf.StdArc(0, 0, held, root))
+                fst.set_final(dst, held)
+        kf.connect(fst)      # drops the unused states of leaf ends
+        kf.arcsort(fst, sort_type="ilabel")
+        return fst
 
     # ---------------------------------------------------------------- frames
     def _check(self, log_probs: np.ndarray) -> np.ndarray:
@@ -148,30 +289,38 @@ class WfstDecoder:
 
     def decode_nbest(self, log_probs: np.ndarray, n: int = 0) -> List[WfstHypothesis]:
         """Up to n (default opts.nbest) distinct word sequences, best first, from the
-        lattice of the LatticeSimpleDecoder: the distinct ones among its 10n best paths."""
+        lattice of the LatticeSimpleDecoder (search beam `nbest_search_beam`, lattice
+        beam `lattice_beam`): the distinct ones among its 10n best paths (only
+        those are converted to hypotheses)."""
         n = n or self.opts.nbest
         keep, scaled = self.frame_costs(log_probs)
         if scaled.shape[0] == 0:
             return [WfstHypothesis([], 0.0, [], [])]
-        o = self.opts
         dec = self._kd.LatticeSimpleDecoder(self.graph, self._kd.LatticeSimpleDecoderConfig(
-            beam=o.beam, lattice_beam=o.lattice_beam))
+            beam=self.nbest_search_beam, lattice_beam=self.opts.lattice_beam))
         dec.decode(self._kd.DecodableCtc(scaled))
         ok, lattice = dec.get_raw_lattice()
         if not ok:
             return []
         out, seen = [], set()
         for path in self._kf.lattice_to_nbest(lattice, n=10 * n):
-            hyp = self._hypothesis(*self._linear(path), keep, scaled)
-            key = tuple(hyp.words)
+            ilabels, olabels, cost = self._linear(path)
+            key = tuple(olabels)
             if key in seen:
                 continue
             seen.add(key)
-            out.append(hyp)
+            out.append(self._hypothesis(ilabels, olabels, cost, keep, scaled))
             if len(out) == n:
                 break
         out.sort(key=lambda h: -h.score)
         return out
+
+    @property
+    def nbest_search_beam(self) -> float:
+        """The lattice decoder's search beam: min(beam, max(lattice_search_beam,
+        lattice_beam))."""
+        o = self.opts
+        return min(o.beam, max(o.lattice_search_beam, o.lattice_beam))
 
 
 class FrameSelector:
@@ -275,10 +424,13 @@ def add_wfst_arguments(parser) -> None:
                         help="added to every non-blank log-probability")
     parser.add_argument("--wfst_nbest", type=int, default=d.nbest,
                         help="word sequences passed to attention rescoring")
+    parser.add_argument("--lattice_search_beam", type=float, default=d.lattice_search_beam,
+                        help="search beam of the lattice decoder behind the n-best "
+                             "(runs at min(beam, max(this, lattice_beam)))")
 
 
 def wfst_from_args(args, graph_dir: str, symbols: SymbolTable) -> WfstDecoder:
     opts = WfstOptions(args.beam, args.lattice_beam, args.max_active, args.min_active,
                        args.acoustic_scale, args.blank_skip_thresh, args.length_penalty,
-                       args.wfst_nbest)
+                       args.wfst_nbest, args.lattice_search_beam)
     return WfstDecoder(graph_dir, symbols, opts)

@@ -209,24 +209,76 @@ def test_stream_in_chunks_equals_whole_utterance(graph):
                 assert abs(got.score - whole.score) < 1e-4
 
 
-def test_hotwords_rerank_the_graph_nbest(graph):
-    """With an LM graph, hotwords re-rank the lattice's word sequences: the phrase
-    好语界 that the LM dislikes wins with its bonus (3 units x 3.0) and not without."""
+def test_hotwords_bias_the_graph_search(graph):
+    """Hotwords inside the graph search (TLG o B): the phrase 好语界 that the LM
+    dislikes (it loses by ~5.6) wins with a bonus of 3.0 per unit and not with 0.5;
+    its score is the unbiased graph score of 你好语界 plus 3 x 3.0; an unfinished or
+    broken match earns nothing at the end; the biased search recovers the phrase
+    even where the unbiased lattice (lattice beam 1) no longer holds it."""
     from wenet_moe_runtime.context import ContextGraph
     from wenet_moe_runtime.decoder import DecodeOptions, wfst_hyps
     from wenet_moe_runtime.symbols import SymbolTable
-    from wenet_moe_runtime.wfst import WfstDecoder, WfstOptions
+    from wenet_moe_runtime.wfst import WfstDecoder, WfstOptions, WfstStream
     d, _ = graph
     sym = SymbolTable.read(str(d / "units.txt"))
-    dec = WfstDecoder(str(d / "g"), sym, WfstOptions(lattice_beam=20.0))
     lp = half_heard_world()
+    wide = WfstDecoder(str(d / "g"), sym, WfstOptions(lattice_beam=20.0))
+    plain = wide.decode(lp)[0]
+    assert plain.tokens == [2, 3, 4, 5]
+    unbiased = {tuple(h.tokens): h.score for h in wide.decode_nbest(lp, 20)}
+    margin = unbiased[(2, 3, 4, 5)] - unbiased[(2, 3, 6, 5)]
+    assert 4.0 < margin < 7.0
+    for phrases, score, tokens, bonus in (
+            ([[3, 6, 5]], 3.0, [2, 3, 6, 5], 9.0),        # recovered: +3 per unit
+            ([[3, 6, 5]], 0.5, [2, 3, 4, 5], 0.0),        # bonus 1.5 < margin: not
+            ([[3, 6, 5, 7]], 3.0, [2, 3, 4, 5], 0.0),     # unfinished at the end: 9 taken back
+            ([[3, 6, 7]], 3.0, [2, 3, 4, 5], 0.0),        # broken by 界: 6 taken back
+            ([[2, 3, 6], [6, 5]], 3.0, [2, 3, 6, 5], 9.0),   # 你好语 + (语界 overlaps: not both)
+            ([[2, 3], [6, 5]], 3.0, [2, 3, 6, 5], 12.0)):  # two phrases, 2 units each
+        ctx = ContextGraph(phrases, score)
+        biased = wide.for_context(ctx)
+        hyp = biased.decode(lp)[0]
+        assert hyp.tokens == tokens, phrases
+        assert abs(hyp.score - (unbiased[tuple(tokens)] + bonus)) < 1e-3, (phrases, hyp.score)
+        assert ctx.score_tokens(hyp.tokens) == bonus   # the prefix search's trie agrees
+    # cached per distinct list; None gives back the base graph
+    ctx = ContextGraph([[3, 6, 5]], 3.0)
+    biased = wide.for_context(ctx)
+    assert wide.for_context(ContextGraph([[3, 6, 5]], 3.0)) is biased
+    assert biased.for_context(None) is wide and biased.base is wide
+    # Partials of the streaming search are biased: once 界 is read the phrase shows.
+    for dec in (wide, biased):
+        stream = WfstStream(dec)
+        stream.accept(lp[:7])
+        assert stream.best(final=False).tokens == ([2, 3, 6, 5] if dec is biased else [2, 3, 4, 5])
+    # With a narrow lattice the unbiased n-best lacks 你好语界 (re-ranking it could
+    # not recover the phrase); the biased search finds it, for 1-best and n-best.
+    narrow = WfstDecoder(str(d / "g"), sym, WfstOptions(lattice_beam=1.0))
+    assert (2, 3, 6, 5) not in {tuple(h.tokens) for h in narrow.decode_nbest(lp)}
     for mode in ("ctc_prefix_beam", "attention_rescoring"):
-        plain = wfst_hyps(DecodeOptions(mode=mode, wfst=dec), lp)
-        assert plain[0][0] == [2, 3, 4, 5]
-        nbest = {tuple(h[0]): h[1] for h in wfst_hyps(DecodeOptions(mode="attention_rescoring",
-                                                                    wfst=dec), lp)}
-        assert (2, 3, 6, 5) in nbest and nbest[(2, 3, 4, 5)] - nbest[(2, 3, 6, 5)] < 9.0
-        biased = wfst_hyps(DecodeOptions(mode=mode, wfst=dec,
-                                         context=ContextGraph([[3, 6, 5]], 3.0)), lp)
-        assert biased[0][0] == [2, 3, 6, 5]
-        assert abs(biased[0][1] - (nbest[(2, 3, 6, 5)] + 9.0)) < 1e-9
+        opts = DecodeOptions(mode=mode, wfst=narrow, context=ctx)
+        assert opts.wfst.context is ctx and opts.wfst.base is narrow
+        hyps = wfst_hyps(opts, lp)
+        assert hyps[0][0] == [2, 3, 6, 5]
+        assert abs(hyps[0][1] - (unbiased[(2, 3, 6, 5)] + 9.0)) < 1e-3
+        assert wfst_hyps(DecodeOptions(mode=mode, wfst=opts.wfst), lp)[0][0] == [2, 3, 4, 5]
+
+
+def test_hotword_outside_the_graph_vocabulary(tmp_path):
+    """A phrase whose units no word of words.txt spells is an error naming it."""
+    import make_tlg
+    from wenet_moe_runtime.context import ContextGraph
+    from wenet_moe_runtime.decoder import DecodeOptions
+    from wenet_moe_runtime.symbols import SymbolTable
+    from wenet_moe_runtime.wfst import WfstDecoder, WfstError
+    (tmp_path / "units.txt").write_text("".join(f"{s} {i}\n" for i, s in enumerate(UNITS)),
+                                        encoding="utf-8")
+    (tmp_path / "text").write_text("你好世界\n世界你好\n", encoding="utf-8")
+    assert lmtool.main(["--text", str(tmp_path / "text"), "--arpa", str(tmp_path / "lm.arpa"),
+                        "--order", "2", "--char"]) == 0
+    make_tlg.build_tlg(str(tmp_path / "units.txt"), str(tmp_path / "lm.arpa"), str(tmp_path / "g"))
+    sym = SymbolTable.read(str(tmp_path / "units.txt"))
+    dec = WfstDecoder(str(tmp_path / "g"), sym)
+    with pytest.raises(WfstError, match=r"hotword '世界语音': no word of .*words.txt spells "
+                                        r"its units from '语音' on"):
+        DecodeOptions(mode="ctc_prefix_beam", wfst=dec, context=ContextGraph([[4, 5, 6, 7]], 3.0))

@@ -189,7 +189,8 @@ def test_stages_0_to_7_then_rerun_changes_nothing(easy_corpus, tmp_path):
     assert snapshot(ws) == before
 
     # stages 8-9: character LM + TLG graph from the training text, decoding with the
-    # graph and with hotwords (phrases of the training transcripts); a rerun changes nothing
+    # graph, with hotwords (phrases of the training transcripts) and with both; a rerun
+    # changes nothing
     # (the LM packages are in requirements.txt)
     train_text = (ws / "data" / "train" / "text").read_text(encoding="utf-8").splitlines()
     hot = ws / "hotwords.txt"
@@ -201,7 +202,8 @@ def test_stages_0_to_7_then_rerun_changes_nothing(easy_corpus, tmp_path):
         encoding="utf-8")
     for tag in ("full", "chunk16"):
         for kind, modes in (("lm", ("ctc_wfst", "ctc_wfst_rescoring")),
-                            ("hotwords", ("ctc_prefix_beam_search", "attention_rescoring"))):
+                            ("hotwords", ("ctc_prefix_beam_search", "attention_rescoring")),
+                            ("lm_hotwords", ("ctc_wfst", "ctc_wfst_rescoring"))):
             for mode in modes:
                 rdir = exp / f"decode_dev_{tag}_{kind}" / mode
                 assert sorted(read_hyps(rdir / "text")) == sorted(refs)

@@ -67,16 +67,13 @@ def ctc_wfst(ctc_log_probs: torch.Tensor, lens: torch.Tensor, wfst, nbest: bool 
     1-best (FasterDecoder) or, with `nbest`, the lattice's distinct word sequences.
     Scores are acoustic_scale * CTC + LM log-probabilities; an utterance where no
     path reached a final state gets an empty hypothesis. With hotwords (`context`)
-    the lattice n-best is re-ranked by score + bonus, as the runtime does."""
-    from wenet_moe_runtime.context import rerank_with_context
+    the search runs on TLG o B(context) (`WfstDecoder.for_context`), as the runtime
+    does: scores then include the bonus of completed phrases."""
+    wfst = wfst.for_context(context)
     out = []
     for lp in _utterance_log_probs(ctc_log_probs, lens):
-        if context is not None:
-            hyps = rerank_with_context([(h.tokens, h.score, h.times) for h in wfst.decode_nbest(lp)],
-                                       context)
-        else:
-            hyps = [(h.tokens, h.score, h.times)
-                    for h in (wfst.decode_nbest(lp) if nbest else wfst.decode(lp))]
+        hyps = [(h.tokens, h.score, h.times)
+                for h in (wfst.decode_nbest(lp) if nbest else wfst.decode(lp))]
         if not hyps:
             out.append(DecodeResult([], float("-inf"), [], [[]], [float("-inf")], [[]]))
             continue

@@ -313,7 +313,8 @@ if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
   decode_device=cpu
   [ "$(count_gpus)" -gt 0 ] && decode_device=cuda
   runs=("lm:$wfst_modes")
-  [ -n "$context_path" ] && runs+=("hotwords:ctc_prefix_beam_search attention_rescoring")
+  [ -n "$context_path" ] && runs+=("hotwords:ctc_prefix_beam_search attention_rescoring"
+                                   "lm_hotwords:$wfst_modes")
   for x in $decode_sets; do
     for chunk in $decode_chunks; do
       if [ "$chunk" = -1 ]; then tag=full; else tag=chunk$chunk; fi
@@ -321,7 +322,9 @@ if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
         kind=${run%%:*}; modes=${run#*:}
         rdir=$dir/decode_${x}_${tag}_$kind
         extra=("${wfst_opts[@]}")
-        [ $kind = hotwords ] && extra=(--context_path $context_path --context_score $context_score)
+        hot=(--context_path "$context_path" --context_score $context_score)
+        [ $kind = hotwords ] && extra=("${hot[@]}")
+        [ $kind = lm_hotwords ] && extra=("${wfst_opts[@]}" "${hot[@]}")
         todo=()
         for mode in $modes; do [ -s $rdir/$mode/text ] || todo+=($mode); done
         if [ ${#todo[@]} -gt 0 ]; then

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Print the CER table of a model directory (Markdown).
 
-    cer_table.py EXP_DIR [--runtime]
+    cer_table.py EXP_DIR [--lm TAG]
 
 Reads EXP_DIR/decode_<set>_<full|chunkN>/<mode>/wer (compute_cer.py output) and
 prints, for every set, one row per decoding mode and one column per context.
 With runtime_* directories present, their CERs are listed below the table.
+`--lm TAG` (full or chunkN) prints instead the table of stages 8-9: one column per
+set, rows without LM (decode_<set>_TAG), with the LM graph (decode_<set>_TAG_lm),
+with hotwords (_hotwords) and with both (_lm_hotwords).
 """
 from __future__ import annotations
 
@@ -64,13 +67,49 @@ def format_table(table) -> str:
     return "\n".join(out)
 
 
+LM_RUNS = [("without LM", "", ["ctc_prefix_beam_search", "attention_rescoring"]),
+           ("with LM", "_lm", ["ctc_wfst", "ctc_wfst_rescoring"]),
+           ("hotwords", "_hotwords", ["ctc_prefix_beam_search", "attention_rescoring"]),
+           ("LM + hotwords", "_lm_hotwords", ["ctc_wfst", "ctc_wfst_rescoring"])]
+
+
+def format_lm_table(exp: str, tag: str) -> str:
+    """CER without/with the LM graph and hotwords, one column per decoded set."""
+    sets = sorted({m.group(1) for name in os.listdir(exp)
+                   for m in [re.fullmatch(rf"decode_(.+)_{tag}_lm", name)] if m})
+    if not sets:
+        return ""
+    out = [f"CER (%) without and with the LM and hotwords ({tag}):\n",
+           "| decoding | mode | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+    for label, suffix, modes in LM_RUNS:
+        for mode in modes:
+            cers = [read_cer(os.path.join(exp, f"decode_{x}_{tag}{suffix}", mode, "wer")) for x in sets]
+            if all(c is None for c in cers):
+                continue
+            out.append(f"| {label} | {mode} | " + " | ".join("-" if c is None else f"{c:.2f}"
+                                                            for c in cers) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exp_dir", help="model directory")
+    p.add_argument("--lm", default=None, metavar="TAG",
+                   help="print the LM/hotword table of this context (full or chunkN)")
     a = p.parse_args(argv)
     if not os.path.isdir(a.exp_dir):
         print(f"cer_table.py: error: {a.exp_dir}: no such directory", file=sys.stderr)
         return 1
+    if a.lm is not None:
+        if not re.fullmatch(r"full|chunk\d+", a.lm):
+            print(f"cer_table.py: error: --lm {a.lm}: expected full or chunkN", file=sys.stderr)
+            return 1
+        table = format_lm_table(a.exp_dir, a.lm)
+        if not table:
+            print(f"cer_table.py: no decode_*_{a.lm}_lm under {a.exp_dir}", file=sys.stderr)
+            return 1
+        print(table)
+        return 0
     table = collect(a.exp_dir)
     if not table:
         print(f"cer_table.py: no decode_*/*/wer under {a.exp_dir}", file=sys.stderr)
