@@ -93,6 +93,11 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return load(target)
+
+
+def load(target: Path) -> ctypes.CDLL:
+    """The built library at `target` with its function signatures declared (ABI checked)."""
     lib = ctypes.CDLL(str(target))
     if lib.wm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{target} has ABI {lib.wm_abi_version()}, expected {ABI_VERSION}")
