@@ -379,6 +379,9 @@ def main() -> int:
                                           for n in used)
                 precision_rows.append((frames, p, t[f"moe_{p}"], t["moe"], t["dense"], t["loop"], floor_p,
                                        errors[p]))
+                print(f"{'':>5} {p:>10} {t[f'moe_{p}'] * 1e3:>8.3f} ms: moe/moe_P {t['moe'] / t[f'moe_{p}']:.2f}, "
+                      f"moe_P/dense {t[f'moe_{p}'] / t['dense']:.2f}, loop/moe_P {t['loop'] / t[f'moe_{p}']:.2f}, "
+                      f"moe_P/floor_P {t[f'moe_{p}'] / floor_p:.2f}, rel err {errors[p]:.1e}", flush=True)
         if precision_rows:
             print(f"\nexpert precision (same run, same interleaved repetitions; moe = fp32 above; "
                   f"floor_P with the experts' bytes at P; rel err = max |out_P - out_fp32| / max |out_fp32|)")
