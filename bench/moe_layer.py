@@ -16,6 +16,11 @@ cycling through the weights of `--layers` layers so that they do not stay in cac
   floor  max(bytes of the weights of the experts actually chosen / memory bandwidth,
          FLOPs of the chosen experts / GEMM throughput), with bandwidth measured by a
          large tensor copy and GEMM throughput by a large square matmul on this machine.
+  moe_P  with --precisions: the same layers (same fp32 parameters) with
+         moe_conf.expert_precision P (bf16 / int8 packed experts), timed in the same
+         interleaved loop; a second table gives their times, moe/moe_P (the speed-up
+         over fp32), moe_P/dense, loop/moe_P, moe_P/floor_P (floor_P: the chosen experts'
+         bytes at P) and the largest output difference from fp32 relative to max|out|
 Prints the times and the ratios moe/dense, loop/moe (speed-up), moe/floor, moe/gemm,
 allfr/moe, and dense/floor (the dense FFN against its own floor: how far torch's GEMM
 kernels are from the machine's copy bandwidth / peak GEMM rate at this shape).
@@ -30,6 +35,7 @@ gate-weighted), the dense FFN, and the loop reference (scripted).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -217,6 +223,9 @@ def main() -> int:
     parser.add_argument("--packed", default="auto", choices=["auto", "kernel", "onednn", "off"],
                         help="moe_conf.packed_experts: auto (true: the C kernel, else oneDNN), "
                              "kernel, onednn, or off (MKL addmm experts, as in training)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+                        help="expert precisions timed (moe_conf.expert_precision); fp32 is always "
+                             "the baseline `moe`, the others get the second table")
     parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
                         help="T values of the ONNX Runtime table (CPU only; none = skip)")
     args = parser.parse_args()
@@ -237,10 +246,21 @@ def main() -> int:
     dense_bytes = (2 * args.dim * args.topk * args.hidden + args.topk * args.hidden + args.dim) * 4
     l3 = host.l3_bytes()
     n_dense = args.layers
-    if args.layers <= 0:   # cycle >= 3x L3, so no layer's weights survive in cache
-        args.layers = max(12, -(-3 * l3 // (args.experts * expert_bytes)))
+    extra = [p for p in dict.fromkeys(args.precisions) if p != "fp32"]
+    # bytes of one expert's weights per precision (biases and int8 scales stay fp32)
+    weight_bytes = {"fp32": 4, "bf16": 2, "int8": 1}
+    expert_bytes_of = {p: 2 * args.dim * args.hidden * weight_bytes[p]
+                       + (args.hidden + args.dim) * (4 if p != "int8" else 8) for p in ["fp32"] + extra}
+    smallest = min(expert_bytes_of.values())
+    if args.layers <= 0:   # cycle >= 3x L3 (at the smallest precision), so no weights stay in cache
+        args.layers = max(12, -(-3 * l3 // (args.experts * smallest)))
         n_dense = max(12, -(-3 * l3 // dense_bytes))
     moes = [factory().to(device).eval() for _ in range(args.layers)]
+    # shallow copies: the same parameters, their own packed experts (kept per module)
+    moes_at = {p: [copy.copy(m) for m in moes] for p in extra}
+    for p, layers in moes_at.items():
+        for m in layers:
+            m.expert_precision = p
     loops = [LoopMoE(m).to(device).eval() for m in moes]
     denses = [PositionwiseFeedForward(args.dim, args.topk * args.hidden, 0.0, nn.SiLU())
               .to(device).eval() for _ in range(n_dense)]
@@ -257,13 +277,15 @@ def main() -> int:
           f"({n_dense * dense_bytes / 2**20:.0f} MiB), L3 {l3 / 2**20:.0f} MiB; "
           f"medians of {args.reps} interleaved repetitions, times per layer call; "
           f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts: {args.packed} "
-          f"(`path` says which kernels each T used)")
+          f"(`path` says which kernels each T used)"
+          + (f"; expert precisions {', '.join(extra)} (second table)" if extra else ""))
     header = (f"{'T':>5} {'path':>10} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} "
               f"{'loop ms':>8} {'gemm ms':>8} {'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} "
               f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} {'moe/gemm':>8} "
               f"{'allfr/moe':>9} {'dense/floor':>11}")
     print(header)
     print("-" * len(header))
+    precision_rows = []
     with torch.inference_mode():
         for frames in args.frames:
             inputs = [torch.randn(1, frames, args.dim, device=device) for _ in range(args.layers)]
@@ -320,6 +342,11 @@ def main() -> int:
                      "dense": run(denses, lambda m, x: m(x, empty)),
                      "loop": run(loops, lambda m, x: m(x)),
                      "gemm": gemm_only, "copy": machine.copy, "peak": machine.gemm}
+            errors = {}
+            for p, layers in moes_at.items():
+                timed[f"moe_{p}"] = run(layers, lambda m, x: m(x, empty))
+                errors[p] = max(((m(x, empty) - m32(x, empty)).abs().max() / m32(x, empty).abs().max()).item()
+                                for m, m32, x in zip(layers, moes, inputs))
             per_call = {"copy": 1, "peak": 1}
             samples = {name: [] for name in timed}
             for fn in timed.values():
@@ -347,6 +374,24 @@ def main() -> int:
                   f"{t['moe'] / t['dense']:>9.2f} {t['loop'] / t['moe']:>8.2f} "
                   f"{t['moe'] / floor:>9.2f} {t['moe'] / t['gemm']:>8.2f} "
                   f"{t['allfr'] / t['moe']:>9.2f} {t['dense'] / dense_floor:>11.2f}", flush=True)
+            for p in extra:
+                floor_p = statistics.mean(max(n * expert_bytes_of[p] / bandwidth, flops / throughput)
+                                          for n in used)
+                precision_rows.append((frames, p, t[f"moe_{p}"], t["moe"], t["dense"], t["loop"], floor_p,
+                                       errors[p]))
+                print(f"{'':>5} {p:>10} {t[f'moe_{p}'] * 1e3:>8.3f} ms: moe/moe_P {t['moe'] / t[f'moe_{p}']:.2f}, "
+                      f"moe_P/dense {t[f'moe_{p}'] / t['dense']:.2f}, loop/moe_P {t['loop'] / t[f'moe_{p}']:.2f}, "
+                      f"moe_P/floor_P {t[f'moe_{p}'] / floor_p:.2f}, rel err {errors[p]:.1e}", flush=True)
+        if precision_rows:
+            print(f"\nexpert precision (same run, same interleaved repetitions; moe = fp32 above; "
+                  f"floor_P with the experts' bytes at P; rel err = max |out_P - out_fp32| / max |out_fp32|)")
+            header = (f"{'T':>5} {'prec':>5} {'moe_P ms':>8} {'moe ms':>8} {'moe/moe_P':>9} "
+                      f"{'moe_P/dense':>11} {'loop/moe_P':>10} {'moe_P/floor_P':>13} {'rel err':>8}")
+            print(header)
+            print("-" * len(header))
+            for frames, p, t_p, t_moe, t_dense, t_loop, floor_p, err in precision_rows:
+                print(f"{frames:>5} {p:>5} {t_p * 1e3:>8.3f} {t_moe * 1e3:>8.3f} {t_moe / t_p:>9.2f} "
+                      f"{t_p / t_dense:>11.2f} {t_loop / t_p:>10.2f} {t_p / floor_p:>13.2f} {err:>8.1e}")
         if args.device == "cpu" and args.ort_frames:
             ort_table(moes, loops, denses, args.ort_frames, args.reps, args.dim)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

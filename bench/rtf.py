@@ -33,6 +33,12 @@ of the PyTorch encoder is printed.
     python bench/rtf.py --quick         # dense_s, moe_topk, dense_l; random features;
                                         # current threads; no int8, no memory
     python bench/rtf.py --checkpoint dense=exp/dense/avg_10.pt --checkpoint moe=exp/moe/avg_10.pt
+    python bench/rtf.py --quick --expert_precision fp32 bf16   # + moe_topk@bf16 (PyTorch)
+
+`--expert_precision bf16 int8` adds, per MoE model, a copy sharing its parameters with
+moe_conf.expert_precision set (`moe_<router>@bf16`): bf16 / int8 packed experts in the
+eager PyTorch cases (the export and runtime cases are fp32 / int8 ONNX as before); the
+SUMMARY line then gives its MoE/Dense-S ratios too.
 """
 from __future__ import annotations
 
@@ -313,11 +319,12 @@ def print_table(title: str, results: Dict[str, Dict[str, float]], names: List[st
         header += "".join(f"{n + '/S':>16}" for n in names if n != "dense_s")
     print(header)
     print("-" * len(header))
-    for case in cases:
-        row = f"{case:<22}" + "".join(f"{results[n][case] / seconds:>14.4f}" for n in names)
+    for case in cases:   # "-": a case a model does not run (runtime cases of @bf16 / @int8)
+        row = f"{case:<22}" + "".join(f"{results[n][case] / seconds:>14.4f}" if case in results[n]
+                                      else f"{'-':>14}" for n in names)
         if "dense_s" in names:
-            row += "".join(f"{results[n][case] / results['dense_s'][case]:>16.2f}"
-                           for n in names if n != "dense_s")
+            row += "".join(f"{results[n][case] / results['dense_s'][case]:>16.2f}" if case in results[n]
+                           else f"{'-':>16}" for n in names if n != "dense_s")
         print(row, flush=True)
 
 
@@ -329,6 +336,9 @@ def main() -> int:
     p.add_argument("--features", nargs="+", choices=["random", "speech"], help="default: both")
     p.add_argument("--precisions", nargs="*", choices=["fp32", "int8"],
                    help="runtime precisions (default: both; none: no runtime cases)")
+    p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+                   help="moe_conf.expert_precision of the PyTorch MoE models: each value other than "
+                        "fp32 adds a copy of every MoE model (shared parameters) named moe_<router>@<value>")
     p.add_argument("--no-decode", action="store_true", help="encoder cases only")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
@@ -387,13 +397,28 @@ def main() -> int:
             confs[name] = conf
             print(f"{name}: trained checkpoint {path} (features: raw fbank, the model's CMVN "
                   f"applies; 'speech' features are not normalised for it)")
+    # expert-precision variants: the MoE models again, parameters shared, experts packed at P
+    variants: Dict[str, str] = {}
+    for precision in dict.fromkeys(args.expert_precision):
+        if precision == "fp32":
+            continue
+        for name in [n for n in models if n.startswith("moe") and "@" not in n]:
+            model = models[name]
+            memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+            twin = copy.deepcopy(model, memo)
+            for module in twin.modules():
+                if hasattr(module, "expert_precision"):
+                    module.expert_precision = precision
+            models[f"{name}@{precision}"] = twin
+            variants[f"{name}@{precision}"] = name
     names = list(models)
     for name in names:
         print(f"  {name:<14} {params_m(models[name]):7.1f} M parameters")
+    exported = [n for n in names if n not in variants]     # the ONNX / runtime models
 
     exports: Dict[str, str] = {}
     if args.precisions:
-        for name in names:
+        for name in exported:
             out = os.path.join(args.work_dir, f"{name}-{args.vocab}-{int(bool(name in trained))}")
             stamp = os.path.join(out, ".bench_complete")
             want_int8 = "int8" in args.precisions
@@ -413,7 +438,7 @@ def main() -> int:
             if exports:
                 from wenet_moe_runtime.model import OnnxAsrModel
                 runtimes = {prec: {n: OnnxAsrModel(exports[n], int8=prec == "int8", num_threads=threads)
-                                   for n in names} for prec in args.precisions}
+                                   for n in exported} for prec in args.precisions}
             for kind, fe in feats.items():
                 x = torch.from_numpy(fe)[None]
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
@@ -428,8 +453,9 @@ def main() -> int:
                     for case in runtime_cases(rts[names[0]], fe, prec):
                         if args.no_decode and " dec " in case:
                             continue
-                        t = interleaved({n: runtime_cases(rts[n], fe, prec)[case] for n in names}, args.reps)
-                        for n in names:
+                        t = interleaved({n: runtime_cases(rts[n], fe, prec)[case] for n in exported},
+                                        args.reps)
+                        for n in exported:
                             results[n][case] = t[n]
                 title = (f"{threads} thread{'s' if threads > 1 else ''}, {kind} features, "
                          f"batch 1, {args.seconds:g} s")
@@ -454,7 +480,7 @@ def main() -> int:
     if not args.no_memory:
         print("\npeak memory (max RSS, MiB; fresh process per model)")
         print(f"{'model':<14}{'torch':>10}" + "".join(f"{'rt ' + prec:>10}" for prec in args.precisions))
-        for name in names:
+        for name in exported:
             conf_path = ""
             if name not in trained:
                 conf_path = os.path.join(args.work_dir, f"{name}.json")
@@ -481,6 +507,11 @@ def main() -> int:
             cells.append(f"Dense-L/MoE offline {l_moe:.2f} (target >= 0.9 x Dense-L/Dense-S = {0.9 * l_s:.2f})")
         if "int8" in args.precisions and "fp32" in args.precisions:
             cells.append(f"int8/fp32 runtime MoE {res[moe]['rt chunk16 int8'] / res[moe]['rt chunk16 fp32']:.2f}")
+        for variant, base in variants.items():
+            if base == moe:
+                cells.append(f"{variant.split('@')[1]} experts: MoE/Dense-S offline "
+                             f"{res[variant]['torch offline'] / res['dense_s']['torch offline']:.2f}, chunk16 "
+                             f"{res[variant]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}")
         print(f"SUMMARY {moe}, {threads} thread(s), {kind}: " + "; ".join(cells))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes share this machine)")

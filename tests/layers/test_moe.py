@@ -676,7 +676,7 @@ def test_packed_true_picks_the_kernel_by_threads_and_rows(monkeypatch):
             torch.set_num_threads(2)
             limit = moe_module.kernel_max_rows(16, 32, act)
             assert limit in (0.0, math.inf) or limit in moe_module._PROBE_ROWS
-            assert moe_module._KERNEL_MAX_ROWS[(16, 32, act, 2)] == limit
+            assert moe_module._KERNEL_MAX_ROWS[(16, 32, act, 2, "fp32")] == limit
             if limit > 0:
                 assert layer._packed(x, min(limit, 500.0))[0] == "kernel"
             if limit < math.inf:

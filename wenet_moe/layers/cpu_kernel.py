@@ -6,6 +6,10 @@ as `-O3 -march=native` into a cache directory (`$WENET_MOE_KERNEL_CACHE`, else
 hash of the source, the flags and the CPU, and is written under a temporary name and
 renamed. Without a compiler, or with `WENET_MOE_CPU_KERNEL=0`, `library()` returns
 None and MoE layers use the oneDNN kernels instead (a warning says why, once).
+
+Expert weights may be packed as fp32, bf16 (round-to-nearest-even; widened to fp32 in
+registers) or int8 (symmetric, one fp32 scale per output column): `pack_expert_weight`; `expert_weight_values` gives the fp32 values each precision multiplies
+with (for the fallbacks and the tests).
 """
 from __future__ import annotations
 
@@ -20,20 +24,24 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason"]
+__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason",
+           "pack_expert_weight", "quantize_int8", "expert_weight_values", "PRECISIONS"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
+PRECISIONS = ("fp32", "bf16", "int8")               # moe_conf.expert_precision
+# packed weight dtype -> the kernel's element type (WT_F32, WT_BF16, WT_I8 in moe_cpu.c)
+_WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 _log = logging.getLogger(__name__)
 _state: dict = {}   # "lib": CDLL or None, "reason": why it is None
@@ -85,6 +93,11 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return load(target)
+
+
+def load(target: Path) -> ctypes.CDLL:
+    """The built library at `target` with its function signatures declared (ABI checked)."""
     lib = ctypes.CDLL(str(target))
     if lib.wm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{target} has ABI {lib.wm_abi_version()}, expected {ABI_VERSION}")
@@ -92,13 +105,14 @@ def _build() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     fn = lib.wm_moe_forward
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int]
     lib.wm_openmp.restype = ctypes.c_int
     return lib
 
@@ -129,35 +143,95 @@ def disabled_reason() -> str:
     return _state.get("reason", "")
 
 
+def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(E, K, N) weights (y = x W) -> (q int8 (E, K, N), scale float32 (E, N)): symmetric,
+    per output column n: scale = max_k |W[k, n]| / 127, q = round(W / scale) (half to
+    even) in [-127, 127]; an all-zero column gets scale 1 (q = 0)."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
+def expert_weight_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
+    """(E, K, N) fp32 weights -> the fp32 values a kernel of `precision` multiplies with:
+    the weights themselves (fp32), rounded to bf16 (round to nearest even), or int8 q
+    times its column scale."""
+    w = weight.detach().float()
+    if precision == "fp32":
+        return w
+    if precision == "bf16":
+        return w.to(torch.bfloat16).float()
+    if precision == "int8":
+        q, scale = quantize_int8(w)
+        return q.float() * scale.unsqueeze(1)
+    raise ValueError(f"expert precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(E, K, N) expert weights (y = x W) -> the packed layout (E, N/16, K, 16), contiguous."""
+    """(E, K, N) expert weights (y = x W) -> the packed layout (E, N/16, K, 16), contiguous,
+    of the same dtype (float32, bfloat16 or int8 for the kernel)."""
     n_expert, k_dim, n_dim = weight.shape
     if n_dim % BLOCK:
         raise ValueError(f"packed expert weights need N % {BLOCK} == 0, got N={n_dim}")
     return weight.detach().reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).permute(0, 2, 1, 3).contiguous()
 
 
+def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(E, K, N) fp32 expert weights -> (packed (E, N/16, K, 16), scale) for `precision`:
+    float32 (fp32), bfloat16 rounded to nearest even (bf16), or int8 with its float32
+    (E, N) column scales (int8, `quantize_int8`); scale is None but for int8."""
+    w, scale = weight.detach().float(), None
+    if precision == "bf16":
+        w = w.to(torch.bfloat16)
+    elif precision == "int8":
+        w, scale = quantize_int8(w)
+    elif precision != "fp32":
+        raise ValueError(f"expert precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return pack_weight(w), scale
+
+
+def _weight_type(packed: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(kernel element type, scale pointer or 0) of a packed weight, checked."""
+    wt = _WEIGHT_TYPES.get(packed.dtype)
+    if wt is None or not packed.is_contiguous():
+        raise ValueError(f"packed expert weights: expected a contiguous float32, bfloat16 or int8 "
+                         f"tensor from pack_weight, got {packed.dtype}")
+    if (wt == 2) != (scale is not None):
+        raise ValueError("packed expert weights: int8 weights need their column scales (and only they)")
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()
+                              or scale.shape != (packed.size(0), packed.size(1) * BLOCK)):
+        raise ValueError(f"packed expert weights: scale must be contiguous float32 "
+                         f"({packed.size(0)}, {packed.size(1) * BLOCK}), got {tuple(scale.shape)}")
+    return wt, (0 if scale is None else scale.data_ptr())
+
+
 def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, packed: torch.Tensor,
-                   bias: torch.Tensor, out: torch.Tensor, activation: str = "none") -> None:
+                   bias: torch.Tensor, out: torch.Tensor, activation: str = "none",
+                   scale: Optional[torch.Tensor] = None) -> None:
     """out[rows of s] = act(x[rows of s] @ W_e + b_e) for each segment s = (start, count, e).
 
     Args:
         x: (R, K) float32 rows, row-contiguous (stride(1) == 1).
         segments: (3, S) int64, contiguous: starts, counts and expert ids.
-        packed: (E, N/16, K, 16) from `pack_weight`; bias: (E, N) contiguous.
+        packed: (E, N/16, K, 16) float32, bfloat16 or int8 from `pack_weight`;
+        bias: (E, N) float32 contiguous.
         out: (R, N) float32, row-contiguous; rows outside the segments are untouched.
         activation: "none", "relu" or "swish" (x * sigmoid(x), exp to ~2 ulp).
+        scale: (E, N) float32 column scales of int8 weights (else None).
     """
     n_seg = segments.size(1)
     k_dim, n_dim = packed.size(2), packed.size(1) * BLOCK
     if x.stride(1) != 1 or out.stride(1) != 1 or x.size(1) != k_dim or out.size(1) != n_dim:
         raise ValueError(f"segment_linear: bad shapes x {tuple(x.shape)} out {tuple(out.shape)} "
                          f"for weights K={k_dim} N={n_dim}")
+    wt, scale_ptr = _weight_type(packed, scale)
     base = segments.data_ptr()
     step = segments.stride(0) * 8
     status = lib.wm_segment_linear(x.data_ptr(), x.stride(0), base, base + step, base + 2 * step, n_seg,
-                                   k_dim, n_dim, packed.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                                   out.stride(0), ACTIVATIONS[activation], threads(lib))
+                                   k_dim, n_dim, packed.data_ptr(), scale_ptr, wt, bias.data_ptr(),
+                                   out.data_ptr(), out.stride(0), ACTIVATIONS[activation], threads(lib))
     if status != 0:
         raise MemoryError("segment_linear: the kernel could not allocate its tile buffer")
 
@@ -183,12 +257,14 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
-                packs: Tuple[torch.Tensor, ...], activation: str) -> torch.Tensor:
+                packs: Tuple[Any, ...], activation: str) -> torch.Tensor:
     """The whole MoE FFN in one call (sort, gather, experts, gated add-back).
 
     Args:
         x: (N, D) float32; top_idx: (N, k) int64 expert ids; gates: (N, k) float32.
-        packs: (w1 packed (E, H/16, D, 16), b1 (E, H), w2 packed (E, D/16, H, 16), b2 (E, D)).
+        packs: (w1 packed (E, H/16, D, 16), b1 (E, H), w2 packed (E, D/16, H, 16), b2 (E, D))
+            and optionally (scale1 (E, H), scale2 (E, D)) of int8 weights; the packed
+            weights are float32, bfloat16 or int8 (`pack_weight`), both of one type.
         activation: "none", "relu" or "swish" (fused into the first linear).
     Returns:
         (N, D) = sum_j gates[:, j] * expert_{top_idx[:, j]}(x).
@@ -199,14 +275,20 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
     n_tok, dim = x.shape
     k = top_idx.size(1)
     n_expert, hidden = packs[1].shape
+    scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
+    wt, scale1_ptr = _weight_type(packs[0], scale1)
+    wt2, scale2_ptr = _weight_type(packs[2], scale2)
+    if wt2 != wt:
+        raise ValueError(f"moe_forward: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
     n_assign = n_tok * k
     work = _workspace("float", n_assign * (2 * dim + hidden), torch.float32)
     order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
     out = torch.empty_like(x)
     base, size = work.data_ptr(), work.element_size()
     status = lib.wm_moe_forward(x.data_ptr(), n_tok, dim, top_idx.data_ptr(), gates.data_ptr(), k, n_expert,
-                                hidden, packs[0].data_ptr(), packs[1].data_ptr(), packs[2].data_ptr(),
-                                packs[3].data_ptr(), ACTIVATIONS[activation], base,
+                                hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
+                                packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt,
+                                ACTIVATIONS[activation], base,
                                 base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
                                 order.data_ptr(), out.data_ptr(), threads(lib))
     if status == -1:

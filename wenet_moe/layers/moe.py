@@ -25,6 +25,9 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     MKL's GEMM re-packs the weight matrix on every call, which dominates at the few
     rows an expert gets from a streaming chunk (numbers: docs/moe.md). Each packed
     copy holds as many bytes again as the experts.
+    `expert_precision` bf16 / int8 packs the kernel's weights as bf16 (half the bytes)
+    or int8 with per-column scales (a quarter), widened to fp32 in registers; the
+    oneDNN kind and the no-kernel fallback run fp32 on the same rounded values.
   * eager all-frames (`all_frames_rows`): when frames per used expert N*k/E_used are at
     most the threshold, every used expert runs on all N frames with zero gates where
     not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
@@ -39,6 +42,7 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -58,6 +62,7 @@ from wenet_moe.layers.moe_router import (ALL_FRAMES_ROWS, LAST_EMBEDDING, LAST_R
 __all__ = ["MoEFFN", "MoEFactory", "moe_aux_losses", "expert_load", "expert_load_entropy",
            "active_parameters"]
 
+_log = logging.getLogger(__name__)
 # oneDNN linear with pre-packed weights (the kernels torch.compile's CPU freezing uses)
 _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -65,16 +70,19 @@ _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
-# (dim, hidden, activation, threads) -> rows per expert up to which the C kernel beats
-# oneDNN, measured once per process (kernel_max_rows)
-_KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int], float] = {}
+# (dim, hidden, activation, threads, precision) -> rows per expert up to which the C
+# kernel beats oneDNN, measured once per process (kernel_max_rows)
+_KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int, str], float] = {}
+# expert precisions already warned about running without the C kernel (once each)
+_PRECISION_WARNED: set = set()
 # rows per expert tried by kernel_max_rows, ascending
 _PROBE_ROWS = (4, 16, 64, 256)
 
 
-def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
+def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp32") -> float:
     """Rows per expert up to which `packed_experts: true` takes the C kernel rather than
-    oneDNN, for experts D x H -> D at torch's current thread count.
+    oneDNN, for experts D x H -> D at torch's current thread count, the kernel's weights
+    in `precision` (fp32 / bf16 / int8; oneDNN always runs fp32).
 
     One thread: inf (the kernel is the fastest at every size). Several: measured at
     first use in this process (a few ms): one random expert, both kernels, at
@@ -92,7 +100,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
                              f"got {fixed!r}") from None
     if threads == 1 or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
         return math.inf
-    key = (dim, hidden, activation, threads)
+    key = (dim, hidden, activation, threads, precision)
     if key in _KERNEL_MAX_ROWS:
         return _KERNEL_MAX_ROWS[key]
     lib = cpu_kernel.library()
@@ -100,7 +108,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
     w1 = torch.randn(1, dim, hidden, generator=gen) / math.sqrt(dim)
     w2 = torch.randn(1, hidden, dim, generator=gen) / math.sqrt(hidden)
     b1, b2 = torch.zeros(1, hidden), torch.zeros(1, dim)
-    packs = (cpu_kernel.pack_weight(w1), b1, cpu_kernel.pack_weight(w2), b2)
+    (p1, s1), (p2, s2) = (cpu_kernel.pack_expert_weight(w, precision) for w in (w1, w2))
     reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
     dnn = (reorder(w1[0].t().contiguous()), b1[0], reorder(w2[0].t().contiguous()), b2[0])
     attr = activation if activation in ("relu", "swish") else "none"
@@ -112,8 +120,8 @@ def kernel_max_rows(dim: int, hidden: int, activation: str) -> float:
             hid, out = x.new_empty(rows, hidden), x.new_empty(rows, dim)
 
             def by_kernel() -> None:
-                cpu_kernel.segment_linear(lib, x, segments, packs[0], packs[1], hid, attr)
-                cpu_kernel.segment_linear(lib, hid, segments, packs[2], packs[3], out)
+                cpu_kernel.segment_linear(lib, x, segments, p1, b1, hid, attr, s1)
+                cpu_kernel.segment_linear(lib, hid, segments, p2, b2, out, "none", s2)
 
             def by_onednn() -> None:
                 linear(linear(x, dnn[0], dnn[1], attr, [], None), dnn[2], dnn[3], "none", [], None)
@@ -164,6 +172,8 @@ class MoEFFN(nn.Module):
         all_frames_rows: eager all-frames dispatch threshold (module docstring).
         packed_experts: eager CPU fp32 inference on packed experts: True (C kernel
             for small batches, oneDNN above), "kernel", "onednn" or False.
+        expert_precision: "fp32", "bf16" or "int8": the packed experts' weights
+            (eager CPU inference only; training, autograd and TorchScript use w1/w2).
         conf: the resolved moe_conf (loss weights), kept for `moe_aux_losses`.
     """
 
@@ -171,7 +181,8 @@ class MoEFFN(nn.Module):
                  activation: nn.Module, n_expert: int, n_expert_activated: int,
                  router: nn.Module, router_kind: str, use_route_emb: bool,
                  capacity_factor: float = 0.0, conf: Optional[Dict[str, Any]] = None,
-                 all_frames_rows: float = ALL_FRAMES_ROWS, packed_experts: Any = True):
+                 all_frames_rows: float = ALL_FRAMES_ROWS, packed_experts: Any = True,
+                 expert_precision: str = "fp32"):
         super().__init__()
         self.idim = idim
         self.hidden_units = hidden_units
@@ -189,6 +200,11 @@ class MoEFFN(nn.Module):
         self.all_frames_rows = float(all_frames_rows)
         # CPU fp32 inference through oneDNN-packed expert weights (see module docstring)
         self.packed_experts: Any = packed_experts   # True | False | "kernel" | "onednn"
+        if expert_precision not in cpu_kernel.PRECISIONS:
+            raise ValueError(f"MoEFFN: expert_precision must be one of {', '.join(cpu_kernel.PRECISIONS)}, "
+                             f"got {expert_precision!r}")
+        # weights of the packed experts: "fp32" | "bf16" | "int8" (see `_packed`)
+        self.expert_precision = expert_precision
         self._fused_activation = _fused_activation(activation)
         # the activation the C kernel fuses ("relu" / "swish"), or "none" (torch's, unfused)
         self._kernel_activation = (self._fused_activation[0]
@@ -383,13 +399,13 @@ class MoEFFN(nn.Module):
             start = 0
             for e, end in enumerate(bounds):
                 kept = min(end - start, limits[e])
-                if kept > 0 and packed is not None:
+                if kept > 0 and packed is not None and packed[0] == "onednn":
                     y_sorted[start:start + kept] = self._packed_expert(packed[1][e],
                                                                        x_sorted[start:start + kept])
-                elif kept > 0:
-                    h = self._activate_(torch.addmm(self.b1[e], x_sorted[start:start + kept], self.w1[e]))
-                    torch.addmm(self.b2[e], self.dropout(h), self.w2[e],
-                                out=y_sorted[start:start + kept])
+                elif kept > 0:   # MKL addmm on the parameters, or on rounded copies ("values")
+                    w1, b1, w2, b2 = (self.w1, self.b1, self.w2, self.b2) if packed is None else packed[1]
+                    h = self._activate_(torch.addmm(b1[e], x_sorted[start:start + kept], w1[e]))
+                    torch.addmm(b2[e], self.dropout(h), w2[e], out=y_sorted[start:start + kept])
                 if end - start > kept:
                     y_sorted[start + kept:end].zero_()
                 start = end
@@ -400,47 +416,70 @@ class MoEFFN(nn.Module):
     def _packed(self, x: torch.Tensor, rows_per_expert: float = 1.0) -> Optional[Tuple[str, Any]]:
         """Packed expert weights when this call may use them (CPU, fp32, eval mode, no
         autograd/autocast), else None:
-          ("kernel", (w1, b1, w2, b2)) in `cpu_kernel.pack_weight`'s layout, for the
-            C kernel (torch's threads through OpenMP): with `packed_experts` true when
-            experts get at most `kernel_max_rows` rows on average (`rows_per_expert`;
-            every size with one thread); always with "kernel";
+          ("kernel", (w1, b1, w2, b2[, scale1, scale2])) in `cpu_kernel.pack_weight`'s
+            layout, weights of `expert_precision` (int8 adds their column scales), for
+            the C kernel (torch's threads through OpenMP): with `packed_experts` true
+            when experts get at most `kernel_max_rows` rows on average
+            (`rows_per_expert`; every size with one thread); always with "kernel";
           ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
             (multi-threaded large batches, or when the kernel cannot run: no C
-            compiler, D or H not multiples of 16).
+            compiler, D or H not multiples of 16);
+          ("values", (w1, b1, w2, b2)) fp32 (E, D, H) / (E, H, D) copies of the weights
+            rounded to bf16 / int8, for MKL addmm, when `expert_precision` is not fp32
+            and neither kernel can run.
+        oneDNN and "values" run fp32 on the weights rounded to `expert_precision`
+        (`cpu_kernel.expert_weight_values`), so every kind computes with the same
+        weight values; when the C kernel cannot run, a one-line warning says so once.
         Each kind is built on first use and rebuilt when any expert tensor was modified
-        or moved, so a process that decodes both streaming chunks and whole utterances
-        holds up to two packed copies."""
+        or moved (or the precision changed), so a process that decodes both streaming
+        chunks and whole utterances holds up to two packed copies."""
         mode = self.packed_experts
         if (mode is False or self.training or x.device.type != "cpu" or x.dtype != torch.float32
                 or self.w1.dtype != torch.float32 or torch.is_grad_enabled()
                 or torch.is_autocast_enabled("cpu")):
             return None
+        precision = self.expert_precision
         kernel = (mode in (True, "kernel") and self.idim % cpu_kernel.BLOCK == 0
                   and self.hidden_units % cpu_kernel.BLOCK == 0 and cpu_kernel.library() is not None)
         onednn = mode in (True, "onednn") and _ONEDNN_LINEAR
         if kernel and (mode == "kernel" or not onednn or rows_per_expert <= kernel_max_rows(
-                self.idim, self.hidden_units, self._kernel_activation)):
+                self.idim, self.hidden_units, self._kernel_activation, precision)):
             kind = "kernel"
         elif onednn:
             kind = "onednn"
+        elif precision != "fp32":
+            kind = "values"
         else:
             return None
+        if not kernel and precision != "fp32" and precision not in _PRECISION_WARNED:
+            _PRECISION_WARNED.add(precision)
+            why = ("packed_experts is 'onednn'" if mode == "onednn" else
+                   f"D={self.idim} or H={self.hidden_units} is not a multiple of {cpu_kernel.BLOCK}"
+                   if cpu_kernel.library() is not None else cpu_kernel.disabled_reason() or "no kernel")
+            _log.warning("moe_conf.expert_precision %s: no C kernel (%s); experts run in fp32 on "
+                         "weights rounded to %s once (same values, no speed-up)", precision, why, precision)
         params = (self.w1, self.b1, self.w2, self.b2)
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = (precision,) + tuple((p.data_ptr(), p._version) for p in params)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
             cached = (key, {})
             _PACKED[self] = cached
         if kind not in cached[1]:
             with torch.no_grad():
+                b1, b2 = self.b1.detach().contiguous().clone(), self.b2.detach().contiguous().clone()
                 if kind == "kernel":
-                    cached[1][kind] = (cpu_kernel.pack_weight(self.w1), self.b1.detach().contiguous().clone(),
-                                       cpu_kernel.pack_weight(self.w2), self.b2.detach().contiguous().clone())
+                    (p1, s1), (p2, s2) = (cpu_kernel.pack_expert_weight(w, precision) for w in (self.w1, self.w2))
+                    cached[1][kind] = (p1, b1, p2, b2) + ((s1, s2) if s1 is not None else ())
                 else:
-                    reorder = torch.ops.mkldnn._reorder_linear_weight
-                    cached[1][kind] = [(reorder(self.w1[e].t().contiguous()), self.b1[e].detach().clone(),
-                                        reorder(self.w2[e].t().contiguous()), self.b2[e].detach().clone())
-                                       for e in range(self.n_expert)]
+                    w1, w2 = (cpu_kernel.expert_weight_values(w, precision).contiguous()
+                              if precision != "fp32" else w for w in (self.w1, self.w2))
+                    if kind == "values":
+                        cached[1][kind] = (w1, b1, w2, b2)
+                    else:
+                        reorder = torch.ops.mkldnn._reorder_linear_weight
+                        cached[1][kind] = [(reorder(w1[e].t().contiguous()), b1[e].clone(),
+                                            reorder(w2[e].t().contiguous()), b2[e].clone())
+                                           for e in range(self.n_expert)]
         return kind, cached[1][kind]
 
     @torch.jit.unused
@@ -453,10 +492,12 @@ class MoEFFN(nn.Module):
         lib = cpu_kernel.library()
         segments = cpu_kernel.segments_of(counts)
         hidden = x_sorted.new_empty(x_sorted.size(0), self.hidden_units)
-        cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden, self._kernel_activation)
+        scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
+        cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden,
+                                  self._kernel_activation, scale1)
         if self._kernel_activation == "none":
             hidden = self._activate_(hidden)
-        cpu_kernel.segment_linear(lib, hidden, segments, packs[2], packs[3], out)
+        cpu_kernel.segment_linear(lib, hidden, segments, packs[2], packs[3], out, "none", scale2)
 
     @torch.jit.unused
     def _activate_(self, h: torch.Tensor) -> torch.Tensor:
@@ -559,7 +600,8 @@ class MoEFactory:
                       get_activation(self.activation_name), self.n_expert,
                       self.n_expert_activated, router, self.router_kind,
                       self.use_route_emb, self.conf["capacity_factor"], self.conf,
-                      self.conf["all_frames_rows"], self.conf["packed_experts"])
+                      self.conf["all_frames_rows"], self.conf["packed_experts"],
+                      self.conf["expert_precision"])
 
     def route_embedding(self) -> Optional[RouteEmbedding]:
         """The SpeechMoE shared embedding network of this stack (same object every call)."""

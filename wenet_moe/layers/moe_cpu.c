@@ -11,6 +11,15 @@
  * Packed weight layout (one expert, logical W of shape K x N, y = x W + b):
  *   P[j][k][c] = W[k][16 j + c]   for j < N/16, k < K, c < 16
  * i.e. column blocks of 16, each a contiguous K x 16 panel. N must be a multiple of 16.
+ * Weight element types (`wt`, moe_conf.expert_precision):
+ *   WT_F32   float
+ *   WT_BF16  bfloat16 bits (uint16, the top half of the float): widened to fp32 in
+ *            registers by a shift, so any AVX2 / AVX-512 / NEON CPU runs it; half the
+ *            bytes of fp32, and the activations stay fp32
+ *   WT_I8    int8 with an fp32 scale per output column (symmetric, per output channel):
+ *            y[n] = (sum_k x[k] q[k][n]) * scale[n] + b[n], q converted to fp32 in
+ *            registers (weight-only quantization; a quarter of the bytes)
+ * Accumulation is fp32 FMA in k order for every type.
  * Built with -O3 -march=native by wenet_moe/layers/cpu_kernel.py; GCC vector
  * extensions map vec16 onto AVX-512, AVX2 or NEON registers.
  *
@@ -25,9 +34,18 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 typedef float vec16 __attribute__((vector_size(64)));
 typedef int32_t ivec16 __attribute__((vector_size(64)));
+typedef uint16_t u16vec16 __attribute__((vector_size(32)));
+typedef int8_t i8vec16 __attribute__((vector_size(16)));
+
+enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2 };
+/* bytes of one weight element of type wt */
+static inline int wt_size(const int wt) { return wt == WT_F32 ? 4 : wt == WT_BF16 ? 2 : 1; }
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
 
@@ -35,6 +53,45 @@ enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
 
 static inline vec16 load16(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+
+/* 16 consecutive weights of type wt at p (element offset already applied), as fp32.
+ * x86 gets the widening moves by intrinsics: GCC 12 turns the generic int8 -> int32
+ * __builtin_convertvector into scalar code, and bf16 into 5 instructions, not 2. */
+static inline __attribute__((always_inline)) vec16 loadw(const char *p, const int wt) {
+#if defined(__AVX512F__)
+    if (wt == WT_BF16)      /* bf16 -> fp32: the 16 bits become the float's top half */
+        return (vec16)_mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    if (wt == WT_I8)
+        return (vec16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    if (wt == WT_BF16 || wt == WT_I8) {
+        union { vec16 v; __m256 h[2]; } u;
+        for (int i = 0; i < 2; i++) {
+            if (wt == WT_BF16)
+                u.h[i] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * i))), 16));
+            else
+                u.h[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * i))));
+        }
+        return u.v;
+    }
+#endif
+    if (wt == WT_BF16) {            /* generic: bf16 -> fp32 by a shift */
+        u16vec16 u;
+        memcpy(&u, p, sizeof u);
+        const ivec16 bits = __builtin_convertvector(u, ivec16) << 16;
+        vec16 v;
+        memcpy(&v, &bits, sizeof v);
+        return v;
+    }
+    if (wt == WT_I8) {
+        i8vec16 q;
+        memcpy(&q, p, sizeof q);
+        return __builtin_convertvector(__builtin_convertvector(q, ivec16), vec16);
+    }
+    return load16((const float *)p);
+}
 
 static inline vec16 splat(float v) { return (vec16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
 /* lanes of a where mask (all ones), else b; vector casts are bit reinterpretations */
@@ -74,27 +131,38 @@ static inline vec16 activate(vec16 v, const int act) {
 
 /* rows (<= MAX_TILE, a compile-time constant after inlining) rows of y = act(x W + b);
  * x is the tile transposed, xt[k * rows + m] (one contiguous stream of broadcasts:
- * rows 4 KB apart would share one L1 set and evict each other) */
+ * rows 4 KB apart would share one L1 set and evict each other); w packed as above with
+ * elements of type wt (a compile-time constant too); scale (N floats) only for WT_I8 */
 static inline __attribute__((always_inline)) void tile(
-        const float *xt, const int rows, const int K, const int N,
-        const float *w, const float *b, float *y, int64_t ldy, const int act) {
+        const float *xt, const int rows, const int K, const int N, const char *w,
+        const float *scale, const float *b, float *y, int64_t ldy, const int act, const int wt) {
     const int blocks = N / 16;
+    const int64_t row = 16 * wt_size(wt);           /* bytes of one panel row */
+    const int64_t panel = (int64_t)K * row;         /* bytes of one K x 16 panel */
+    const vec16 zero = splat(0.0f);
     int j = 0;
     for (; j + 2 <= blocks; j += 2) {
-        const float *p0 = w + (int64_t)j * K * 16, *p1 = p0 + (int64_t)K * 16;
-        const float *next = p1 + (int64_t)K * 16;   /* the next pair (or what follows) */
+        const char *p0 = w + j * panel, *p1 = p0 + panel;
+        const char *next = p1 + panel;   /* the next pair (or what follows) */
         const vec16 b0 = load16(b + 16 * j), b1 = load16(b + 16 * j + 16);
         vec16 a0[MAX_TILE], a1[MAX_TILE];
-        for (int m = 0; m < rows; m++) { a0[m] = b0; a1[m] = b1; }
+        /* int8: sum x q first, then * scale + b; other types start from the bias */
+        for (int m = 0; m < rows; m++) { a0[m] = wt == WT_I8 ? zero : b0; a1[m] = wt == WT_I8 ? zero : b1; }
         for (int k = 0; k < K; k++) {
-            __builtin_prefetch(next + 32 * k, 0, 1);        /* prefetcht2: into L2 */
-            __builtin_prefetch(next + 32 * k + 16, 0, 1);
-            const vec16 w0 = load16(p0 + 16 * k), w1 = load16(p1 + 16 * k);
+            /* prefetcht2 (into L2) of the next pair, 2 * row bytes per k: two cache
+             * lines for fp32, one for bf16, one every other k for int8 */
+            if (wt != WT_I8 || (k & 1) == 0) __builtin_prefetch(next + 2 * row * k, 0, 1);
+            if (wt == WT_F32) __builtin_prefetch(next + 2 * row * k + 64, 0, 1);
+            const vec16 w0 = loadw(p0 + row * k, wt), w1 = loadw(p1 + row * k, wt);
             for (int m = 0; m < rows; m++) {
                 const float xv = xt[k * rows + m];
                 a0[m] += xv * w0;
                 a1[m] += xv * w1;
             }
+        }
+        if (wt == WT_I8) {
+            const vec16 s0 = load16(scale + 16 * j), s1 = load16(scale + 16 * j + 16);
+            for (int m = 0; m < rows; m++) { a0[m] = a0[m] * s0 + b0; a1[m] = a1[m] * s1 + b1; }
         }
         for (int m = 0; m < rows; m++) {
             store16(y + m * ldy + 16 * j, activate(a0[m], act));
@@ -102,34 +170,47 @@ static inline __attribute__((always_inline)) void tile(
         }
     }
     if (j < blocks) {   /* odd number of column blocks: the last one alone */
-        const float *p0 = w + (int64_t)j * K * 16;
+        const char *p0 = w + j * panel;
         const vec16 b0 = load16(b + 16 * j);
         vec16 a0[MAX_TILE];
-        for (int m = 0; m < rows; m++) a0[m] = b0;
+        for (int m = 0; m < rows; m++) a0[m] = wt == WT_I8 ? zero : b0;
         for (int k = 0; k < K; k++) {
-            __builtin_prefetch(p0 + (int64_t)K * 16 + 16 * k, 0, 1);
-            const vec16 w0 = load16(p0 + 16 * k);
+            if (wt == WT_F32 || (k & (wt == WT_BF16 ? 1 : 3)) == 0)
+                __builtin_prefetch(p0 + panel + row * k, 0, 1);
+            const vec16 w0 = loadw(p0 + row * k, wt);
             for (int m = 0; m < rows; m++) a0[m] += xt[k * rows + m] * w0;
+        }
+        if (wt == WT_I8) {
+            const vec16 s0 = load16(scale + 16 * j);
+            for (int m = 0; m < rows; m++) a0[m] = a0[m] * s0 + b0;
         }
         for (int m = 0; m < rows; m++) store16(y + m * ldy + 16 * j, activate(a0[m], act));
     }
 }
 
-#define TILE_CASE(R) case R: tile(xt, R, K, N, w, b, y, ldy, act); break;
+#define TILE_CASE(R, WT) case R: tile(xt, R, K, N, w, scale, b, y, ldy, act, WT); break;
+#define TILE_CASES(WT) switch (r) { \
+    TILE_CASE(1, WT) TILE_CASE(2, WT) TILE_CASE(3, WT) TILE_CASE(4, WT) TILE_CASE(5, WT) \
+    TILE_CASE(6, WT) TILE_CASE(7, WT) TILE_CASE(8, WT) TILE_CASE(9, WT) TILE_CASE(10, WT) \
+    TILE_CASE(11, WT) TILE_CASE(12, WT) default: break; }
 
 /* y[0:rows] = act(x[0:rows] W + b), in the fewest tiles of up to MAX_TILE rows, of
- * balanced sizes (16 rows = 8 + 8, not 12 + 4: a tile costs at least one pass over W). */
-static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
-                        const float *w, const float *b, float *y, int64_t ldy, int act, float *xt) {
+ * balanced sizes (16 rows = 8 + 8, not 12 + 4: a tile costs at least one pass over W).
+ * W has elements of type wt (scale: N floats for WT_I8, else unused). */
+static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N, const char *w,
+                        const float *scale, const float *b, float *y, int64_t ldy, int act, int wt,
+                        float *xt) {
     while (rows > 0) {
         const int64_t tiles = (rows + MAX_TILE - 1) / MAX_TILE;
         const int r = (int)((rows + tiles - 1) / tiles);
         for (int m = 0; m < r; m++)
             for (int k = 0; k < K; k++) xt[k * r + m] = x[m * ldx + k];
-        switch (r) {
-            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
-            TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
-            default: break;
+        if (wt == WT_BF16) {
+            TILE_CASES(WT_BF16)
+        } else if (wt == WT_I8) {
+            TILE_CASES(WT_I8)
+        } else {
+            TILE_CASES(WT_F32)
         }
         x += r * ldx;
         y += r * ldy;
@@ -137,7 +218,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 5; }
+int wm_abi_version(void) { return 6; }
 
 /* 1 when built with OpenMP (the threads arguments below are honoured), else 0 */
 int wm_openmp(void) {
@@ -184,12 +265,14 @@ static int64_t make_items(const int64_t *start, const int64_t *count, int64_t n,
 
 /* For each segment s: rows [start[s], start[s] + count[s]) of x (ldx floats apart) go
  * through expert expert[s]: y rows = act(x rows W_e + b_e), W_e = w_packed + e*K*N
- * (packed as above), b_e = bias + e*N; y rows are ldy floats apart; act is ACT_NONE,
- * ACT_RELU or ACT_SILU (x * sigmoid(x)). Returns 0, or -2 when out of memory. */
+ * elements of type wt (packed as above; WT_I8: times scale + e*N per column),
+ * b_e = bias + e*N; y rows are ldy floats apart; act is ACT_NONE, ACT_RELU or ACT_SILU
+ * (x * sigmoid(x)). Returns 0, -2 when out of memory, -3 for an unknown wt. */
 int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const int64_t *count,
                       const int64_t *expert, int64_t n_segments, int K, int N,
-                      const float *w_packed, const float *bias, float *y, int64_t ldy, int act,
-                      int threads) {
+                      const void *w_packed, const float *scale, int wt, const float *bias, float *y,
+                      int64_t ldy, int act, int threads) {
+    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8) return -3;
     /* work items as in wm_moe_forward; their "expert" field is the segment number */
     int64_t max_items = 1;
     for (int64_t s = 0; s < n_segments; s++) max_items += count[s] / MAX_TILE + 1;
@@ -209,8 +292,10 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
             if (xt == NULL) continue;
             const int64_t s = items[i].expert, e = expert[s];
             const int64_t first = items[i].first;
-            linear_rows(x + first * ldx, ldx, items[i].rows, K, N, w_packed + e * (int64_t)K * N,
-                        bias + e * (int64_t)N, y + first * ldy, ldy, act, xt);
+            linear_rows(x + first * ldx, ldx, items[i].rows, K, N,
+                        (const char *)w_packed + e * (int64_t)K * N * wt_size(wt),
+                        scale == NULL ? NULL : scale + e * (int64_t)N, bias + e * (int64_t)N,
+                        y + first * ldy, ldy, act, wt, xt);
         }
         free(xt);
     }
@@ -221,18 +306,22 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
 /* The whole MoE FFN for n_tok frames (inference), in one call:
  *   out[t] = sum_j gates[t, j] * expert_{top_idx[t, j]}(x[t])   for j < k,
  *   expert_e(v) = act(v W1_e + b1_e) W2_e + b2_e   (W1_e: dim x hidden, W2_e: hidden x dim,
- *   both packed as above; act is ACT_NONE, ACT_RELU or ACT_SILU).
+ *   both packed as above with elements of type wt, scale1 (n_expert x hidden) and scale2
+ *   (n_expert x dim) their column scales for WT_I8; act is ACT_NONE, ACT_RELU or ACT_SILU).
  * The n_tok*k assignments are counting-sorted by expert (stable), their frames gathered
  * into expert-contiguous rows, each expert with rows runs its two linears on its slice,
  * and the gated rows are added back to their frames (each frame sums its k rows in
  * slot order, so the result does not depend on `threads`). Returns 0, -1 if an expert
- * id is outside [0, n_expert), -2 when out of memory (out is then not written).
+ * id is outside [0, n_expert), -2 when out of memory (out is then not written), -3 for
+ * an unknown wt.
  * Work space: x_sorted and y_sorted n_tok*k*dim floats each, h n_tok*k*hidden floats,
  * order 2*n_tok*k + 2*n_expert int64. */
 int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
-                   int k, int n_expert, int hidden, const float *w1_packed, const float *b1,
-                   const float *w2_packed, const float *b2, int act, float *x_sorted, float *h,
-                   float *y_sorted, int64_t *order, float *out, int threads) {
+                   int k, int n_expert, int hidden, const void *w1_packed, const float *scale1,
+                   const float *b1, const void *w2_packed, const float *scale2, const float *b2,
+                   int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
+                   float *out, int threads) {
+    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8) return -3;
     const int64_t n_assign = n_tok * k;
     int64_t *start = order + n_assign, *fill = start + n_expert, *where = fill + n_expert;
     for (int e = 0; e < n_expert; e++) start[e] = 0;
@@ -267,10 +356,13 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
         for (int64_t i = 0; i < n_items; i++) {
             if (xt == NULL) continue;
             const int64_t e = items[i].expert, s = items[i].first, rows = items[i].rows;
-            linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, w1_packed + e * dim * hidden,
-                        b1 + e * hidden, h + s * hidden, hidden, act, xt);
-            linear_rows(h + s * hidden, hidden, rows, hidden, dim, w2_packed + e * hidden * dim,
-                        b2 + e * dim, y_sorted + s * dim, dim, ACT_NONE, xt);
+            const int64_t bytes = (int64_t)dim * hidden * wt_size(wt);   /* one expert's matrix */
+            linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, (const char *)w1_packed + e * bytes,
+                        scale1 == NULL ? NULL : scale1 + e * hidden, b1 + e * hidden, h + s * hidden,
+                        hidden, act, wt, xt);
+            linear_rows(h + s * hidden, hidden, rows, hidden, dim, (const char *)w2_packed + e * bytes,
+                        scale2 == NULL ? NULL : scale2 + e * dim, b2 + e * dim, y_sorted + s * dim, dim,
+                        ACT_NONE, wt, xt);
         }
         free(xt);
     }

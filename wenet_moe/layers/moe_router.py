@@ -49,7 +49,9 @@ MOE_CONF_DEFAULTS: Dict[str, Any] = {
     "router_bias": True,          # router linear layer with a bias
     "all_frames_rows": ALL_FRAMES_ROWS,  # eager all-frames dispatch threshold (0 = never)
     "packed_experts": True,       # CPU fp32 inference: packed expert weights (moe.py)
+    "expert_precision": "fp32",   # packed experts' weights: fp32 | bf16 | int8 (inference)
 }
+EXPERT_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def resolve_moe_conf(moe_conf: Dict[str, Any]) -> Dict[str, Any]:
@@ -77,6 +79,12 @@ def resolve_moe_conf(moe_conf: Dict[str, Any]) -> Dict[str, Any]:
     if not (isinstance(conf["packed_experts"], bool) or conf["packed_experts"] in ("kernel", "onednn")):
         raise ConfigError(f"moe_conf.packed_experts: expected one of true, false, 'kernel', 'onednn', "
                           f"got {conf['packed_experts']!r}")
+    if conf["expert_precision"] not in EXPERT_PRECISIONS:
+        raise ConfigError(f"moe_conf.expert_precision: expected one of {', '.join(EXPERT_PRECISIONS)}, "
+                          f"got {conf['expert_precision']!r}")
+    if conf["expert_precision"] != "fp32" and conf["packed_experts"] is False:
+        raise ConfigError(f"moe_conf.expert_precision: {conf['expert_precision']} applies to packed "
+                          f"experts only, but packed_experts is false")
     return conf
 
 

@@ -1,0 +1,212 @@
+"""moe_conf.expert_precision: bf16 / int8 packed experts (eager CPU inference) against an
+independent float64 reference on weights rounded the same way, every kernel kind,
+activation and router; thread-count independence; config errors; training and
+TorchScript untouched."""
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from wenet_moe.config import ConfigError
+from wenet_moe.layers import cpu_kernel
+from wenet_moe.layers import moe as moe_module
+from wenet_moe.layers.moe import MoEFactory
+
+EMPTY = torch.zeros(0)
+_CC = os.environ.get("CC") or "cc"
+_NO_KERNEL = ("disabled by WENET_MOE_CPU_KERNEL=0" if os.environ.get("WENET_MOE_CPU_KERNEL") == "0"
+              else f"no C compiler '{_CC}' on PATH" if shutil.which(_CC) is None else "")
+needs_kernel = pytest.mark.skipif(bool(_NO_KERNEL), reason=f"MoE CPU kernel: {_NO_KERNEL}")
+needs_onednn = pytest.mark.skipif(not moe_module._ONEDNN_LINEAR,
+                                  reason="this torch build has no oneDNN linear ops")
+# dim 48 / hidden 80: 3 and 5 column blocks of 16 (odd: the kernel's single-block tail)
+DIM, HIDDEN = 48, 80
+
+
+def bf16_round(w: torch.Tensor) -> np.ndarray:
+    """fp32 -> the nearest bf16 value (ties to even), by integer arithmetic on the bits
+    (independent of torch's conversion), as float64."""
+    bits = w.detach().float().numpy().view(np.uint32).astype(np.uint64)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) & 0xFFFF0000).astype(np.uint32)
+    return rounded.view(np.float32).astype(np.float64)
+
+
+def int8_round(w: torch.Tensor) -> np.ndarray:
+    """fp32 (E, K, N) -> q * scale as float64, q = rint(w / scale) in [-127, 127] and
+    scale = max_k |w| / 127 per output column, in IEEE float32 arithmetic (numpy)."""
+    w32 = w.detach().float().numpy()
+    scale = (np.abs(w32).max(axis=1, keepdims=True) / np.float32(127.0)).astype(np.float32)
+    scale[scale == 0] = 1
+    q = np.clip(np.rint(w32 / scale), -127, 127)
+    assert np.all(q == np.round(q))
+    return q.astype(np.float64) * scale.astype(np.float64)
+
+
+def reference(layer, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """float64 MoE output with the layer's own routing and its expert weights rounded to
+    `precision` (fp32: unrounded); activation by torch in float64."""
+    flat = x.reshape(-1, x.size(-1))
+    _, top_idx, gates = layer.route(flat, EMPTY)
+    if precision == "bf16":
+        w1, w2 = bf16_round(layer.w1), bf16_round(layer.w2)
+    elif precision == "int8":
+        w1, w2 = int8_round(layer.w1), int8_round(layer.w2)
+    else:
+        w1, w2 = (w.detach().double().numpy() for w in (layer.w1, layer.w2))
+    w1, w2 = torch.from_numpy(w1), torch.from_numpy(w2)
+    x64 = flat.double()
+    out = torch.zeros_like(x64)
+    for e in range(layer.n_expert):
+        h = layer.activation(x64 @ w1[e] + layer.b1[e].double())
+        y = h @ w2[e] + layer.b2[e].double()
+        for j in range(top_idx.size(1)):
+            chosen = (top_idx[:, j] == e).unsqueeze(1)
+            out += torch.where(chosen, gates[:, j:j + 1].double() * y, torch.zeros_like(y))
+    return out.view(x.shape)
+
+
+def make(router, k, activation, precision, packed=True, n_expert=5):
+    torch.manual_seed(0)
+    conf = {"router": router, "packed_experts": packed, "expert_precision": precision}
+    return MoEFactory(DIM, HIDDEN, 0.1, activation, n_expert, k, conf, False)().eval()
+
+
+KINDS = [pytest.param("kernel", marks=needs_kernel), pytest.param("onednn", marks=needs_onednn),
+         "values"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 3), ("omni", 2)])
+def test_rounded_experts_match_float64_reference(precision, kind, activation, router, k, monkeypatch):
+    """Every kind computes with the weights rounded to `precision`: equal to the float64
+    reference on independently rounded weights up to fp32 accumulation (1e-5 on outputs
+    of size ~1), and far from the unrounded weights' output (> 1e-4: the rounding is
+    really applied), but within the rounding's reach (bf16 moves a weight by <= 2^-9 of
+    itself, int8 by <= max|w| / 254: outputs by < 3% of their range here).
+    "values" is the fallback without the C kernel and oneDNN (MKL on rounded copies)."""
+    if kind == "values":
+        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
+    layer = make(router, k, activation, precision, packed=True if kind == "values" else kind)
+    x = torch.randn(2, 21, DIM)                       # 1..25 rows per expert
+    with torch.inference_mode():
+        assert layer._packed(x.view(-1, DIM))[0] == kind
+        got = layer(x, EMPTY).double()
+        one = layer(x[:1, :1], EMPTY).double()
+    want = reference(layer, x, precision)
+    unrounded = reference(layer, x, "fp32")
+    span = unrounded.abs().max().item()
+    assert (got - want).abs().max().item() < 1e-5 * max(1.0, span)
+    assert (one - want[:1, :1]).abs().max().item() < 1e-5 * max(1.0, span)
+    moved = (got - unrounded).abs().max().item()
+    assert 1e-4 < moved < 0.03 * span, (moved, span)
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+def test_kernel_result_does_not_depend_on_threads(precision, activation):
+    """1 and 2 torch threads give bit-equal outputs (each frame sums its k rows in slot
+    order; a large expert is split into row blocks, not into partial sums)."""
+    layer = make("topk", 2, activation, precision, packed="kernel", n_expert=3)
+    x = torch.randn(2, 70, DIM)                       # ~93 rows per expert: several blocks
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = layer(x, EMPTY)
+            torch.set_num_threads(2)
+            two = layer(x, EMPTY)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert (one.double() - reference(layer, x, precision)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_training_autograd_and_torchscript_keep_fp32(precision):
+    """expert_precision only touches eager CPU inference: training mode, autograd and
+    the scripted (ONNX) path compute with the fp32 parameters."""
+    layer = make("topk", 2, "swish", precision, n_expert=4)
+    x = torch.randn(1, 9, DIM)
+    want = reference(layer, x, "fp32")
+    got_grad = layer(x, EMPTY).double()                               # eval, autograd on
+    scripted = torch.jit.script(layer)
+    with torch.no_grad():
+        got_script = scripted(x, EMPTY).double()
+        inference = layer(x, EMPTY).double()
+    layer.train()
+    layer.dropout.p = 0.0
+    got_train = layer(x, EMPTY).double()
+    for got in (got_grad, got_script, got_train):
+        assert (got - want).abs().max().item() < 1e-5
+    assert (inference - want).abs().max().item() > 1e-4             # rounded experts in inference
+
+
+@pytest.mark.parametrize("conf,message", [
+    ({"expert_precision": "fp16"}, r"moe_conf.expert_precision: expected one of fp32, bf16, int8, got 'fp16'"),
+    ({"expert_precision": "bf16", "packed_experts": False}, r"moe_conf.expert_precision: bf16 applies to packed"),
+])
+def test_bad_expert_precision_names_the_key(conf, message):
+    with pytest.raises(ConfigError, match=message):
+        MoEFactory(16, 32, 0.0, "relu", 4, 2, conf, False)
+
+
+def test_quantize_int8_and_bf16_packing():
+    """int8: symmetric per output column, |w - q*scale| <= scale/2, q in [-127, 127], the
+    column's largest |w| maps to +-127, an all-zero column stays 0; bf16 packing keeps
+    the layout of fp32 packing and rounds to nearest even."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 40, 32)
+    w[1, :, 5] = 0.0
+    q, scale = cpu_kernel.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (2, 32)
+    assert int(q.abs().max()) == 127 and int(q[1, :, 5].abs().max()) == 0
+    assert torch.all(q.abs().amax(1)[scale != 1] == 127)
+    err = (q.float() * scale.unsqueeze(1) - w).abs()
+    assert torch.all(err <= scale.unsqueeze(1) / 2 + 1e-7)
+    values = cpu_kernel.expert_weight_values(w, "int8").numpy()     # q * scale in fp32
+    assert np.array_equal(values, int8_round(w).astype(np.float32))
+    assert np.array_equal(cpu_kernel.expert_weight_values(w, "bf16").double().numpy(), bf16_round(w))
+    packed, none = cpu_kernel.pack_expert_weight(w, "bf16")
+    assert none is None and packed.dtype == torch.bfloat16 and packed.shape == (2, 2, 40, 16)
+    assert packed[1, 1, 7, 3].item() == float(bf16_round(w)[1, 7, 19])
+    # ties go to even: 1 + 2^-8 is halfway between bf16 1 and 1 + 2^-7
+    tie = torch.tensor([[[1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8] + [0.0] * 14]])
+    assert cpu_kernel.pack_expert_weight(tie, "bf16")[0][0, 0, 0, :2].tolist() == [1.0, 1.0 + 2 ** -6]
+    with pytest.raises(ValueError, match="expert precision"):
+        cpu_kernel.pack_expert_weight(w, "fp8")
+
+
+@needs_kernel
+def test_kernel_rejects_mismatched_precision_arguments():
+    lib = cpu_kernel.library()
+    w = torch.randn(1, 16, 16)
+    q, scale = cpu_kernel.pack_expert_weight(w, "int8")
+    x, out, seg = torch.randn(2, 16), torch.empty(2, 16), torch.tensor([[0], [2], [0]])
+    with pytest.raises(ValueError, match="column scales"):
+        cpu_kernel.segment_linear(lib, x, seg, q, torch.zeros(1, 16), out)      # int8 without scale
+    with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
+        cpu_kernel.segment_linear(lib, x, seg, cpu_kernel.pack_weight(w.double()), torch.zeros(1, 16), out)
+    cpu_kernel.segment_linear(lib, x, seg, q, torch.zeros(1, 16), out, "none", scale)
+    assert torch.allclose(out, x @ cpu_kernel.expert_weight_values(w, "int8")[0], atol=1e-5)
+
+
+def test_fallback_without_kernel_warns_once(monkeypatch, caplog):
+    """No C kernel: bf16 experts run in fp32 on rounded weights, with one warning."""
+    monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "disabled_reason", lambda: "no C compiler 'cc' on PATH")
+    monkeypatch.setattr(moe_module, "_PRECISION_WARNED", set())
+    layer = make("topk", 2, "relu", "bf16")
+    x = torch.randn(1, 5, DIM)
+    with caplog.at_level(logging.WARNING, logger="wenet_moe.layers.moe"), torch.inference_mode():
+        layer(x, EMPTY)
+        layer(x, EMPTY)
+    warnings = [r.getMessage() for r in caplog.records if "expert_precision" in r.getMessage()]
+    assert len(warnings) == 1 and "no C compiler" in warnings[0] and "bf16" in warnings[0]
