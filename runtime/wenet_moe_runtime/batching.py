@@ -2,9 +2,10 @@
 
 Connections submit `(decoder, pcm | None)` jobs and await a future. Each of the
 `num_workers` threads takes every pending job (up to `max_batch`), feeds the audio
-and advances those streams together with `advance_many`, so the CTC heads of all
-ready chunks run in one ONNX Runtime call; the encoders run stream by stream
-because their caches have no batch axis. The asyncio loop never runs inference.
+and advances those streams together with `advance_many`: per round, the ready
+chunks of all of them run in one encoder call when the model has the batched
+encoder (`encoder_batch.onnx`, fp32; else stream by stream) and their CTC heads in
+one call. The asyncio loop never runs inference.
 
 Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
 samples (a few encoder chunks), and a stream has at most one job queued at a

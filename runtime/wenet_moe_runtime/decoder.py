@@ -223,7 +223,11 @@ class StreamingDecoder:
 
     def encode(self, window: np.ndarray) -> np.ndarray:
         """(T, bins) -> (T', D) encoder output; caches advance."""
-        hidden = self.model.forward_encoder_chunk(window, self.state)
+        return self.encoded(self.model.forward_encoder_chunk(window, self.state))
+
+    def encoded(self, hidden: np.ndarray) -> np.ndarray:
+        """Record a chunk's (T', D) encoder output computed on `self.state` (by
+        `encode` or a batched call); returns it."""
         if self.opts.mode == "attention_rescoring":   # only rescoring reads them
             self.encoder_outs.append(hidden)
         return hidden
@@ -312,9 +316,11 @@ class StreamingDecoder:
 
 
 def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
-    """Advance several streams, running their CTC heads in one ONNX Runtime call
-    per round of chunks (the encoders run one stream at a time: their caches have
-    no batch axis). Returns each stream's events, in order."""
+    """Advance several streams round by round: each round takes one ready chunk of
+    every stream, runs their encoders in one call when the model has the batched
+    encoder (`OnnxAsrModel.forward_encoder_chunks`; else one call per stream) and
+    their CTC heads in one call (fp32). Returns each stream's events, in order;
+    they equal those of each stream advanced alone (within float rounding)."""
     events: List[List[Event]] = [[] for _ in decoders]
     active = list(range(len(decoders)))
     while active:
@@ -322,8 +328,13 @@ def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
         ready = [(i, w) for i, w in windows if w is not None]
         if not ready:
             break
-        hiddens = [decoders[i].encode(w) for i, w in ready]
         model = decoders[ready[0][0]].model
+        if model.batched and len(ready) > 1 and all(decoders[i].model is model for i, _ in ready):
+            outs = model.forward_encoder_chunks([w for _, w in ready],
+                                                [decoders[i].state for i, _ in ready])
+            hiddens = [decoders[i].encoded(h) for (i, _), h in zip(ready, outs)]
+        else:
+            hiddens = [decoders[i].encode(w) for i, w in ready]
         # int8 graphs quantize activations per call: keep each stream's CTC on its own
         # so that its result does not depend on which streams shared the batch.
         log_probs = ([model.ctc_log_probs(h) for h in hiddens] if model.int8
