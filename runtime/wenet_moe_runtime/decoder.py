@@ -187,6 +187,18 @@ class StreamingDecoder:
             self.fbank.input_finished()
 
     # ------------------------------------------------------------- chunking
+    def chunk_ready(self) -> bool:
+        """Whether `next_chunk` would return a window now (or a tail at end of input)."""
+        if self.stopped:
+            return False
+        info = self.model.info
+        ready = self.fbank.num_frames_ready - self.frames_read
+        if self.chunk_size > 0:
+            need = (self.chunk_size * info.subsampling_rate if self.segment_started
+                    else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
+            return ready >= need or (self.input_done and ready > 0)
+        return self.input_done and ready > 0
+
     def next_chunk(self) -> Optional[np.ndarray]:
         """The next encoder window (T, bins) if enough frames are ready, else None."""
         if self.stopped:

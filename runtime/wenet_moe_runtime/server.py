@@ -51,6 +51,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8"}
 TYPE_NAMES = {"partial": "partial_result", "final": "final_result", "speech_end": "speech_end"}
 DEFAULT_BATCHED_MAX_BATCH = 16   # --max_batch 0 with encoder_batch.onnx loaded
+DEFAULT_BATCH_WAIT_MS = 100.0    # --batch_wait_ms -1 with encoder_batch.onnx loaded
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ServerConfig:
     max_audio_rate: float = 10.0          # audio s per s a stream may send on average (0: no limit)
     audio_burst_s: float = 20.0           # audio a stream may send ahead of that rate
     max_chunks_per_job: int = 2           # encoder chunks of one stream per worker job (0: no limit)
+    batch_wait_ms: float = -1.0           # < 0: DEFAULT_BATCH_WAIT_MS with the batched encoder, else 0
 
 
 class ClientGone(Exception):
@@ -134,8 +136,11 @@ class AsrServer:
             DEFAULT_BATCHED_MAX_BATCH if model.batched else 1)
         # a worker's batch of streams is also the most the batched encoder runs at once
         model.max_encoder_batch = max_batch
+        wait_ms = config.batch_wait_ms if config.batch_wait_ms >= 0 else (
+            DEFAULT_BATCH_WAIT_MS if model.batched else 0.0)
         self.workers = InferenceWorkers(config.num_workers, max_batch,
-                                        config.max_chunks_per_job * chunk_samples)
+                                        config.max_chunks_per_job * chunk_samples,
+                                        wait_ms / 1000.0)
         self.max_nbest = config.max_nbest or opts.beam_size
         if self.max_nbest > opts.beam_size:
             raise ValueError(f"--max_nbest {self.max_nbest} is more than --beam_size "
@@ -164,6 +169,7 @@ class AsrServer:
                                "sample_rate": 16000,
                                "batched_encoder": self.model.batched,
                                "max_batch": self.workers.max_batch,
+                               "batch_wait_ms": 1000.0 * self.workers.batch_wait_s,
                                "encoder_batched_calls": self.model.batched_calls,
                                "encoder_batched_streams": self.model.batched_streams,
                                "encoder_single_calls": self.model.single_calls})
@@ -456,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "call of encoder_batch.onnx (when the export has it, fp32) and their "
                         "CTC heads in one call; 0: 16 with the batched encoder, 1 without "
                         "(measured: no gain from batching the CTC heads alone)")
+    p.add_argument("--batch_wait_ms", type=float, default=-1.0,
+                   help="longest a worker with an encoder chunk ready waits for other streams' "
+                        "chunks to batch with (-1: %g with the batched encoder, else 0)"
+                        % DEFAULT_BATCH_WAIT_MS)
     p.add_argument("--no_batch_encoder", action="store_true",
                    help="ignore encoder_batch.onnx: run every stream's chunks through "
                         "encoder.onnx one at a time")
@@ -535,7 +545,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           args.max_text_bytes, args.max_nbest, args.max_session_s,
                           args.max_connections_per_ip, args.ping_interval, args.ping_timeout,
                           args.send_timeout, args.max_audio_rate, args.audio_burst_s,
-                          args.max_chunks_per_job)
+                          args.max_chunks_per_job, args.batch_wait_ms)
     try:
         asyncio.run(_serve(AsrServer(model, config, opts, limits)))
     except OSError as exc:
