@@ -136,7 +136,8 @@ def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: in
                     max_batch: int, batch_encoder: bool = True) -> Dict:
     srv = Server(model_dir, ["--num_workers", str(args.num_workers), "--max_batch", str(max_batch),
                              "--max_connections", str(n + 8)] + (["--int8"] if args.int8 else [])
-                 + ([] if batch_encoder else ["--no_batch_encoder"]))
+                 + ([] if batch_encoder else ["--no_batch_encoder"])
+                 + args.server_args.split())
     try:
         time.sleep(0.5)
         idle = rss_mb(srv.proc.pid)
@@ -301,6 +302,8 @@ def main() -> int:
     p.add_argument("--compare_batching", action="store_true")
     p.add_argument("--int8", action="store_true")
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--server_args", default="",
+                   help="more wenet-moe-server flags for the load runs, e.g. \"--batch_wait_ms 300\"")
     p.add_argument("--export_only", action="store_true",
                    help="with --random_export: write the export and stop")
     p.add_argument("--compare", nargs=2, metavar=("EXPORT_A", "EXPORT_B"),
