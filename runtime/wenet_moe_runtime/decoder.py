@@ -341,7 +341,10 @@ def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
         if not ready:
             break
         model = decoders[ready[0][0]].model
-        if model.batched and len(ready) > 1 and all(decoders[i].model is model for i, _ in ready):
+        # streaming chunks only: whole-utterance windows (chunk_size <= 0) differ in
+        # length too much for padding to one to pay
+        if model.batched and len(ready) > 1 and all(
+                decoders[i].model is model and decoders[i].chunk_size > 0 for i, _ in ready):
             outs = model.forward_encoder_chunks([w for _, w in ready],
                                                 [decoders[i].state for i, _ in ready])
             hiddens = [decoders[i].encoded(h) for (i, _), h in zip(ready, outs)]
