@@ -11,7 +11,7 @@ Gathering (`batch_wait_s` > 0, `max_batch` > 1): real-time streams' jobs arrive 
 at a time, so an idle worker would take each alone. A worker whose jobs have an
 encoder chunk ready waits up to `batch_wait_s` for more urgent jobs (up to
 `max_batch`), while the other workers leave urgent jobs to it; jobs that only add
-audio are never held back.
+audio are never held back, nor is a worker's batch when no other stream is open.
 
 Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
 samples (a few encoder chunks), and a stream has at most one job queued at a
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from typing import AsyncIterator, Deque, List, Optional, Tuple
 
@@ -54,6 +55,7 @@ class InferenceWorkers:
         self.slice_samples = max(0, int(slice_samples))
         self.batch_wait_s = max(0.0, float(batch_wait_s))
         self._gathering = 0  # workers collecting more urgent jobs for their batch
+        self._streams: "weakref.WeakSet[StreamingDecoder]" = weakref.WeakSet()  # ever submitted
         self.jobs_run = 0
         num_workers = max(1, int(num_workers))
         self._cv = threading.Condition()
@@ -102,6 +104,7 @@ class InferenceWorkers:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:
+            self._streams.add(decoder)
             (self._urgent if urgent else self._backlog).append((decoder, pcm, finish, loop, future))
             self._cv.notify_all()
         return await future
@@ -153,6 +156,13 @@ class InferenceWorkers:
             except Exception as exc:  # a bad stream must not take the others down
                 loop.call_soon_threadsafe(_resolve, future, None, exc)
 
+    def _others_open(self, ok: List[Tuple]) -> bool:
+        """Whether a stream outside `ok` is still open (its decoder not stopped)."""
+        mine = {id(job[0]) for job in ok}
+        with self._cv:
+            streams = list(self._streams)
+        return any(not d.stopped and id(d) not in mine for d in streams)
+
     def _gather(self, ok: List[Tuple]) -> None:
         """Add urgent jobs arriving within `batch_wait_s` (up to `max_batch` streams)."""
         deadline = time.monotonic() + self.batch_wait_s
@@ -180,7 +190,7 @@ class InferenceWorkers:
         ok: List[Tuple] = []
         self._feed(batch, ok)
         if (not backlog and self.batch_wait_s > 0 and 0 < len(ok) < self.max_batch
-                and any(job[0].chunk_ready() for job in ok)):
+                and any(job[0].chunk_ready() for job in ok) and self._others_open(ok)):
             self._gather(ok)
         if not ok:
             return
