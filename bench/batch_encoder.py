@@ -90,7 +90,6 @@ def main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from machine import describe
     print(describe(), flush=True)
-    print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
     batches = [int(x) for x in args.batches.split(",")]
     results = []
     for d in args.compare:
@@ -101,7 +100,8 @@ def main() -> int:
         results.append(measure(model, batches, args.history_chunks, args.reps, 0))
     a, b = results
     print(f"\nA = {args.compare[0]}\nB = {args.compare[1]}")
-    print(f"encoder CPU ms per stream-chunk (chunk {OnnxAsrModel(args.compare[0]).info.chunk_size}, "
+    chunk = OnnxAsrModel(args.compare[0], batch_encoder=False).info.chunk_size
+    print(f"encoder CPU ms per stream-chunk (chunk {chunk}, "
           f"history {args.history_chunks} chunks, {args.threads} thread(s), median of {args.reps})")
     print("| call | A | B | B / A | A vs its single | B vs its single |")
     print("|---|---|---|---|---|---|")
