@@ -231,3 +231,39 @@ def test_server_batches_concurrent_streams_like_solo_decoding(batch_exports):
     assert health["batched_encoder"] and health["max_batch"] == 8
     assert health["encoder_batched_calls"] > 0
     assert health["encoder_batched_streams"] >= 2 * health["encoder_batched_calls"]
+
+
+def test_workers_gather_only_while_another_stream_is_open(batch_exports):
+    """A worker with a chunk ready waits for company only when another stream is
+    open: a lone stream is never held back; with a second open stream the worker
+    gathers, and the second stream's job joins the same batched encoder call."""
+    from wenet_moe_runtime.batching import InferenceWorkers
+    model = OnnxAsrModel(batch_exports["full"])
+    opts = DecodeOptions(mode="ctc_greedy")
+    wav = _wavs()[2][0]
+    workers = InferenceWorkers(num_workers=1, max_batch=4, batch_wait_s=30.0)
+    try:
+        async def lone():
+            dec = StreamingDecoder(model, opts)
+            await workers.submit(dec, wav[:8000])        # a chunk ready, nobody else open
+            return await workers.submit(dec, wav[8000:], finish=True)
+        asyncio.run(asyncio.wait_for(lone(), 60))
+        assert workers.gathers == 0 and model.batched_calls == 0
+
+        async def pair():
+            a, b = StreamingDecoder(model, opts), StreamingDecoder(model, opts)
+            await workers.submit(b, wav[:100])           # b is open, no chunk yet
+            first = asyncio.ensure_future(workers.submit(a, wav[:8000]))
+            for _ in range(6000):                        # until the worker gathers for a
+                if workers._gathering:
+                    break
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(workers.submit(b, wav[100:8000]))
+            await asyncio.gather(first, second)
+            return a, b
+        a, b = asyncio.run(asyncio.wait_for(pair(), 60))
+        assert workers.gathers == 1
+        assert model.batched_calls >= 1 and model.batched_streams >= 2
+        assert a.state.offset == b.state.offset > 0    # both advanced by the same chunks
+    finally:
+        workers.shutdown()

@@ -55,6 +55,7 @@ class InferenceWorkers:
         self.slice_samples = max(0, int(slice_samples))
         self.batch_wait_s = max(0.0, float(batch_wait_s))
         self._gathering = 0  # workers collecting more urgent jobs for their batch
+        self.gathers = 0     # times a worker waited for more streams (_gather)
         self._streams: "weakref.WeakSet[StreamingDecoder]" = weakref.WeakSet()  # ever submitted
         self.jobs_run = 0
         num_workers = max(1, int(num_workers))
@@ -168,6 +169,7 @@ class InferenceWorkers:
         deadline = time.monotonic() + self.batch_wait_s
         with self._cv:
             self._gathering += 1
+            self.gathers += 1
         try:
             while len(ok) < self.max_batch:
                 with self._cv:
