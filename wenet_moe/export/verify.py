@@ -356,7 +356,7 @@ def verify_encoder_batch(model, path: str, chunk_size: int, left_chunks: int,
     sess = session(path)
     chunk = chunk_size if chunk_size > 0 else 16
     left = left_chunks if left_chunks > 0 else 2
-    sub, window = model.subsampling_rate(), None
+    sub = model.subsampling_rate()
     gen = torch.Generator().manual_seed(seed)
     report = {}
     for chunk_i, required, zero_cache in [(chunk, chunk * left if left_chunks > 0 else -1, True),
