@@ -19,6 +19,8 @@ compares two exports (e.g. Dense-S vs MoE with the same active compute, from
 `--random_export`) in one run: at each N the two servers run one after the other
 on the same wavs; printed per N are server CPU seconds per audio second, p95 final
 latency and CER against each export's own offline decoding, and the ratio B / A.
+`--batch_encoder both` measures each N without and with cross-stream batching
+(`encoder_batch.onnx`), and reports how many streams a batched call advanced.
 """
 from __future__ import annotations
 
@@ -124,10 +126,18 @@ async def _load(url: str, pid: int, n: int, wavs, seconds: float, chunk_ms: int)
     return results, peak[0]
 
 
+def health(url: str) -> Dict:
+    import urllib.request
+    with urllib.request.urlopen(url.replace("ws:", "http:") + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
 def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: int,
-                    max_batch: int) -> Dict:
+                    max_batch: int, batch_encoder: bool = True) -> Dict:
     srv = Server(model_dir, ["--num_workers", str(args.num_workers), "--max_batch", str(max_batch),
-                             "--max_connections", str(n + 8)] + (["--int8"] if args.int8 else []))
+                             "--max_connections", str(n + 8)] + (["--int8"] if args.int8 else [])
+                 + ([] if batch_encoder else ["--no_batch_encoder"])
+                 + args.server_args.split())
     try:
         time.sleep(0.5)
         idle = rss_mb(srv.proc.pid)
@@ -135,6 +145,7 @@ def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: in
         results, peak = asyncio.run(_load(srv.url, srv.proc.pid, n, wavs, args.seconds, args.chunk_ms))
         cpu = cpu_seconds(srv.proc.pid) - cpu0
         wall = time.monotonic() - t0
+        stats = health(srv.url)
     finally:
         srv.stop()
     audio = sum(r["audio_s"] for r in results)
@@ -142,7 +153,15 @@ def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: in
     ref_chars = sum(len(reference[r["key"]]) for r in results)
     first = [r["first_partial_s"] for r in results if r["first_partial_s"] is not None]
     final = [r["final_latency_s"] for r in results if r["final_latency_s"] is not None]
-    out = {"concurrency": n, "max_batch": max_batch, "utterances": len(results),
+    calls = stats.get("encoder_batched_calls", 0)
+    out = {"concurrency": n, "max_batch": stats.get("max_batch", max_batch),
+           "batched_encoder": bool(stats.get("batched_encoder", False)),
+           # encoder calls: batched ones, the streams per batched call, single ones
+           "encoder_batched_calls": calls,
+           "streams_per_batched_call": round(stats.get("encoder_batched_streams", 0) / calls, 2)
+           if calls else 0.0,
+           "encoder_single_calls": stats.get("encoder_single_calls", 0),
+           "utterances": len(results),
            "failures": sum(len(r["failures"]) for r in results),
            "audio_s": round(audio, 1), "server_cpu_s": round(cpu, 2),
            "rtf_cpu": round(cpu / audio, 4) if audio else None,
@@ -181,8 +200,11 @@ def make_random_export(config: str, out_dir: str, vocab: int, chunk: int) -> Non
     from wenet_moe.model import build_model
     torch.manual_seed(0)
     conf = load_yaml(config)
-    os.makedirs(out_dir, exist_ok=True)
-    units = os.path.join(out_dir, "bench_units.txt")
+    # the symbol table goes beside the export (the export refuses a directory holding
+    # files it does not write, and copies the table in as units.txt)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    units = out_dir.rstrip("/") + ".units.txt"
     syms = ["<blank>", "<unk>", "<sos/eos>"] + [chr(0x4E00 + i) for i in range(vocab - 3)]
     with open(units, "w", encoding="utf-8") as f:
         f.writelines(f"{s} {i}\n" for i, s in enumerate(syms))
@@ -226,22 +248,31 @@ def compare_exports(args, dir_a: str, dir_b: str) -> int:
     wavs = ([(k, read_wav(path)[0]) for k, path in read_scp(args.wav_scp)] if args.wav_scp
             else synthetic_wavs())
     refs = {d: offline_reference(d, wavs, args.int8) for d in (dir_a, dir_b)}
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.batch_encoder]
     rows = []
     for n in [int(x) for x in args.concurrency.split(",")]:
-        pair = [run_concurrency(args, d, wavs, refs[d], n, args.max_batch) for d in (dir_a, dir_b)]
-        rows.append((n, pair))
-        print(json.dumps({"concurrency": n, "A": pair[0], "B": pair[1]}), flush=True)
+        for batched in modes:
+            pair = [run_concurrency(args, d, wavs, refs[d], n, args.max_batch, batched)
+                    for d in (dir_a, dir_b)]
+            rows.append((n, batched, pair))
+            print(json.dumps({"concurrency": n, "batch_encoder": batched, "A": pair[0],
+                              "B": pair[1]}), flush=True)
     print(f"\nA = {dir_a}\nB = {dir_b}")
-    print("| streams | CPU s / audio s A | B | B / A | p95 final ms A | B | B / A | CER vs offline A / B |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, (a, b) in rows:
+    print("| streams | batched encoder (streams/call A / B) | CPU s / audio s A | B | B / A | "
+          "p95 final ms A | B | B / A | CER vs offline A / B |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, batched, (a, b) in rows:
         cpu_ratio = b["rtf_cpu"] / a["rtf_cpu"] if a["rtf_cpu"] and b["rtf_cpu"] else float("nan")
         lat_ratio = b["final_p95_ms"] / a["final_p95_ms"] if a["final_p95_ms"] else float("nan")
-        print(f"| {n} | {a['rtf_cpu']} | {b['rtf_cpu']} | {cpu_ratio:.2f} | {a['final_p95_ms']} | "
-              f"{b['final_p95_ms']} | {lat_ratio:.2f} | {a['cer_vs_offline_pct']} / {b['cer_vs_offline_pct']} |")
+        used = (f"on ({a['streams_per_batched_call']} / {b['streams_per_batched_call']})"
+                if a["batched_encoder"] or b["batched_encoder"] else "off")
+        print(f"| {n} | {used} | {a['rtf_cpu']} | {b['rtf_cpu']} | {cpu_ratio:.2f} | "
+              f"{a['final_p95_ms']} | {b['final_p95_ms']} | {lat_ratio:.2f} | "
+              f"{a['cer_vs_offline_pct']} / {b['cer_vs_offline_pct']} |")
     if args.out:
         write_json_atomic(args.out, {"A": dir_a, "B": dir_b, "rows": [
-            {"concurrency": n, "A": a, "B": b} for n, (a, b) in rows]})
+            {"concurrency": n, "batch_encoder": batched, "A": a, "B": b}
+            for n, batched, (a, b) in rows]})
     return 0
 
 
@@ -258,7 +289,12 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="streaming time per N")
     p.add_argument("--chunk_ms", type=int, default=200)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--max_batch", type=int, default=1, help="server --max_batch of the sweep")
+    p.add_argument("--max_batch", type=int, default=0,
+                   help="server --max_batch of the sweep (0: the server's default, 16 with "
+                        "the batched encoder, else 1)")
+    p.add_argument("--batch_encoder", choices=["on", "off", "both"], default="on",
+                   help="serve with encoder_batch.onnx (on), without it (off: the server's "
+                        "--no_batch_encoder), or both, one after the other (--compare)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
     p.add_argument("--rt_latency_ms", type=float, default=1000.0,
                    help="p95 final latency that still counts as real time")
@@ -266,6 +302,10 @@ def main() -> int:
     p.add_argument("--compare_batching", action="store_true")
     p.add_argument("--int8", action="store_true")
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--server_args", default="",
+                   help="more wenet-moe-server flags for the load runs, e.g. \"--batch_wait_ms 300\"")
+    p.add_argument("--export_only", action="store_true",
+                   help="with --random_export: write the export and stop")
     p.add_argument("--compare", nargs=2, metavar=("EXPORT_A", "EXPORT_B"),
                    help="server cost of export B against export A at each --concurrency")
     args = p.parse_args()
@@ -279,6 +319,8 @@ def main() -> int:
     if args.random_export:
         make_random_export(args.random_export[0], args.random_export[1], args.vocab, 16)
         args.model_dir = args.random_export[1]
+        if args.export_only:
+            return 0
     if args.compare:
         return compare_exports(args, *args.compare)
     if not args.model_dir:

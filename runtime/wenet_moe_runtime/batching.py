@@ -2,9 +2,16 @@
 
 Connections submit `(decoder, pcm | None)` jobs and await a future. Each of the
 `num_workers` threads takes every pending job (up to `max_batch`), feeds the audio
-and advances those streams together with `advance_many`, so the CTC heads of all
-ready chunks run in one ONNX Runtime call; the encoders run stream by stream
-because their caches have no batch axis. The asyncio loop never runs inference.
+and advances those streams together with `advance_many`: per round, the ready
+chunks of all of them run in one encoder call when the model has the batched
+encoder (`encoder_batch.onnx`, fp32; else stream by stream) and their CTC heads in
+one call. The asyncio loop never runs inference.
+
+Gathering (`batch_wait_s` > 0, `max_batch` > 1): real-time streams' jobs arrive one
+at a time, so an idle worker would take each alone. A worker whose jobs have an
+encoder chunk ready waits up to `batch_wait_s` for more urgent jobs (up to
+`max_batch`), while the other workers leave urgent jobs to it; jobs that only add
+audio are never held back, nor is a worker's batch when no other stream is open.
 
 Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
 samples (a few encoder chunks), and a stream has at most one job queued at a
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import weakref
 from collections import deque
 from typing import AsyncIterator, Deque, List, Optional, Tuple
 
@@ -36,11 +45,18 @@ class InferenceWorkers:
         max_batch: most streams advanced together (1: no batching).
         slice_samples: most samples of one stream fed and decoded per job by
             `slices()` (0: no limit).
+        batch_wait_s: longest a worker with an encoder chunk ready waits for more
+            streams to batch with (module docstring; 0: never).
     """
 
-    def __init__(self, num_workers: int = 2, max_batch: int = 1, slice_samples: int = 0) -> None:
+    def __init__(self, num_workers: int = 2, max_batch: int = 1, slice_samples: int = 0,
+                 batch_wait_s: float = 0.0) -> None:
         self.max_batch = max(1, int(max_batch))
         self.slice_samples = max(0, int(slice_samples))
+        self.batch_wait_s = max(0.0, float(batch_wait_s))
+        self._gathering = 0  # workers collecting more urgent jobs for their batch
+        self.gathers = 0     # times a worker waited for more streams (_gather)
+        self._streams: "weakref.WeakSet[StreamingDecoder]" = weakref.WeakSet()  # ever submitted
         self.jobs_run = 0
         num_workers = max(1, int(num_workers))
         self._cv = threading.Condition()
@@ -89,6 +105,7 @@ class InferenceWorkers:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:
+            self._streams.add(decoder)
             (self._urgent if urgent else self._backlog).append((decoder, pcm, finish, loop, future))
             self._cv.notify_all()
         return await future
@@ -97,7 +114,7 @@ class InferenceWorkers:
         """The next batch and whether it is backlog; None when stopping and idle."""
         with self._cv:
             while True:
-                if self._urgent:
+                if self._urgent and not self._gathering:
                     source, backlog = self._urgent, False
                 elif self._backlog and self._backlog_running < self._backlog_slots:
                     source, backlog = self._backlog, True
@@ -119,15 +136,16 @@ class InferenceWorkers:
                 return
             batch, backlog = taken
             try:
-                self._process(batch)
+                self._process(batch, backlog)
             finally:
                 if backlog:
                     with self._cv:
                         self._backlog_running -= 1
                         self._cv.notify_all()
 
-    def _process(self, batch: List[Tuple]) -> None:
-        ok: List[Tuple] = []
+    @staticmethod
+    def _feed(batch: List[Tuple], ok: List[Tuple]) -> None:
+        """Give each job's audio to its decoder; the jobs that took it join `ok`."""
         for job in batch:
             decoder, pcm, finish, loop, future = job
             try:
@@ -138,6 +156,44 @@ class InferenceWorkers:
                 ok.append(job)
             except Exception as exc:  # a bad stream must not take the others down
                 loop.call_soon_threadsafe(_resolve, future, None, exc)
+
+    def _others_open(self, ok: List[Tuple]) -> bool:
+        """Whether a stream outside `ok` is still open (its decoder not stopped)."""
+        mine = {id(job[0]) for job in ok}
+        with self._cv:
+            streams = list(self._streams)
+        return any(not d.stopped and id(d) not in mine for d in streams)
+
+    def _gather(self, ok: List[Tuple]) -> None:
+        """Add urgent jobs arriving within `batch_wait_s` (up to `max_batch` streams)."""
+        deadline = time.monotonic() + self.batch_wait_s
+        with self._cv:
+            self._gathering += 1
+            self.gathers += 1
+        try:
+            while len(ok) < self.max_batch:
+                with self._cv:
+                    left = deadline - time.monotonic()
+                    while not self._urgent and left > 0 and not self._stopping:
+                        self._cv.wait(left)
+                        left = deadline - time.monotonic()
+                    if not self._urgent:
+                        return
+                    more = []
+                    while self._urgent and len(ok) + len(more) < self.max_batch:
+                        more.append(self._urgent.popleft())
+                self._feed(more, ok)
+        finally:
+            with self._cv:
+                self._gathering -= 1
+                self._cv.notify_all()
+
+    def _process(self, batch: List[Tuple], backlog: bool = False) -> None:
+        ok: List[Tuple] = []
+        self._feed(batch, ok)
+        if (not backlog and self.batch_wait_s > 0 and 0 < len(ok) < self.max_batch
+                and any(job[0].chunk_ready() for job in ok) and self._others_open(ok)):
+            self._gather(ok)
         if not ok:
             return
         try:

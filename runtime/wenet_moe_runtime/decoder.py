@@ -191,6 +191,18 @@ class StreamingDecoder:
             self.fbank.input_finished()
 
     # ------------------------------------------------------------- chunking
+    def chunk_ready(self) -> bool:
+        """Whether `next_chunk` would return a window now (or a tail at end of input)."""
+        if self.stopped:
+            return False
+        info = self.model.info
+        ready = self.fbank.num_frames_ready - self.frames_read
+        if self.chunk_size > 0:
+            need = (self.chunk_size * info.subsampling_rate if self.segment_started
+                    else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
+            return ready >= need or (self.input_done and ready > 0)
+        return self.input_done and ready > 0
+
     def next_chunk(self) -> Optional[np.ndarray]:
         """The next encoder window (T, bins) if enough frames are ready, else None."""
         if self.stopped:
@@ -227,7 +239,11 @@ class StreamingDecoder:
 
     def encode(self, window: np.ndarray) -> np.ndarray:
         """(T, bins) -> (T', D) encoder output; caches advance."""
-        hidden = self.model.forward_encoder_chunk(window, self.state)
+        return self.encoded(self.model.forward_encoder_chunk(window, self.state))
+
+    def encoded(self, hidden: np.ndarray) -> np.ndarray:
+        """Record a chunk's (T', D) encoder output computed on `self.state` (by
+        `encode` or a batched call); returns it."""
         if self.opts.mode == "attention_rescoring":   # only rescoring reads them
             self.encoder_outs.append(hidden)
         return hidden
@@ -315,9 +331,11 @@ class StreamingDecoder:
 
 
 def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
-    """Advance several streams, running their CTC heads in one ONNX Runtime call
-    per round of chunks (the encoders run one stream at a time: their caches have
-    no batch axis). Returns each stream's events, in order."""
+    """Advance several streams round by round: each round takes one ready chunk of
+    every stream, runs their encoders in one call when the model has the batched
+    encoder (`OnnxAsrModel.forward_encoder_chunks`; else one call per stream) and
+    their CTC heads in one call (fp32). Returns each stream's events, in order;
+    they equal those of each stream advanced alone (within float rounding)."""
     events: List[List[Event]] = [[] for _ in decoders]
     active = list(range(len(decoders)))
     while active:
@@ -325,8 +343,16 @@ def advance_many(decoders: Sequence[StreamingDecoder]) -> List[List[Event]]:
         ready = [(i, w) for i, w in windows if w is not None]
         if not ready:
             break
-        hiddens = [decoders[i].encode(w) for i, w in ready]
         model = decoders[ready[0][0]].model
+        # streaming chunks only: whole-utterance windows (chunk_size <= 0) differ in
+        # length too much for padding to one to pay
+        if model.batched and len(ready) > 1 and all(
+                decoders[i].model is model and decoders[i].chunk_size > 0 for i, _ in ready):
+            outs = model.forward_encoder_chunks([w for _, w in ready],
+                                                [decoders[i].state for i, _ in ready])
+            hiddens = [decoders[i].encoded(h) for (i, _), h in zip(ready, outs)]
+        else:
+            hiddens = [decoders[i].encode(w) for i, w in ready]
         # int8 graphs quantize activations per call: keep each stream's CTC on its own
         # so that its result does not depend on which streams shared the batch.
         log_probs = ([model.ctc_log_probs(h) for h in hiddens] if model.int8

@@ -6,11 +6,19 @@
 must agree on `config_hash` and `vocab_size` must match `units.txt`. The model
 object holds no per-stream state: streams keep their caches in an `EncoderState`,
 so one model serves every connection (ONNX Runtime sessions are thread-safe).
+
+Cross-stream batching: when the export has `encoder_batch.onnx` (fp32 exports;
+int8 ones keep per-stream graphs) and `batch_encoder` is on, `forward_encoder_chunks`
+advances the chunks of several streams in one encoder call: their windows are
+right-padded to the longest, their attention caches left-padded to the longest
+history (the mask hides the padding), and the outputs and new caches split back.
+An MoE layer then reads each expert's weights once per call, not once per stream.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -21,6 +29,9 @@ from .features import FbankOptions
 from .symbols import SymbolTable
 
 MODEL_FILES = ("encoder", "ctc", "decoder")
+BATCH_ENCODER = "encoder_batch"
+BATCH_ENCODER_INPUTS = ("chunk", "chunk_lens", "offsets", "required_cache_size", "att_cache",
+                        "cnn_cache", "att_mask")
 REQUIRED_METADATA = ("chunk_size", "left_chunks", "subsampling_rate", "right_context",
                      "sos_symbol", "eos_symbol", "output_size", "num_blocks", "head",
                      "cnn_module_kernel")
@@ -151,11 +162,24 @@ class OnnxAsrModel:
         model_dir: directory with encoder/ctc/decoder `.onnx` and `units.txt`.
         int8: load `*.int8.onnx` instead of the fp32 files.
         num_threads: intra-op threads per session (1 suits many concurrent streams).
+        batch_encoder: load `encoder_batch.onnx` when the export has it (fp32 only)
+            and run ready streams' chunks together (`forward_encoder_chunks`).
+        max_encoder_batch: most streams in one batched encoder call (larger groups
+            are split).
     """
 
-    def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1) -> None:
+    def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1,
+                 batch_encoder: bool = True, max_encoder_batch: int = 16) -> None:
         self.model_dir = model_dir
         self.int8 = bool(int8)
+        if int(max_encoder_batch) < 1:
+            raise ValueError(f"max_encoder_batch must be >= 1, got {max_encoder_batch}")
+        self.max_encoder_batch = int(max_encoder_batch)
+        # counters of encoder calls (read by tests and /health)
+        self._count_lock = threading.Lock()
+        self.batched_calls = 0       # calls of encoder_batch.onnx
+        self.batched_streams = 0     # stream chunks they advanced
+        self.single_calls = 0        # calls of encoder.onnx
         if not os.path.isdir(model_dir):
             raise ModelError(f"{model_dir}: model directory does not exist")
         opts = ort.SessionOptions()
@@ -170,7 +194,11 @@ class OnnxAsrModel:
         opts.enable_mem_pattern = False
         self.sessions: Dict[str, ort.InferenceSession] = {}
         self.paths: Dict[str, str] = {}
-        for name in MODEL_FILES:
+        names = list(MODEL_FILES)
+        batch_path = os.path.join(model_dir, f"{BATCH_ENCODER}.onnx")
+        if batch_encoder and not self.int8 and os.path.isfile(batch_path):
+            names.append(BATCH_ENCODER)
+        for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
                 raise ModelError(f"{path}: model file not found")
@@ -202,7 +230,16 @@ class OnnxAsrModel:
         missing = {"chunk", "att_cache", "cnn_cache"} - set(self._enc_inputs)
         if missing:
             raise ModelError(f"{enc_path}: encoder input(s) missing: {sorted(missing)}")
+        if BATCH_ENCODER in self.sessions:
+            got = [i.name for i in self.sessions[BATCH_ENCODER].get_inputs()]
+            if got != list(BATCH_ENCODER_INPUTS):
+                raise ModelError(f"{batch_path}: inputs {got}, expected "
+                                 f"{list(BATCH_ENCODER_INPUTS)}")
 
+    @property
+    def batched(self) -> bool:
+        """Whether chunks of several streams run in one encoder call."""
+        return BATCH_ENCODER in self.sessions
     # ----------------------------------------------------------------- encoder
     def chunk_frames(self, num_fbank_frames: int) -> int:
         """Encoder frames produced by `num_fbank_frames` of input (0 if too short)."""
@@ -234,10 +271,88 @@ class OnnxAsrModel:
                 mask[:, :, : cache_t - min(state.valid_cache, cache_t)] = False
             feeds["att_mask"] = mask
         out, att_cache, cnn_cache = self.sessions["encoder"].run(None, feeds)
+        with self._count_lock:
+            self.single_calls += 1
         state.att_cache, state.cnn_cache = att_cache, cnn_cache
         state.offset += out.shape[1]
         state.valid_cache += out.shape[1]
         return out[0]
+
+    def forward_encoder_chunks(self, windows: Sequence[np.ndarray],
+                               states: Sequence[EncoderState]) -> List[np.ndarray]:
+        """One chunk of each of several streams, updating each `states[i]` in place.
+
+        With `encoder_batch.onnx` loaded, streams that share `required_cache_size`
+        run together, at most `max_encoder_batch` per call; each result equals
+        `forward_encoder_chunk(windows[i], states[i])` within float rounding (GEMM
+        sums may round differently with the batch size). Without it (or for a
+        single stream) the streams run one by one through `encoder.onnx`.
+
+        Args:
+            windows: (T_i, bins) float32 fbank windows, T_i >= right_context + 1.
+            states: the streams' states (distinct objects).
+        Returns:
+            [(T_i', D)] encoder outputs, in order.
+        """
+        if len(windows) != len(states):
+            raise ValueError(f"{len(windows)} windows for {len(states)} states")
+        outs: List[np.ndarray] = [np.zeros((0, self.info.output_size), np.float32)] * len(windows)
+        groups: Dict[int, List[int]] = {}
+        for i, st in enumerate(states):
+            groups.setdefault(st.required_cache_size, []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_encoder_batch):
+                part = members[start: start + self.max_encoder_batch]
+                if len(part) == 1 or not self.batched:
+                    for i in part:
+                        outs[i] = self.forward_encoder_chunk(windows[i], states[i])
+                else:
+                    for i, out in zip(part, self._forward_batch([windows[i] for i in part],
+                                                                [states[i] for i in part])):
+                        outs[i] = out
+        return outs
+
+    def _forward_batch(self, windows: Sequence[np.ndarray], states: Sequence[EncoderState]
+                       ) -> List[np.ndarray]:
+        """One `encoder_batch.onnx` call over streams with one required_cache_size."""
+        n = len(windows)
+        lens = [int(w.shape[0]) for w in windows]
+        t_in = max(lens)
+        t_out = self.chunk_frames(t_in)
+        outs = [self.chunk_frames(t) for t in lens]
+        bins = windows[0].shape[1]
+        chunk = np.zeros((n, t_in, bins), np.float32)
+        cache_t = max(st.att_cache.shape[2] for st in states)
+        ref = states[0].att_cache
+        att = np.zeros((n, ref.shape[0], ref.shape[1], cache_t, ref.shape[3]), np.float32)
+        mask = np.zeros((n, 1, cache_t + t_out), dtype=bool)
+        for r, (w, st) in enumerate(zip(windows, states)):
+            chunk[r, :lens[r]] = w
+            held = st.att_cache.shape[2]
+            att[r, :, :, cache_t - held:] = st.att_cache
+            # a fixed-size cache starts as zeros that the mask hides (see EncoderState)
+            seen = min(st.valid_cache, held) if st.required_cache_size > 0 else held
+            mask[r, 0, cache_t - seen: cache_t + outs[r]] = True
+        feeds = {"chunk": chunk, "chunk_lens": np.array(lens, np.int64),
+                 "offsets": np.array([st.offset for st in states], np.int64),
+                 "required_cache_size": np.array(states[0].required_cache_size, np.int64),
+                 "att_cache": att,
+                 "cnn_cache": np.stack([st.cnn_cache[:, 0] for st in states]),
+                 "att_mask": mask}
+        out, _, r_att, r_cnn = self.sessions[BATCH_ENCODER].run(None, feeds)
+        with self._count_lock:
+            self.batched_calls += 1
+            self.batched_streams += n
+        t_next = r_att.shape[3]
+        results = []
+        for r, st in enumerate(states):
+            keep = min(st.att_cache.shape[2] + outs[r], t_next)
+            st.att_cache = np.ascontiguousarray(r_att[r, :, :, t_next - keep:])
+            st.cnn_cache = np.ascontiguousarray(r_cnn[r][:, None])
+            st.offset += outs[r]
+            st.valid_cache += outs[r]
+            results.append(out[r, :outs[r]].copy())
+        return results
 
     # --------------------------------------------------------------------- ctc
     def ctc_log_probs(self, hidden: np.ndarray) -> np.ndarray:

@@ -50,6 +50,8 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 TYPE_NAMES = {"partial": "partial_result", "final": "final_result", "speech_end": "speech_end"}
+DEFAULT_BATCHED_MAX_BATCH = 16   # --max_batch 0 with encoder_batch.onnx loaded
+DEFAULT_BATCH_WAIT_MS = 100.0    # --batch_wait_ms -1 with encoder_batch.onnx loaded
 
 
 @dataclass
@@ -60,7 +62,7 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     idle_timeout: float = 60.0
     num_workers: int = 2
-    max_batch: int = 1
+    max_batch: int = 0                    # 0: 16 with the batched encoder, else 1
     max_text_bytes: int = 64 * 1024       # text frames above this are refused unparsed
     max_nbest: int = 0                    # 0: the beam size
     max_session_s: float = 0.0            # 0: unlimited
@@ -71,6 +73,7 @@ class ServerConfig:
     max_audio_rate: float = 10.0          # audio s per s a stream may send on average (0: no limit)
     audio_burst_s: float = 20.0           # audio a stream may send ahead of that rate
     max_chunks_per_job: int = 2           # encoder chunks of one stream per worker job (0: no limit)
+    batch_wait_ms: float = -1.0           # < 0: DEFAULT_BATCH_WAIT_MS with the batched encoder, else 0
 
 
 class ClientGone(Exception):
@@ -129,8 +132,15 @@ class AsrServer:
         chunk = opts.chunk_size or info.chunk_size
         chunk_samples = (chunk * info.subsampling_rate * info.fbank.frame_shift_samples
                          if chunk > 0 else 0)
-        self.workers = InferenceWorkers(config.num_workers, config.max_batch,
-                                        config.max_chunks_per_job * chunk_samples)
+        max_batch = config.max_batch if config.max_batch > 0 else (
+            DEFAULT_BATCHED_MAX_BATCH if model.batched else 1)
+        # a worker's batch of streams is also the most the batched encoder runs at once
+        model.max_encoder_batch = max_batch
+        wait_ms = config.batch_wait_ms if config.batch_wait_ms >= 0 else (
+            DEFAULT_BATCH_WAIT_MS if model.batched else 0.0)
+        self.workers = InferenceWorkers(config.num_workers, max_batch,
+                                        config.max_chunks_per_job * chunk_samples,
+                                        wait_ms / 1000.0)
         self.max_nbest = config.max_nbest or opts.beam_size
         if self.max_nbest > opts.beam_size:
             raise ValueError(f"--max_nbest {self.max_nbest} is more than --beam_size "
@@ -156,7 +166,13 @@ class AsrServer:
                                "dropped_clients": self.dropped_clients,
                                "throttle_pauses": self.throttle_pauses,
                                "chunk_size": self.model.info.chunk_size,
-                               "sample_rate": 16000})
+                               "sample_rate": 16000,
+                               "batched_encoder": self.model.batched,
+                               "max_batch": self.workers.max_batch,
+                               "batch_wait_ms": 1000.0 * self.workers.batch_wait_s,
+                               "encoder_batched_calls": self.model.batched_calls,
+                               "encoder_batched_streams": self.model.batched_streams,
+                               "encoder_single_calls": self.model.single_calls})
             return _response(http.HTTPStatus.OK, body, "application/json")
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
         full = os.path.join(WEB_DIR, name)
@@ -446,9 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention cache kept at serving time, in chunks, for exports with "
                         "unlimited left context (-1: all of the segment)")
     p.add_argument("--num_workers", type=int, default=2, help="inference threads")
-    p.add_argument("--max_batch", type=int, default=1,
-                   help="streams advanced together, their CTC heads in one call (measured: "
-                        "no gain with WeNet's batch-1 encoder export, so off by default)")
+    p.add_argument("--max_batch", type=int, default=0,
+                   help="most streams a worker advances together: their encoder chunks in one "
+                        "call of encoder_batch.onnx (when the export has it, fp32) and their "
+                        "CTC heads in one call; 0: 16 with the batched encoder, 1 without "
+                        "(measured: no gain from batching the CTC heads alone)")
+    p.add_argument("--batch_wait_ms", type=float, default=-1.0,
+                   help="longest a worker with an encoder chunk ready waits for other streams' "
+                        "chunks to batch with (-1: %g with the batched encoder, else 0)"
+                        % DEFAULT_BATCH_WAIT_MS)
+    p.add_argument("--no_batch_encoder", action="store_true",
+                   help="ignore encoder_batch.onnx: run every stream's chunks through "
+                        "encoder.onnx one at a time")
     p.add_argument("--num_threads", type=int, default=1, help="ONNX Runtime threads per call")
     p.add_argument("--chunk_size", type=int, default=0, help="0: the export's chunk size")
     p.add_argument("--int8", action="store_true", help="serve the *.int8.onnx models")
@@ -505,7 +530,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
         if args.max_nbest > args.beam_size:
             raise ValueError(f"--max_nbest {args.max_nbest} is more than --beam_size {args.beam_size}")
-        model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads)
+        if args.max_batch < 0:
+            raise ValueError(f"--max_batch must be >= 0, got {args.max_batch}")
+        model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads,
+                             batch_encoder=not args.no_batch_encoder)
         endpoint = EndpointConfig(args.blank_threshold, args.rule1_silence_ms,
                                   args.rule2_silence_ms, args.rule3_max_utterance_ms)
         from .decode import lm_from_args
@@ -527,7 +555,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           args.max_text_bytes, args.max_nbest, args.max_session_s,
                           args.max_connections_per_ip, args.ping_interval, args.ping_timeout,
                           args.send_timeout, args.max_audio_rate, args.audio_burst_s,
-                          args.max_chunks_per_job)
+                          args.max_chunks_per_job, args.batch_wait_ms)
     try:
         asyncio.run(_serve(AsrServer(model, config, opts, limits)))
     except OSError as exc:

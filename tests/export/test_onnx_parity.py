@@ -1,7 +1,9 @@
 """ONNX Runtime equals PyTorch for dense and every MoE router: offline CTC log-probs
 at 12 lengths (1 output frame, where most experts get 0 frames, to 400), the
-streaming loop over encoder.onnx with caches against forward_chunk_by_chunk, and
-decoder.onnx rescoring scores against the toolkit's own rescoring code."""
+streaming loop over encoder.onnx with caches against forward_chunk_by_chunk, the
+batched streaming encoder (encoder_batch.onnx, several streams per call) against each
+stream's forward_chunk, and decoder.onnx rescoring scores against the toolkit's own
+rescoring code."""
 import os
 
 import numpy as np
@@ -25,7 +27,32 @@ def exported(request, tmp_path_factory):
     onnx_export.export_offline(model, os.path.join(d, "model.onnx"), meta)
     onnx_export.export_encoder(model, os.path.join(d, "encoder.onnx"), 4, 2, meta)
     onnx_export.export_decoder(model, os.path.join(d, "decoder.onnx"), 0.3, meta)
+    onnx_export.export_encoder_batch(model, os.path.join(d, "encoder_batch.onnx"), 4, 2, meta)
     return request.param, model, conf, d
+
+
+def test_batched_streams_equal_each_stream_alone(exported):
+    """Five streams of different lengths joining at different rounds, three chunk /
+    cache settings (verify_encoder_batch); every router (SpeechMoE's shared routing
+    embedding included)."""
+    from wenet_moe.export.verify import verify_encoder_batch
+    router, model, _, d = exported
+    report = verify_encoder_batch(model, os.path.join(d, "encoder_batch.onnx"), 4, 2)
+    assert len(report) == 3 and max(report.values()) <= TOL, (router, report)
+
+
+def test_batched_check_fails_for_another_model(exported):
+    """The check can fail: the graph against a model with one weight changed."""
+    import copy
+    from wenet_moe.export.verify import ParityError, verify_encoder_batch
+    router, model, _, d = exported
+    if router != "topk":
+        pytest.skip("one router suffices")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.encoder.encoders[1].conv_module.depthwise_conv.weight[:, :, 0] += 0.5
+    with pytest.raises(ParityError, match="encoder_batch.onnx"):
+        verify_encoder_batch(other, os.path.join(d, "encoder_batch.onnx"), 4, 2)
 
 
 def test_offline_log_probs_equal_pytorch_at_many_lengths(exported):

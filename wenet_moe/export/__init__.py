@@ -24,6 +24,9 @@ __all__ = ["export_model", "export_loaded", "ParityError", "Int8GateError", "com
 
 FORMATS = ("onnx", "torchscript")
 ONNX_FILES = ("encoder.onnx", "ctc.onnx", "decoder.onnx", "model.onnx", "model_streaming.onnx")
+# the streaming encoder over a batch of streams (fp32 only: int8 MatMulInteger quantizes
+# activations per tensor, so a stream's result would depend on its batch mates)
+BATCH_ENCODER_FILE = "encoder_batch.onnx"
 
 
 def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, output_dir: str,
@@ -81,9 +84,13 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
             from wenet_moe.export import quantize as q8
             from wenet_moe.export import verify as check
             onnx_export.export_onnx(model, stage, chunk_size, left_chunks, reverse_weight, meta)
+            batch_path = os.path.join(stage, BATCH_ENCODER_FILE)
+            onnx_export.export_encoder_batch(model, batch_path, chunk_size, left_chunks, meta)
             if verify:
                 report.update(check.verify_onnx(model, stage, chunk_size, left_chunks,
                                                 reverse_weight))
+                report.update(check.verify_encoder_batch(model, batch_path, chunk_size,
+                                                         left_chunks))
             if quantize == "int8":
                 for name in ONNX_FILES:
                     q8.quantize_onnx(os.path.join(stage, name),

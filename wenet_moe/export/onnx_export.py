@@ -14,6 +14,9 @@ Files (WeNet's `export_onnx_cpu` names plus sherpa-onnx's):
     model.onnx            x, x_lens -> log_probs, log_probs_lens (offline CTC)
     model_streaming.onnx  x, offset, required_cache_size, attn_cache, conv_cache,
                           attn_mask -> log_probs, r_attn_cache, r_conv_cache
+    encoder_batch.onnx    chunk, chunk_lens, offsets, required_cache_size, att_cache,
+                          cnn_cache, att_mask -> output, out_lens, r_att_cache,
+                          r_cnn_cache (a batch of streams; `export_encoder_batch`)
 All carry the same metadata (see common.export_metadata). An input the exporter
 dropped because the graph does not read it is put back, so runtimes that feed
 inputs by position (sherpa-onnx) always see the documented list.
@@ -29,8 +32,8 @@ from typing import Dict, List, Sequence, Tuple
 import onnx
 import torch
 
-from wenet_moe.export.wrappers import (AttentionDecoder, CtcActivation, EncoderChunk, OfflineCtc,
-                                       StreamingCtc)
+from wenet_moe.export.wrappers import (AttentionDecoder, CtcActivation, EncoderBatch,
+                                       EncoderChunk, OfflineCtc, StreamingCtc)
 
 OPSET = 17
 # weights above this many bytes are written as external data (`<file>.data`)
@@ -44,6 +47,9 @@ CTC_INPUTS, CTC_OUTPUTS = ["hidden"], ["probs"]
 DECODER_INPUTS = ["hyps", "hyps_lens", "encoder_out", "reverse_weight"]
 DECODER_OUTPUTS = ["score", "r_score"]
 OFFLINE_INPUTS, OFFLINE_OUTPUTS = ["x", "x_lens"], ["log_probs", "log_probs_lens"]
+BATCH_ENCODER_INPUTS = ["chunk", "chunk_lens", "offsets", "required_cache_size", "att_cache",
+                        "cnn_cache", "att_mask"]
+BATCH_ENCODER_OUTPUTS = ["output", "out_lens", "r_att_cache", "r_cnn_cache"]
 
 _TORCH_TO_ONNX = {torch.float32: onnx.TensorProto.FLOAT, torch.int64: onnx.TensorProto.INT64,
                   torch.bool: onnx.TensorProto.BOOL, torch.int32: onnx.TensorProto.INT32}
@@ -248,3 +254,40 @@ def export_onnx(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
     for name, write in files.items():
         write(os.path.join(out_dir, name))
     return list(files)
+
+
+def encoder_batch_example(model: torch.nn.Module, chunk_size: int, left_chunks: int
+                          ) -> Tuple[torch.Tensor, ...]:
+    """Example inputs of `encoder_batch.onnx`: two streams, the second with a short
+    window and a shorter (left-padded) history."""
+    from wenet_moe.export.common import decoding_window
+
+    att_shape, cnn_shape = cache_shapes(model)
+    chunk = chunk_size if chunk_size > 0 else 16
+    required = chunk * left_chunks if (chunk_size > 0 and left_chunks > 0) else -1
+    cache_t = max(required, chunk)
+    window = decoding_window(model, chunk_size)
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(2, window, _feature_dim(model), generator=gen)
+    short = window - model.subsampling_rate()
+    att = torch.zeros(2, att_shape[0], att_shape[1], cache_t, att_shape[3])
+    mask = torch.ones(2, 1, cache_t + chunk, dtype=torch.bool)
+    mask[1, :, :cache_t - chunk] = False
+    mask[1, :, cache_t + chunk - 1:] = False
+    cnn = torch.zeros((2,) + tuple(cnn_shape[:1]) + tuple(cnn_shape[2:]))
+    return (xs, torch.tensor([window, short], dtype=torch.int64),
+            torch.tensor([cache_t, chunk], dtype=torch.int64),
+            torch.tensor(required, dtype=torch.int64), att, cnn, mask)
+
+
+def export_encoder_batch(model: torch.nn.Module, path: str, chunk_size: int, left_chunks: int,
+                         metadata: Dict[str, str]) -> None:
+    """encoder_batch.onnx: the streaming encoder over a batch of streams (per-stream
+    offsets, left-padded caches, right-padded windows), beside the WeNet-interface
+    encoder.onnx; same metadata (fp32 only: int8 exports keep per-stream graphs)."""
+    axes = {"chunk": {0: "B", 1: "T"}, "chunk_lens": {0: "B"}, "offsets": {0: "B"},
+            "att_cache": {0: "B", 3: "T_cache"}, "cnn_cache": {0: "B"},
+            "att_mask": {0: "B", 2: "T_keys"}, "output": {0: "B", 1: "T_out"},
+            "out_lens": {0: "B"}, "r_att_cache": {0: "B", 3: "T_next"}, "r_cnn_cache": {0: "B"}}
+    _export(EncoderBatch(model.encoder), encoder_batch_example(model, chunk_size, left_chunks),
+            path, BATCH_ENCODER_INPUTS, BATCH_ENCODER_OUTPUTS, axes, metadata)

@@ -266,3 +266,107 @@ def verify_onnx(model, out_dir: str, chunk_size: int, left_chunks: int, reverse_
     report.update(verify_decoder(model, os.path.join(out_dir, "decoder.onnx"),
                                  reverse_weight, seed))
     return report
+
+
+def stream_encoder_batch(model: torch.nn.Module, sess, feats: Sequence[torch.Tensor],
+                         first_rounds: Sequence[int], chunk: int, required: int,
+                         zero_cache: bool) -> Tuple[float, int]:
+    """Run `sess` (encoder_batch.onnx) over several streams, one call per round for
+    the streams with a window ready (stream b joins at round first_rounds[b]), and
+    each stream alone through the eager `forward_chunk`; compare every stream's
+    output, attention cache (its last frames) and conv cache at every chunk.
+
+    Caches are left-padded to the longest history of the round and short last
+    windows right-padded, as the runtime does. Returns (largest difference, calls).
+    """
+    from wenet_moe.export.onnx_export import cache_shapes
+
+    enc = model.encoder
+    sub, rc = enc.embed.subsampling_rate, enc.embed.right_context
+    att_shape, cnn_shape = cache_shapes(model)
+    cache_t0 = required if (zero_cache and required > 0) else 0
+    n = len(feats)
+    windows = [chunk_windows(f.size(0), chunk, sub, rc) for f in feats]
+    att = [torch.zeros(att_shape[0], att_shape[1], cache_t0, att_shape[3]) for _ in feats]
+    cnn = [torch.zeros(cnn_shape) for _ in feats]
+    o_att = [_np(a) for a in att]
+    o_cnn = [_np(c) for c in cnn]
+    offsets, valid = [cache_t0] * n, [0] * n
+    worst, calls = 0.0, 0
+    last_round = max(first + len(w) for first, w in zip(first_rounds, windows))
+    for rnd in range(last_round):
+        ready = [b for b in range(n) if 0 <= rnd - first_rounds[b] < len(windows[b])]
+        if not ready:
+            continue
+        xs = [feats[b][slice(*windows[b][rnd - first_rounds[b]])] for b in ready]
+        t_in = max(x.size(0) for x in xs)
+        t_out = (t_in - rc - 1) // sub + 1
+        outs = [(x.size(0) - rc - 1) // sub + 1 for x in xs]
+        cache_t = max(o_att[b].shape[2] for b in ready)
+        chunk_in = np.zeros((len(ready), t_in, xs[0].size(1)), np.float32)
+        b_att = np.zeros((len(ready), att_shape[0], att_shape[1], cache_t, att_shape[3]),
+                         np.float32)
+        b_mask = np.zeros((len(ready), 1, cache_t + t_out), dtype=bool)
+        want = []
+        for r, b in enumerate(ready):
+            x = xs[r]
+            chunk_in[r, :x.size(0)] = _np(x)
+            held = o_att[b].shape[2]
+            b_att[r, :, :, cache_t - held:] = o_att[b]
+            seen = min(valid[b], held) if cache_t0 > 0 else held
+            b_mask[r, 0, cache_t - seen: cache_t + outs[r]] = True
+            mask = _mask(att[b].size(2), outs[r], valid[b] if cache_t0 > 0 else att[b].size(2))
+            with torch.no_grad():
+                out, att[b], cnn[b] = enc.forward_chunk(x.unsqueeze(0), offsets[b], required,
+                                                        att[b], cnn[b], torch.from_numpy(mask))
+            want.append(out[0])
+        feeds = {"chunk": chunk_in,
+                 "chunk_lens": np.array([x.size(0) for x in xs], np.int64),
+                 "offsets": np.array([offsets[b] for b in ready], np.int64),
+                 "required_cache_size": np.array(required, np.int64), "att_cache": b_att,
+                 "cnn_cache": np.stack([o_cnn[b][:, 0] for b in ready]), "att_mask": b_mask}
+        got, got_lens, r_att, r_cnn = sess.run(None, feeds)
+        calls += 1
+        tag = (f"round {rnd} (streams {ready}, chunk {chunk}, required_cache_size {required}, "
+               f"{'zero' if cache_t0 else 'empty'}-cache)")
+        compare(f"encoder_batch.onnx out_lens, {tag}", got_lens, np.array(outs, np.int64))
+        for r, b in enumerate(ready):
+            keep = min(o_att[b].shape[2] + outs[r], r_att.shape[3])
+            o_att[b] = r_att[r, :, :, r_att.shape[3] - keep:]
+            o_cnn[b] = r_cnn[r][:, None]
+            worst = max(worst,
+                        compare(f"encoder_batch.onnx output of stream {b}, {tag}",
+                                got[r, :outs[r]], _np(want[r])),
+                        compare(f"encoder_batch.onnx att cache of stream {b}, {tag}",
+                                o_att[b], _np(att[b])),
+                        compare(f"encoder_batch.onnx cnn cache of stream {b}, {tag}",
+                                o_cnn[b], _np(cnn[b])))
+            offsets[b] += outs[r]
+            valid[b] += outs[r]
+    return worst, calls
+
+
+def verify_encoder_batch(model, path: str, chunk_size: int, left_chunks: int,
+                         seed: int = 0) -> Dict[str, float]:
+    """encoder_batch.onnx against each stream's eager `forward_chunk`: five streams
+    of different lengths (one shorter than a window, last windows cut short) joining
+    at different rounds (histories of different lengths), at the export's chunk and
+    left chunks (zero-filled caches as the runtime's), 1-frame chunks with unlimited
+    history, and an odd chunk with a bounded cache."""
+    sess = session(path)
+    chunk = chunk_size if chunk_size > 0 else 16
+    left = left_chunks if left_chunks > 0 else 2
+    sub = model.subsampling_rate()
+    gen = torch.Generator().manual_seed(seed)
+    report = {}
+    for chunk_i, required, zero_cache in [(chunk, chunk * left if left_chunks > 0 else -1, True),
+                                          (1, -1, False), (3, 5, False)]:
+        window = (chunk_i - 1) * sub + model.right_context() + 1
+        lengths = [window + 3 * sub * chunk_i + 2, window - 2, window, 2 * window + 5,
+                   window + 7 * sub * chunk_i]
+        feats = [torch.randn(t, feature_dim(model), generator=gen) for t in lengths]
+        worst, calls = stream_encoder_batch(model, sess, feats, [0, 0, 1, 2, 3], chunk_i,
+                                            required, zero_cache)
+        report[f"{os.path.basename(path)} chunk={chunk_i} required={required} 5 streams "
+               f"x{calls} calls"] = worst
+    return report

@@ -98,3 +98,29 @@ class OfflineCtc(nn.Module):
         out, mask = self.encoder(x, x_lens, -1, -1)
         lens = mask.squeeze(1).to(torch.int64).sum(1)
         return self.ctc.log_softmax(out), lens
+
+
+class EncoderBatch(nn.Module):
+    """`encoder_batch.onnx`: one streaming chunk of B streams (cross-stream batching;
+    `encoder.forward_chunk_batch`).
+
+    forward(chunk (B, T, F) right-padded windows, chunk_lens int64 (B,),
+            offsets int64 (B,), required_cache_size int64 (),
+            att_cache (B, blocks, H, T_cache, 2*d_k) left-padded,
+            cnn_cache (B, blocks, D, k-1), att_mask bool (B, 1, T_cache + T'))
+        -> (output (B, T', D), out_lens int64 (B,),
+            r_att_cache (B, blocks, H, T_next, 2*d_k) right-aligned per stream,
+            r_cnn_cache (B, blocks, D, k-1))
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, chunk: torch.Tensor, chunk_lens: torch.Tensor, offsets: torch.Tensor,
+                required_cache_size: torch.Tensor, att_cache: torch.Tensor,
+                cnn_cache: torch.Tensor, att_mask: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encoder.forward_chunk_batch(
+            chunk, chunk_lens, offsets, int(required_cache_size.reshape(-1)[0]),
+            att_cache, cnn_cache, att_mask)

@@ -1,11 +1,14 @@
 """Conformer convolution module (pointwise-GLU, depthwise conv, norm, act, pointwise).
 
 forward(x (B, T, D), mask_pad bool (B, 1, T) True = valid frame (or (0, 0, 0)),
-        cache (B, D, kernel-1) (or (0, 0, 0))) -> (y (B, T, D), new_cache)
+        cache (B, D, kernel-1) (or (0, 0, 0)), cache_at_valid_end: bool = False)
+    -> (y (B, T, D), new_cache)
 
 Causal: the depthwise convolution sees `kernel - 1` past frames (zeros at the start
 of an utterance, the cache while streaming) and no future; `new_cache` holds the
-last `kernel - 1` depthwise inputs, shape (B, D, kernel-1). Symmetric (non-causal):
+last `kernel - 1` depthwise inputs, shape (B, D, kernel-1); with `cache_at_valid_end`
+(a batch of streaming chunks right-padded to one length) each row's cache ends at its
+last valid frame of `mask_pad` instead of at the padded tail. Symmetric (non-causal):
 odd kernel, `(kernel-1)/2` frames each side, `new_cache` is empty, (B, D, 0).
 
 Padded frames are zeroed at the depthwise input (after the GLU), so a valid frame
@@ -62,7 +65,8 @@ class ConvolutionModule(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool),
-                cache: torch.Tensor = torch.zeros((0, 0, 0))
+                cache: torch.Tensor = torch.zeros((0, 0, 0)),
+                cache_at_valid_end: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         x = x.transpose(1, 2)  # (B, D, T)
         if not self.pad_input:
@@ -75,7 +79,14 @@ class ConvolutionModule(nn.Module):
                 x = nn.functional.pad(x, (self.lorder, 0), "constant", 0.0)
             else:
                 x = torch.cat((cache.to(x.dtype), x), dim=2)
-            new_cache = x[:, :, x.size(2) - self.lorder:]
+            if cache_at_valid_end and has_mask:
+                # row b's valid frames end at lorder + valid_b of the padded sequence
+                valid = mask_pad.to(torch.int64).sum(dim=2)  # (B, 1)
+                index = valid + torch.arange(self.lorder, device=x.device).unsqueeze(0)
+                new_cache = torch.gather(
+                    x, 2, index.unsqueeze(1).expand(x.size(0), x.size(1), self.lorder))
+            else:
+                new_cache = x[:, :, x.size(2) - self.lorder:]
         else:
             new_cache = torch.zeros((x.size(0), x.size(1), 0), dtype=x.dtype, device=x.device)
         if self.pad_input:

@@ -5,7 +5,9 @@ Every input layer: `forward(x (B, T, F), x_mask bool (B, 1, T), offset: int = 0)
 `subsampling_rate` (input frames per output frame) and `right_context` (input frames
 after the first one that one output frame needs: its receptive field is
 `right_context + 1` frames). The positional encoding module lives inside, as
-`pos_enc`, and `position_encoding(offset, size)` is forwarded to it for streaming.
+`pos_enc`, and `position_encoding(offset, size)` is forwarded to it for streaming;
+for a batch of streams `forward_offsets(x (B, T, F), offsets (B,) int64) -> x (B, T', D)`
+and `position_encoding_offsets(starts (B,), size) -> (B, size, D)`.
 
 The convolutions use no padding, so an output frame depends only on the input
 frames `subsampling_rate * t ... subsampling_rate * t + right_context`; in a padded
@@ -30,6 +32,11 @@ class _InputLayer(nn.Module):
     def position_encoding(self, offset: int, size: int) -> torch.Tensor:
         """Encodings of positions offset .. offset+size-1: (1, size, D)."""
         return self.pos_enc.position_encoding(offset, size)
+
+    @torch.jit.export
+    def position_encoding_offsets(self, starts: torch.Tensor, size: int) -> torch.Tensor:
+        """Encodings of positions starts[b] .. starts[b]+size-1 per stream: (B, size, D)."""
+        return self.pos_enc.position_encoding_offsets(starts, size)
 
 
 class Conv2dSubsampling(_InputLayer):
@@ -67,15 +74,24 @@ class Conv2dSubsampling(_InputLayer):
         self.right_context = context
         self.layers: List[Tuple[int, int]] = list(layers)
 
-    def forward(self, x: torch.Tensor, x_mask: torch.Tensor, offset: int = 0
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def subsample(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) -> (B, T', D) before the positional encoding."""
         if x.size(1) < self.right_context + 1:
             raise ValueError(f"input of {x.size(1)} frames is shorter than the "
                              f"{self.right_context + 1} frames one output frame needs")
         x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
         b, c, t, f = x.size()
-        x = self.out(x.transpose(1, 2).contiguous().view(b, t, c * f))
-        x, pos_emb = self.pos_enc(x, offset)
+        return self.out(x.transpose(1, 2).contiguous().view(b, t, c * f))
+
+    @torch.jit.export
+    def forward_offsets(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """A batch of streams: x (B, T, F), offsets (B,) int64 position of each
+        stream's first output frame -> (B, T', D)."""
+        return self.pos_enc.forward_offsets(self.subsample(x), offsets)
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor, offset: int = 0
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, pos_emb = self.pos_enc(self.subsample(x), offset)
         for kernel, stride in self.layers:
             x_mask = x_mask[:, :, kernel - 1::stride]
         return x, pos_emb, x_mask
@@ -116,6 +132,11 @@ class LinearNoSubsampling(_InputLayer):
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, pos_emb = self.pos_enc(self.out(x), offset)
         return x, pos_emb, x_mask
+
+    @torch.jit.export
+    def forward_offsets(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x (B, T, F), offsets (B,) int64 -> (B, T, D)."""
+        return self.pos_enc.forward_offsets(self.out(x), offsets)
 
 
 INPUT_LAYERS = {

@@ -246,6 +246,89 @@ class BaseEncoder(nn.Module):
             xs = self.after_norm(xs)
         return xs, torch.cat(r_att_cache, dim=0), torch.cat(r_cnn_cache, dim=0)
 
+    @torch.jit.export
+    def forward_chunk_batch(self, xs: torch.Tensor, chunk_lens: torch.Tensor,
+                            offsets: torch.Tensor, required_cache_size: int,
+                            att_cache: torch.Tensor, cnn_cache: torch.Tensor,
+                            att_mask: torch.Tensor
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One streaming chunk of B streams in one call (cross-stream batching).
+
+        Row b computes what `forward_chunk` computes for stream b alone (within
+        float rounding): its own positions, history and convolution cache.
+
+        Args:
+            xs: (B, T, F) chunk windows, right-padded to the longest; row b's first
+                chunk_lens[b] frames are valid (>= right_context + 1 each).
+            chunk_lens: (B,) int64 valid input frames of each window.
+            offsets: (B,) int64 output frames stream b produced before this chunk
+                (its `forward_chunk` offset).
+            required_cache_size: as `forward_chunk` (< 0 all, 0 none, > 0 that many).
+            att_cache: (B, blocks, H, T_cache, 2*d_k), each stream's history
+                left-padded to T_cache (T_cache may be 0).
+            cnn_cache: (B, blocks, D, kernel-1) (zeros for a stream's first chunk).
+            att_mask: (B, 1, T_cache + T') bool: False on the left padding of the
+                history (and on history a stream hides), on the padded frames of a
+                short chunk; True elsewhere.
+        Returns:
+            out (B, T', D) (row b valid for its first out_lens[b] frames),
+            out_lens (B,) int64, new_att_cache (B, blocks, H, T_next, 2*d_k) with each
+            stream's frames right-aligned (its last min(T_cache_b + out_lens[b],
+            T_next) frames are its `forward_chunk` cache; the rest is padding),
+            new_cnn_cache (B, blocks, D, kernel-1) taken at each stream's last valid
+            frame.
+        """
+        if xs.dim() != 3 or chunk_lens.dim() != 1 or offsets.dim() != 1 or \
+                chunk_lens.size(0) != xs.size(0) or offsets.size(0) != xs.size(0):
+            raise ValueError("forward_chunk_batch takes xs (B, T, F), chunk_lens (B,) and "
+                             "offsets (B,), got shapes {}, {} and {}".format(
+                                 xs.shape, chunk_lens.shape, offsets.shape))
+        if att_cache.dim() != 5 or cnn_cache.dim() != 4 or \
+                att_cache.size(1) != self.num_blocks or cnn_cache.size(1) != self.num_blocks:
+            raise ValueError("forward_chunk_batch caches must be att_cache (B, {0}, H, T_cache, "
+                             "2*d_k) and cnn_cache (B, {0}, D, kernel-1), got {1} and {2}".format(
+                                 self.num_blocks, att_cache.shape, cnn_cache.shape))
+        batch = xs.size(0)
+        sub = self.embed.subsampling_rate
+        context = self.embed.right_context + 1
+        out_lens = torch.div(chunk_lens - context, sub, rounding_mode="floor") + 1
+        if self.global_cmvn is not None:
+            xs = self.global_cmvn(xs)
+        xs = self.embed.forward_offsets(xs, offsets)
+        t_out = xs.size(1)
+        cache_t1 = att_cache.size(3)
+        attention_key_size = cache_t1 + t_out
+        # keys of row b: positions offsets[b] - T_cache ... (the left padding included)
+        pos_emb = self.embed.position_encoding_offsets(offsets - cache_t1, attention_key_size)
+        pos_emb = pos_emb.to(xs.dtype)
+        if required_cache_size < 0:
+            next_cache_start = 0
+        elif required_cache_size == 0:
+            next_cache_start = attention_key_size
+        else:
+            next_cache_start = max(attention_key_size - required_cache_size, 0)
+        frames = torch.arange(t_out, device=xs.device).unsqueeze(0)
+        mask_pad = (frames < out_lens.unsqueeze(1)).unsqueeze(1)  # (B, 1, T')
+        # new cache slot j of row b holds key j - (T' - out_lens[b]): its valid keys
+        # end at the right edge (the padded frames of a short chunk fall off)
+        keys = torch.arange(next_cache_start, attention_key_size, device=xs.device)
+        src = keys.unsqueeze(0) - (t_out - out_lens).unsqueeze(1)
+        src = torch.clamp(src, min=0)  # (B, T_next)
+        route_emb = self._route_embedding(xs)
+        r_att_cache: List[torch.Tensor] = []
+        r_cnn_cache: List[torch.Tensor] = []
+        for i, layer in enumerate(self.encoders):
+            xs, _, new_att_cache, new_cnn_cache = layer(
+                xs, att_mask, pos_emb, mask_pad, route_emb, att_cache[:, i], cnn_cache[:, i],
+                True)
+            index = src.view(batch, 1, -1, 1).expand(
+                batch, new_att_cache.size(1), src.size(1), new_att_cache.size(3))
+            r_att_cache.append(torch.gather(new_att_cache, 2, index).unsqueeze(1))
+            r_cnn_cache.append(new_cnn_cache.unsqueeze(1))
+        if self.normalize_before:
+            xs = self.after_norm(xs)
+        return xs, out_lens, torch.cat(r_att_cache, dim=1), torch.cat(r_cnn_cache, dim=1)
+
     @torch.jit.unused
     def forward_chunk_by_chunk(self, xs: torch.Tensor, decoding_chunk_size: int,
                                num_decoding_left_chunks: int = -1

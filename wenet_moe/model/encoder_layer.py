@@ -6,7 +6,9 @@ Both blocks share one signature (so one encoder drives either):
             pos_emb (1, T_cache+T, D), mask_pad bool (B, 1, T) padding mask for the
             convolution (or (0, 0, 0)), route_emb (B, T, E) or empty (the SpeechMoE
             frame embedding handed to every FFN), att_cache (B, H, T_cache, 2*d_k) or
-            (0, 0, 0, 0), cnn_cache (B, D, kernel-1) or (0, 0, 0))
+            (0, 0, 0, 0), cnn_cache (B, D, kernel-1) or (0, 0, 0),
+            cnn_cache_at_valid_end: bool = False (a batch of right-padded streaming
+            chunks: each row's new conv cache ends at its last valid frame of mask_pad))
         -> (x (B, T, D), mask, new_att_cache (B, H, T_cache+T, 2*d_k),
             new_cnn_cache (B, D, kernel-1); (B, D, 0) without a causal convolution)
 
@@ -52,7 +54,8 @@ class TransformerEncoderLayer(nn.Module):
                 mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool),
                 route_emb: torch.Tensor = torch.zeros(0),
                 att_cache: torch.Tensor = torch.zeros((0, 0, 0, 0)),
-                cnn_cache: torch.Tensor = torch.zeros((0, 0, 0))
+                cnn_cache: torch.Tensor = torch.zeros((0, 0, 0)),
+                cnn_cache_at_valid_end: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         residual = x
         if self.normalize_before:
@@ -114,7 +117,8 @@ class ConformerEncoderLayer(nn.Module):
                 mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool),
                 route_emb: torch.Tensor = torch.zeros(0),
                 att_cache: torch.Tensor = torch.zeros((0, 0, 0, 0)),
-                cnn_cache: torch.Tensor = torch.zeros((0, 0, 0))
+                cnn_cache: torch.Tensor = torch.zeros((0, 0, 0)),
+                cnn_cache_at_valid_end: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.feed_forward_macaron is not None and self.norm_ff_macaron is not None:
             residual = x
@@ -137,7 +141,7 @@ class ConformerEncoderLayer(nn.Module):
             residual = x
             if self.normalize_before:
                 x = self.norm_conv(x)
-            x, new_cnn_cache = self.conv_module(x, mask_pad, cnn_cache)
+            x, new_cnn_cache = self.conv_module(x, mask_pad, cnn_cache, cnn_cache_at_valid_end)
             x = residual + self.dropout(x)
             if not self.normalize_before:
                 x = self.norm_conv(x)

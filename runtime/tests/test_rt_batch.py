@@ -1,0 +1,269 @@
+"""Cross-stream batching in the runtime: `encoder_batch.onnx` of a real wenet-moe
+export (a tiny U2++ MoE Conformer, random weights) advances several streams in one
+encoder call, and every stream gets what it gets decoded alone through
+`encoder.onnx`: the same encoder outputs (within 1e-5) and the same events.
+
+The streams differ in length (one shorter than a window, several ending
+mid-chunk), start at different times (their attention caches hold histories of
+different lengths in the same call), and one configuration bounds the cache
+(`max_left_chunks`), so long and short histories meet. Tokens are compared in
+`ctc_greedy` mode, whose best path the CTC head decides by an asserted margin
+(far above the ~1e-6 by which batch sizes move the sums)."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import urllib.request
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import rt_tiny_model as T
+from rt_fixtures import ServerProcess, stream_decode
+from wenet_moe.export import onnx_export
+from wenet_moe.export.common import export_metadata, write_symbol_tables
+from wenet_moe.model import build_model
+from wenet_moe_runtime.client import stream_samples
+from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder, advance_many
+from wenet_moe_runtime.model import ModelError, OnnxAsrModel
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CHUNK = 4
+ATOL = 1e-5
+MIN_GAP_NATS = 1e-3     # smallest top-1 minus top-2 CTC log-prob the greedy path may see
+STEP = 1600             # samples fed per tick (0.1 s)
+# (token ids, seed, first tick): 0.12 s (shorter than one 19-frame window), streams
+# ending mid-chunk, and streams joining 1 and 3 ticks late
+STREAMS = [(None, 0, 0), ([2, 3], 1, 0), ([4, 5, 6], 2, 1), ([7], 3, 3), ([3, 6, 2, 5], 4, 2)]
+
+
+def _wavs():
+    out = []
+    for ids, seed, first in STREAMS:
+        wav = T.synth([2], seed=seed)[:1920] if ids is None else \
+            T.synth(ids, seed=seed, tail_s=0.1 + 0.013 * seed)
+        out.append((wav, first))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch_exports(tmp_path_factory):
+    """Exports 'full' (chunk 4, unlimited left context) and 'left2' (2 left chunks) of
+    a random-weight tiny MoE Conformer whose CTC head is sharpened (x20) and never
+    emits <unk> or <sos/eos>."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("batch")
+    (root / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    vocab = len(T.units())
+    moe = {"mlp_type": "moe", "n_expert": 4, "n_expert_activated": 2}
+    conf = {
+        "input_dim": 80, "output_dim": vocab, "encoder": "conformer",
+        "encoder_conf": {"output_size": 32, "attention_heads": 2, "linear_units": 48,
+                         "num_blocks": 2, "cnn_module_kernel": 3, "causal": True,
+                         "use_dynamic_chunk": True, "cnn_module_norm": "layer_norm",
+                         "input_layer": "conv2d", "dropout_rate": 0.0,
+                         "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0, **moe},
+        "decoder": "bitransformer",
+        "decoder_conf": {"attention_heads": 2, "linear_units": 48, "num_blocks": 1,
+                         "r_num_blocks": 1, "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
+                         "self_attention_dropout_rate": 0.0, "src_attention_dropout_rate": 0.0},
+        "ctc": "ctc", "ctc_conf": {"ctc_blank_id": 0}, "model": "asr_model",
+        "model_conf": {"ctc_weight": 0.3, "reverse_weight": 0.3, "lsm_weight": 0.0,
+                       "length_normalized_loss": False},
+        "moe_conf": {"router": "topk"}, "tokenizer": "char",
+        "tokenizer_conf": {"symbol_table_path": str(root / "units.txt"), "split_with_space": False,
+                           "special_tokens": {"<blank>": 0, "<unk>": 1, "<sos>": vocab - 1,
+                                              "<eos>": vocab - 1}},
+        "dataset_conf": {"fbank_conf": {"num_mel_bins": 80, "frame_shift": 10,
+                                        "frame_length": 25, "dither": 0.0}},
+    }
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(conf)).eval()
+    with torch.no_grad():
+        model.ctc.ctc_lo.weight.mul_(20.0)
+        model.ctc.ctc_lo.bias[1] = -1e3          # <unk> and <sos/eos> never win
+        model.ctc.ctc_lo.bias[vocab - 1] = -1e3
+    onnx_export.set_feature_dim(model, 80)
+    dirs = {}
+    for name, left in (("full", -1), ("left2", 2)):
+        # the runtime's graphs only (export_loaded also writes model.onnx and
+        # model_streaming.onnx, which this test does not read)
+        dirs[name] = str(root / name)
+        os.makedirs(dirs[name])
+        meta = export_metadata(model, conf, conf, CHUNK, left, 0.3)
+        meta["cnn_module_kernel"] = str(onnx_export.cache_shapes(model)[1][3] + 1)
+        write_symbol_tables(conf, dirs[name])
+        path = lambda n: os.path.join(dirs[name], n)  # noqa: E731
+        onnx_export.export_encoder(model, path("encoder.onnx"), CHUNK, left, meta)
+        onnx_export.export_encoder_batch(model, path("encoder_batch.onnx"), CHUNK, left, meta)
+        onnx_export.export_ctc(model, path("ctc.onnx"), meta)
+        onnx_export.export_decoder(model, path("decoder.onnx"), 0.3, meta)
+    return dirs
+
+
+class RecordingDecoder(StreamingDecoder):
+    """Keeps every chunk's encoder output and CTC log-posteriors."""
+
+    def __init__(self, model, opts):
+        self.hiddens, self.log_probs_seen = [], []
+        super().__init__(model, opts)
+
+    def encoded(self, hidden):
+        self.hiddens.append(hidden)
+        return super().encoded(hidden)
+
+    def consume(self, log_probs):
+        self.log_probs_seen.append(log_probs)
+        return super().consume(log_probs)
+
+
+def _alone(model, wav, opts):
+    dec = RecordingDecoder(model, opts)
+    events = []
+    for k in range(0, len(wav), STEP):
+        dec.accept_waveform(wav[k: k + STEP])
+        events += dec.advance()
+    dec.input_finished()
+    events += dec.advance()
+    return dec, events
+
+
+def _together(model, wavs, opts):
+    """All streams fed STEP samples per tick from their first tick on, advanced
+    together with one `advance_many` per tick."""
+    decs = [RecordingDecoder(model, opts) for _ in wavs]
+    events = [[] for _ in wavs]
+    for tick in range(200):
+        started = []
+        for i, (wav, first) in enumerate(wavs):
+            k = (tick - first) * STEP
+            if k < 0:
+                continue
+            started.append(i)
+            if k < len(wav):
+                decs[i].accept_waveform(wav[k: k + STEP])
+            elif not decs[i].input_done:
+                decs[i].input_finished()
+        for i, ev in zip(started, advance_many([decs[i] for i in started])):
+            events[i].extend(ev)
+        if all(d.stopped for d in decs):
+            break
+    return decs, events
+
+
+@pytest.mark.parametrize("export,max_left_chunks", [("full", -1), ("left2", -1), ("full", 2)])
+def test_advance_many_batched_equals_streams_alone(batch_exports, export, max_left_chunks):
+    opts = DecodeOptions(mode="ctc_greedy", max_left_chunks=max_left_chunks)
+    single = OnnxAsrModel(batch_exports[export], batch_encoder=False)
+    batched = OnnxAsrModel(batch_exports[export])
+    assert batched.batched and not single.batched
+    wavs = _wavs()
+    alone = [_alone(single, w, opts) for w, _ in wavs]
+    decs, events = _together(batched, wavs, opts)
+    # the cases the test is about
+    chunks = [len(d.hiddens) for d, _ in alone]
+    assert chunks[0] == 1 and alone[0][0].hiddens[0].shape[0] < CHUNK   # one short window
+    assert sum(d.hiddens[-1].shape[0] < CHUNK for d, _ in alone) >= 3     # ending mid-chunk
+    if max_left_chunks > 0:
+        caches = [d.state.att_cache.shape[2] for d, _ in alone]
+        assert max(caches) == CHUNK * max_left_chunks and min(caches) < max(caches)
+    gaps = [np.diff(np.sort(lp, axis=1)[:, -2:], axis=1).min()
+            for d, _ in alone for lp in d.log_probs_seen]
+    assert min(gaps) >= MIN_GAP_NATS, min(gaps)
+    assert any(e[0] == "final" and e[1][0]["sentence"] for _, ev in alone for e in ev)
+    # streams really shared encoder calls, and each got what it gets alone
+    assert batched.batched_calls > 0 and batched.batched_streams >= 2 * batched.batched_calls
+    assert single.batched_calls == 0
+    assert [len(d.hiddens) for d in decs] == chunks
+    for b, ((want, want_events), got, got_events) in enumerate(zip(alone, decs, events)):
+        for k, (h1, h2) in enumerate(zip(want.hiddens, got.hiddens)):
+            assert h1.shape == h2.shape, (b, k)
+            assert np.abs(h1 - h2).max() <= ATOL, (b, k, np.abs(h1 - h2).max())
+        assert np.abs(want.state.att_cache - got.state.att_cache).max() <= ATOL
+        assert got_events == want_events, b
+
+
+def test_batched_graph_can_be_turned_off_and_must_match_the_export(batch_exports, tmp_path):
+    d = str(tmp_path / "copy")
+    shutil.copytree(batch_exports["full"], d)
+    assert OnnxAsrModel(d).batched
+    assert not OnnxAsrModel(d, batch_encoder=False).batched
+    path = os.path.join(d, "encoder_batch.onnx")
+    proto = onnx.load(path)
+    for p in proto.metadata_props:
+        if p.key == "config_hash":
+            p.value = "0123456789abcdef"
+    onnx.save(proto, path)
+    with pytest.raises(ModelError, match=r"encoder_batch\.onnx: config_hash 0123456789abcdef "
+                                         r"differs"):
+        OnnxAsrModel(d)
+    OnnxAsrModel(d, batch_encoder=False)  # not loaded, not checked
+    os.remove(path)
+    assert not OnnxAsrModel(d).batched   # exports without it serve stream by stream
+
+
+def test_server_batches_concurrent_streams_like_solo_decoding(batch_exports):
+    """Concurrent streams through the server take the batched encoder (its counters
+    say so) and get exactly the final results of each stream decoded alone."""
+    opts = DecodeOptions(mode="ctc_greedy")
+    single = OnnxAsrModel(batch_exports["full"], batch_encoder=False)
+    wavs = [np.concatenate([w] * 3) for w, _ in _wavs()[1:]] * 2
+    solo = [[e[1] for e in stream_decode(single, w, opts)[1] if e[0] == "final"] for w in wavs]
+    srv = ServerProcess(batch_exports["full"], ["--mode", "ctc_greedy", "--max_batch", "8",
+                                                "--max_chunks_per_job", "1"])
+    try:
+        async def go():
+            return await asyncio.gather(*[stream_samples(srv.url, w, chunk_ms=100)
+                                          for w in wavs])
+        results = asyncio.run(asyncio.wait_for(go(), 120))
+        health = json.loads(urllib.request.urlopen(srv.url.replace("ws:", "http:") + "/health",
+                                                   timeout=10).read())
+    finally:
+        srv.stop()
+    assert all(r.speech_end and not r.failures for r in results)
+    assert [r.finals for r in results] == solo
+    assert any(f[0]["sentence"] for s in solo for f in s)
+    assert health["batched_encoder"] and health["max_batch"] == 8
+    assert health["encoder_batched_calls"] > 0
+    assert health["encoder_batched_streams"] >= 2 * health["encoder_batched_calls"]
+
+
+def test_workers_gather_only_while_another_stream_is_open(batch_exports):
+    """A worker with a chunk ready waits for company only when another stream is
+    open: a lone stream is never held back; with a second open stream the worker
+    gathers, and the second stream's job joins the same batched encoder call."""
+    from wenet_moe_runtime.batching import InferenceWorkers
+    model = OnnxAsrModel(batch_exports["full"])
+    opts = DecodeOptions(mode="ctc_greedy")
+    wav = _wavs()[2][0]
+    workers = InferenceWorkers(num_workers=1, max_batch=4, batch_wait_s=30.0)
+    try:
+        async def lone():
+            dec = StreamingDecoder(model, opts)
+            await workers.submit(dec, wav[:8000])        # a chunk ready, nobody else open
+            return await workers.submit(dec, wav[8000:], finish=True)
+        asyncio.run(asyncio.wait_for(lone(), 60))
+        assert workers.gathers == 0 and model.batched_calls == 0
+
+        async def pair():
+            a, b = StreamingDecoder(model, opts), StreamingDecoder(model, opts)
+            await workers.submit(b, wav[:100])           # b is open, no chunk yet
+            first = asyncio.ensure_future(workers.submit(a, wav[:8000]))
+            for _ in range(6000):                        # until the worker gathers for a
+                if workers._gathering:
+                    break
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(workers.submit(b, wav[100:8000]))
+            await asyncio.gather(first, second)
+            return a, b
+        a, b = asyncio.run(asyncio.wait_for(pair(), 60))
+        assert workers.gathers == 1
+        assert model.batched_calls >= 1 and model.batched_streams >= 2
+        assert a.state.offset == b.state.offset > 0    # both advanced by the same chunks
+    finally:
+        workers.shutdown()
