@@ -1,0 +1,210 @@
+"""Graph rewrites applied to exported ONNX graphs (exact: outputs are unchanged).
+
+`fuse_expert_split`: the scripted MoE dispatch (`MoEFFN.dispatch`) splits the
+expert-sorted rows by a list of per-expert counts. The TorchScript-based exporter
+cannot emit a Split whose sizes are a tensor, so it writes, per MoE layer,
+`SplitToSequence(rows, Concat(Unsqueeze(Gather(counts, 0)), ..., Unsqueeze(Gather(counts,
+E-1))))` followed by one `SequenceAt(i)` per expert: 3E + 2 nodes whose kernels each
+cost more than their work at streaming sizes. The rewrite replaces them by one
+`Split(rows, counts)` with E outputs (opset >= 13; zero-size outputs are allowed).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def _scalar_ints(graph: onnx.GraphProto) -> Dict[str, int]:
+    """name -> value of every scalar or one-element integer Constant / initializer."""
+    values: Dict[str, int] = {}
+
+    def keep(name: str, tensor: onnx.TensorProto) -> None:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            array = numpy_helper.to_array(tensor)
+            if array.size == 1:
+                values[name] = int(array.reshape(-1)[0])
+
+    for t in graph.initializer:
+        keep(t.name, t)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    keep(node.output[0], attr.t)
+                elif attr.name == "value_int":
+                    values[node.output[0]] = int(attr.i)
+    return values
+
+
+def _names_read_by_subgraphs(graph: onnx.GraphProto) -> Set[str]:
+    names: Set[str] = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                walk(attr.g)
+            for sub in attr.graphs:
+                walk(sub)
+    return names
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Optional[object] = None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _inferred_types(proto: onnx.ModelProto) -> Dict[str, Tuple[int, List[int]]]:
+    """name -> (elem_type, dims, -1 where unknown) of the main graph's tensors, by ONNX
+    shape inference on a copy without the large initializers (shapes that depend on
+    them come out unknown; the copy stays small whatever the model's size)."""
+    light = onnx.ModelProto()
+    graph = onnx.GraphProto()
+    graph.node.extend(proto.graph.node)
+    graph.input.extend(proto.graph.input)
+    graph.output.extend(proto.graph.output)
+    graph.initializer.extend(t for t in proto.graph.initializer
+                             if t.data_location != onnx.TensorProto.EXTERNAL
+                             and int(np.prod(t.dims)) <= 64)
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.graph.CopyFrom(graph)
+    try:
+        light = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # inference is an optimisation here, never a requirement
+        return {}
+    types: Dict[str, Tuple[int, List[int]]] = {}
+    for vi in list(light.graph.value_info) + list(light.graph.input) + list(light.graph.output):
+        if vi.type.HasField("tensor_type"):
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim] \
+                if tt.HasField("shape") else [-2]
+            types[vi.name] = (tt.elem_type, dims)
+    return types
+
+
+def fuse_expert_split(proto: onnx.ModelProto) -> int:
+    """Rewrite every `SplitToSequence` of the pattern in the module docstring whose
+    sequence is read only by constant-index `SequenceAt` nodes into one `Split`, in
+    the main graph of `proto` (in place). Returns the number of splits rewritten."""
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        return 0
+    graph = proto.graph
+    ints = _scalar_ints(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    protected = _names_read_by_subgraphs(graph) | {o.name for o in graph.output}
+    removed: Set[int] = set()
+    replaced: Dict[int, List[onnx.NodeProto]] = {}
+    alias: Dict[str, str] = {}     # SequenceAt output -> Split output
+    types: Optional[Dict[str, Tuple[int, List[int]]]] = None
+    rewritten = 0
+    for split_seq in graph.node:
+        if split_seq.op_type != "SplitToSequence" or len(split_seq.input) != 2:
+            continue
+        axis = int(_attr(split_seq, "axis", 0))
+        concat = producer.get(split_seq.input[1])
+        if concat is None or concat.op_type != "Concat" or int(_attr(concat, "axis", 0)) != 0:
+            continue
+        counts: Optional[str] = None
+        chain: List[onnx.NodeProto] = [concat]
+        for i, part in enumerate(concat.input):
+            unsq = producer.get(part)
+            if unsq is None or unsq.op_type != "Unsqueeze" or len(unsq.input) != 2 \
+                    or ints.get(unsq.input[1]) != 0:
+                break
+            gather = producer.get(unsq.input[0])
+            if gather is None or gather.op_type != "Gather" or int(_attr(gather, "axis", 0)) != 0 \
+                    or ints.get(gather.input[1]) != i or (counts is not None and gather.input[0] != counts):
+                break
+            counts = gather.input[0]
+            chain += [unsq, gather]
+        else:
+            n_out = len(concat.input)
+            reads = consumers.get(split_seq.output[0], [])
+            if counts is None or split_seq.output[0] in protected or not reads or any(
+                    r.op_type != "SequenceAt" or ints.get(r.input[1]) is None
+                    or not 0 <= ints[r.input[1]] < n_out or r.output[0] in protected
+                    for r in reads):
+                continue
+            # the sizes tensor: `counts` itself when it is known to be (n_out,) int64
+            # (checked through the exporter's value_info), else its first n_out entries
+            new_nodes: List[onnx.NodeProto] = []
+            sizes = counts
+            tag = split_seq.output[0]
+            if types is None:
+                types = _inferred_types(proto)
+            elem, dims = types.get(counts, (0, [-2]))
+            if dims != [n_out]:
+                starts, ends = f"{tag}/sizes_start", f"{tag}/sizes_end"
+                graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), starts),
+                                          numpy_helper.from_array(np.array([n_out], np.int64), ends)])
+                sizes = f"{tag}/sizes_sliced"
+                new_nodes.append(helper.make_node("Slice", [counts, starts, ends], [sizes]))
+            if elem != onnx.TensorProto.INT64:
+                cast = f"{tag}/sizes_int64"
+                new_nodes.append(helper.make_node("Cast", [sizes], [cast], to=onnx.TensorProto.INT64))
+                sizes = cast
+            outputs = [f"{tag}/part{i}" for i in range(n_out)]
+            new_nodes.append(helper.make_node("Split", [split_seq.input[0], sizes], outputs,
+                                              axis=axis, name=f"{split_seq.name or tag}/fused"))
+            for r in reads:
+                alias[r.output[0]] = outputs[ints[r.input[1]]]
+                removed.add(id(r))
+            replaced[id(split_seq)] = new_nodes
+            # the count chain (Concat, then each Unsqueeze before its Gather), where
+            # nothing but removed nodes reads it
+            for node in chain:
+                if all(id(c) in removed or c is split_seq
+                       for out in node.output for c in consumers.get(out, [])) \
+                        and not any(out in protected for out in node.output):
+                    removed.add(id(node))
+            rewritten += 1
+    if not rewritten:
+        return 0
+    nodes: List[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in replaced:
+            nodes.extend(replaced[id(node)])
+        elif id(node) not in removed:
+            nodes.append(node)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _prune_constants(graph)
+    return rewritten
+
+
+def _prune_constants(graph: onnx.GraphProto) -> None:
+    """Drop Constant nodes and initializers that nothing reads any more."""
+    read = _names_read_by_subgraphs(graph) | {o.name for o in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+    inputs = {i.name for i in graph.input}
+    kept = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in read]
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    unused = [t for t in graph.initializer if t.name not in read and t.name not in inputs]
+    for t in unused:
+        graph.initializer.remove(t)
