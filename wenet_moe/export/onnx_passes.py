@@ -7,6 +7,10 @@ cannot emit a Split whose sizes are a tensor, so it writes, per MoE layer,
 E-1))))` followed by one `SequenceAt(i)` per expert: 3E + 2 nodes whose kernels each
 cost more than their work at streaming sizes. The rewrite replaces them by one
 `Split(rows, counts)` with E outputs (opset >= 13; zero-size outputs are allowed).
+The expert weights it feeds (the exporter's constant-folded `w1[e]`, `b1[e]`, `w2[e]`,
+`b2[e]`, named `onnx::Gemm_123`) are renamed `moe<j>/expert<e>/w1` etc. (j: the MoE
+layer's place in the graph), so that tools and tests find them, also in the int8
+quantizer's `..._quantized` copies.
 """
 from __future__ import annotations
 
@@ -169,6 +173,10 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
                 alias[r.output[0]] = outputs[ints[r.input[1]]]
                 removed.add(id(r))
             replaced[id(split_seq)] = new_nodes
+            for e in range(n_out):
+                _name_expert(graph, consumers, [r.output[0] for r in reads
+                                                if ints[r.input[1]] == e],
+                             f"moe{rewritten}/expert{e}")
             # the count chain (Concat, then each Unsqueeze before its Gather), where
             # nothing but removed nodes reads it
             for node in chain:
@@ -193,6 +201,51 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
     graph.node.extend(nodes)
     _prune_constants(graph)
     return rewritten
+
+
+EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
+
+
+def _name_expert(graph: onnx.GraphProto, consumers: Dict[str, List[onnx.NodeProto]],
+                 rows: List[str], prefix: str) -> None:
+    """Rename the initializers of one expert: the Gemm reading its rows (`rows`, the
+    names its SequenceAt nodes had) gives w1/b1, the first Gemm reached from that one
+    through single-reader elementwise nodes (the activation) gives w2/b2. Initializers
+    read by more than one node keep their names."""
+    inits = {t.name: t for t in graph.initializer}
+
+    def only_reader(name: str) -> Optional[onnx.NodeProto]:
+        readers = consumers.get(name, [])
+        return readers[0] if len(readers) == 1 else None
+
+    first = [only_reader(r) for r in rows]
+    if len(first) != 1 or first[0] is None or first[0].op_type != "Gemm":
+        return
+    gemms = [first[0]]
+    node: Optional[onnx.NodeProto] = first[0]
+    for _ in range(8):       # activation: a few elementwise nodes (x * sigmoid(x): 2)
+        readers = consumers.get(node.output[0], [])
+        nxt = [r for r in readers if r.op_type == "Gemm"]
+        if nxt:
+            if len(nxt) == 1 and nxt[0].input[0] == node.output[0]:
+                gemms.append(nxt[0])
+            break
+        elementwise = [r for r in readers if len(r.output) == 1]
+        if not elementwise:
+            break
+        node = elementwise[-1]
+    for gemm, (w, b) in zip(gemms, (("w1", "b1"), ("w2", "b2"))):
+        for i, label in ((1, w), (2, b)):
+            old = gemm.input[i] if len(gemm.input) > i else ""
+            if old not in inits or len(consumers.get(old, [])) != 1:
+                continue
+            new = f"{prefix}/{label}"
+            if new in inits:
+                continue
+            inits[old].name = new
+            inits[new] = inits.pop(old)
+            gemm.input[i] = new
+            consumers[new] = consumers.pop(old)
 
 
 def _prune_constants(graph: onnx.GraphProto) -> None:
