@@ -21,47 +21,52 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def _scalar_ints(graph: onnx.GraphProto) -> Dict[str, int]:
+def _graphs(graph: onnx.GraphProto) -> List[onnx.GraphProto]:
+    """`graph` and every subgraph below it (If / Loop bodies), outermost first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += _graphs(attr.g)
+            for sub in attr.graphs:
+                found += _graphs(sub)
+    return found
+
+
+def _scalar_ints(graphs: List[onnx.GraphProto]) -> Dict[str, int]:
     """name -> value of every scalar or one-element integer Constant / initializer."""
     values: Dict[str, int] = {}
 
     def keep(name: str, tensor: onnx.TensorProto) -> None:
-        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
+                and tensor.data_location != onnx.TensorProto.EXTERNAL:
             array = numpy_helper.to_array(tensor)
             if array.size == 1:
                 values[name] = int(array.reshape(-1)[0])
 
-    for t in graph.initializer:
-        keep(t.name, t)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    keep(node.output[0], attr.t)
-                elif attr.name == "value_int":
-                    values[node.output[0]] = int(attr.i)
+    for graph in graphs:
+        for t in graph.initializer:
+            keep(t.name, t)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        keep(node.output[0], attr.t)
+                    elif attr.name == "value_int":
+                        values[node.output[0]] = int(attr.i)
     return values
 
 
-def _names_read_by_subgraphs(graph: onnx.GraphProto) -> Set[str]:
-    names: Set[str] = set()
-
-    def walk(g: onnx.GraphProto) -> None:
-        for node in g.node:
-            names.update(node.input)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                walk(attr.g)
-            for sub in attr.graphs:
-                walk(sub)
-    return names
+def _read_counts(graphs: List[onnx.GraphProto]) -> Dict[str, int]:
+    """name -> number of node inputs (in any graph) and graph outputs that read it."""
+    counts: Dict[str, int] = {}
+    for graph in graphs:
+        for node in graph.node:
+            for name in node.input:
+                counts[name] = counts.get(name, 0) + 1
+        for out in graph.output:
+            counts[out.name] = counts.get(out.name, 0) + 1
+    return counts
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Optional[object] = None):
@@ -91,7 +96,9 @@ def _inferred_types(proto: onnx.ModelProto) -> Dict[str, Tuple[int, List[int]]]:
     except Exception:  # inference is an optimisation here, never a requirement
         return {}
     types: Dict[str, Tuple[int, List[int]]] = {}
-    for vi in list(light.graph.value_info) + list(light.graph.input) + list(light.graph.output):
+    infos = [vi for g in _graphs(light.graph) for vi in list(g.value_info) + list(g.input)
+             + list(g.output)]
+    for vi in infos:
         if vi.type.HasField("tensor_type"):
             tt = vi.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim] \
@@ -102,23 +109,41 @@ def _inferred_types(proto: onnx.ModelProto) -> Dict[str, Tuple[int, List[int]]]:
 
 def fuse_expert_split(proto: onnx.ModelProto) -> int:
     """Rewrite every `SplitToSequence` of the pattern in the module docstring whose
-    sequence is read only by constant-index `SequenceAt` nodes into one `Split`, in
-    the main graph of `proto` (in place). Returns the number of splits rewritten."""
+    sequence is read only by constant-index `SequenceAt` nodes into one `Split`, in the
+    main graph of `proto` and its subgraphs (in place; the decoder's MoE layers sit in
+    an `If` branch). Returns the number of splits rewritten."""
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 13:
         return 0
-    graph = proto.graph
-    ints = _scalar_ints(graph)
+    graphs = _graphs(proto.graph)
+    if not any(n.op_type == "SplitToSequence" for g in graphs for n in g.node):
+        return 0
+    ctx = {"ints": _scalar_ints(graphs), "reads": _read_counts(graphs), "types": None,
+           "inits": {t.name: t for g in graphs for t in g.initializer}, "layer": 0}
+    rewritten = sum(_fuse_in_graph(proto, g, ctx) for g in graphs)
+    if rewritten:
+        reads = _read_counts(_graphs(proto.graph))
+        for g in _graphs(proto.graph):
+            _prune_constants(g, reads)
+    return rewritten
+
+
+def _fuse_in_graph(proto: onnx.ModelProto, graph: onnx.GraphProto, ctx: dict) -> int:
+    ints: Dict[str, int] = ctx["ints"]
+    reads: Dict[str, int] = ctx["reads"]
     producer = {out: node for node in graph.node for out in node.output}
     consumers: Dict[str, List[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    protected = _names_read_by_subgraphs(graph) | {o.name for o in graph.output}
+
+    def local_only(name: str) -> bool:
+        """Only nodes of this graph read `name` (no subgraph, no graph output)."""
+        return reads.get(name, 0) == len(consumers.get(name, []))
+
     removed: Set[int] = set()
     replaced: Dict[int, List[onnx.NodeProto]] = {}
     alias: Dict[str, str] = {}     # SequenceAt output -> Split output
-    types: Optional[Dict[str, Tuple[int, List[int]]]] = None
     rewritten = 0
     for split_seq in graph.node:
         if split_seq.op_type != "SplitToSequence" or len(split_seq.input) != 2:
@@ -142,20 +167,20 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
             chain += [unsq, gather]
         else:
             n_out = len(concat.input)
-            reads = consumers.get(split_seq.output[0], [])
-            if counts is None or split_seq.output[0] in protected or not reads or any(
+            seq_reads = consumers.get(split_seq.output[0], [])
+            if counts is None or not local_only(split_seq.output[0]) or not seq_reads or any(
                     r.op_type != "SequenceAt" or ints.get(r.input[1]) is None
-                    or not 0 <= ints[r.input[1]] < n_out or r.output[0] in protected
-                    for r in reads):
+                    or not 0 <= ints[r.input[1]] < n_out or not local_only(r.output[0])
+                    for r in seq_reads):
                 continue
-            # the sizes tensor: `counts` itself when it is known to be (n_out,) int64
-            # (checked through the exporter's value_info), else its first n_out entries
+            # the sizes tensor: `counts` itself when shape inference shows it is
+            # (n_out,) int64, else its first n_out entries as int64
             new_nodes: List[onnx.NodeProto] = []
             sizes = counts
             tag = split_seq.output[0]
-            if types is None:
-                types = _inferred_types(proto)
-            elem, dims = types.get(counts, (0, [-2]))
+            if ctx["types"] is None:
+                ctx["types"] = _inferred_types(proto)
+            elem, dims = ctx["types"].get(counts, (0, [-2]))
             if dims != [n_out]:
                 starts, ends = f"{tag}/sizes_start", f"{tag}/sizes_end"
                 graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), starts),
@@ -169,20 +194,21 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
             outputs = [f"{tag}/part{i}" for i in range(n_out)]
             new_nodes.append(helper.make_node("Split", [split_seq.input[0], sizes], outputs,
                                               axis=axis, name=f"{split_seq.name or tag}/fused"))
-            for r in reads:
+            for r in seq_reads:
                 alias[r.output[0]] = outputs[ints[r.input[1]]]
                 removed.add(id(r))
             replaced[id(split_seq)] = new_nodes
             for e in range(n_out):
-                _name_expert(graph, consumers, [r.output[0] for r in reads
-                                                if ints[r.input[1]] == e],
-                             f"moe{rewritten}/expert{e}")
+                _name_expert(ctx, consumers, [r.output[0] for r in seq_reads
+                                              if ints[r.input[1]] == e],
+                             f"moe{ctx['layer']}/expert{e}")
+            ctx["layer"] += 1
             # the count chain (Concat, then each Unsqueeze before its Gather), where
             # nothing but removed nodes reads it
             for node in chain:
                 if all(id(c) in removed or c is split_seq
                        for out in node.output for c in consumers.get(out, [])) \
-                        and not any(out in protected for out in node.output):
+                        and all(local_only(out) for out in node.output):
                     removed.add(id(node))
             rewritten += 1
     if not rewritten:
@@ -199,20 +225,20 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
                 node.input[i] = alias[name]
     del graph.node[:]
     graph.node.extend(nodes)
-    _prune_constants(graph)
     return rewritten
 
 
 EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
 
 
-def _name_expert(graph: onnx.GraphProto, consumers: Dict[str, List[onnx.NodeProto]],
+def _name_expert(ctx: dict, consumers: Dict[str, List[onnx.NodeProto]],
                  rows: List[str], prefix: str) -> None:
     """Rename the initializers of one expert: the Gemm reading its rows (`rows`, the
     names its SequenceAt nodes had) gives w1/b1, the first Gemm reached from that one
     through single-reader elementwise nodes (the activation) gives w2/b2. Initializers
     read by more than one node keep their names."""
-    inits = {t.name: t for t in graph.initializer}
+    inits: Dict[str, onnx.TensorProto] = ctx["inits"]
+    reads: Dict[str, int] = ctx["reads"]
 
     def only_reader(name: str) -> Optional[onnx.NodeProto]:
         readers = consumers.get(name, [])
@@ -237,27 +263,24 @@ def _name_expert(graph: onnx.GraphProto, consumers: Dict[str, List[onnx.NodeProt
     for gemm, (w, b) in zip(gemms, (("w1", "b1"), ("w2", "b2"))):
         for i, label in ((1, w), (2, b)):
             old = gemm.input[i] if len(gemm.input) > i else ""
-            if old not in inits or len(consumers.get(old, [])) != 1:
+            if old not in inits or reads.get(old, 0) != 1:
                 continue
             new = f"{prefix}/{label}"
-            if new in inits:
+            if new in inits or new in reads:
                 continue
             inits[old].name = new
             inits[new] = inits.pop(old)
             gemm.input[i] = new
-            consumers[new] = consumers.pop(old)
+            reads[new] = reads.pop(old)
 
 
-def _prune_constants(graph: onnx.GraphProto) -> None:
-    """Drop Constant nodes and initializers that nothing reads any more."""
-    read = _names_read_by_subgraphs(graph) | {o.name for o in graph.output}
-    for node in graph.node:
-        read.update(node.input)
+def _prune_constants(graph: onnx.GraphProto, reads: Dict[str, int]) -> None:
+    """Drop Constant nodes and initializers of `graph` that nothing reads any more."""
     inputs = {i.name for i in graph.input}
-    kept = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in read]
+    kept = [n for n in graph.node if n.op_type != "Constant" or reads.get(n.output[0], 0)]
     if len(kept) != len(graph.node):
         del graph.node[:]
         graph.node.extend(kept)
-    unused = [t for t in graph.initializer if t.name not in read and t.name not in inputs]
+    unused = [t for t in graph.initializer if not reads.get(t.name, 0) and t.name not in inputs]
     for t in unused:
         graph.initializer.remove(t)
