@@ -433,7 +433,8 @@ def expert_weight_dtypes(path):
     import onnx
     proto = onnx.load(path)
     return {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer
-            if "/expert" in t.name and t.name.split("/")[-1].split("_")[0] in ("w1", "w2")}
+            if "/expert" in t.name
+            and t.name.split("/")[-1] in ("w1", "w2", "w1_quantized", "w2_quantized")}
 
 
 def test_int8_export_quantizes_every_expert(trained):
