@@ -119,8 +119,16 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
     if not any(n.op_type == "SplitToSequence" for g in graphs for n in g.node):
         return 0
     ctx = {"ints": _scalar_ints(graphs), "reads": _read_counts(graphs), "types": None,
-           "inits": {t.name: t for g in graphs for t in g.initializer}, "layer": 0}
-    rewritten = sum(_fuse_in_graph(proto, g, ctx) for g in graphs)
+           "inits": {t.name: t for g in graphs for t in g.initializer}, "layer": 0,
+           "dead": set()}
+    # layers named by an earlier run keep their numbers (the pass is idempotent)
+    for name in ctx["inits"]:
+        head = name.split("/")[0]
+        if head.startswith("moe") and head[3:].isdigit() and "/expert" in name:
+            ctx["layer"] = max(ctx["layer"], int(head[3:]) + 1)
+    # innermost graphs first: rewriting a graph replaces its nodes by copies, so the
+    # subgraphs held by its nodes must be final before (`graphs` is in pre-order)
+    rewritten = sum(_fuse_in_graph(proto, g, ctx) for g in reversed(graphs))
     if rewritten:
         reads = _read_counts(_graphs(proto.graph))
         for g in _graphs(proto.graph):
@@ -199,8 +207,8 @@ def _fuse_in_graph(proto: onnx.ModelProto, graph: onnx.GraphProto, ctx: dict) ->
                 removed.add(id(r))
             replaced[id(split_seq)] = new_nodes
             for e in range(n_out):
-                _name_expert(ctx, consumers, [r.output[0] for r in seq_reads
-                                              if ints[r.input[1]] == e],
+                _name_expert(ctx, graph, producer, consumers,
+                             [r.output[0] for r in seq_reads if ints[r.input[1]] == e],
                              f"moe{ctx['layer']}/expert{e}")
             ctx["layer"] += 1
             # the count chain (Concat, then each Unsqueeze before its Gather), where
@@ -217,7 +225,7 @@ def _fuse_in_graph(proto: onnx.ModelProto, graph: onnx.GraphProto, ctx: dict) ->
     for node in graph.node:
         if id(node) in replaced:
             nodes.extend(replaced[id(node)])
-        elif id(node) not in removed:
+        elif id(node) not in removed and id(node) not in ctx["dead"]:
             nodes.append(node)
     for node in nodes:
         for i, name in enumerate(node.input):
@@ -231,12 +239,16 @@ def _fuse_in_graph(proto: onnx.ModelProto, graph: onnx.GraphProto, ctx: dict) ->
 EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
 
 
-def _name_expert(ctx: dict, consumers: Dict[str, List[onnx.NodeProto]],
-                 rows: List[str], prefix: str) -> None:
+def _name_expert(ctx: dict, graph: onnx.GraphProto, producer: Dict[str, onnx.NodeProto],
+                 consumers: Dict[str, List[onnx.NodeProto]], rows: List[str],
+                 prefix: str) -> None:
     """Rename the initializers of one expert: the Gemm reading its rows (`rows`, the
     names its SequenceAt nodes had) gives w1/b1, the first Gemm reached from that one
     through single-reader elementwise nodes (the activation) gives w2/b2. Initializers
-    read by more than one node keep their names."""
+    read by more than one node keep their names. Inside subgraphs the exporter does
+    not constant-fold: there the Gemm reads `Gather(stacked, e)` of the stacked
+    (E, ...) parameter; such a slice becomes an initializer of the subgraph (as the
+    exporter's folding makes it in the main graph), so the int8 quantizer sees it."""
     inits: Dict[str, onnx.TensorProto] = ctx["inits"]
     reads: Dict[str, int] = ctx["reads"]
 
@@ -263,6 +275,24 @@ def _name_expert(ctx: dict, consumers: Dict[str, List[onnx.NodeProto]],
     for gemm, (w, b) in zip(gemms, (("w1", "b1"), ("w2", "b2"))):
         for i, label in ((1, w), (2, b)):
             old = gemm.input[i] if len(gemm.input) > i else ""
+            sliced = producer.get(old)
+            if old not in inits and sliced is not None and sliced.op_type == "Gather" \
+                    and int(_attr(sliced, "axis", 0)) == 0 and sliced.input[0] in inits \
+                    and ctx["ints"].get(sliced.input[1]) is not None and reads.get(old, 0) == 1:
+                new = f"{prefix}/{label}"
+                if new in inits or new in reads:
+                    continue
+                stacked = numpy_helper.to_array(inits[sliced.input[0]])
+                tensor = numpy_helper.from_array(
+                    np.ascontiguousarray(stacked[ctx["ints"][sliced.input[1]]]), new)
+                graph.initializer.append(tensor)
+                inits[new] = graph.initializer[-1]
+                gemm.input[i] = new
+                reads[new] = 1
+                reads[old] = 0
+                reads[sliced.input[0]] = reads.get(sliced.input[0], 1) - 1
+                ctx["dead"].add(id(sliced))
+                continue
             if old not in inits or reads.get(old, 0) != 1:
                 continue
             new = f"{prefix}/{label}"
