@@ -120,7 +120,7 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
         return 0
     ctx = {"ints": _scalar_ints(graphs), "reads": _read_counts(graphs), "types": None,
            "inits": {t.name: t for g in graphs for t in g.initializer}, "layer": 0,
-           "dead": set()}
+           "dead": {}}   # id -> node (held, so that no other node's id reuses it)
     # layers named by an earlier run keep their numbers (the pass is idempotent)
     for name in ctx["inits"]:
         head = name.split("/")[0]
@@ -291,7 +291,7 @@ def _name_expert(ctx: dict, graph: onnx.GraphProto, producer: Dict[str, onnx.Nod
                 reads[new] = 1
                 reads[old] = 0
                 reads[sliced.input[0]] = reads.get(sliced.input[0], 1) - 1
-                ctx["dead"].add(id(sliced))
+                ctx["dead"][id(sliced)] = sliced
                 continue
             if old not in inits or reads.get(old, 0) != 1:
                 continue
