@@ -431,9 +431,9 @@ def expert_weight_dtypes(path):
     """{initializer name: dtype name} of the MoE expert weights of an ONNX file (named
     `moe<j>/expert<e>/w1..b2` by the export's dispatch rewrite)."""
     import onnx
-    from wenet_moe.export.onnx_passes import _graphs
+    from wenet_moe.export.onnx_passes import graphs
     proto = onnx.load(path)
-    inits = [t for g in _graphs(proto.graph) for t in g.initializer]   # If branches too
+    inits = [t for g in graphs(proto.graph) for t in g.initializer]   # If branches too
     return {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in inits
             if "/expert" in t.name
             and t.name.split("/")[-1] in ("w1", "w2", "w1_quantized", "w2_quantized")}
@@ -474,8 +474,8 @@ def test_int8_gate_rejects_destroyed_expert_weights(trained, tmp_path, monkeypat
         proto = onnx.load(dst)
         rng = np.random.default_rng(0)
         hit = 0
-        from wenet_moe.export.onnx_passes import _graphs
-        for t in [t for g in _graphs(proto.graph) for t in g.initializer]:
+        from wenet_moe.export.onnx_passes import graphs
+        for t in [t for g in graphs(proto.graph) for t in g.initializer]:
             if "/expert" in t.name and t.data_type == onnx.TensorProto.INT8:
                 w = numpy_helper.to_array(t)
                 t.CopyFrom(numpy_helper.from_array(

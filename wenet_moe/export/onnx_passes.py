@@ -21,15 +21,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def _graphs(graph: onnx.GraphProto) -> List[onnx.GraphProto]:
+def graphs(graph: onnx.GraphProto) -> List[onnx.GraphProto]:
     """`graph` and every subgraph below it (If / Loop bodies), outermost first."""
     found = [graph]
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                found += _graphs(attr.g)
+                found += graphs(attr.g)
             for sub in attr.graphs:
-                found += _graphs(sub)
+                found += graphs(sub)
     return found
 
 
@@ -96,7 +96,7 @@ def _inferred_types(proto: onnx.ModelProto) -> Dict[str, Tuple[int, List[int]]]:
     except Exception:  # inference is an optimisation here, never a requirement
         return {}
     types: Dict[str, Tuple[int, List[int]]] = {}
-    infos = [vi for g in _graphs(light.graph) for vi in list(g.value_info) + list(g.input)
+    infos = [vi for g in graphs(light.graph) for vi in list(g.value_info) + list(g.input)
              + list(g.output)]
     for vi in infos:
         if vi.type.HasField("tensor_type"):
@@ -115,11 +115,11 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 13:
         return 0
-    graphs = _graphs(proto.graph)
-    if not any(n.op_type == "SplitToSequence" for g in graphs for n in g.node):
+    every = graphs(proto.graph)
+    if not any(n.op_type == "SplitToSequence" for g in every for n in g.node):
         return 0
-    ctx = {"ints": _scalar_ints(graphs), "reads": _read_counts(graphs), "types": None,
-           "inits": {t.name: t for g in graphs for t in g.initializer}, "layer": 0,
+    ctx = {"ints": _scalar_ints(every), "reads": _read_counts(every), "types": None,
+           "inits": {t.name: t for g in every for t in g.initializer}, "layer": 0,
            "dead": {}}   # id -> node (held, so that no other node's id reuses it)
     # layers named by an earlier run keep their numbers (the pass is idempotent)
     for name in ctx["inits"]:
@@ -127,11 +127,11 @@ def fuse_expert_split(proto: onnx.ModelProto) -> int:
         if head.startswith("moe") and head[3:].isdigit() and "/expert" in name:
             ctx["layer"] = max(ctx["layer"], int(head[3:]) + 1)
     # innermost graphs first: rewriting a graph replaces its nodes by copies, so the
-    # subgraphs held by its nodes must be final before (`graphs` is in pre-order)
-    rewritten = sum(_fuse_in_graph(proto, g, ctx) for g in reversed(graphs))
+    # subgraphs held by its nodes must be final before (`every` is in pre-order)
+    rewritten = sum(_fuse_in_graph(proto, g, ctx) for g in reversed(every))
     if rewritten:
-        reads = _read_counts(_graphs(proto.graph))
-        for g in _graphs(proto.graph):
+        reads = _read_counts(graphs(proto.graph))
+        for g in graphs(proto.graph):
             _prune_constants(g, reads)
     return rewritten
 

@@ -70,14 +70,17 @@ def quantize_onnx(src: str, dst: str, per_channel: bool = True) -> None:
         if per_channel:
             quantize_dynamic(tmp, mid, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                              per_channel=True, nodes_to_exclude=exclude,
-                             use_external_data_format=external)
+                             use_external_data_format=external,
+                             extra_options={"EnableSubgraph": True})
             rest = sorted(_integer_ops() - {"MatMul", "Conv"})
             quantize_dynamic(mid, dst, weight_type=QuantType.QInt8, op_types_to_quantize=rest,
-                             nodes_to_exclude=exclude, use_external_data_format=external)
+                             nodes_to_exclude=exclude, use_external_data_format=external,
+                             extra_options={"EnableSubgraph": True})
         else:
             quantize_dynamic(tmp, dst, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                              op_types_to_quantize=sorted(_integer_ops() - {"Conv"}),
-                             use_external_data_format=external)
+                             use_external_data_format=external,
+                             extra_options={"EnableSubgraph": True})
     finally:
         root.setLevel(level)
         for leftover in (tmp, tmp + ".data", mid, mid + ".data"):
@@ -98,17 +101,19 @@ def _router_nodes(proto: onnx.ModelProto) -> List[str]:
     """Names of the MoE router projections (a Gemm/MatMul whose output a TopK reads),
     naming unnamed ones: they stay fp32. A router is E x D (tiny), and int8 logits
     would flip near-tied expert choices, which moves a frame's whole FFN output."""
-    producer = {out: node for node in proto.graph.node for out in node.output}
+    from wenet_moe.export.onnx_passes import graphs
     names: List[str] = []
-    for node in proto.graph.node:
-        if node.op_type != "TopK":
-            continue
-        src = producer.get(node.input[0])
-        if src is None or src.op_type not in ("Gemm", "MatMul"):
-            continue
-        if not src.name:
-            src.name = f"moe_router_{len(names)}"
-        names.append(src.name)
+    for graph in graphs(proto.graph):          # the decoder's If branches too
+        producer = {out: node for node in graph.node for out in node.output}
+        for node in graph.node:
+            if node.op_type != "TopK":
+                continue
+            src = producer.get(node.input[0])
+            if src is None or src.op_type not in ("Gemm", "MatMul"):
+                continue
+            if not src.name:
+                src.name = f"moe_router_{len(names)}"
+            names.append(src.name)
     return names
 
 
