@@ -11,7 +11,9 @@ MatMul weights are quantized per output column (`DynamicQuantizeMatMul` /
 tensor. Convolutions stay fp32: ONNX Runtime's CPU `ConvInteger` (1.31) took 3-4x
 the time of the fp32 `Conv` (10 s offline encoder, Dense-S: 2061 vs 686 ms; the
 subsampling and the conformer conv modules), which made int8 slower than fp32
-offline. MoE routers stay fp32 too (`_router_nodes`). int8 output is not equal to fp32, so it is gated on
+offline. MoE routers stay fp32 too (`_router_nodes`). Subgraphs are quantized as
+well (`EnableSubgraph`: the bidirectional decoder's right-to-left branch sits in an
+`If`). int8 output is not equal to fp32, so it is gated on
 greedy-decision agreement (`gate`), not closeness.
 
 The MoE dispatch must be in its fused form (`onnx_passes.fuse_expert_split`, applied
