@@ -488,6 +488,11 @@ def test_int8_gate_rejects_destroyed_expert_weights(trained, tmp_path, monkeypat
     rc = main(export_args(tmp, out))
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
-    assert "int8 accuracy gate: model.int8.onnx: best token differs from fp32 on" in err
-    rate = float(err.split("decided frames (")[1].split("%")[0]) / 100
-    assert rate > 0.05, err  # far beyond the default gate of 2%
+    # the first graph the gate checks that disagrees is named (measured: the decoder,
+    # 28 of 178 decided positions; the tiny encoder's CTC decisions, decided by wide
+    # margins through the residual paths, survived its destroyed experts)
+    import re
+    found = re.search(r"int8 accuracy gate: (.+?\.int8\.onnx): best token differs from "
+                      r"fp32 on (\d+) of (\d+) decided", err)
+    assert found, err
+    assert int(found.group(2)) / int(found.group(3)) > 0.05, err  # the default gate is 2%
