@@ -16,6 +16,7 @@ Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
                                attention rescoring (`ASRModel.decode`)
   rt chunk16 fp32|int8         the ONNX export through the torch-free runtime:
                                `wenet_moe_runtime.offline.encode_utterance` at chunk 16
+  rt offline fp32|int8         the same, the whole utterance in one encoder call
   rt dec chunk16 fp32|int8     runtime encoder + CTC + prefix beam + rescoring
 at each `--threads` value (torch intra-op threads and ONNX Runtime intra-op threads),
 for each feature kind:
@@ -33,6 +34,8 @@ of the PyTorch encoder is printed.
     python bench/rtf.py --quick         # dense_s, moe_topk, dense_l; random features;
                                         # current threads; no int8, no memory
     python bench/rtf.py --checkpoint dense=exp/dense/avg_10.pt --checkpoint moe=exp/moe/avg_10.pt
+    python bench/rtf.py --models dense_s moe_topk --runtime-only --no-decode \
+        --precisions fp32 int8 --threads 1 --features random   # runtime encoders only
     python bench/rtf.py --quick --expert_precision fp32 bf16   # + moe_topk@bf16 (PyTorch)
 
 `--expert_precision bf16 int8` adds, per MoE model, a copy sharing its parameters with
@@ -66,6 +69,11 @@ CONF_DIR = os.path.join(ROOT, "examples", "aishell2", "s0", "conf")
 ROUTER_CONFIGS = {"topk": "train_u2++_moe.yaml", "switch": "train_switch.yaml",
                   "speechmoe": "train_speechmoe.yaml", "omni": "train_omni.yaml"}
 TARGETS = {"offline": 1.15, "chunk16": 1.3}
+# wall: time.perf_counter; cpu: this process's CPU seconds (all its threads), which a
+# machine shared with other work inflates far less than wall time (at 1 thread it is
+# the time the case actually ran; at N threads it sums the threads' time)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = "wall"
 CHUNK = 16
 
 
@@ -155,12 +163,13 @@ def interleaved(fns: Dict[str, Callable[[], None]], reps: int) -> Dict[str, floa
     for fn in fns.values():          # warm-up (packing, allocator, ORT arenas)
         fn()
     samples: Dict[str, List[float]] = defaultdict(list)
+    clock = CLOCKS[CLOCK]
     for rep in range(reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -192,12 +201,16 @@ def runtime_cases(rt, feats: np.ndarray, label: str) -> Dict[str, Callable[[], N
     def enc():
         encode_utterance(rt, feats, CHUNK)
 
+    def enc_offline():
+        encode_utterance(rt, feats, -1)
+
     def dec():
         chunks = encode_chunks(rt, feats, CHUNK)
         log_probs = np.concatenate([rt.ctc_log_probs(h) for h in chunks], axis=0)
         hyps = ctc_prefix_beam_search(log_probs, 10, rt.symbols.blank_id)
         rescore(rt, hyps, np.concatenate(chunks, axis=0), opts)
-    return {f"rt chunk16 {label}": enc, f"rt dec chunk16 {label}": dec}
+    return {f"rt chunk16 {label}": enc, f"rt offline {label}": enc_offline,
+            f"rt dec chunk16 {label}": dec}
 
 
 # ----------------------------------------------------------------------- breakdown
@@ -313,7 +326,7 @@ def export_model(model, conf: dict, out_dir: str, int8: bool) -> None:
 
 def print_table(title: str, results: Dict[str, Dict[str, float]], names: List[str], seconds: float) -> None:
     cases = list(next(iter(results.values())).keys()) if results else []
-    print(f"\n{title}: RTF (median wall seconds / {seconds:g} audio seconds)")
+    print(f"\n{title}: RTF (median {CLOCK} seconds / {seconds:g} audio seconds)")
     header = f"{'case':<22}" + "".join(f"{n:>14}" for n in names)
     if "dense_s" in names:
         header += "".join(f"{n + '/S':>16}" for n in names if n != "dense_s")
@@ -349,6 +362,13 @@ def main() -> int:
                    help="trained checkpoint (train.yaml beside it); repeat for several, e.g. "
                         "dense_s=... moe_topk=...: replaces the random model of that name, or adds one")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time (default) or this process's CPU time (for a busy shared "
+                        "machine; RTF then counts CPU seconds of all threads)")
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help="only these of dense_s, moe_<router>, dense_l (default: all)")
+    p.add_argument("--runtime-only", action="store_true",
+                   help="only the runtime cases (no PyTorch timings, breakdowns or torch memory)")
     p.add_argument("--quick", action="store_true",
                    help="defaults become: dense_s, moe_topk, dense_l; random features; current "
                         "thread count; fp32 runtime; 3 reps; no memory probes (options given "
@@ -357,6 +377,8 @@ def main() -> int:
     p.add_argument("--memory-conf", help=argparse.SUPPRESS)
     p.add_argument("--memory-export", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global CLOCK
+    CLOCK = args.clock
     if args.memory_backend:
         return memory_worker(args)
     quick = args.quick
@@ -376,6 +398,13 @@ def main() -> int:
     units = os.path.join(args.work_dir, "units.txt")
     write_units(units, args.vocab)
     confs = model_configs(args.routers, args.vocab, units)
+    if args.models:
+        unknown = [m for m in args.models if m not in confs]
+        if unknown:
+            p.error(f"--models {' '.join(unknown)}: not among {', '.join(confs)}")
+        confs = OrderedDict((n, c) for n, c in confs.items() if n in args.models)
+    if args.runtime_only and not args.precisions:
+        p.error("--runtime-only needs at least one --precisions value")
     feats = {kind: features(kind, args.seconds) for kind in args.features}
     calib = torch.from_numpy(feats.get("speech", feats[args.features[0]]))[None]
 
@@ -445,6 +474,8 @@ def main() -> int:
                 case_names = list(torch_cases(models[names[0]], x))
                 if args.no_decode:
                     case_names = [c for c in case_names if " dec " not in c]
+                if args.runtime_only:
+                    case_names = []
                 for case in case_names:
                     t = interleaved({n: torch_cases(models[n], x)[case] for n in names}, args.reps)
                     for n in names:
@@ -463,7 +494,7 @@ def main() -> int:
                 summary[(threads, kind)] = results
                 # where to look when MoE misses its target
                 for n in names:
-                    if not n.startswith("moe") or "dense_s" not in results:
+                    if not n.startswith("moe") or "dense_s" not in results or args.runtime_only:
                         continue
                     for mode, target in TARGETS.items():
                         ratio = results[n][f"torch {mode}"] / results["dense_s"][f"torch {mode}"]
@@ -486,7 +517,8 @@ def main() -> int:
                 conf_path = os.path.join(args.work_dir, f"{name}.json")
                 with open(conf_path, "w") as f:
                     json.dump(confs[name], f)
-            torch_mb = peak_memory("torch", conf_path, seconds=args.seconds) if conf_path else float("nan")
+            torch_mb = (peak_memory("torch", conf_path, seconds=args.seconds)
+                        if conf_path and not args.runtime_only else float("nan"))
             rt_mb = [peak_memory(prec, export_dir=exports[name], seconds=args.seconds)
                      for prec in args.precisions]
             print(f"{name:<14}{torch_mb:>10.0f}" + "".join(f"{v:>10.0f}" for v in rt_mb), flush=True)
@@ -496,19 +528,24 @@ def main() -> int:
         moe = next((n for n in names if n.startswith("moe")), None)
         if moe is None or "dense_s" not in res:
             continue
-        cells = [f"MoE/Dense-S offline {res[moe]['torch offline'] / res['dense_s']['torch offline']:.2f}",
-                 f"chunk16 {res[moe]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}"]
+        cells = []
+        if not args.runtime_only:
+            cells += [f"MoE/Dense-S offline {res[moe]['torch offline'] / res['dense_s']['torch offline']:.2f}",
+                      f"chunk16 {res[moe]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}"]
         for prec in args.precisions:
-            key = f"rt chunk16 {prec}"
-            cells.append(f"runtime {prec} {res[moe][key] / res['dense_s'][key]:.2f}")
-        if "dense_l" in res:
+            chunk, full = f"rt chunk16 {prec}", f"rt offline {prec}"
+            cells.append(f"runtime {prec} chunk16 {res[moe][chunk] / res['dense_s'][chunk]:.2f} "
+                         f"offline {res[moe][full] / res['dense_s'][full]:.2f}")
+        if "dense_l" in res and not args.runtime_only:
             l_moe = res['dense_l']['torch offline'] / res[moe]['torch offline']
             l_s = res['dense_l']['torch offline'] / res['dense_s']['torch offline']
             cells.append(f"Dense-L/MoE offline {l_moe:.2f} (target >= 0.9 x Dense-L/Dense-S = {0.9 * l_s:.2f})")
         if "int8" in args.precisions and "fp32" in args.precisions:
-            cells.append(f"int8/fp32 runtime MoE {res[moe]['rt chunk16 int8'] / res[moe]['rt chunk16 fp32']:.2f}")
+            cells.append(f"int8/fp32 runtime MoE chunk16 "
+                         f"{res[moe]['rt chunk16 int8'] / res[moe]['rt chunk16 fp32']:.2f} offline "
+                         f"{res[moe]['rt offline int8'] / res[moe]['rt offline fp32']:.2f}")
         for variant, base in variants.items():
-            if base == moe:
+            if base == moe and not args.runtime_only:
                 cells.append(f"{variant.split('@')[1]} experts: MoE/Dense-S offline "
                              f"{res[variant]['torch offline'] / res['dense_s']['torch offline']:.2f}, chunk16 "
                              f"{res[variant]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}")

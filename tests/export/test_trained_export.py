@@ -424,3 +424,75 @@ def test_torchscript_int8_gate_rejects_destroyed_weights(trained, tmp_path, monk
     assert float(err.split("decided frames (")[1].split("%")[0]) / 100 > 0.2
     assert not os.path.exists(out)
     assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export")] == []
+
+
+# ------------------------------------------------------------ int8 MoE experts
+def expert_weight_dtypes(path):
+    """{initializer name: dtype name} of the MoE expert weights of an ONNX file (named
+    `moe<j>/expert<e>/w1..b2` by the export's dispatch rewrite)."""
+    import onnx
+    from wenet_moe.export.onnx_passes import graphs
+    proto = onnx.load(path)
+    inits = [t for g in graphs(proto.graph) for t in g.initializer]   # If branches too
+    return {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in inits
+            if "/expert" in t.name
+            and t.name.split("/")[-1] in ("w1", "w2", "w1_quantized", "w2_quantized")}
+
+
+def test_int8_export_quantizes_every_expert(trained):
+    """Every expert matrix of every MoE layer is int8 in each int8 graph (as many as the
+    fp32 graph has fp32 ones: 2 per expert per MoE layer of the part it holds)."""
+    from wenet_moe.layers.moe import MoEFFN
+    model, out = trained[0], trained[4]
+    per_layer = {part: [m.n_expert for m in getattr(model, part).modules() if isinstance(m, MoEFFN)]
+                 for part in ("encoder", "decoder")}
+    assert per_layer["encoder"] and per_layer["decoder"]
+    holds = {"encoder": ["encoder"], "model": ["encoder"], "model_streaming": ["encoder"],
+             "decoder": ["decoder"]}
+    for name, parts in holds.items():
+        want = 2 * sum(sum(per_layer[p]) for p in parts)
+        fp32 = expert_weight_dtypes(os.path.join(out, f"{name}.onnx"))
+        int8 = expert_weight_dtypes(os.path.join(out, f"{name}.int8.onnx"))
+        assert len(fp32) == want and set(fp32.values()) == {"FLOAT"}, (name, len(fp32), want)
+        assert len(int8) == want and set(int8.values()) == {"INT8"}, (name, int8)
+        assert all(n.endswith("_quantized") for n in int8)
+
+
+def test_int8_gate_rejects_destroyed_expert_weights(trained, tmp_path, monkeypatch, capsys):
+    """A quantizer that destroys only the experts' int8 weights (everything else
+    intact): the gate rejects the export with its one-line error."""
+    import onnx
+    from onnx import numpy_helper
+    from wenet_moe.cli import main
+    from wenet_moe.export import quantize as q8
+
+    tmp = trained[6]
+    original = q8.quantize_onnx
+
+    def experts_destroyed(src, dst):
+        original(src, dst)
+        proto = onnx.load(dst)
+        rng = np.random.default_rng(0)
+        hit = 0
+        from wenet_moe.export.onnx_passes import graphs
+        for t in [t for g in graphs(proto.graph) for t in g.initializer]:
+            if "/expert" in t.name and t.data_type == onnx.TensorProto.INT8:
+                w = numpy_helper.to_array(t)
+                t.CopyFrom(numpy_helper.from_array(
+                    rng.permutation(w.reshape(-1)).reshape(w.shape), t.name))
+                hit += 1
+        assert hit > 0 or "ctc" in os.path.basename(dst)
+        onnx.save(proto, dst)
+    monkeypatch.setattr(q8, "quantize_onnx", experts_destroyed)
+    out = str(tmp_path / "onnx")
+    rc = main(export_args(tmp, out))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    # the first graph the gate checks that disagrees is named (measured: the decoder,
+    # 28 of 178 decided positions; the tiny encoder's CTC decisions, decided by wide
+    # margins through the residual paths, survived its destroyed experts)
+    import re
+    found = re.search(r"int8 accuracy gate: (.+?\.int8\.onnx): best token differs from "
+                      r"fp32 on (\d+) of (\d+) decided", err)
+    assert found, err
+    assert int(found.group(2)) / int(found.group(3)) > 0.05, err  # the default gate is 2%

@@ -32,6 +32,7 @@ from typing import Dict, List, Sequence, Tuple
 import onnx
 import torch
 
+from wenet_moe.export.onnx_passes import fuse_expert_split
 from wenet_moe.export.wrappers import (AttentionDecoder, CtcActivation, EncoderBatch,
                                        EncoderChunk, OfflineCtc, StreamingCtc)
 
@@ -100,7 +101,8 @@ def encoder_example(model: torch.nn.Module, chunk_size: int, left_chunks: int,
 def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: str,
             input_names: List[str], output_names: List[str],
             dynamic_axes: Dict[str, Dict[int, str]], metadata: Dict[str, str]) -> None:
-    """Script `module`, export it to `path`, restore dropped inputs, add metadata."""
+    """Script `module`, export it to `path`, restore dropped inputs, apply the exact
+    graph rewrites of `onnx_passes`, add metadata."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notice of torch.jit
         scripted = torch.jit.script(module.eval())
@@ -118,6 +120,7 @@ def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: st
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     restore_inputs(proto, input_names, example, dynamic_axes)
+    fuse_expert_split(proto)   # MoE dispatch: one Split per layer (exact)
     got = [o.name for o in proto.graph.output]
     if got != list(output_names):
         raise RuntimeError(f"{os.path.basename(path)}: outputs {got}, expected {output_names}")

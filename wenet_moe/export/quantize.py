@@ -2,17 +2,30 @@
 accuracy gate.
 
 `quantize_dynamic` stores int8 weights of every MatMul/Gemm whose weight is an
-initializer and quantizes activations per call. MoE expert weights are sliced per
-expert inside the graph (not initializers), so experts stay fp32; attention,
-subsampling, CTC and decoder projections become int8. int8 output is not equal
-to fp32, so it is gated on greedy-decision agreement (`gate`), not closeness.
+initializer and quantizes activations per call. The exporter constant-folds each
+expert's `w1[e]` / `w2[e]` into an initializer of its own Gemm, so MoE experts are
+quantized like attention, subsampling, CTC and decoder projections (the fused
+export names them `moe<j>/expert<e>/w1_quantized` etc.; tests count them by dtype).
+MatMul weights are quantized per output column (`DynamicQuantizeMatMul` /
+`MatMulInteger` take a per-column scale and zero point), embeddings (Gather) per
+tensor. Convolutions stay fp32: ONNX Runtime's CPU `ConvInteger` (1.31) took 3-4x
+the time of the fp32 `Conv` (10 s offline encoder, Dense-S: 2061 vs 686 ms; the
+subsampling and the conformer conv modules), which made int8 slower than fp32
+offline. MoE routers stay fp32 too (`_router_nodes`). Subgraphs are quantized as
+well (`EnableSubgraph`: the bidirectional decoder's right-to-left branch sits in an
+`If`). int8 output is not equal to fp32, so it is gated on
+greedy-decision agreement (`gate`), not closeness.
+
+The MoE dispatch must be in its fused form (`onnx_passes.fuse_expert_split`, applied
+here too, idempotent): after the quantizer's shape inference ONNX Runtime fails on
+the unfused `SequenceAt` outputs ("Shape mismatch attempting to re-use buffer").
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 import onnx
@@ -28,31 +41,51 @@ def int8_name(name: str) -> str:
     return name[:-len(".onnx")] + ".int8.onnx"
 
 
-def quantize_onnx(src: str, dst: str) -> None:
+def quantize_onnx(src: str, dst: str, per_channel: bool = True) -> None:
     """Write the dynamically int8-quantized copy of `src` to `dst`, keeping its
-    metadata. `graph.value_info` is cleared first: stale shape annotations from
-    the exporter can make the quantizer's shape inference fail."""
+    metadata; MatMul/Gemm weights per output column with `per_channel` (two quantizer
+    passes: MatMul first, then the other op types per tensor), Conv and MoE routers
+    left fp32. `graph.value_info` is
+    cleared first: stale shape annotations from the exporter can make the quantizer's
+    shape inference fail."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from wenet_moe.export.onnx_export import EXTERNAL_DATA_BYTES, save_onnx, weight_bytes
+    from wenet_moe.export.onnx_passes import fuse_expert_split
 
     proto = onnx.load(src)
     meta = {p.key: p.value for p in proto.metadata_props}
+    fuse_expert_split(proto)
     del proto.graph.value_info[:]
     _unshare_weights(proto)
+    routers = _router_nodes(proto)
+    exclude = routers + [f"{n}_MatMul" for n in routers]   # the quantizer's Gemm -> MatMul
     external = weight_bytes(proto) > EXTERNAL_DATA_BYTES
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(dst)))
     os.close(fd)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer warns on the root logger per tensor
+    mid = tmp[:-len(".onnx")] + ".matmul.onnx"
     try:
         save_onnx(proto, tmp, check=False)
-        quantize_dynamic(tmp, dst, weight_type=QuantType.QInt8,
-                         use_external_data_format=external)
+        if per_channel:
+            quantize_dynamic(tmp, mid, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             per_channel=True, nodes_to_exclude=exclude,
+                             use_external_data_format=external,
+                             extra_options={"EnableSubgraph": True})
+            rest = sorted(_integer_ops() - {"MatMul", "Conv"})
+            quantize_dynamic(mid, dst, weight_type=QuantType.QInt8, op_types_to_quantize=rest,
+                             nodes_to_exclude=exclude, use_external_data_format=external,
+                             extra_options={"EnableSubgraph": True})
+        else:
+            quantize_dynamic(tmp, dst, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                             op_types_to_quantize=sorted(_integer_ops() - {"Conv"}),
+                             use_external_data_format=external,
+                             extra_options={"EnableSubgraph": True})
     finally:
         root.setLevel(level)
-        for leftover in (tmp, tmp + ".data"):
+        for leftover in (tmp, tmp + ".data", mid, mid + ".data"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
     out = onnx.load(dst)
@@ -64,6 +97,32 @@ def quantize_onnx(src: str, dst: str) -> None:
     # onnxruntime's quantizer leaves subgraphs that onnx.checker calls unsorted;
     # onnxruntime itself loads them (verify_int8 runs every file)
     save_onnx(out, dst, check=False)
+
+
+def _router_nodes(proto: onnx.ModelProto) -> List[str]:
+    """Names of the MoE router projections (a Gemm/MatMul whose output a TopK reads),
+    naming unnamed ones: they stay fp32. A router is E x D (tiny), and int8 logits
+    would flip near-tied expert choices, which moves a frame's whole FFN output."""
+    from wenet_moe.export.onnx_passes import graphs
+    names: List[str] = []
+    for graph in graphs(proto.graph):          # the decoder's If branches too
+        producer = {out: node for node in graph.node for out in node.output}
+        for node in graph.node:
+            if node.op_type != "TopK":
+                continue
+            src = producer.get(node.input[0])
+            if src is None or src.op_type not in ("Gemm", "MatMul"):
+                continue
+            if not src.name:
+                src.name = f"moe_router_{len(names)}"
+            names.append(src.name)
+    return names
+
+
+def _integer_ops() -> set:
+    """Op types the dynamic (IntegerOps) quantizer handles."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+    return set(IntegerOpsRegistry)
 
 
 def _unshare_weights(proto: onnx.ModelProto) -> None:

@@ -279,32 +279,36 @@ class MoEFFN(nn.Module):
 
         Eager PyTorch takes `_dispatch_eager`; TorchScript (and so the ONNX export) takes
         the path below, which uses only ops whose ONNX forms are exact: unique-key sort,
-        gathers, tensor-bounded slices, a scatter of a permutation, and a sum over k.
+        gathers, one split of the sorted rows by the per-expert counts, a scatter of a
+        permutation, and a sum over k. k is the module constant `n_expert_activated` and
+        frame indices use truncating division (keys are >= 0), so the export has no `If`
+        and no floor-division chain; `wenet_moe.export.onnx_passes.fuse_expert_split`
+        turns the split (SplitToSequence + a SequenceAt per expert) into one ONNX Split.
         """
         if not torch.jit.is_scripting():
             return self._dispatch_eager(x, top_idx, gates, valid)
-        n_tok, k = top_idx.size(0), top_idx.size(1)
-        n_assign = n_tok * k
+        k = self.n_expert_activated
+        n_assign = x.size(0) * k
         flat = top_idx.reshape(-1)
         positions = torch.arange(n_assign, dtype=flat.dtype, device=flat.device)
         order = torch.argsort(flat * n_assign + positions)      # expert-major, unique keys
-        x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="trunc"))
         gate_sorted = gates.reshape(-1).index_select(0, order)
         experts = torch.arange(self.n_expert, dtype=flat.dtype, device=flat.device)
-        counts = (flat.unsqueeze(1) == experts.unsqueeze(0)).sum(0)
-        ends = torch.cumsum(counts, 0)
-        pieces: List[torch.Tensor] = []
-        start = 0
+        counts = (flat.unsqueeze(1) == experts.unsqueeze(0)).sum(0)     # (E,)
+        sizes: List[int] = []
         for e in range(self.n_expert):
-            end = int(ends[e])
-            pieces.append(self.expert(e, x_sorted[start:end]))
-            start = end
+            sizes.append(int(counts[e]))
+        rows = torch.split(x_sorted, sizes)
+        pieces: List[torch.Tensor] = []
+        for e in range(self.n_expert):
+            pieces.append(self.expert(e, rows[e]))
         y_sorted = torch.cat(pieces, 0) * gate_sorted.unsqueeze(1)
         inverse = torch.empty_like(order).scatter_(0, order, positions)
         y = y_sorted.index_select(0, inverse)
         if k == 1:
             return y
-        return y.view(n_tok, k, x.size(1)).sum(1)
+        return y.view(-1, k, x.size(1)).sum(1)
 
     @torch.jit.unused
     def _valid_frames(self, mask_pad: torch.Tensor, batch: int, time: int) -> Optional[torch.Tensor]:

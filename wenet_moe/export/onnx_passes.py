@@ -1,0 +1,316 @@
+"""Graph rewrites applied to exported ONNX graphs (exact: outputs are unchanged).
+
+`fuse_expert_split`: the scripted MoE dispatch (`MoEFFN.dispatch`) splits the
+expert-sorted rows by a list of per-expert counts. The TorchScript-based exporter
+cannot emit a Split whose sizes are a tensor, so it writes, per MoE layer,
+`SplitToSequence(rows, Concat(Unsqueeze(Gather(counts, 0)), ..., Unsqueeze(Gather(counts,
+E-1))))` followed by one `SequenceAt(i)` per expert: 3E + 2 nodes whose kernels each
+cost more than their work at streaming sizes. The rewrite replaces them by one
+`Split(rows, counts)` with E outputs (opset >= 13; zero-size outputs are allowed).
+The expert weights it feeds (the exporter's constant-folded `w1[e]`, `b1[e]`, `w2[e]`,
+`b2[e]`, named `onnx::Gemm_123`) are renamed `moe<j>/expert<e>/w1` etc. (j: the MoE
+layer's place in the graph), so that tools and tests find them, also in the int8
+quantizer's `..._quantized` copies.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def graphs(graph: onnx.GraphProto) -> List[onnx.GraphProto]:
+    """`graph` and every subgraph below it (If / Loop bodies), outermost first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += graphs(attr.g)
+            for sub in attr.graphs:
+                found += graphs(sub)
+    return found
+
+
+def _scalar_ints(graphs: List[onnx.GraphProto]) -> Dict[str, int]:
+    """name -> value of every scalar or one-element integer Constant / initializer."""
+    values: Dict[str, int] = {}
+
+    def keep(name: str, tensor: onnx.TensorProto) -> None:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
+                and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            array = numpy_helper.to_array(tensor)
+            if array.size == 1:
+                values[name] = int(array.reshape(-1)[0])
+
+    for graph in graphs:
+        for t in graph.initializer:
+            keep(t.name, t)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        keep(node.output[0], attr.t)
+                    elif attr.name == "value_int":
+                        values[node.output[0]] = int(attr.i)
+    return values
+
+
+def _read_counts(graphs: List[onnx.GraphProto]) -> Dict[str, int]:
+    """name -> number of node inputs (in any graph) and graph outputs that read it."""
+    counts: Dict[str, int] = {}
+    for graph in graphs:
+        for node in graph.node:
+            for name in node.input:
+                counts[name] = counts.get(name, 0) + 1
+        for out in graph.output:
+            counts[out.name] = counts.get(out.name, 0) + 1
+    return counts
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Optional[object] = None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _inferred_types(proto: onnx.ModelProto) -> Dict[str, Tuple[int, List[int]]]:
+    """name -> (elem_type, dims, -1 where unknown) of the main graph's tensors, by ONNX
+    shape inference on a copy without the large initializers (shapes that depend on
+    them come out unknown; the copy stays small whatever the model's size)."""
+    light = onnx.ModelProto()
+    graph = onnx.GraphProto()
+    graph.node.extend(proto.graph.node)
+    graph.input.extend(proto.graph.input)
+    graph.output.extend(proto.graph.output)
+    graph.initializer.extend(t for t in proto.graph.initializer
+                             if t.data_location != onnx.TensorProto.EXTERNAL
+                             and int(np.prod(t.dims)) <= 64)
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.graph.CopyFrom(graph)
+    try:
+        light = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # inference is an optimisation here, never a requirement
+        return {}
+    types: Dict[str, Tuple[int, List[int]]] = {}
+    infos = [vi for g in graphs(light.graph) for vi in list(g.value_info) + list(g.input)
+             + list(g.output)]
+    for vi in infos:
+        if vi.type.HasField("tensor_type"):
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim] \
+                if tt.HasField("shape") else [-2]
+            types[vi.name] = (tt.elem_type, dims)
+    return types
+
+
+def fuse_expert_split(proto: onnx.ModelProto) -> int:
+    """Rewrite every `SplitToSequence` of the pattern in the module docstring whose
+    sequence is read only by constant-index `SequenceAt` nodes into one `Split`, in the
+    main graph of `proto` and its subgraphs (in place; the decoder's MoE layers sit in
+    an `If` branch). Returns the number of splits rewritten."""
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        return 0
+    every = graphs(proto.graph)
+    if not any(n.op_type == "SplitToSequence" for g in every for n in g.node):
+        return 0
+    ctx = {"ints": _scalar_ints(every), "reads": _read_counts(every), "types": None,
+           "inits": {t.name: t for g in every for t in g.initializer}, "layer": 0,
+           "dead": {}}   # id -> node (held, so that no other node's id reuses it)
+    # layers named by an earlier run keep their numbers (the pass is idempotent)
+    for name in ctx["inits"]:
+        head = name.split("/")[0]
+        if head.startswith("moe") and head[3:].isdigit() and "/expert" in name:
+            ctx["layer"] = max(ctx["layer"], int(head[3:]) + 1)
+    # innermost graphs first: rewriting a graph replaces its nodes by copies, so the
+    # subgraphs held by its nodes must be final before (`every` is in pre-order)
+    rewritten = sum(_fuse_in_graph(proto, g, ctx) for g in reversed(every))
+    if rewritten:
+        reads = _read_counts(graphs(proto.graph))
+        for g in graphs(proto.graph):
+            _prune_constants(g, reads)
+    return rewritten
+
+
+def _fuse_in_graph(proto: onnx.ModelProto, graph: onnx.GraphProto, ctx: dict) -> int:
+    ints: Dict[str, int] = ctx["ints"]
+    reads: Dict[str, int] = ctx["reads"]
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def local_only(name: str) -> bool:
+        """Only nodes of this graph read `name` (no subgraph, no graph output)."""
+        return reads.get(name, 0) == len(consumers.get(name, []))
+
+    removed: Set[int] = set()
+    replaced: Dict[int, List[onnx.NodeProto]] = {}
+    alias: Dict[str, str] = {}     # SequenceAt output -> Split output
+    rewritten = 0
+    for split_seq in graph.node:
+        if split_seq.op_type != "SplitToSequence" or len(split_seq.input) != 2:
+            continue
+        axis = int(_attr(split_seq, "axis", 0))
+        concat = producer.get(split_seq.input[1])
+        if concat is None or concat.op_type != "Concat" or int(_attr(concat, "axis", 0)) != 0:
+            continue
+        counts: Optional[str] = None
+        chain: List[onnx.NodeProto] = [concat]
+        for i, part in enumerate(concat.input):
+            unsq = producer.get(part)
+            if unsq is None or unsq.op_type != "Unsqueeze" or len(unsq.input) != 2 \
+                    or ints.get(unsq.input[1]) != 0:
+                break
+            gather = producer.get(unsq.input[0])
+            if gather is None or gather.op_type != "Gather" or int(_attr(gather, "axis", 0)) != 0 \
+                    or ints.get(gather.input[1]) != i or (counts is not None and gather.input[0] != counts):
+                break
+            counts = gather.input[0]
+            chain += [unsq, gather]
+        else:
+            n_out = len(concat.input)
+            seq_reads = consumers.get(split_seq.output[0], [])
+            if counts is None or not local_only(split_seq.output[0]) or not seq_reads or any(
+                    r.op_type != "SequenceAt" or ints.get(r.input[1]) is None
+                    or not 0 <= ints[r.input[1]] < n_out or not local_only(r.output[0])
+                    for r in seq_reads):
+                continue
+            # the sizes tensor: `counts` itself when shape inference shows it is
+            # (n_out,) int64, else its first n_out entries as int64
+            new_nodes: List[onnx.NodeProto] = []
+            sizes = counts
+            tag = split_seq.output[0]
+            if ctx["types"] is None:
+                ctx["types"] = _inferred_types(proto)
+            elem, dims = ctx["types"].get(counts, (0, [-2]))
+            if dims != [n_out]:
+                starts, ends = f"{tag}/sizes_start", f"{tag}/sizes_end"
+                graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), starts),
+                                          numpy_helper.from_array(np.array([n_out], np.int64), ends)])
+                sizes = f"{tag}/sizes_sliced"
+                new_nodes.append(helper.make_node("Slice", [counts, starts, ends], [sizes]))
+            if elem != onnx.TensorProto.INT64:
+                cast = f"{tag}/sizes_int64"
+                new_nodes.append(helper.make_node("Cast", [sizes], [cast], to=onnx.TensorProto.INT64))
+                sizes = cast
+            outputs = [f"{tag}/part{i}" for i in range(n_out)]
+            new_nodes.append(helper.make_node("Split", [split_seq.input[0], sizes], outputs,
+                                              axis=axis, name=f"{split_seq.name or tag}/fused"))
+            for r in seq_reads:
+                alias[r.output[0]] = outputs[ints[r.input[1]]]
+                removed.add(id(r))
+            replaced[id(split_seq)] = new_nodes
+            for e in range(n_out):
+                _name_expert(ctx, graph, producer, consumers,
+                             [r.output[0] for r in seq_reads if ints[r.input[1]] == e],
+                             f"moe{ctx['layer']}/expert{e}")
+            ctx["layer"] += 1
+            # the count chain (Concat, then each Unsqueeze before its Gather), where
+            # nothing but removed nodes reads it
+            for node in chain:
+                if all(id(c) in removed or c is split_seq
+                       for out in node.output for c in consumers.get(out, [])) \
+                        and all(local_only(out) for out in node.output):
+                    removed.add(id(node))
+            rewritten += 1
+    if not rewritten:
+        return 0
+    nodes: List[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in replaced:
+            nodes.extend(replaced[id(node)])
+        elif id(node) not in removed and id(node) not in ctx["dead"]:
+            nodes.append(node)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
+EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
+
+
+def _name_expert(ctx: dict, graph: onnx.GraphProto, producer: Dict[str, onnx.NodeProto],
+                 consumers: Dict[str, List[onnx.NodeProto]], rows: List[str],
+                 prefix: str) -> None:
+    """Rename the initializers of one expert: the Gemm reading its rows (`rows`, the
+    names its SequenceAt nodes had) gives w1/b1, the first Gemm reached from that one
+    through single-reader elementwise nodes (the activation) gives w2/b2. Initializers
+    read by more than one node keep their names. Inside subgraphs the exporter does
+    not constant-fold: there the Gemm reads `Gather(stacked, e)` of the stacked
+    (E, ...) parameter; such a slice becomes an initializer of the subgraph (as the
+    exporter's folding makes it in the main graph), so the int8 quantizer sees it."""
+    inits: Dict[str, onnx.TensorProto] = ctx["inits"]
+    reads: Dict[str, int] = ctx["reads"]
+
+    def only_reader(name: str) -> Optional[onnx.NodeProto]:
+        readers = consumers.get(name, [])
+        return readers[0] if len(readers) == 1 else None
+
+    first = [only_reader(r) for r in rows]
+    if len(first) != 1 or first[0] is None or first[0].op_type != "Gemm":
+        return
+    gemms = [first[0]]
+    node: Optional[onnx.NodeProto] = first[0]
+    for _ in range(8):       # activation: a few elementwise nodes (x * sigmoid(x): 2)
+        readers = consumers.get(node.output[0], [])
+        nxt = [r for r in readers if r.op_type == "Gemm"]
+        if nxt:
+            if len(nxt) == 1 and nxt[0].input[0] == node.output[0]:
+                gemms.append(nxt[0])
+            break
+        elementwise = [r for r in readers if len(r.output) == 1]
+        if not elementwise:
+            break
+        node = elementwise[-1]
+    for gemm, (w, b) in zip(gemms, (("w1", "b1"), ("w2", "b2"))):
+        for i, label in ((1, w), (2, b)):
+            old = gemm.input[i] if len(gemm.input) > i else ""
+            sliced = producer.get(old)
+            if old not in inits and sliced is not None and sliced.op_type == "Gather" \
+                    and int(_attr(sliced, "axis", 0)) == 0 and sliced.input[0] in inits \
+                    and ctx["ints"].get(sliced.input[1]) is not None and reads.get(old, 0) == 1:
+                new = f"{prefix}/{label}"
+                if new in inits or new in reads:
+                    continue
+                stacked = numpy_helper.to_array(inits[sliced.input[0]])
+                tensor = numpy_helper.from_array(
+                    np.ascontiguousarray(stacked[ctx["ints"][sliced.input[1]]]), new)
+                graph.initializer.append(tensor)
+                inits[new] = graph.initializer[-1]
+                gemm.input[i] = new
+                reads[new] = 1
+                reads[old] = 0
+                reads[sliced.input[0]] = reads.get(sliced.input[0], 1) - 1
+                ctx["dead"][id(sliced)] = sliced
+                continue
+            if old not in inits or reads.get(old, 0) != 1:
+                continue
+            new = f"{prefix}/{label}"
+            if new in inits or new in reads:
+                continue
+            inits[old].name = new
+            inits[new] = inits.pop(old)
+            gemm.input[i] = new
+            reads[new] = reads.pop(old)
+
+
+def _prune_constants(graph: onnx.GraphProto, reads: Dict[str, int]) -> None:
+    """Drop Constant nodes and initializers of `graph` that nothing reads any more."""
+    inputs = {i.name for i in graph.input}
+    kept = [n for n in graph.node if n.op_type != "Constant" or reads.get(n.output[0], 0)]
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    unused = [t for t in graph.initializer if not reads.get(t.name, 0) and t.name not in inputs]
+    for t in unused:
+        graph.initializer.remove(t)
