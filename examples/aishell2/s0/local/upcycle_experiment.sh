@@ -68,10 +68,9 @@ for step in $steps; do
     up=exp/a_dense_${n1}ep_upcycled
     if [ ! -f $up/final.pt ]; then
       say "(a) upcycling exp/a_dense_${n1}ep/avg_3.pt: 4 experts, top-2, topk, no noise"
-      rm -rf $up.tmp
+      # (upcycle writes through a temporary dir of its own; train.yaml names $up's files)
       wenet_moe upcycle --config exp/a_dense_${n1}ep/train.yaml --checkpoint exp/a_dense_${n1}ep/avg_3.pt \
-        --output_dir $up.tmp --n_expert 4 --n_expert_activated 2 --router topk --noise 0.0
-      mv $up.tmp $up
+        --output_dir $up --n_expert 4 --n_expert_activated 2 --router topk --noise 0.0
     fi
     say "(a) upcycled MoE ${n2} epochs"
     bash run.sh --stage 4 --stop_stage 5 "${common[@]}" --train_config gen_conf/moe_${n2}ep.yaml \
