@@ -8,14 +8,16 @@
 # epoch checkpoint and the averaged model are decoded on dev and the table printed.
 #   local/upcycle_experiment.sh DEMO_DIR WORK_DIR [STEP ...]
 # DEMO_DIR: a finished `make demo` work dir (corpus, data, exp/demo_moe); it is only
-# read. STEPs (default: all, in order): setup train_c train_a decode table. Every step
+# read. STEPs (default: all, in order): setup train_c train_a decode table; optional
+# train_a2: (a') like (a) but upcycling the dense phase's last epoch checkpoint
+# instead of its average (run it before decode/table to get its row). Every step
 # skips finished work (run.sh does; decodes whose CER file exists are kept), so
 # steps can run concurrently (train_c beside train_a) and a rerun changes nothing.
 # Knobs (environment): CPU_PROCS (2), NJ (2), SEED (1), MODES ("ctc_greedy_search
 # attention_rescoring"), N_EPOCHS_DENSE (3).
 set -euo pipefail
 recipe=$(dirname "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")")
-[ $# -ge 2 ] || { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 1; }
+[ $# -ge 2 ] || { sed -n '2,/^set /{/^set /!p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 1; }
 demo=$(readlink -f "$1"); work=$2; shift 2
 steps=${*:-setup train_c train_a decode table}
 cpu_procs=${CPU_PROCS:-2}
@@ -79,10 +81,23 @@ for step in $steps; do
     bash run.sh --stage 5 --stop_stage 5 "${common[@]}" --train_config gen_conf/dense_${n1}ep.yaml \
       --dir exp/a_dense_${n1}ep
     ;;
+  train_a2)
+    [ -f exp/a_dense_${n1}ep/$(( n1 - 1 )).pt ] || { echo "upcycle_experiment.sh: train_a2 needs train_a's dense phase (exp/a_dense_${n1}ep/$(( n1 - 1 )).pt)" >&2; exit 1; }
+    up=exp/a2_dense_${n1}ep_last_upcycled
+    if [ ! -f $up/final.pt ]; then
+      say "(a') upcycling exp/a_dense_${n1}ep/$(( n1 - 1 )).pt (the last epoch): 4 experts, top-2, topk, no noise"
+      wenet_moe upcycle --config exp/a_dense_${n1}ep/train.yaml --checkpoint exp/a_dense_${n1}ep/$(( n1 - 1 )).pt \
+        --output_dir $up --n_expert 4 --n_expert_activated 2 --router topk --noise 0.0
+    fi
+    say "(a') upcycled MoE ${n2} epochs"
+    bash run.sh --stage 4 --stop_stage 5 "${common[@]}" --train_config gen_conf/moe_${n2}ep.yaml \
+      --dir exp/a2_upcycled_${n2}ep --upcycle_from $up
+    ;;
   decode)
     # every epoch checkpoint on dev at full context; the averaged models are decoded
     # by run.sh stage 5 (decode_dev_full)
-    for d in exp/a_dense_${n1}ep exp/a_upcycled_${n2}ep exp/b_moe_${total}ep exp/c_dense_${total}ep; do
+    for d in exp/a_dense_${n1}ep exp/a_upcycled_${n2}ep exp/a2_upcycled_${n2}ep exp/b_moe_${total}ep \
+             exp/c_dense_${total}ep; do
       for ckpt in $(ls $d 2>/dev/null | sed -n 's/^\([0-9][0-9]*\)\.pt$/\1/p' | sort -n); do
         # exp/b is the demo's own directory: its decodes go under $work
         rdir=exp/decode_$(basename $d)/ep$ckpt
@@ -103,6 +118,6 @@ for step in $steps; do
   table)
     "$PYTHON" local/upcycle_table.py --exp exp --n1 $n1 --n2 $n2 --modes $modes | tee RESULTS_upcycle.md
     ;;
-  *) echo "upcycle_experiment.sh: unknown step '$step' (setup train_c train_a decode table)" >&2; exit 1 ;;
+  *) echo "upcycle_experiment.sh: unknown step '$step' (setup train_c train_a train_a2 decode table)" >&2; exit 1 ;;
   esac
 done
