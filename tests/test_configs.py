@@ -136,3 +136,17 @@ def test_moe_encoder_scripts(name, tmp_path):
         got, got_mask = scripted(xs, lens, -1)
     assert torch.equal(got_mask, want_mask)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_demo_dense_upcycles_to_the_demo_moe():
+    """The upcycling evidence (local/upcycle_experiment.sh) compares at one architecture:
+    `upcycle --n_expert 4 --n_expert_activated 2 --router topk` of the dense demo config
+    is the demo MoE config, every key (training settings included)."""
+    from wenet_moe.interop.upcycle import upcycle_config
+    dense = load_yaml(str(CONF_DIR / "train_demo_dense.yaml"))
+    moe = load_yaml(str(CONF_DIR / "train_demo_moe.yaml"))
+    for block in ("encoder_conf", "decoder_conf"):
+        assert dense[block].get("mlp_type", "position_wise_feed_forward") != "moe"
+        assert dense[block]["linear_units"] == moe[block]["linear_units"]
+    assert "moe_conf" not in dense
+    assert upcycle_config(dense, 4, 2, "topk") == moe
