@@ -10,7 +10,11 @@
 # DEMO_DIR: a finished `make demo` work dir (corpus, data, exp/demo_moe); it is only
 # read. STEPs (default: all, in order): setup train_c train_a decode table; optional
 # train_a2: (a') like (a) but upcycling the dense phase's last epoch checkpoint
-# instead of its average (run it before decode/table to get its row). Every step
+# instead of its average (run it before decode/table to get its row); optional
+# train_a3: (a'') the usual upcycling practice: upcycle (c)'s checkpoint after N1
+# epochs of the 6-epoch dense schedule and continue at the learning rate that schedule
+# had reached, without a new warmup, decaying to its final value over the N2 epochs
+# (needs train_c). Every step
 # skips finished work (run.sh does; decodes whose CER file exists are kept), so
 # steps can run concurrently (train_c beside train_a) and a rerun changes nothing.
 # Knobs (environment): CPU_PROCS (2), NJ (2), SEED (1), MODES ("ctc_greedy_search
@@ -93,10 +97,35 @@ for step in $steps; do
     bash run.sh --stage 4 --stop_stage 5 "${common[@]}" --train_config gen_conf/moe_${n2}ep.yaml \
       --dir exp/a2_upcycled_${n2}ep --upcycle_from $up
     ;;
+  train_a3)
+    src=exp/c_dense_${total}ep/$(( n1 - 1 )).pt
+    [ -f $src ] || { echo "upcycle_experiment.sh: train_a3 needs train_c's checkpoint $src" >&2; exit 1; }
+    up=exp/a3_dense_${n1}ep_of_${total}_upcycled
+    if [ ! -f $up/final.pt ]; then
+      say "(a'') upcycling $src (epoch $n1 of the ${total}-epoch dense run): 4 experts, top-2, topk, no noise"
+      wenet_moe upcycle --config exp/c_dense_${total}ep/train.yaml --checkpoint $src \
+        --output_dir $up --n_expert 4 --n_expert_activated 2 --router topk --noise 0.0
+    fi
+    # the dense schedule's learning rate after N1 of its epochs: the MoE phase starts there
+    lr=$("$PYTHON" - conf/train_demo_dense.yaml $(( steps_total * n1 / total )) <<'PY'
+import sys
+from wenet_moe.config import load_yaml
+from wenet_moe.train.scheduler import cosine_lr
+c = load_yaml(sys.argv[1]); s = c["scheduler_conf"]
+print(f"{cosine_lr(int(sys.argv[2]), float(c['optim_conf']['lr']), int(s['warmup_steps']), int(s['max_steps']), float(s['final_lr'])):.6g}")
+PY
+)
+    "$PYTHON" local/fill_config.py conf/train_demo_moe.yaml gen_conf/moe_${n2}ep_continue.yaml \
+      max_epoch=$n2 scheduler_conf.max_steps=$(( steps_total * n2 / total )) \
+      scheduler_conf.warmup_steps=0 optim_conf.lr=$lr
+    say "(a'') upcycled MoE ${n2} epochs from lr $lr, no warmup"
+    bash run.sh --stage 4 --stop_stage 5 "${common[@]}" --train_config gen_conf/moe_${n2}ep_continue.yaml \
+      --dir exp/a3_upcycled_${n2}ep --upcycle_from $up
+    ;;
   decode)
     # every epoch checkpoint on dev at full context; the averaged models are decoded
     # by run.sh stage 5 (decode_dev_full)
-    for d in exp/a_dense_${n1}ep exp/a_upcycled_${n2}ep exp/a2_upcycled_${n2}ep exp/b_moe_${total}ep \
+    for d in exp/a_dense_${n1}ep exp/a_upcycled_${n2}ep exp/a2_upcycled_${n2}ep exp/a3_upcycled_${n2}ep exp/b_moe_${total}ep \
              exp/c_dense_${total}ep; do
       for ckpt in $(ls $d 2>/dev/null | sed -n 's/^\([0-9][0-9]*\)\.pt$/\1/p' | sort -n); do
         # exp/b is the demo's own directory: its decodes go under $work
@@ -118,6 +147,6 @@ for step in $steps; do
   table)
     "$PYTHON" local/upcycle_table.py --exp exp --n1 $n1 --n2 $n2 --modes $modes | tee RESULTS_upcycle.md
     ;;
-  *) echo "upcycle_experiment.sh: unknown step '$step' (setup train_c train_a train_a2 decode table)" >&2; exit 1 ;;
+  *) echo "upcycle_experiment.sh: unknown step '$step' (setup train_c train_a train_a2 train_a3 decode table)" >&2; exit 1 ;;
   esac
 done

@@ -4,7 +4,8 @@
     upcycle_table.py --exp EXP --n1 3 --n2 3 [--modes MODE ...]
 
 Rows: (a) dense N1 epochs then upcycled MoE N2 epochs (from the dense average; (a')
-from its last epoch checkpoint, when EXP/a2_upcycled_<N2>ep exists), (b) MoE from scratch N1+N2
+from its last epoch checkpoint, when EXP/a2_upcycled_<N2>ep exists; (a'') from (c)'s
+checkpoint after N1 epochs, continuing its learning rate, when EXP/a3_upcycled_<N2>ep exists), (b) MoE from scratch N1+N2
 epochs, (c) dense N1+N2 epochs. Columns: dev CER (%) after each epoch (1-based,
 counted over the whole budget) and of the final averaged model. Per-epoch CERs come
 from EXP/decode_<model dir>/ep<K>/<mode>/wer, the averaged models' from
@@ -61,6 +62,8 @@ def main() -> None:
          [(f"a_dense_{n1}ep", n1), (f"a_upcycled_{n2}ep", n2)], f"a_upcycled_{n2}ep"),
         (f"(a') as (a), upcycling the last dense checkpoint",
          [(f"a_dense_{n1}ep", n1), (f"a2_upcycled_{n2}ep", n2)], f"a2_upcycled_{n2}ep"),
+        (f"(a'') dense {n1} of {total} ep, upcycled, MoE {n2} ep continuing the dense learning rate",
+         [(f"c_dense_{total}ep", n1), (f"a3_upcycled_{n2}ep", n2)], f"a3_upcycled_{n2}ep"),
         (f"(b) MoE from scratch {total} ep", [(f"b_moe_{total}ep", total)], f"b_moe_{total}ep"),
         (f"(c) dense {total} ep", [(f"c_dense_{total}ep", total)], f"c_dense_{total}ep"),
     ]
@@ -72,7 +75,7 @@ def main() -> None:
         print("| run | " + " | ".join(head) + " |")
         print("|---|" + "---|" * len(head))
         for label, phases, final_dir in rows:
-            if label.startswith("(a')") and not os.path.isdir(os.path.join(a.exp, final_dir)):
+            if label.startswith("(a'") and not os.path.isdir(os.path.join(a.exp, final_dir)):
                 continue  # the optional train_a2 step was not run
             print(f"| {label} | " + " | ".join(fmt(c) for c in row_cers(a.exp, phases, final_dir, mode)) + " |")
         print()
