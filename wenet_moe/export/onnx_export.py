@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence, Tuple
 import onnx
 import torch
 
-from wenet_moe.export.onnx_passes import fuse_expert_split
+from wenet_moe.export.onnx_passes import fuse_expert_split, graphs
 from wenet_moe.export.wrappers import (AttentionDecoder, CtcActivation, EncoderBatch,
                                        EncoderChunk, OfflineCtc, StreamingCtc)
 
@@ -129,9 +129,9 @@ def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: st
 
 
 def weight_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the initializers of `proto` (loaded in memory)."""
+    """Bytes of the initializers of `proto` (loaded in memory), subgraphs' included."""
     total = 0
-    for t in proto.graph.initializer:
+    for t in (t for g in graphs(proto.graph) for t in g.initializer):
         total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) \
             + 8 * (len(t.int64_data) + len(t.double_data))
     return total
