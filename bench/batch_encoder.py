@@ -3,8 +3,8 @@
     python bench/batch_encoder.py --compare DENSE_EXPORT MOE_EXPORT [--batches 1,4,8,16]
 
 For each export and batch size B it advances B streams by one chunk with
-`OnnxAsrModel.forward_encoder_chunks` (one `encoder_batch.onnx` call; B = 1 and
-`single` run `encoder.onnx`) from a history of `--history_chunks` chunks, and prints
+`OnnxAsrModel.forward_encoder_chunks` (one `encoder_batch.onnx` call; B = 1 is a
+batch of one, as the server runs a lone stream; `single` runs `encoder.onnx`) from a history of `--history_chunks` chunks, and prints
 milliseconds of CPU time per stream-chunk (process CPU time, which other load on the
 machine only delays), medians of interleaved repetitions, and the ratio B / A per
 batch size: the MoE's chunk-16 cost against Dense-S's as its experts are read once
@@ -47,10 +47,11 @@ def copy_state(st):
     return copy.copy(st)
 
 
-def measure(model: OnnxAsrModel, batches: List[int], history_chunks: int, reps: int,
-            seed: int) -> Dict[str, float]:
-    """CPU ms per stream-chunk: 'single' (encoder.onnx per stream, B streams) and
-    'B=b' (one batched call of b streams)."""
+def measure(model: OnnxAsrModel, solo: OnnxAsrModel, batches: List[int], history_chunks: int,
+            reps: int, seed: int) -> Dict[str, float]:
+    """CPU ms per stream-chunk: 'single' (`solo`'s encoder.onnx per stream, B streams)
+    and 'B=b' (one call of `model`'s batched graph over b streams; b = 1: a batch of
+    one, as the server runs a lone stream)."""
     chunk = model.info.chunk_size if model.info.chunk_size > 0 else 16
     top = max(batches)
     windows, states = make_states(model, top, history_chunks, chunk, seed)
@@ -58,7 +59,7 @@ def measure(model: OnnxAsrModel, batches: List[int], history_chunks: int, reps: 
 
     def single():
         for w, st in zip(windows, states):
-            model.forward_encoder_chunk(w, copy_state(st))
+            solo.forward_encoder_chunk(w, copy_state(st))
     fns["single"] = (single, top)
     for b in batches:
         def batched(b=b):
@@ -93,11 +94,13 @@ def main() -> int:
     batches = [int(x) for x in args.batches.split(",")]
     results = []
     for d in args.compare:
-        model = OnnxAsrModel(d, num_threads=args.threads, max_encoder_batch=max(batches))
+        model = OnnxAsrModel(d, num_threads=args.threads, max_encoder_batch=max(batches),
+                             batch_encoder=True)
+        solo = OnnxAsrModel(d, num_threads=args.threads)
         if not model.batched:
             print(f"{d}: no encoder_batch.onnx: re-export it", file=sys.stderr)
             return 1
-        results.append(measure(model, batches, args.history_chunks, args.reps, 0))
+        results.append(measure(model, solo, batches, args.history_chunks, args.reps, 0))
     a, b = results
     print(f"\nA = {args.compare[0]}\nB = {args.compare[1]}")
     chunk = OnnxAsrModel(args.compare[0], batch_encoder=False).info.chunk_size

@@ -160,7 +160,7 @@ def _together(model, wavs, opts):
 def test_advance_many_batched_equals_streams_alone(batch_exports, export, max_left_chunks):
     opts = DecodeOptions(mode="ctc_greedy", max_left_chunks=max_left_chunks)
     single = OnnxAsrModel(batch_exports[export], batch_encoder=False)
-    batched = OnnxAsrModel(batch_exports[export])
+    batched = OnnxAsrModel(batch_exports[export], batch_encoder=True)
     assert batched.batched and not single.batched
     wavs = _wavs()
     alone = [_alone(single, w, opts) for w, _ in wavs]
@@ -188,10 +188,31 @@ def test_advance_many_batched_equals_streams_alone(batch_exports, export, max_le
         assert got_events == want_events, b
 
 
+def test_batched_model_holds_one_encoder_and_runs_single_streams_exactly(batch_exports):
+    """With the batched graph, encoder.onnx is not loaded (the encoder's weights are
+    held once) and a lone stream runs as a batch of one: its chunks and caches equal
+    encoder.onnx's, counted as single calls."""
+    opts = DecodeOptions(mode="ctc_greedy")
+    single = OnnxAsrModel(batch_exports["full"], batch_encoder=False)
+    batched = OnnxAsrModel(batch_exports["full"], batch_encoder=True)
+    assert "encoder" not in batched.sessions and "encoder_batch" in batched.sessions
+    assert "encoder" in single.sessions and "encoder_batch" not in single.sessions
+    wav = _wavs()[1][0]
+    want, want_events = _alone(single, wav, opts)
+    got, got_events = _alone(batched, wav, opts)
+    assert len(want.hiddens) == len(got.hiddens) >= 2
+    for h1, h2 in zip(want.hiddens, got.hiddens):
+        assert h1.shape == h2.shape and np.abs(h1 - h2).max() <= ATOL
+    assert np.abs(want.state.att_cache - got.state.att_cache).max() <= ATOL
+    assert got_events == want_events
+    assert batched.batched_calls == 0 and batched.single_calls == len(got.hiddens)
+
+
 def test_batched_graph_can_be_turned_off_and_must_match_the_export(batch_exports, tmp_path):
     d = str(tmp_path / "copy")
     shutil.copytree(batch_exports["full"], d)
-    assert OnnxAsrModel(d).batched
+    assert OnnxAsrModel(d, batch_encoder=True).batched
+    assert not OnnxAsrModel(d).batched   # off by default (offline tools)
     assert not OnnxAsrModel(d, batch_encoder=False).batched
     path = os.path.join(d, "encoder_batch.onnx")
     proto = onnx.load(path)
@@ -199,12 +220,13 @@ def test_batched_graph_can_be_turned_off_and_must_match_the_export(batch_exports
         if p.key == "config_hash":
             p.value = "0123456789abcdef"
     onnx.save(proto, path)
-    with pytest.raises(ModelError, match=r"encoder_batch\.onnx: config_hash 0123456789abcdef "
-                                         r"differs"):
-        OnnxAsrModel(d)
+    # the batched graph loads first (in place of encoder.onnx): the next graph is named
+    with pytest.raises(ModelError, match=r"ctc\.onnx: config_hash \w+ differs from "
+                                         r"0123456789abcdef of \S*encoder_batch\.onnx"):
+        OnnxAsrModel(d, batch_encoder=True)
     OnnxAsrModel(d, batch_encoder=False)  # not loaded, not checked
     os.remove(path)
-    assert not OnnxAsrModel(d).batched   # exports without it serve stream by stream
+    assert not OnnxAsrModel(d, batch_encoder=True).batched   # exports without it: stream by stream
 
 
 def test_server_batches_concurrent_streams_like_solo_decoding(batch_exports):
@@ -238,7 +260,7 @@ def test_workers_gather_only_while_another_stream_is_open(batch_exports):
     open: a lone stream is never held back; with a second open stream the worker
     gathers, and the second stream's job joins the same batched encoder call."""
     from wenet_moe_runtime.batching import InferenceWorkers
-    model = OnnxAsrModel(batch_exports["full"])
+    model = OnnxAsrModel(batch_exports["full"], batch_encoder=True)
     opts = DecodeOptions(mode="ctc_greedy")
     wav = _wavs()[2][0]
     workers = InferenceWorkers(num_workers=1, max_batch=4, batch_wait_s=30.0)

@@ -13,6 +13,11 @@ advances the chunks of several streams in one encoder call: their windows are
 right-padded to the longest, their attention caches left-padded to the longest
 history (the mask hides the padding), and the outputs and new caches split back.
 An MoE layer then reads each expert's weights once per call, not once per stream.
+The batched graph then also runs single streams (a batch of one: the same numbers as
+`encoder.onnx`, a few % slower) and `encoder.onnx` is not loaded, so the encoder's
+weights are held once (loading both graphs cost the paper MoE 0.8 GB more RSS).
+`batch_encoder` is off by default (offline tools decode one stream at a time); the
+server turns it on.
 """
 from __future__ import annotations
 
@@ -162,14 +167,15 @@ class OnnxAsrModel:
         model_dir: directory with encoder/ctc/decoder `.onnx` and `units.txt`.
         int8: load `*.int8.onnx` instead of the fp32 files.
         num_threads: intra-op threads per session (1 suits many concurrent streams).
-        batch_encoder: load `encoder_batch.onnx` when the export has it (fp32 only)
-            and run ready streams' chunks together (`forward_encoder_chunks`).
+        batch_encoder: load `encoder_batch.onnx` instead of `encoder.onnx` when the
+            export has it (fp32 only) and run ready streams' chunks together
+            (`forward_encoder_chunks`); single streams run as a batch of one.
         max_encoder_batch: most streams in one batched encoder call (larger groups
             are split).
     """
 
     def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1,
-                 batch_encoder: bool = True, max_encoder_batch: int = 16) -> None:
+                 batch_encoder: bool = False, max_encoder_batch: int = 16) -> None:
         self.model_dir = model_dir
         self.int8 = bool(int8)
         if int(max_encoder_batch) < 1:
@@ -177,9 +183,9 @@ class OnnxAsrModel:
         self.max_encoder_batch = int(max_encoder_batch)
         # counters of encoder calls (read by tests and /health)
         self._count_lock = threading.Lock()
-        self.batched_calls = 0       # calls of encoder_batch.onnx
+        self.batched_calls = 0       # encoder calls advancing >= 2 streams
         self.batched_streams = 0     # stream chunks they advanced
-        self.single_calls = 0        # calls of encoder.onnx
+        self.single_calls = 0        # encoder calls advancing one stream
         if not os.path.isdir(model_dir):
             raise ModelError(f"{model_dir}: model directory does not exist")
         opts = ort.SessionOptions()
@@ -197,7 +203,7 @@ class OnnxAsrModel:
         names = list(MODEL_FILES)
         batch_path = os.path.join(model_dir, f"{BATCH_ENCODER}.onnx")
         if batch_encoder and not self.int8 and os.path.isfile(batch_path):
-            names.append(BATCH_ENCODER)
+            names[names.index("encoder")] = BATCH_ENCODER
         for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
@@ -209,8 +215,9 @@ class OnnxAsrModel:
             except Exception as exc:  # onnxruntime raises several types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ModelError(f"{path}: cannot load: {first}") from None
-        enc_path = os.path.join(model_dir, "encoder.int8.onnx" if int8 else "encoder.onnx")
-        meta = self.sessions["encoder"].get_modelmeta().custom_metadata_map
+        enc_name = BATCH_ENCODER if BATCH_ENCODER in self.sessions else "encoder"
+        enc_path = self.paths[enc_name]
+        meta = self.sessions[enc_name].get_modelmeta().custom_metadata_map
         self.info = read_model_info(meta, enc_path)
         units = os.path.join(model_dir, "units.txt")
         if not os.path.isfile(units):
@@ -224,7 +231,7 @@ class OnnxAsrModel:
              for n, p in self.paths.items()}, units, len(self.symbols))
         if self.info.vocab_size < 0:
             self.info.vocab_size = len(self.symbols)
-        self._enc_inputs = [i.name for i in self.sessions["encoder"].get_inputs()]
+        self._enc_inputs = [i.name for i in self.sessions[enc_name].get_inputs()]
         self._dec_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
         self._ctc_input = self.sessions["ctc"].get_inputs()[0].name
         missing = {"chunk", "att_cache", "cnn_cache"} - set(self._enc_inputs)
@@ -257,6 +264,8 @@ class OnnxAsrModel:
         Returns:
             (T', D) encoder output, T' = (T - right_context - 1) // subsampling + 1.
         """
+        if self.batched:
+            return self._forward_batch([feats], [state])[0]
         t_out = self.chunk_frames(feats.shape[0])
         cache_t = state.att_cache.shape[2]
         feeds = {"chunk": np.ascontiguousarray(feats[None], dtype=np.float32),
@@ -285,8 +294,8 @@ class OnnxAsrModel:
         With `encoder_batch.onnx` loaded, streams that share `required_cache_size`
         run together, at most `max_encoder_batch` per call; each result equals
         `forward_encoder_chunk(windows[i], states[i])` within float rounding (GEMM
-        sums may round differently with the batch size). Without it (or for a
-        single stream) the streams run one by one through `encoder.onnx`.
+        sums may round differently with the batch size). Without it the streams run
+        one by one through `encoder.onnx`.
 
         Args:
             windows: (T_i, bins) float32 fbank windows, T_i >= right_context + 1.
@@ -303,7 +312,7 @@ class OnnxAsrModel:
         for members in groups.values():
             for start in range(0, len(members), self.max_encoder_batch):
                 part = members[start: start + self.max_encoder_batch]
-                if len(part) == 1 or not self.batched:
+                if not self.batched:
                     for i in part:
                         outs[i] = self.forward_encoder_chunk(windows[i], states[i])
                 else:
@@ -341,8 +350,11 @@ class OnnxAsrModel:
                  "att_mask": mask}
         out, _, r_att, r_cnn = self.sessions[BATCH_ENCODER].run(None, feeds)
         with self._count_lock:
-            self.batched_calls += 1
-            self.batched_streams += n
+            if n == 1:
+                self.single_calls += 1
+            else:
+                self.batched_calls += 1
+                self.batched_streams += n
         t_next = r_att.shape[3]
         results = []
         for r, st in enumerate(states):
