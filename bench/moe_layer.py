@@ -383,8 +383,8 @@ def main() -> int:
                       f"moe_P/dense {t[f'moe_{p}'] / t['dense']:.2f}, loop/moe_P {t['loop'] / t[f'moe_{p}']:.2f}, "
                       f"moe_P/floor_P {t[f'moe_{p}'] / floor_p:.2f}, rel err {errors[p]:.1e}", flush=True)
         if precision_rows:
-            print(f"\nexpert precision (same run, same interleaved repetitions; moe = fp32 above; "
-                  f"floor_P with the experts' bytes at P; rel err = max |out_P - out_fp32| / max |out_fp32|)")
+            print("\nexpert precision (same run, same interleaved repetitions; moe = fp32 above; "
+                  "floor_P with the experts' bytes at P; rel err = max |out_P - out_fp32| / max |out_fp32|)")
             header = (f"{'T':>5} {'prec':>5} {'moe_P ms':>8} {'moe ms':>8} {'moe/moe_P':>9} "
                       f"{'moe_P/dense':>11} {'loop/moe_P':>10} {'moe_P/floor_P':>13} {'rel err':>8}")
             print(header)

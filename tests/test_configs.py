@@ -1,6 +1,5 @@
 """The recipe configs: each builds, matches the dense active compute, and trains a step."""
 import json
-import os
 from pathlib import Path
 
 import pytest

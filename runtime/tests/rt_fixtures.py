@@ -79,6 +79,42 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def tiny_moe_conf(units_path: str, vocab: int, reverse_weight: float = 0.3,
+                  decoder_moe: bool = False, cmvn_file: str = "",
+                  fbank_conf: dict = None) -> dict:
+    """Config of the tiny streaming MoE Conformer the runtime tests export (d=32, 2
+    blocks, 4 experts top-2, causal conv, kernel 3; bidirectional decoder, MoE FFNs
+    too when `decoder_moe`); `<sos/eos>` is the last unit; global CMVN when
+    `cmvn_file` is given."""
+    moe = {"mlp_type": "moe", "n_expert": 4, "n_expert_activated": 2}
+    conf = {
+        "input_dim": 80, "output_dim": vocab, "encoder": "conformer",
+        "encoder_conf": {"output_size": 32, "attention_heads": 2, "linear_units": 48,
+                         "num_blocks": 2, "cnn_module_kernel": 3, "causal": True,
+                         "use_dynamic_chunk": True, "cnn_module_norm": "layer_norm",
+                         "input_layer": "conv2d", "dropout_rate": 0.0,
+                         "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0, **moe},
+        "decoder": "bitransformer",
+        "decoder_conf": {"attention_heads": 2, "linear_units": 48, "num_blocks": 1,
+                         "r_num_blocks": 1, "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
+                         "self_attention_dropout_rate": 0.0, "src_attention_dropout_rate": 0.0,
+                         **(moe if decoder_moe else {})},
+        "ctc": "ctc", "ctc_conf": {"ctc_blank_id": 0}, "model": "asr_model",
+        "model_conf": {"ctc_weight": 0.3, "reverse_weight": reverse_weight, "lsm_weight": 0.0,
+                       "length_normalized_loss": False},
+        "moe_conf": {"router": "topk"}, "tokenizer": "char",
+        "tokenizer_conf": {"symbol_table_path": units_path, "split_with_space": False,
+                           "special_tokens": {"<blank>": 0, "<unk>": 1, "<sos>": vocab - 1,
+                                              "<eos>": vocab - 1}},
+        "dataset_conf": {"fbank_conf": fbank_conf or {"num_mel_bins": 80, "frame_shift": 10,
+                                                      "frame_length": 25, "dither": 0.0}},
+    }
+    if cmvn_file:
+        conf["cmvn"] = "global_cmvn"
+        conf["cmvn_conf"] = {"cmvn_file": cmvn_file, "is_json_cmvn": True}
+    return conf
+
+
 # ------------------------------------------------------------ shared test helpers
 def stream_decode(model, samples, opts, step=1600):
     """Feed `samples` in `step`-sample pieces to a new StreamingDecoder, then end the

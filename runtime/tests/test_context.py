@@ -145,6 +145,29 @@ def test_half_heard_phrase_recovered_only_with_bonus():
 
 
 # ------------------------------------------------------------------ the server
+async def stream_finals(url, samples, start):
+    """Stream `samples` (int16) to the server with start message fields `start`;
+    return the nbest lists of its final results."""
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    async with connect(url) as ws:
+        await ws.send(json.dumps({"signal": "start", "nbest": 1, **start}))
+        assert json.loads(await ws.recv())["type"] == "server_ready"
+        for k in range(0, len(samples), 3200):
+            await ws.send(samples[k: k + 3200].tobytes())
+            await asyncio.sleep(0)
+        await ws.send(json.dumps({"signal": "end"}))
+        finals = []
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg.get("type") == "final_result":
+                finals.append(json.loads(msg["nbest"]))
+        return finals
+
+
 def test_server_context_per_connection_and_bad_lists(tiny_exports, test_wavs):
     """Two concurrent streams of one wav: the one whose start message carries a
     context gets the biased result (equal to offline decoding with that context),
@@ -168,20 +191,8 @@ def test_server_context_per_connection_and_bad_lists(tiny_exports, test_wavs):
     biased = decode_samples(model, samples, DecodeOptions(context=graph))
     assert "语音" in biased[0]["sentence"] and "语音" not in plain[0]["sentence"]
 
-    async def stream(url, start):
-        async with connect(url) as ws:
-            await ws.send(json.dumps({"signal": "start", "nbest": 1, **start}))
-            assert json.loads(await ws.recv())["type"] == "server_ready"
-            for k in range(0, len(samples), 3200):
-                await ws.send(samples[k: k + 3200].tobytes())
-                await asyncio.sleep(0)
-            await ws.send(json.dumps({"signal": "end"}))
-            finals = []
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg.get("type") == "final_result":
-                    finals.append(json.loads(msg["nbest"]))
-            return finals
+    def stream(url, start):
+        return stream_finals(url, samples, start)
 
     async def bad_lists(url):
         replies = []
@@ -225,12 +236,9 @@ def test_server_with_graph_context_per_connection(tiny_exports, test_wavs, tmp_p
     unbiased graph result. The bonus (1000 per unit) makes the phrase win by a margin
     no score of the tiny model can match."""
     import asyncio
-    import json
     import os
     import shutil
     import sys
-
-    from websockets.asyncio.client import connect
 
     from rt_fixtures import ServerProcess
     from wenet_moe_runtime.decoder import DecodeOptions
@@ -262,20 +270,8 @@ def test_server_with_graph_context_per_connection(tiny_exports, test_wavs, tmp_p
     biased = decode_samples(model, samples, DecodeOptions(wfst=wfst, context=graph))
     assert "语音" in biased[0]["sentence"] and "语音" not in plain[0]["sentence"]
 
-    async def stream(url, start):
-        async with connect(url) as ws:
-            await ws.send(json.dumps({"signal": "start", "nbest": 1, **start}))
-            assert json.loads(await ws.recv())["type"] == "server_ready"
-            for k in range(0, len(samples), 3200):
-                await ws.send(samples[k: k + 3200].tobytes())
-                await asyncio.sleep(0)
-            await ws.send(json.dumps({"signal": "end"}))
-            finals = []
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg.get("type") == "final_result":
-                    finals.append(json.loads(msg["nbest"]))
-            return finals
+    def stream(url, start):
+        return stream_finals(url, samples, start)
 
     srv = ServerProcess(str(export), ["--context_score", "1000"])
     try:

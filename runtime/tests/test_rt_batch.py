@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import rt_tiny_model as T
-from rt_fixtures import ServerProcess, stream_decode
+from rt_fixtures import ServerProcess, stream_decode, tiny_moe_conf
 from wenet_moe.export import onnx_export
 from wenet_moe.export.common import export_metadata, write_symbol_tables
 from wenet_moe.model import build_model
@@ -60,28 +60,7 @@ def batch_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     (root / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
     vocab = len(T.units())
-    moe = {"mlp_type": "moe", "n_expert": 4, "n_expert_activated": 2}
-    conf = {
-        "input_dim": 80, "output_dim": vocab, "encoder": "conformer",
-        "encoder_conf": {"output_size": 32, "attention_heads": 2, "linear_units": 48,
-                         "num_blocks": 2, "cnn_module_kernel": 3, "causal": True,
-                         "use_dynamic_chunk": True, "cnn_module_norm": "layer_norm",
-                         "input_layer": "conv2d", "dropout_rate": 0.0,
-                         "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0, **moe},
-        "decoder": "bitransformer",
-        "decoder_conf": {"attention_heads": 2, "linear_units": 48, "num_blocks": 1,
-                         "r_num_blocks": 1, "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
-                         "self_attention_dropout_rate": 0.0, "src_attention_dropout_rate": 0.0},
-        "ctc": "ctc", "ctc_conf": {"ctc_blank_id": 0}, "model": "asr_model",
-        "model_conf": {"ctc_weight": 0.3, "reverse_weight": 0.3, "lsm_weight": 0.0,
-                       "length_normalized_loss": False},
-        "moe_conf": {"router": "topk"}, "tokenizer": "char",
-        "tokenizer_conf": {"symbol_table_path": str(root / "units.txt"), "split_with_space": False,
-                           "special_tokens": {"<blank>": 0, "<unk>": 1, "<sos>": vocab - 1,
-                                              "<eos>": vocab - 1}},
-        "dataset_conf": {"fbank_conf": {"num_mel_bins": 80, "frame_shift": 10,
-                                        "frame_length": 25, "dither": 0.0}},
-    }
+    conf = tiny_moe_conf(str(root / "units.txt"), vocab)
     torch.manual_seed(0)
     model = build_model(copy.deepcopy(conf)).eval()
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rt_tiny_model as T
-from rt_fixtures import TRAIN_SET, ServerProcess
+from rt_fixtures import TRAIN_SET, ServerProcess, tiny_moe_conf
 from wenet_moe.data.features import fbank_options
 from wenet_moe.export import export_loaded
 from wenet_moe.model import build_model
@@ -52,30 +52,9 @@ def real_export(tmp_path_factory):
         {"mean_stat": allf.sum(0).tolist(), "var_stat": (allf ** 2).sum(0).tolist(),
          "frame_num": int(allf.shape[0])}))
     vocab = len(T.units())
-    moe = {"mlp_type": "moe", "n_expert": 4, "n_expert_activated": 2}
-    conf = {
-        "input_dim": 80, "output_dim": vocab, "encoder": "conformer",
-        "encoder_conf": {"output_size": 32, "attention_heads": 2, "linear_units": 48,
-                         "num_blocks": 2, "cnn_module_kernel": 3, "causal": True,
-                         "use_dynamic_chunk": True, "cnn_module_norm": "layer_norm",
-                         "input_layer": "conv2d", "dropout_rate": 0.0,
-                         "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0, **moe},
-        "decoder": "bitransformer",
-        "decoder_conf": {"attention_heads": 2, "linear_units": 48, "num_blocks": 1,
-                         "r_num_blocks": 1, "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
-                         "self_attention_dropout_rate": 0.0, "src_attention_dropout_rate": 0.0,
-                         **moe},
-        "ctc": "ctc", "ctc_conf": {"ctc_blank_id": 0}, "cmvn": "global_cmvn",
-        "cmvn_conf": {"cmvn_file": str(root / "global_cmvn"), "is_json_cmvn": True},
-        "model": "asr_model",
-        "model_conf": {"ctc_weight": 0.3, "reverse_weight": REVERSE_WEIGHT, "lsm_weight": 0.0,
-                       "length_normalized_loss": False},
-        "moe_conf": {"router": "topk"}, "tokenizer": "char",
-        "tokenizer_conf": {"symbol_table_path": str(root / "units.txt"), "split_with_space": False,
-                           "special_tokens": {"<blank>": 0, "<unk>": 1, "<sos>": vocab - 1,
-                                              "<eos>": vocab - 1}},
-        "dataset_conf": {"fbank_conf": fbank_conf},
-    }
+    conf = tiny_moe_conf(str(root / "units.txt"), vocab, reverse_weight=REVERSE_WEIGHT,
+                         decoder_moe=True, cmvn_file=str(root / "global_cmvn"),
+                         fbank_conf=fbank_conf)
     torch.manual_seed(0)
     model = build_model(copy.deepcopy(conf))
     n, t_max = len(feats), max(f.shape[0] for f in feats)
@@ -236,7 +215,7 @@ def test_hotwords_recognize_equals_runtime_decode(real_export, tmp_path):
                  "--checkpoint", str(tmp_path / "final.pt"), "--test_data", str(tmp_path / "data.list"),
                  "--result_dir", str(tmp_path / "x"), *bad]):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        assert r.returncode == 1 and f"bad.txt: line 2 '世外': character '外'" in r.stderr, r.stderr
+        assert r.returncode == 1 and "bad.txt: line 2 '世外': character '外'" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x").exists()
 

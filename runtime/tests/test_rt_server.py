@@ -11,7 +11,6 @@ import sys
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed

@@ -25,7 +25,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 import onnxruntime as ort
