@@ -216,7 +216,8 @@ def test_server_batches_concurrent_streams_like_solo_decoding(batch_exports):
     wavs = [np.concatenate([w] * 3) for w, _ in _wavs()[1:]] * 2
     solo = [[e[1] for e in stream_decode(single, w, opts)[1] if e[0] == "final"] for w in wavs]
     srv = ServerProcess(batch_exports["full"], ["--mode", "ctc_greedy", "--max_batch", "8",
-                                                "--max_chunks_per_job", "1"])
+                                                "--max_chunks_per_job", "1",
+                                                "--batch_wait_ms", "200"])
     try:
         async def go():
             return await asyncio.gather(*[stream_samples(srv.url, w, chunk_ms=100)
