@@ -15,23 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from typing import List, Optional, Tuple
 
-_OVERALL = re.compile(r"^Overall -> ([0-9.]+) % N=(\d+)")
-
-
-def read_cer(path: str) -> Optional[float]:
-    """Overall CER (%) of a compute_cer.py output, or None when absent/incomplete."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                m = _OVERALL.match(line)
-                if m:
-                    return float(m.group(1))
-    except OSError:
-        return None
-    return None
+from cer_table import read_cer  # local/, beside this script
 
 
 def fmt(x: Optional[float]) -> str:
