@@ -27,6 +27,7 @@ import rt_tiny_model as T
 from rt_fixtures import ServerProcess, stream_decode, tiny_moe_conf
 from wenet_moe.export import onnx_export
 from wenet_moe.export.common import export_metadata, write_symbol_tables
+from wenet_moe.export.quantize import int8_experts
 from wenet_moe.model import build_model
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decoder import DecodeOptions, StreamingDecoder, advance_many
@@ -82,6 +83,13 @@ def batch_exports(tmp_path_factory):
         onnx_export.export_encoder_batch(model, path("encoder_batch.onnx"), CHUNK, left, meta)
         onnx_export.export_ctc(model, path("ctc.onnx"), meta)
         onnx_export.export_decoder(model, path("decoder.onnx"), 0.3, meta)
+    # 'int8x': 'full' with int8 experts (export --expert_precision int8)
+    dirs["int8x"] = str(root / "int8x")
+    shutil.copytree(dirs["full"], dirs["int8x"])
+    for name in ("encoder.onnx", "encoder_batch.onnx"):
+        proto = onnx.load(os.path.join(dirs["int8x"], name))
+        assert int8_experts(proto) > 0
+        onnx_export.save_onnx(proto, os.path.join(dirs["int8x"], name), check=False)
     return dirs
 
 
@@ -135,7 +143,8 @@ def _together(model, wavs, opts):
     return decs, events
 
 
-@pytest.mark.parametrize("export,max_left_chunks", [("full", -1), ("left2", -1), ("full", 2)])
+@pytest.mark.parametrize("export,max_left_chunks", [("full", -1), ("left2", -1), ("full", 2),
+                                                    ("int8x", -1)])
 def test_advance_many_batched_equals_streams_alone(batch_exports, export, max_left_chunks):
     opts = DecodeOptions(mode="ctc_greedy", max_left_chunks=max_left_chunks)
     single = OnnxAsrModel(batch_exports[export], batch_encoder=False)
@@ -162,9 +171,22 @@ def test_advance_many_batched_equals_streams_alone(batch_exports, export, max_le
     for b, ((want, want_events), got, got_events) in enumerate(zip(alone, decs, events)):
         for k, (h1, h2) in enumerate(zip(want.hiddens, got.hiddens)):
             assert h1.shape == h2.shape, (b, k)
-            assert np.abs(h1 - h2).max() <= ATOL, (b, k, np.abs(h1 - h2).max())
-        assert np.abs(want.state.att_cache - got.state.att_cache).max() <= ATOL
-        assert got_events == want_events, b
+            _close(export, h1, h2, (b, k))
+        _close(export, want.state.att_cache, got.state.att_cache, b)
+        if export != "int8x":
+            assert got_events == want_events, b
+
+
+def _close(export, want, got, where):
+    """fp32: within ATOL. int8 experts quantize each activation row on its own, so
+    batching keeps rows apart too, but a batch-size-dependent ~1e-7 difference
+    upstream can move one activation across an int8 rounding boundary (one step,
+    ~1e-2): all but a few values within ATOL, none beyond 0.05."""
+    diff = np.abs(want - got)
+    if export != "int8x":
+        assert diff.max() <= ATOL, (where, diff.max())
+    else:
+        assert diff.max() <= 0.05 and (diff <= ATOL).mean() >= 0.99, (where, diff.max())
 
 
 def test_batched_model_holds_one_encoder_and_runs_single_streams_exactly(batch_exports):

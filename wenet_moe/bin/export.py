@@ -3,7 +3,8 @@
     wenet-moe export --config exp/x/train.yaml --checkpoint exp/x/avg_5.pt \\
         --output_dir exp/x/onnx --format onnx [--chunk_size 16] \\
         [--num_decoding_left_chunks -1] [--quantize int8] [--reverse_weight 0.5] \\
-        [--int8_verify_data data/dev/data.list] [--int8_max_disagreement 0.02]
+        [--int8_verify_data data/dev/data.list] [--int8_max_disagreement 0.02] \\
+        [--expert_precision int8]
 
 ONNX writes encoder.onnx, ctc.onnx, decoder.onnx (WeNet runtime), model.onnx and
 model_streaming.onnx (sherpa-onnx `from_wenet_ctc`), units.txt and tokens.txt;
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 accuracy gate (wenet_moe/export/gate.py): the export fails, "
                              "writing nothing, when int8 differs from fp32 on more than this "
                              "share of the frames fp32 decides (best token ahead by >= 1 nat)")
+    parser.add_argument("--expert_precision", default=None, choices=["fp32", "int8"],
+                        help="MoE experts of the fp32 ONNX graphs: int8 stores them as 8-bit "
+                             "weights (com.microsoft::MatMulNBits, gated like --quantize int8; "
+                             "all else fp32). Default: int8 when moe_conf.expert_precision "
+                             "is int8, else fp32")
     parser.add_argument("--int8_verify_data", default=None,
                         help="data.list, wav.scp or audio file whose first 20 utterances the "
                              "int8 gate runs on (default: random CMVN-centred features)")
@@ -54,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     report = export_model(args.config, args.checkpoint, args.output_dir, args.format,
                           args.chunk_size, args.num_decoding_left_chunks, args.quantize,
                           args.reverse_weight, args.int8_max_disagreement,
-                          args.int8_verify_data)
+                          args.int8_verify_data, args.expert_precision)
     for key, value in report.items():
         print(f"wenet-moe export: check {key}: {value:.3g}", file=sys.stderr)
     print(f"wenet-moe export: wrote {args.output_dir}", file=sys.stderr)

@@ -27,6 +27,7 @@ ONNX_FILES = ("encoder.onnx", "ctc.onnx", "decoder.onnx", "model.onnx", "model_s
 # the streaming encoder over a batch of streams (fp32 only: int8 MatMulInteger quantizes
 # activations per tensor, so a stream's result would depend on its batch mates)
 BATCH_ENCODER_FILE = "encoder_batch.onnx"
+EXPERT_PRECISIONS = ("fp32", "int8")     # --expert_precision of the fp32 ONNX graphs
 
 
 def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, output_dir: str,
@@ -34,7 +35,8 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
                   quantize: Optional[str] = None, reverse_weight: Optional[float] = None,
                   verify: bool = True,
                   int8_max_disagreement: float = DEFAULT_MAX_DISAGREEMENT,
-                  int8_verify_data: Optional[str] = None) -> Dict[str, float]:
+                  int8_verify_data: Optional[str] = None,
+                  expert_precision: Optional[str] = None) -> Dict[str, float]:
     """Export an already built eval-mode model; returns {check: max |diff|} of the
     verification (plus the int8 gate's rates). See `export_model`."""
     from wenet_moe.export import gate, onnx_export
@@ -44,8 +46,10 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
     if quantize not in (None, "", "int8"):
         raise ValueError(f"--quantize must be int8, got '{quantize}'")
     int8_max_disagreement = gate.check_limit(int8_max_disagreement)
-    if int8_verify_data and quantize != "int8":
-        raise ValueError("--int8_verify_data is only used with --quantize int8")
+    expert_precision = resolve_expert_precision(expert_precision, configs, fmt)
+    if int8_verify_data and quantize != "int8" and expert_precision != "int8":
+        raise ValueError("--int8_verify_data is only used with --quantize int8 or "
+                         "--expert_precision int8")
     if chunk_size == 0 or chunk_size < -1:
         raise ValueError(f"--chunk_size must be > 0 (streaming) or -1 (full context), "
                          f"got {chunk_size}")
@@ -55,13 +59,14 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
         raise ValueError(f"--reverse_weight must be in [0, 1], got {reverse_weight}")
     if not model.is_bidirectional_decoder():
         reverse_weight = 0.0
-    model = model.float().eval()
+    model = experts_as_computed(model.float().eval())
     onnx_export.set_feature_dim(model, int(configs["input_dim"]))
     meta = export_metadata(model, configs, raw_configs, chunk_size, left_chunks, reverse_weight)
     # the runtimes size the cnn cache as (blocks, 1, D, cnn_module_kernel - 1)
     meta["cnn_module_kernel"] = str(onnx_export.cache_shapes(model)[1][3] + 1)
     inputs = None
-    if quantize == "int8" and verify:  # read before the export: bad data fails fast
+    if (quantize == "int8" or expert_precision == "int8") and verify:
+        # read before the export: bad data fails fast
         inputs = gate.gate_inputs(model, configs, int8_verify_data)
     report: Dict[str, float] = {}
     with staged_output(output_dir) as stage:
@@ -98,8 +103,89 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
                 if verify:
                     report.update(q8.verify_int8(model, stage, chunk_size, left_chunks, inputs,
                                                  int8_max_disagreement, reverse_weight))
+            if expert_precision == "int8":
+                report.update(_int8_experts(model, stage, chunk_size, left_chunks, inputs,
+                                            int8_max_disagreement, reverse_weight, verify))
     for key, value in report.items():
         logging.info("export check %s: %.3g", key, value)
+    return report
+
+
+def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose MoE experts hold the weight values it computes with
+    (`cpu_kernel.expert_weight_values` of each FFN's `expert_precision`, which the copy
+    then runs as fp32: the same numbers), so that the exported graphs equal the eager
+    model; `model` itself when every MoE FFN is fp32."""
+    import copy
+
+    from wenet_moe.layers.cpu_kernel import expert_weight_values
+    from wenet_moe.layers.moe import MoEFFN
+
+    if not any(isinstance(m, MoEFFN) and m.expert_precision != "fp32" for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoEFFN) and m.expert_precision != "fp32":
+                for weight in (m.w1, m.w2):
+                    weight.copy_(expert_weight_values(weight, m.expert_precision))
+                m.expert_precision = "fp32"
+    return model
+
+
+def resolve_expert_precision(expert_precision: Optional[str], configs: Dict, fmt: str) -> str:
+    """--expert_precision: fp32 or int8; by default int8 when the model's
+    `moe_conf.expert_precision` is int8 (bf16 has no ONNX Runtime CPU kernel: fp32)."""
+    if expert_precision is None:
+        conf = str((configs.get("moe_conf") or {}).get("expert_precision", "fp32"))
+        moe = any((configs.get(part) or {}).get("mlp_type") == "moe"
+                  for part in ("encoder_conf", "decoder_conf"))
+        expert_precision = "int8" if conf == "int8" and moe and fmt == "onnx" else "fp32"
+    if expert_precision not in EXPERT_PRECISIONS:
+        raise ValueError(f"--expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, "
+                         f"got '{expert_precision}'")
+    if expert_precision == "int8" and fmt != "onnx":
+        raise ValueError("--expert_precision int8 applies to --format onnx (TorchScript "
+                         "computes in fp32 with the expert values of moe_conf.expert_precision)")
+    return expert_precision
+
+
+def _int8_experts(model: torch.nn.Module, stage: str, chunk_size: int, left_chunks: int,
+                  inputs, max_disagreement: float, reverse_weight: float,
+                  verify: bool) -> Dict[str, float]:
+    """Replace the experts of every fp32 graph in `stage` by int8 ones
+    (`quantize.int8_experts`), after the int8 accuracy gate compared each graph with
+    its fp32 original (when `verify`); int8 copies, if any, are left as they are."""
+    import onnx
+
+    from wenet_moe.export import quantize as q8
+    from wenet_moe.export.onnx_export import save_onnx
+
+    protos = {}
+    for name in ONNX_FILES + (BATCH_ENCODER_FILE,):
+        proto = onnx.load(os.path.join(stage, name))
+        if q8.int8_experts(proto):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = "expert_precision", "int8"
+            protos[name] = proto
+    if "encoder.onnx" not in protos:
+        raise ValueError("--expert_precision int8: the model has no MoE experts")
+    report: Dict[str, float] = {}
+    try:
+        if verify:
+            for name, proto in protos.items():
+                save_onnx(proto, os.path.join(stage, q8.experts_int8_name(name)), check=False)
+            report = q8.verify_int8(model, stage, chunk_size, left_chunks, inputs,
+                                    max_disagreement, reverse_weight,
+                                    variant=q8.experts_int8_name)
+    finally:
+        for name in protos:
+            for suffix in ("", ".data"):
+                path = os.path.join(stage, q8.experts_int8_name(name)) + suffix
+                if os.path.exists(path):
+                    os.unlink(path)
+    for name, proto in protos.items():
+        save_onnx(proto, os.path.join(stage, name), check=False)
     return report
 
 
@@ -107,7 +193,8 @@ def export_model(config: str, checkpoint: str, output_dir: str, fmt: str = "onnx
                  chunk_size: int = 16, left_chunks: int = -1, quantize: Optional[str] = None,
                  reverse_weight: Optional[float] = None,
                  int8_max_disagreement: float = DEFAULT_MAX_DISAGREEMENT,
-                 int8_verify_data: Optional[str] = None) -> Dict[str, float]:
+                 int8_verify_data: Optional[str] = None,
+                 expert_precision: Optional[str] = None) -> Dict[str, float]:
     """`wenet-moe export`: train.yaml + checkpoint -> verified files in output_dir.
 
     Args:
@@ -123,6 +210,11 @@ def export_model(config: str, checkpoint: str, output_dir: str, fmt: str = "onnx
             `int8_max_disagreement` of the frames fp32 decides (see `gate`).
         int8_verify_data: data.list, wav.scp or audio file whose first utterances
             the int8 gate runs on (default: random CMVN-centred features).
+        expert_precision: "int8" stores the MoE experts of the fp32 ONNX graphs as
+            8-bit weights (`com.microsoft::MatMulNBits`; the PyTorch kernel's int8
+            values, activations quantized per row inside ONNX Runtime's int8 kernel),
+            gated like int8 copies; everything else stays fp32. Default: int8 when
+            `moe_conf.expert_precision` is int8, else fp32.
         reverse_weight: rescoring weight recorded in the metadata (default
             model_conf.reverse_weight; 0 without a bidirectional decoder).
     """
@@ -130,4 +222,4 @@ def export_model(config: str, checkpoint: str, output_dir: str, fmt: str = "onnx
     model = build_and_load(configs, checkpoint)
     return export_loaded(model, configs, raw, output_dir, fmt, chunk_size, left_chunks,
                          quantize, reverse_weight, int8_max_disagreement=int8_max_disagreement,
-                         int8_verify_data=int8_verify_data)
+                         int8_verify_data=int8_verify_data, expert_precision=expert_precision)

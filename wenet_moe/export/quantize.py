@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from wenet_moe.export.gate import (DEFAULT_MAX_DISAGREEMENT, Agreement, GateInputs,
                                    decoder_feeds, stream_onnx)
@@ -164,7 +166,8 @@ def _unshare_weights(proto: onnx.ModelProto) -> None:
 
 def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chunks: int,
                 inputs: GateInputs, max_disagreement: float = DEFAULT_MAX_DISAGREEMENT,
-                reverse_weight: float = 0.0) -> Dict[str, float]:
+                reverse_weight: float = 0.0,
+                variant: Callable[[str], str] = int8_name) -> Dict[str, float]:
     """The int8 accuracy gate (see `gate`) on every `*.int8.onnx` beside its fp32
     graph, each run as a runtime runs it on the gate's inputs:
 
@@ -175,23 +178,30 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
     * decoder.int8.onnx: teacher-forced on the fp32 greedy hypothesis, given the
       encoder output of its own precision (per-position best token compared).
 
+    `variant` names the graph compared with each fp32 one (default the int8 copy;
+    `experts_int8_name` for the int8-expert graphs of `--expert_precision int8`); a
+    graph without a variant file (ctc.onnx has no experts) is its own variant.
     Raises Int8GateError (one line) when one disagrees with fp32 beyond
     `max_disagreement`; returns the report of every graph."""
     from wenet_moe.export.onnx_export import ENCODER_INPUTS, STREAMING_INPUTS
     from wenet_moe.train.diagnostics import greedy_collapse
 
+    def other(name: str) -> str:
+        path = os.path.join(out_dir, variant(f"{name}.onnx"))
+        return os.path.basename(path) if os.path.exists(path) else f"{name}.onnx"
+
     def pair(name: str):
         return (session(os.path.join(out_dir, f"{name}.onnx")),
-                session(os.path.join(out_dir, int8_name(f"{name}.onnx"))))
+                session(os.path.join(out_dir, other(name))))
 
     chunk = chunk_size if chunk_size > 0 else 16
     required = chunk * left_chunks if (chunk_size > 0 and left_chunks > 0) else -1
     sherpa_required = chunk * (left_chunks if left_chunks > 0 else 2)
     blank = int(model.blank_id)
-    offline = Agreement("model.int8.onnx", blank_id=blank)
-    runtime = Agreement("encoder.int8.onnx + ctc.int8.onnx", blank_id=blank)
-    sherpa = Agreement("model_streaming.int8.onnx", blank_id=blank)
-    decoder = Agreement("decoder.int8.onnx", ctc=False)
+    offline = Agreement(other("model"), blank_id=blank)
+    runtime = Agreement(f"{other('encoder')} + {other('ctc')}", blank_id=blank)
+    sherpa = Agreement(other("model_streaming"), blank_id=blank)
+    decoder = Agreement(other("decoder"), ctc=False)
     sessions = {n: pair(n) for n in ("model", "encoder", "ctc", "model_streaming", "decoder")}
     rw = float(reverse_weight) if model.is_bidirectional_decoder() else 0.0
     for feat in inputs.feats:
@@ -218,3 +228,98 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
     for tally in (offline, runtime, sherpa, decoder):
         report.update(tally.check(max_disagreement, inputs))
     return report
+
+
+# -- int8 experts in the fp32 graphs (`--expert_precision int8`) ---------------------
+
+EXPERT_BLOCK = 256          # MatMulNBits block along K (ONNX Runtime takes 16..256)
+_EXPERT_WEIGHT = re.compile(r"^moe\d+/expert\d+/w[12]$")
+
+
+def experts_int8_name(name: str) -> str:
+    """encoder.onnx -> encoder.experts_int8.onnx (staging name of the int8-expert graph)."""
+    return name[:-len(".onnx")] + ".experts_int8.onnx"
+
+
+def _is_expert_weight(name: str) -> bool:
+    return bool(_EXPERT_WEIGHT.match(name))
+
+
+def expert_int8_weights(weight: np.ndarray, block: int = EXPERT_BLOCK
+                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, N) fp32 expert weight (y = x W) -> the `com.microsoft::MatMulNBits` (8 bit)
+    inputs (blob uint8 (N, ceil(K / block), block), scales fp32 (N * blocks,),
+    zero points uint8 (N * blocks,)) holding exactly the PyTorch kernel's int8 experts
+    (`cpu_kernel.quantize_int8`: symmetric, scale max_k |W[k, n]| / 127 per column,
+    round half to even): every block of a column repeats its column scale, zero
+    point 128; K is padded to whole blocks with zero weights."""
+    w = np.asarray(weight, dtype=np.float32)
+    k, n = w.shape
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int16)
+    blocks = -(-k // block)
+    padded = np.zeros((blocks * block, n), dtype=np.int16)
+    padded[:k] = q
+    blob = (padded.T + 128).astype(np.uint8).reshape(n, blocks, block)
+    scales = np.repeat(scale[:, None], blocks, axis=1).reshape(-1)
+    zero_points = np.full(n * blocks, 128, dtype=np.uint8)
+    return blob, scales, zero_points
+
+
+def int8_experts(proto: onnx.ModelProto, block: int = EXPERT_BLOCK,
+                 accuracy_level: int = 4) -> int:
+    """Rewrite, in place, every MoE expert projection (a Gemm or MatMul whose weight is
+    an initializer named `moe<j>/expert<e>/w1|w2`, in any subgraph) into one
+    `com.microsoft::MatMulNBits` with 8-bit weights (`expert_int8_weights`) and the
+    bias as its bias input; the fp32 weights are dropped. `accuracy_level` 4 makes
+    ONNX Runtime quantize each row of activations per block of K to int8 (rows are
+    independent: a frame's output does not depend on the frames computed with it, so
+    batched and lone streams agree) and use its int8 dot-product kernels; routers,
+    attention, convolutions and everything else stay fp32. Returns the number of
+    projections rewritten (0 for a dense model)."""
+    from wenet_moe.export.onnx_passes import graphs
+
+    every = graphs(proto.graph)
+    owner = {t.name: g for g in every for t in g.initializer}
+    tensors = {t.name: t for g in every for t in g.initializer}
+    rewritten, done = 0, set()
+    for graph in every:
+        for node in graph.node:
+            if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 \
+                    or not _is_expert_weight(node.input[1]) or node.input[1] not in tensors:
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                           or attrs.get("beta", 1.0) != 1.0):
+                raise ValueError(f"int8 experts: Gemm {node.name} has attributes {attrs}; "
+                                 "expected y = x W + b")
+            name = node.input[1]
+            weight = numpy_helper.to_array(tensors[name]).astype(np.float32)
+            if node.op_type == "Gemm" and attrs.get("transB", 0):
+                weight = weight.T
+            k, n = weight.shape
+            size = min(block, max(16, 1 << (k - 1).bit_length()))   # power of 2 in 16..block
+            if name not in done:       # a weight read by several nodes is stored once
+                for suffix, value in zip(("int8", "scale", "zero_point"),
+                                         expert_int8_weights(weight, size)):
+                    owner[name].initializer.append(numpy_helper.from_array(value, f"{name}_{suffix}"))
+                done.add(name)
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+            nbits = onnx.helper.make_node(
+                "MatMulNBits", [node.input[0], f"{name}_int8", f"{name}_scale",
+                                f"{name}_zero_point", "", bias],
+                list(node.output), name=(node.name or name) + "_int8", domain="com.microsoft",
+                K=k, N=n, bits=8, block_size=size, accuracy_level=accuracy_level)
+            node.CopyFrom(nbits)       # in place: subgraph references stay valid
+            rewritten += 1
+    if rewritten:
+        used = {x for g in every for node in g.node for x in node.input}
+        for graph in every:
+            for index in reversed(range(len(graph.initializer))):
+                name = graph.initializer[index].name
+                if name not in used and _is_expert_weight(name):
+                    del graph.initializer[index]
+        if not any(op.domain == "com.microsoft" for op in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return rewritten
