@@ -40,8 +40,11 @@ of the PyTorch encoder is printed.
 
 `--expert_precision bf16 int8` adds, per MoE model, a copy sharing its parameters with
 moe_conf.expert_precision set (`moe_<router>@bf16`): bf16 / int8 packed experts in the
-eager PyTorch cases (the export and runtime cases are fp32 / int8 ONNX as before); the
-SUMMARY line then gives its MoE/Dense-S ratios too.
+eager PyTorch cases; `@int8` is also exported with `--expert_precision int8` (fp32
+graphs whose experts are 8-bit `MatMulNBits`) and run in the fp32 runtime cases (ONNX
+Runtime has no bf16 CPU kernels: `@bf16` has no runtime cases). The SUMMARY line gives
+their MoE/Dense-S ratios too. When a runtime ratio misses its target, the ONNX Runtime
+node profile of both encoders (op types, ms per call) says where the time goes.
 """
 from __future__ import annotations
 
@@ -315,13 +318,26 @@ def peak_memory(backend: str, conf_path: str = "", export_dir: str = "", seconds
 
 
 # ---------------------------------------------------------------------------- main
-def export_model(model, conf: dict, out_dir: str, int8: bool) -> None:
+def export_model(model, conf: dict, out_dir: str, int8: bool, expert_precision: str = "fp32"
+                 ) -> None:
     from wenet_moe.export import export_loaded
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_loaded(model, copy.deepcopy(conf), copy.deepcopy(conf), out_dir, chunk_size=CHUNK,
-                      left_chunks=-1, quantize="int8" if int8 else None, verify=False)
+                      left_chunks=-1, quantize="int8" if int8 else None, verify=False,
+                      expert_precision=expert_precision)
+
+
+def runtime_profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads: int,
+                    top: int = 6) -> str:
+    """'op ms, ...' per encoder call of the top op types (ONNX Runtime node profile)."""
+    import ort_profile
+    ms, nodes, calls = ort_profile.profile(export_dir, int8, chunk, feats, threads)
+    ranked = sorted(ms.items(), key=lambda kv: -kv[1])
+    total = sum(ms.values()) / max(calls, 1)
+    cells = [f"{op} {v / max(calls, 1):.1f}" for op, v in ranked[:top]]
+    return f"{total:.1f} ms per call ({sum(nodes.values())} nodes): " + ", ".join(cells)
 
 
 def print_table(title: str, results: Dict[str, Dict[str, float]], names: List[str], seconds: float) -> None:
@@ -443,18 +459,21 @@ def main() -> int:
     names = list(models)
     for name in names:
         print(f"  {name:<14} {params_m(models[name]):7.1f} M parameters")
-    exported = [n for n in names if n not in variants]     # the ONNX / runtime models
+    # the ONNX / runtime models: every base model, and @int8 (fp32 graphs, int8 experts)
+    exported = [n for n in names if n not in variants or n.endswith("@int8")]
 
     exports: Dict[str, str] = {}
     if args.precisions:
         for name in exported:
-            out = os.path.join(args.work_dir, f"{name}-{args.vocab}-{int(bool(name in trained))}")
+            base = variants.get(name, name)
+            out = os.path.join(args.work_dir, f"{name}-{args.vocab}-{int(bool(base in trained))}")
             stamp = os.path.join(out, ".bench_complete")
-            want_int8 = "int8" in args.precisions
+            want_int8 = "int8" in args.precisions and name not in variants
             have = os.path.exists(stamp) and (not want_int8 or os.path.exists(os.path.join(out, "encoder.int8.onnx")))
-            if not have or name in trained:
+            if not have or base in trained:
                 start = time.perf_counter()
-                export_model(models[name], confs[name], out, want_int8)
+                export_model(models[name], confs[base], out, want_int8,
+                             "int8" if name in variants else "fp32")
                 open(stamp, "w").close()
                 print(f"  exported {name} to {out} in {time.perf_counter() - start:.0f} s", flush=True)
             exports[name] = out
@@ -467,7 +486,8 @@ def main() -> int:
             if exports:
                 from wenet_moe_runtime.model import OnnxAsrModel
                 runtimes = {prec: {n: OnnxAsrModel(exports[n], int8=prec == "int8", num_threads=threads)
-                                   for n in exported} for prec in args.precisions}
+                                   for n in exported if prec == "fp32" or n not in variants}
+                            for prec in args.precisions}
             for kind, fe in feats.items():
                 x = torch.from_numpy(fe)[None]
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
@@ -484,14 +504,30 @@ def main() -> int:
                     for case in runtime_cases(rts[names[0]], fe, prec):
                         if args.no_decode and " dec " in case:
                             continue
-                        t = interleaved({n: runtime_cases(rts[n], fe, prec)[case] for n in exported},
+                        t = interleaved({n: runtime_cases(rts[n], fe, prec)[case] for n in rts},
                                         args.reps)
-                        for n in exported:
+                        for n in rts:
                             results[n][case] = t[n]
                 title = (f"{threads} thread{'s' if threads > 1 else ''}, {kind} features, "
                          f"batch 1, {args.seconds:g} s")
                 print_table(title, results, names, args.seconds)
                 summary[(threads, kind)] = results
+                # where to look when the runtime MoE misses its target
+                for n in [n for n in exported if n.startswith("moe") and "dense_s" in results]:
+                    for prec, rts in runtimes.items():
+                        for mode, target in TARGETS.items():
+                            case = f"rt {mode} {prec}"
+                            if n not in rts or case not in results[n] or case not in results["dense_s"]:
+                                continue
+                            ratio = results[n][case] / results["dense_s"][case]
+                            if ratio <= target:
+                                continue
+                            chunk = CHUNK if mode == "chunk16" else -1
+                            print(f"  {n} {case}: MoE/Dense-S {ratio:.2f} > {target}; ONNX Runtime "
+                                  f"encoder profile (ms per call summed by op type)")
+                            for m in ("dense_s", n):
+                                print(f"    {m}: " + runtime_profile(exports[m], prec == "int8", chunk,
+                                                                     fe, threads))
                 # where to look when MoE misses its target
                 for n in names:
                     if not n.startswith("moe") or "dense_s" not in results or args.runtime_only:
@@ -513,6 +549,12 @@ def main() -> int:
         print(f"{'model':<14}{'torch':>10}" + "".join(f"{'rt ' + prec:>10}" for prec in args.precisions))
         for name in exported:
             conf_path = ""
+            if name in variants:      # the runtime with int8 experts (fp32 graphs) only
+                rt_mb = [peak_memory(prec, export_dir=exports[name], seconds=args.seconds)
+                         if prec == "fp32" else float("nan") for prec in args.precisions]
+                print(f"{name:<14}{float('nan'):>10.0f}" + "".join(f"{v:>10.0f}" for v in rt_mb),
+                      flush=True)
+                continue
             if name not in trained:
                 conf_path = os.path.join(args.work_dir, f"{name}.json")
                 with open(conf_path, "w") as f:
@@ -549,6 +591,10 @@ def main() -> int:
                 cells.append(f"{variant.split('@')[1]} experts: MoE/Dense-S offline "
                              f"{res[variant]['torch offline'] / res['dense_s']['torch offline']:.2f}, chunk16 "
                              f"{res[variant]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}")
+            if base == moe and "rt chunk16 fp32" in res.get(variant, {}):
+                cells.append(f"runtime fp32 with int8 experts: MoE/Dense-S chunk16 "
+                             f"{res[variant]['rt chunk16 fp32'] / res['dense_s']['rt chunk16 fp32']:.2f} "
+                             f"offline {res[variant]['rt offline fp32'] / res['dense_s']['rt offline fp32']:.2f}")
         print(f"SUMMARY {moe}, {threads} thread(s), {kind}: " + "; ".join(cells))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes share this machine)")

@@ -1,7 +1,7 @@
 """The small-batch CPU expert kernel (`moe_cpu.c`): built on first use, called via ctypes.
 
 The C file is compiled once per machine with the system C compiler (`$CC`, else `cc`)
-as `-O3 -march=native` into a cache directory (`$WENET_MOE_KERNEL_CACHE`, else
+as `-O3 -march=native` (`$WENET_MOE_KERNEL_MARCH` overrides the target) into a cache directory (`$WENET_MOE_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/wenet_moe`, else `~/.cache/wenet_moe`); the library name carries a
 hash of the source, the flags and the CPU, and is written under a temporary name and
 renamed. Without a compiler, or with `WENET_MOE_CPU_KERNEL=0`, `library()` returns
@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_
            "pack_expert_weight", "quantize_int8", "expert_weight_values", "PRECISIONS"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
@@ -65,13 +66,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wenet_moe"
 
 
+def target_arch() -> str:
+    """`-march` of the build: `$WENET_MOE_KERNEL_MARCH`, else native. Another value
+    (e.g. `haswell`: AVX2 + FMA, no AVX-512) builds the code paths of an older CPU on
+    this one, to measure them (`bench/moe_layer.py`)."""
+    march = os.environ.get("WENET_MOE_KERNEL_MARCH", "") or "native"
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):
+        raise RuntimeError(f"WENET_MOE_KERNEL_MARCH: not a -march value: {march!r}")
+    return march
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler '{compiler}' on PATH")
     source = SOURCE.read_bytes()
     for extra in (OPENMP_FLAGS, []):
-        flags = FLAGS + extra
+        flags = FLAGS + [f"-march={target_arch()}"] + extra
         key = hashlib.sha256(source + " ".join([compiler] + flags).encode()
                              + _cpu_signature().encode()).hexdigest()[:16]
         cache = _cache_dir()
