@@ -171,3 +171,21 @@ def test_default_follows_moe_conf_and_errors_are_one_line(exported, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the model has no MoE experts" in err[0]
     assert not os.path.exists(str(tmp_path / "dense_out"))
+
+
+def test_exports_take_the_expert_values_the_model_computes_with():
+    from export_tiny import tiny_model
+    from wenet_moe.export import experts_as_computed
+    from wenet_moe.layers.moe import MoEFFN
+    model, _ = tiny_model("topk")
+    assert experts_as_computed(model) is model                  # all fp32: no copy
+    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    moes[0].expert_precision = "bf16"
+    before = moes[0].w1.detach().clone()
+    twin = experts_as_computed(model)
+    assert twin is not model and torch.equal(moes[0].w1, before)    # the model untouched
+    twin_moes = [m for m in twin.modules() if isinstance(m, MoEFFN)]
+    assert all(m.expert_precision == "fp32" for m in twin_moes)
+    assert torch.equal(twin_moes[0].w1, expert_weight_values(before, "bf16"))
+    assert not torch.equal(twin_moes[0].w1, before)
+    assert torch.equal(twin_moes[1].w1, moes[1].w1)                 # fp32 layers as they were

@@ -37,7 +37,7 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 PRECISIONS = ("fp32", "bf16", "int8")               # moe_conf.expert_precision

@@ -50,6 +50,15 @@ static inline int wt_size(const int wt) { return wt == WT_F32 ? 4 : wt == WT_BF1
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
 
 #define MAX_TILE 12
+/* rows of one tile: AVX-512 keeps 12 rows x 32 columns of accumulators in its 32 zmm
+ * registers (`tile`); with 16 registers of 8 floats (AVX2) or fewer, 12 x 32 would
+ * spill in the k loop (a -march=haswell build ran 20x slower than dense at 16
+ * frames), so other targets run `tile_narrow`: 6 rows x 16 columns (12 ymm). */
+#if defined(__AVX512F__)
+#define TILE_ROWS 12
+#else
+#define TILE_ROWS 6
+#endif
 
 static inline vec16 load16(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
@@ -91,6 +100,35 @@ static inline __attribute__((always_inline)) vec16 loadw(const char *p, const in
         return __builtin_convertvector(__builtin_convertvector(q, ivec16), vec16);
     }
     return load16((const float *)p);
+}
+
+typedef float vec8 __attribute__((vector_size(32)));
+static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
+
+/* 8 consecutive weights of type wt at p, as fp32 (the narrow tile's half panel row) */
+static inline __attribute__((always_inline)) vec8 loadw8(const char *p, const int wt) {
+#if defined(__AVX2__)
+    if (wt == WT_BF16)
+        return (vec8)_mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    if (wt == WT_I8)
+        return (vec8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#endif
+    if (wt == WT_BF16) {
+        uint16_t u[8];
+        int32_t bits[8];
+        memcpy(u, p, sizeof u);
+        for (int i = 0; i < 8; i++) bits[i] = (int32_t)((uint32_t)u[i] << 16);
+        vec8 v;
+        memcpy(&v, bits, sizeof v);
+        return v;
+    }
+    if (wt == WT_I8) {
+        vec8 v;
+        for (int i = 0; i < 8; i++) v[i] = (float)((const int8_t *)p)[i];
+        return v;
+    }
+    return load8((const float *)p);
 }
 
 static inline vec16 splat(float v) { return (vec16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
@@ -188,11 +226,58 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
+/* `tile` for targets without AVX-512 (rows <= 6): one 16-column panel at a time as two
+ * 8-float halves, 2 x rows accumulators; the same fp32 sums in k order as `tile`, so
+ * both give the same results. Outputs are assembled into vec16 for the epilogue. */
+static inline __attribute__((always_inline)) void tile_narrow(
+        const float *xt, const int rows, const int K, const int N, const char *w,
+        const float *scale, const float *b, float *y, int64_t ldy, const int act, const int wt) {
+    const int blocks = N / 16;
+    const int64_t row = 16 * wt_size(wt);
+    const int64_t panel = (int64_t)K * row;
+    const int64_t half = row / 2;
+    /* prefetch one cache line per 64 bytes of panel: every k (fp32), every 2nd (bf16),
+     * every 4th (int8) */
+    const int every = wt == WT_F32 ? 1 : wt == WT_BF16 ? 2 : 4;
+    for (int j = 0; j < blocks; j++) {
+        const char *p0 = w + j * panel;
+        const char *next = p0 + panel;
+        vec8 lo[TILE_ROWS], hi[TILE_ROWS];
+        const vec8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+        const vec8 blo = wt == WT_I8 ? zero : load8(b + 16 * j);
+        const vec8 bhi = wt == WT_I8 ? zero : load8(b + 16 * j + 8);
+        for (int m = 0; m < rows; m++) { lo[m] = blo; hi[m] = bhi; }
+        for (int k = 0; k < K; k++) {
+            if ((k & (every - 1)) == 0) __builtin_prefetch(next + row * k, 0, 1);
+            const vec8 w0 = loadw8(p0 + row * k, wt), w1 = loadw8(p0 + row * k + half, wt);
+            for (int m = 0; m < rows; m++) {
+                const float xv = xt[k * rows + m];
+                lo[m] += xv * w0;
+                hi[m] += xv * w1;
+            }
+        }
+        for (int m = 0; m < rows; m++) {
+            vec16 v;
+            memcpy(&v, &lo[m], sizeof lo[m]);
+            memcpy((char *)&v + sizeof lo[m], &hi[m], sizeof hi[m]);
+            if (wt == WT_I8) v = v * load16(scale + 16 * j) + load16(b + 16 * j);
+            store16(y + m * ldy + 16 * j, activate(v, act));
+        }
+    }
+}
+
+#if TILE_ROWS == 12
 #define TILE_CASE(R, WT) case R: tile(xt, R, K, N, w, scale, b, y, ldy, act, WT); break;
 #define TILE_CASES(WT) switch (r) { \
     TILE_CASE(1, WT) TILE_CASE(2, WT) TILE_CASE(3, WT) TILE_CASE(4, WT) TILE_CASE(5, WT) \
     TILE_CASE(6, WT) TILE_CASE(7, WT) TILE_CASE(8, WT) TILE_CASE(9, WT) TILE_CASE(10, WT) \
     TILE_CASE(11, WT) TILE_CASE(12, WT) default: break; }
+#else
+#define TILE_CASE(R, WT) case R: tile_narrow(xt, R, K, N, w, scale, b, y, ldy, act, WT); break;
+#define TILE_CASES(WT) switch (r) { \
+    TILE_CASE(1, WT) TILE_CASE(2, WT) TILE_CASE(3, WT) TILE_CASE(4, WT) TILE_CASE(5, WT) \
+    TILE_CASE(6, WT) default: break; }
+#endif
 
 /* y[0:rows] = act(x[0:rows] W + b), in the fewest tiles of up to MAX_TILE rows, of
  * balanced sizes (16 rows = 8 + 8, not 12 + 4: a tile costs at least one pass over W).
@@ -201,7 +286,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
                         const float *scale, const float *b, float *y, int64_t ldy, int act, int wt,
                         float *xt) {
     while (rows > 0) {
-        const int64_t tiles = (rows + MAX_TILE - 1) / MAX_TILE;
+        const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
         const int r = (int)((rows + tiles - 1) / tiles);
         for (int m = 0; m < r; m++)
             for (int k = 0; k < K; k++) xt[k * r + m] = x[m * ldx + k];
@@ -218,7 +303,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 6; }
+int wm_abi_version(void) { return 7; }
 
 /* 1 when built with OpenMP (the threads arguments below are honoured), else 0 */
 int wm_openmp(void) {
@@ -246,13 +331,13 @@ static int64_t make_items(const int64_t *start, const int64_t *count, int64_t n,
     for (int64_t e = 0; e < n; e++) total += count[e];
     /* blocks of at least 2 tiles, and about 4 items per thread over the whole call */
     int64_t block = total / (4 * (int64_t)(threads > 0 ? threads : 1));
-    if (block < 2 * MAX_TILE) block = 2 * MAX_TILE;
-    block = (block + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
+    if (block < 2 * TILE_ROWS) block = 2 * TILE_ROWS;
+    block = (block + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     for (int64_t e = 0; e < n; e++) {
         for (int64_t r = 0; r < count[e]; r += block) {
             const int64_t rows = count[e] - r < block ? count[e] - r : block;
             /* a tail shorter than a tile joins the previous block */
-            if (r > 0 && rows < MAX_TILE) { items[n_items - 1].rows += rows; break; }
+            if (r > 0 && rows < TILE_ROWS) { items[n_items - 1].rows += rows; break; }
             items[n_items].expert = e;
             items[n_items].first = start[e] + r;
             items[n_items].rows = rows;
