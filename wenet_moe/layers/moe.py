@@ -77,6 +77,8 @@ _KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int, str], float] = {}
 _PRECISION_WARNED: set = set()
 # rows per expert tried by kernel_max_rows, ascending
 _PROBE_ROWS = (4, 16, 64, 256)
+# fp32 bytes of the experts kernel_max_rows cycles through (more than a core's caches)
+_PROBE_BYTES = 16 << 20
 
 
 def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp32") -> float:
@@ -85,11 +87,14 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     in `precision` (fp32 / bf16 / int8; oneDNN always runs fp32).
 
     One thread: inf (the kernel is the fastest at every size). Several: measured at
-    first use in this process (a few ms): one random expert, both kernels, at
-    `_PROBE_ROWS` rows, interleaved, median of 5; the limit is the largest size up to
-    which the kernel was never slower (oneDNN's multi-threaded GEMM wins once the
-    expert is compute-bound, at a size that depends on the CPU). The environment
-    variable `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
+    first use in this process (~0.5 s): random experts holding `_PROBE_BYTES` of
+    fp32 weights, so that they come from memory as a model's do (one expert stays in
+    cache, which hid the bytes bf16 / int8 save: the kernel reads those, oneDNN the
+    fp32 values), each call running every expert at `_PROBE_ROWS` rows, both kernels
+    interleaved, median of 5; the limit is the largest size up to which the kernel was
+    never slower (oneDNN's multi-threaded GEMM wins once the experts are
+    compute-bound, at a size that depends on the CPU). The environment variable
+    `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
     threads = torch.get_num_threads()
     fixed = os.environ.get("WENET_MOE_KERNEL_MAX_ROWS")
     if fixed:
@@ -105,26 +110,32 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
         return _KERNEL_MAX_ROWS[key]
     lib = cpu_kernel.library()
     gen = torch.Generator().manual_seed(0)
-    w1 = torch.randn(1, dim, hidden, generator=gen) / math.sqrt(dim)
-    w2 = torch.randn(1, hidden, dim, generator=gen) / math.sqrt(hidden)
-    b1, b2 = torch.zeros(1, hidden), torch.zeros(1, dim)
+    copies = max(1, min(64, _PROBE_BYTES // (8 * dim * hidden)))
+    w1 = torch.randn(copies, dim, hidden, generator=gen) / math.sqrt(dim)
+    w2 = torch.randn(copies, hidden, dim, generator=gen) / math.sqrt(hidden)
+    b1, b2 = torch.zeros(copies, hidden), torch.zeros(copies, dim)
     (p1, s1), (p2, s2) = (cpu_kernel.pack_expert_weight(w, precision) for w in (w1, w2))
     reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
-    dnn = (reorder(w1[0].t().contiguous()), b1[0], reorder(w2[0].t().contiguous()), b2[0])
+    values = [cpu_kernel.expert_weight_values(w, precision) for w in (w1, w2)]
+    dnn = [(reorder(values[0][e].t().contiguous()), b1[e], reorder(values[1][e].t().contiguous()), b2[e])
+           for e in range(copies)]
+    del w1, w2, values
     attr = activation if activation in ("relu", "swish") else "none"
     limit = 0.0
     with torch.inference_mode():
         for rows in _PROBE_ROWS:
-            x = torch.randn(rows, dim, generator=gen)
-            segments = cpu_kernel.segments_of([rows])
-            hid, out = x.new_empty(rows, hidden), x.new_empty(rows, dim)
+            x = torch.randn(copies * rows, dim, generator=gen)
+            segments = cpu_kernel.segments_of([rows] * copies)
+            hid, out = x.new_empty(copies * rows, hidden), x.new_empty(copies * rows, dim)
 
             def by_kernel() -> None:
                 cpu_kernel.segment_linear(lib, x, segments, p1, b1, hid, attr, s1)
                 cpu_kernel.segment_linear(lib, hid, segments, p2, b2, out, "none", s2)
 
             def by_onednn() -> None:
-                linear(linear(x, dnn[0], dnn[1], attr, [], None), dnn[2], dnn[3], "none", [], None)
+                for e, (d1, c1, d2, c2) in enumerate(dnn):
+                    linear(linear(x[e * rows:(e + 1) * rows], d1, c1, attr, [], None), d2, c2,
+                           "none", [], None)
             times: Dict[str, List[float]] = {"kernel": [], "onednn": []}
             for rep in range(6):
                 for name, fn in (("kernel", by_kernel), ("onednn", by_onednn))[::1 - 2 * (rep % 2)]:

@@ -55,6 +55,7 @@ decode_threads=0
 
 export_chunk_size=16     # streaming ONNX export
 export_left_chunks=-1
+export_expert_precision=  # int8: MoE experts of the fp32 ONNX graphs as 8-bit weights (default: moe_conf)
 runtime_mode=attention_rescoring
 runtime_set=test
 runtime_chunk_size=16
@@ -263,6 +264,7 @@ if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
     log 6 "exporting $avg_model as $fmt to $out"
     extra=()
     [ $fmt = onnx ] && extra=(--chunk_size $export_chunk_size --num_decoding_left_chunks $export_left_chunks --quantize int8 --int8_verify_data data/dev/wav.scp)
+    [ $fmt = onnx ] && [ -n "$export_expert_precision" ] && extra+=(--expert_precision $export_expert_precision)
     rm -rf $out.tmp
     wenet_moe export --config $dir/train.yaml --checkpoint $avg_model --output_dir $out.tmp --format $fmt "${extra[@]}"
     cp -p $dict $out.tmp/units.txt 2>/dev/null || true
