@@ -293,7 +293,8 @@ def export_wenet_runtime(model: nn.Module, configs: Dict, raw_configs: Dict, out
         reverse_weight = float((configs.get("model_conf") or {}).get("reverse_weight", 0.0))
     if not model.is_bidirectional_decoder():
         reverse_weight = 0.0
-    model = model.float().eval()
+    from wenet_moe.export import experts_as_computed
+    model = experts_as_computed(model.float().eval())   # bf16 / int8 experts: their values
     dim = int(configs["input_dim"])
     onnx_export.set_feature_dim(model, dim)
     meta = export_metadata(model, configs, raw_configs, chunk_size, left_chunks, reverse_weight)
