@@ -1,0 +1,85 @@
+"""The C kernel's code paths for other x86-64 CPUs, built on this one: `-march=haswell`
+(AVX2 + FMA: the narrow 6 x 16 tile) and `-march=x86-64` (SSE2: generic vector code),
+against a float64 reference for every weight precision, 1 to 14 rows (every narrow
+tile size, and several tiles) and an odd number of 16-column blocks."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from wenet_moe.layers import cpu_kernel
+
+_CC = os.environ.get("CC") or "cc"
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which(_CC) is None, reason=f"no C compiler '{_CC}'"),
+    pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 builds"),
+]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    out = {}
+    tmp = tmp_path_factory.mktemp("kernels")
+    for march in ("haswell", "x86-64"):
+        if march == "haswell" and not {"avx2", "fma"} <= set(_cpu_flags()):
+            continue
+        path = tmp / f"moe_cpu_{march}.so"
+        flags = cpu_kernel.FLAGS + [f"-march={march}"]
+        done = subprocess.run([_CC, *flags, "-o", str(path), str(cpu_kernel.SOURCE)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[march] = cpu_kernel.load(path)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_other_targets_compute_the_reference(builds, march, precision):
+    if march not in builds:
+        pytest.skip(f"this CPU cannot run a -march={march} build")
+    lib = builds[march]
+    gen = torch.Generator().manual_seed(1)
+    n_expert, k_dim, n_dim = 3, 40, 48              # N: 3 blocks of 16 (odd)
+    w = torch.randn(n_expert, k_dim, n_dim, generator=gen) * 0.2
+    bias = torch.randn(n_expert, n_dim, generator=gen)
+    packed, scale = cpu_kernel.pack_expert_weight(w, precision)
+    values = cpu_kernel.expert_weight_values(w, precision).double()
+    counts = [1, 6, 14]                            # 1 row, one full tile, 3 tiles
+    rows = sum(counts)
+    x = torch.randn(rows, k_dim, generator=gen)
+    segments = cpu_kernel.segments_of(counts)
+    for activation in ("none", "relu", "swish"):
+        out = torch.full((rows, n_dim), float("nan"))
+        cpu_kernel.segment_linear(lib, x, segments, packed, bias, out, activation, scale)
+        want, start = [], 0
+        for e, c in enumerate(counts):
+            y = x[start:start + c].double() @ values[e] + bias[e].double()
+            if activation == "relu":
+                y = y.clamp_min(0)
+            elif activation == "swish":
+                y = y * torch.sigmoid(y)
+            want.append(y)
+            start += c
+        err = (out.double() - torch.cat(want)).abs().max().item()
+        assert err <= 1e-4, (march, precision, activation, err)
+
+
+def test_target_override_is_checked(monkeypatch):
+    monkeypatch.setenv("WENET_MOE_KERNEL_MARCH", "haswell; rm -rf /")
+    with pytest.raises(RuntimeError, match="WENET_MOE_KERNEL_MARCH: not a -march value"):
+        cpu_kernel.target_arch()
+    monkeypatch.setenv("WENET_MOE_KERNEL_MARCH", "")
+    assert cpu_kernel.target_arch() == "native"
