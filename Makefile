@@ -24,11 +24,14 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	bash examples/aishell2/s0/demo.sh
 
-# Whole-model RTF table (Dense-S / MoE per router / Dense-L, PyTorch and runtime; tens
-# of minutes on 2 cores), then the per-layer MoE benchmark.
+# Whole-model RTF table (Dense-S / MoE per router / Dense-L, PyTorch and runtime, and
+# each MoE with int8 experts; tens of minutes on 2 cores), then the per-layer MoE
+# benchmark and the experts a streaming chunk reads.
 bench: $(STAMP)
-	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py
+	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py --expert_precision fp32 int8
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/moe_layer.py
+	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/expert_reads.py \
+		--config examples/aishell2/s0/conf/train_u2++_moe.yaml
 
 bench-quick: $(STAMP)
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py --quick

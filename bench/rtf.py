@@ -367,7 +367,8 @@ def main() -> int:
                    help="runtime precisions (default: both; none: no runtime cases)")
     p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
                    help="moe_conf.expert_precision of the PyTorch MoE models: each value other than "
-                        "fp32 adds a copy of every MoE model (shared parameters) named moe_<router>@<value>")
+                        "fp32 adds a copy of every MoE model (shared parameters) named moe_<router>@<value>; "
+                        "@int8 also runs the fp32 runtime cases, exported with --expert_precision int8")
     p.add_argument("--no-decode", action="store_true", help="encoder cases only")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
