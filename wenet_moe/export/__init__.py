@@ -161,31 +161,32 @@ def _int8_experts(model: torch.nn.Module, stage: str, chunk_size: int, left_chun
     from wenet_moe.export import quantize as q8
     from wenet_moe.export.onnx_export import save_onnx
 
-    protos = {}
-    for name in ONNX_FILES + (BATCH_ENCODER_FILE,):
-        proto = onnx.load(os.path.join(stage, name))
-        if q8.int8_experts(proto):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = "expert_precision", "int8"
-            protos[name] = proto
-    if "encoder.onnx" not in protos:
-        raise ValueError("--expert_precision int8: the model has no MoE experts")
-    report: Dict[str, float] = {}
+    rewritten = []       # one graph in memory at a time (a large model's are GBs)
     try:
-        if verify:
-            for name, proto in protos.items():
+        for name in ONNX_FILES + (BATCH_ENCODER_FILE,):
+            proto = onnx.load(os.path.join(stage, name))
+            if q8.int8_experts(proto):
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = "expert_precision", "int8"
                 save_onnx(proto, os.path.join(stage, q8.experts_int8_name(name)), check=False)
+                rewritten.append(name)
+            del proto
+        if "encoder.onnx" not in rewritten:
+            raise ValueError("--expert_precision int8: the model has no MoE experts")
+        report: Dict[str, float] = {}
+        if verify:
             report = q8.verify_int8(model, stage, chunk_size, left_chunks, inputs,
                                     max_disagreement, reverse_weight,
                                     variant=q8.experts_int8_name)
+        for name in rewritten:   # reload: the external data file is named after the graph
+            save_onnx(onnx.load(os.path.join(stage, q8.experts_int8_name(name))),
+                      os.path.join(stage, name), check=False)
     finally:
-        for name in protos:
+        for name in rewritten:
             for suffix in ("", ".data"):
                 path = os.path.join(stage, q8.experts_int8_name(name)) + suffix
                 if os.path.exists(path):
                     os.unlink(path)
-    for name, proto in protos.items():
-        save_onnx(proto, os.path.join(stage, name), check=False)
     return report
 
 
