@@ -116,11 +116,11 @@ def tiny_moe_conf(units_path: str, vocab: int, reverse_weight: float = 0.3,
 
 
 # ------------------------------------------------------------ shared test helpers
-def stream_decode(model, samples, opts, step=1600):
-    """Feed `samples` in `step`-sample pieces to a new StreamingDecoder, then end the
-    input; returns (decoder, [(kind, payload), ...] events)."""
+def stream_decode(model, samples, opts, step=1600, decoder_class=None):
+    """Feed `samples` in `step`-sample pieces to a new StreamingDecoder (or
+    `decoder_class`), then end the input; returns (decoder, [(kind, payload), ...] events)."""
     from wenet_moe_runtime.decoder import StreamingDecoder
-    dec = StreamingDecoder(model, opts)
+    dec = (decoder_class or StreamingDecoder)(model, opts)
     events = []
     for k in range(0, len(samples), step):
         dec.accept_waveform(samples[k: k + step])

@@ -110,14 +110,7 @@ class RecordingDecoder(StreamingDecoder):
 
 
 def _alone(model, wav, opts):
-    dec = RecordingDecoder(model, opts)
-    events = []
-    for k in range(0, len(wav), STEP):
-        dec.accept_waveform(wav[k: k + STEP])
-        events += dec.advance()
-    dec.input_finished()
-    events += dec.advance()
-    return dec, events
+    return stream_decode(model, wav, opts, STEP, decoder_class=RecordingDecoder)
 
 
 def _together(model, wavs, opts):

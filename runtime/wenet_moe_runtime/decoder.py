@@ -191,32 +191,29 @@ class StreamingDecoder:
             self.fbank.input_finished()
 
     # ------------------------------------------------------------- chunking
-    def chunk_ready(self) -> bool:
-        """Whether `next_chunk` would return a window now (or a tail at end of input)."""
+    def _frames_to_take(self) -> int:
+        """New fbank frames the next window reads now: a whole chunk's once ready, the
+        rest at end of input (offline: everything at end of input), else 0."""
         if self.stopped:
-            return False
+            return 0
         info = self.model.info
         ready = self.fbank.num_frames_ready - self.frames_read
         if self.chunk_size > 0:
             need = (self.chunk_size * info.subsampling_rate if self.segment_started
                     else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
-            return ready >= need or (self.input_done and ready > 0)
-        return self.input_done and ready > 0
+            return need if ready >= need else (ready if self.input_done else 0)
+        return ready if self.input_done else 0
+
+    def chunk_ready(self) -> bool:
+        """Whether `next_chunk` would return a window now (or a tail at end of input)."""
+        return self._frames_to_take() > 0
 
     def next_chunk(self) -> Optional[np.ndarray]:
         """The next encoder window (T, bins) if enough frames are ready, else None."""
-        if self.stopped:
-            return None
-        info = self.model.info
-        ready = self.fbank.num_frames_ready - self.frames_read
-        if self.chunk_size > 0:
-            need = (self.chunk_size * info.subsampling_rate if self.segment_started
-                    else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
-            take = need if ready >= need else (ready if self.input_done else 0)
-        else:
-            take = ready if self.input_done else 0
+        take = self._frames_to_take()
         if take <= 0:
             return None
+        info = self.model.info
         if self.cached.shape[0] + take < info.right_context + 1:
             if not self.input_done:
                 return None

@@ -93,6 +93,17 @@ def resolve_encoder_conf(conf: Dict[str, Any], defaults: Dict[str, Any]) -> Dict
     return c
 
 
+def next_cache_start_of(attention_key_size: int, required_cache_size: int) -> int:
+    """First of the `attention_key_size` keys of a chunk call kept as the next attention
+    cache: 0 (keep all) when `required_cache_size` < 0, none kept when it is 0, else
+    the last `required_cache_size`."""
+    if required_cache_size < 0:
+        return 0
+    if required_cache_size == 0:
+        return attention_key_size
+    return max(attention_key_size - required_cache_size, 0)
+
+
 class BaseEncoder(nn.Module):
     """Shared encoder machinery; subclasses choose the block type (`_make_layer`).
 
@@ -219,12 +230,7 @@ class BaseEncoder(nn.Module):
         attention_key_size = cache_t1 + xs.size(1)
         pos_emb = self.embed.position_encoding(offset - cache_t1, attention_key_size)
         pos_emb = pos_emb.to(xs.dtype)
-        if required_cache_size < 0:
-            next_cache_start = 0
-        elif required_cache_size == 0:
-            next_cache_start = attention_key_size
-        else:
-            next_cache_start = max(attention_key_size - required_cache_size, 0)
+        next_cache_start = next_cache_start_of(attention_key_size, required_cache_size)
         route_emb = self._route_embedding(xs)
         # all frames of a chunk are valid; a real (1, 1, T') mask rather than an empty
         # one keeps both branches of the convolution's mask test shape-consistent
@@ -301,12 +307,7 @@ class BaseEncoder(nn.Module):
         # keys of row b: positions offsets[b] - T_cache ... (the left padding included)
         pos_emb = self.embed.position_encoding_offsets(offsets - cache_t1, attention_key_size)
         pos_emb = pos_emb.to(xs.dtype)
-        if required_cache_size < 0:
-            next_cache_start = 0
-        elif required_cache_size == 0:
-            next_cache_start = attention_key_size
-        else:
-            next_cache_start = max(attention_key_size - required_cache_size, 0)
+        next_cache_start = next_cache_start_of(attention_key_size, required_cache_size)
         frames = torch.arange(t_out, device=xs.device).unsqueeze(0)
         mask_pad = (frames < out_lens.unsqueeze(1)).unsqueeze(1)  # (B, 1, T')
         # new cache slot j of row b holds key j - (T' - out_lens[b]): its valid keys
