@@ -46,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine as host  # noqa: E402
+from wenet_moe.layers import cpu_kernel
 from wenet_moe.layers.ffn import PositionwiseFeedForward
 from wenet_moe.layers.moe import MoEFactory, MoEFFN
 
@@ -223,7 +224,7 @@ def main() -> int:
     parser.add_argument("--packed", default="auto", choices=["auto", "kernel", "onednn", "off"],
                         help="moe_conf.packed_experts: auto (true: the C kernel, else oneDNN), "
                              "kernel, onednn, or off (MKL addmm experts, as in training)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(cpu_kernel.PRECISIONS),
                         help="expert precisions timed (moe_conf.expert_precision); fp32 is always "
                              "the baseline `moe`, the others get the second table")
     parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
@@ -248,9 +249,10 @@ def main() -> int:
     n_dense = args.layers
     extra = [p for p in dict.fromkeys(args.precisions) if p != "fp32"]
     # bytes of one expert's weights per precision (biases and int8 scales stay fp32)
-    weight_bytes = {"fp32": 4, "bf16": 2, "int8": 1}
+    weight_bytes = {"fp32": 4, "bf16": 2, "int8": 1, "w8a8": 1}
+    aux_bytes = {"fp32": 4, "bf16": 4, "int8": 8, "w8a8": 12}   # bias, scale, column sum
     expert_bytes_of = {p: 2 * args.dim * args.hidden * weight_bytes[p]
-                       + (args.hidden + args.dim) * (4 if p != "int8" else 8) for p in ["fp32"] + extra}
+                       + (args.hidden + args.dim) * aux_bytes[p] for p in ["fp32"] + extra}
     smallest = min(expert_bytes_of.values())
     if args.layers <= 0:   # cycle >= 3x L3 (at the smallest precision), so no weights stay in cache
         args.layers = max(12, -(-3 * l3 // (args.experts * smallest)))

@@ -38,9 +38,9 @@ of the PyTorch encoder is printed.
         --precisions fp32 int8 --threads 1 --features random   # runtime encoders only
     python bench/rtf.py --quick --expert_precision fp32 bf16   # + moe_topk@bf16 (PyTorch)
 
-`--expert_precision bf16 int8` adds, per MoE model, a copy sharing its parameters with
-moe_conf.expert_precision set (`moe_<router>@bf16`): bf16 / int8 packed experts in the
-eager PyTorch cases; `@int8` is also exported with `--expert_precision int8` (fp32
+`--expert_precision bf16 int8 w8a8` adds, per MoE model, a copy sharing its parameters
+with moe_conf.expert_precision set (`moe_<router>@bf16`): bf16 / int8 / w8a8 packed
+experts in the eager PyTorch cases; `@int8` is also exported with `--expert_precision int8` (fp32
 graphs whose experts are 8-bit `MatMulNBits`) and run in the fp32 runtime cases (ONNX
 Runtime has no bf16 CPU kernels: `@bf16` has no runtime cases). The SUMMARY line gives
 their MoE/Dense-S ratios too. When a runtime ratio misses its target, the ONNX Runtime
@@ -365,7 +365,7 @@ def main() -> int:
     p.add_argument("--features", nargs="+", choices=["random", "speech"], help="default: both")
     p.add_argument("--precisions", nargs="*", choices=["fp32", "int8"],
                    help="runtime precisions (default: both; none: no runtime cases)")
-    p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+    p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8", "w8a8"],
                    help="moe_conf.expert_precision of the PyTorch MoE models: each value other than "
                         "fp32 adds a copy of every MoE model (shared parameters) named moe_<router>@<value>; "
                         "@int8 also runs the fp32 runtime cases, exported with --expert_precision int8")

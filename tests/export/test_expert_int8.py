@@ -189,3 +189,24 @@ def test_exports_take_the_expert_values_the_model_computes_with():
     assert torch.equal(twin_moes[0].w1, expert_weight_values(before, "bf16"))
     assert not torch.equal(twin_moes[0].w1, before)
     assert torch.equal(twin_moes[1].w1, moes[1].w1)                 # fp32 layers as they were
+
+
+def test_w8a8_models_export_their_int8_weights():
+    """moe_conf.expert_precision w8a8: ONNX exports default to int8 experts (MatMulNBits
+    rounds the activations itself), other formats and bf16 to fp32; the exported
+    weights are the int8 values the eager kernel multiplies with."""
+    from export_tiny import tiny_model
+    from wenet_moe.export import experts_as_computed, resolve_expert_precision
+    from wenet_moe.layers.moe import MoEFFN
+    conf = {"encoder_conf": {"mlp_type": "moe"}, "moe_conf": {"expert_precision": "w8a8"}}
+    assert resolve_expert_precision(None, conf, "onnx") == "int8"
+    assert resolve_expert_precision(None, conf, "torchscript") == "fp32"
+    conf["moe_conf"]["expert_precision"] = "bf16"
+    assert resolve_expert_precision(None, conf, "onnx") == "fp32"
+    model, _ = tiny_model("topk")
+    moe = next(m for m in model.modules() if isinstance(m, MoEFFN))
+    moe.expert_precision = "w8a8"
+    twin = next(m for m in experts_as_computed(model).modules() if isinstance(m, MoEFFN))
+    assert twin.expert_precision == "fp32"
+    assert torch.equal(twin.w2, expert_weight_values(moe.w2, "int8"))
+    assert not torch.equal(twin.w2, moe.w2)

@@ -1,6 +1,6 @@
 """The C kernel's code paths for other x86-64 CPUs, built on this one: `-march=haswell`
-(AVX2 + FMA: the narrow 6 x 16 tile) and `-march=x86-64` (SSE2: generic vector code),
-against a float64 reference for every weight precision, 1 to 14 rows (every narrow
+(AVX2 + FMA: the narrow 6 x 16 tile; w8a8 without VNNI) and `-march=x86-64` (SSE2:
+generic vector code), against a float64 reference for every weight precision, 1 to 14 rows (every narrow
 tile size, and several tiles) and an odd number of 16-column blocks."""
 import os
 import shutil
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from wenet_moe.layers import cpu_kernel
+from quantized_reference import w8a8_linear
 
 _CC = os.environ.get("CC") or "cc"
 
@@ -44,14 +45,14 @@ def builds(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "w8a8"])
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_other_targets_compute_the_reference(builds, march, precision):
     if march not in builds:
         pytest.skip(f"this CPU cannot run a -march={march} build")
     lib = builds[march]
     gen = torch.Generator().manual_seed(1)
-    n_expert, k_dim, n_dim = 3, 40, 48              # N: 3 blocks of 16 (odd)
+    n_expert, k_dim, n_dim = 3, 48, 48              # N: 3 blocks of 16 (odd)
     w = torch.randn(n_expert, k_dim, n_dim, generator=gen) * 0.2
     bias = torch.randn(n_expert, n_dim, generator=gen)
     packed, scale = cpu_kernel.pack_expert_weight(w, precision)
@@ -65,7 +66,10 @@ def test_other_targets_compute_the_reference(builds, march, precision):
         cpu_kernel.segment_linear(lib, x, segments, packed, bias, out, activation, scale)
         want, start = [], 0
         for e, c in enumerate(counts):
-            y = x[start:start + c].double() @ values[e] + bias[e].double()
+            if precision == "w8a8":      # int8 rows x int8 weights, exact integer sums
+                y = torch.from_numpy(w8a8_linear(x[start:start + c].numpy(), w[e], bias[e].numpy()))
+            else:
+                y = x[start:start + c].double() @ values[e] + bias[e].double()
             if activation == "relu":
                 y = y.clamp_min(0)
             elif activation == "swish":

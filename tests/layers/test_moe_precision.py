@@ -1,7 +1,7 @@
-"""moe_conf.expert_precision: bf16 / int8 packed experts (eager CPU inference) against an
-independent float64 reference on weights rounded the same way, every kernel kind,
-activation and router; thread-count independence; config errors; training and
-TorchScript untouched."""
+"""moe_conf.expert_precision: bf16 / int8 / w8a8 packed experts (eager CPU inference)
+against an independent float64 reference on weights (and, for w8a8, expert input rows)
+rounded the same way, every kernel kind, activation and router; thread-count
+independence; config errors; training and TorchScript untouched."""
 import logging
 import os
 import shutil
@@ -14,6 +14,7 @@ from wenet_moe.config import ConfigError
 from wenet_moe.layers import cpu_kernel
 from wenet_moe.layers import moe as moe_module
 from wenet_moe.layers.moe import MoEFactory
+from quantized_reference import bf16_round, int8_round, int8_rows, w8a8_linear
 
 EMPTY = torch.zeros(0)
 _CC = os.environ.get("CC") or "cc"
@@ -26,34 +27,24 @@ needs_onednn = pytest.mark.skipif(not moe_module._ONEDNN_LINEAR,
 DIM, HIDDEN = 48, 80
 
 
-def bf16_round(w: torch.Tensor) -> np.ndarray:
-    """fp32 -> the nearest bf16 value (ties to even), by integer arithmetic on the bits
-    (independent of torch's conversion), as float64."""
-    bits = w.detach().float().numpy().view(np.uint32).astype(np.uint64)
-    lsb = (bits >> 16) & 1
-    rounded = ((bits + 0x7FFF + lsb) & 0xFFFF0000).astype(np.uint32)
-    return rounded.view(np.float32).astype(np.float64)
-
-
-def int8_round(w: torch.Tensor) -> np.ndarray:
-    """fp32 (E, K, N) -> q * scale as float64, q = rint(w / scale) in [-127, 127] and
-    scale = max_k |w| / 127 per output column, in IEEE float32 arithmetic (numpy)."""
-    w32 = w.detach().float().numpy()
-    scale = (np.abs(w32).max(axis=1, keepdims=True) / np.float32(127.0)).astype(np.float32)
-    scale[scale == 0] = 1
-    q = np.clip(np.rint(w32 / scale), -127, 127)
-    assert np.all(q == np.round(q))
-    return q.astype(np.float64) * scale.astype(np.float64)
+def rounded_rows(x64: torch.Tensor, precision: str) -> torch.Tensor:
+    """Expert input rows as `precision` multiplies them: w8a8 rounds each row (in
+    float32) to int8 times its scale; other precisions keep them."""
+    if precision != "w8a8":
+        return x64
+    q, scale = int8_rows(x64.detach().float().numpy())
+    return torch.from_numpy(q.astype(np.float64) * scale.astype(np.float64))
 
 
 def reference(layer, x: torch.Tensor, precision: str) -> torch.Tensor:
     """float64 MoE output with the layer's own routing and its expert weights rounded to
-    `precision` (fp32: unrounded); activation by torch in float64."""
+    `precision` (fp32: unrounded; w8a8 also rounds each expert input row, both
+    linears'); activation by torch in float64."""
     flat = x.reshape(-1, x.size(-1))
     _, top_idx, gates = layer.route(flat, EMPTY)
     if precision == "bf16":
         w1, w2 = bf16_round(layer.w1), bf16_round(layer.w2)
-    elif precision == "int8":
+    elif precision in ("int8", "w8a8"):
         w1, w2 = int8_round(layer.w1), int8_round(layer.w2)
     else:
         w1, w2 = (w.detach().double().numpy() for w in (layer.w1, layer.w2))
@@ -61,8 +52,8 @@ def reference(layer, x: torch.Tensor, precision: str) -> torch.Tensor:
     x64 = flat.double()
     out = torch.zeros_like(x64)
     for e in range(layer.n_expert):
-        h = layer.activation(x64 @ w1[e] + layer.b1[e].double())
-        y = h @ w2[e] + layer.b2[e].double()
+        h = layer.activation(rounded_rows(x64, precision) @ w1[e] + layer.b1[e].double())
+        y = rounded_rows(h, precision) @ w2[e] + layer.b2[e].double()
         for j in range(top_idx.size(1)):
             chosen = (top_idx[:, j] == e).unsqueeze(1)
             out += torch.where(chosen, gates[:, j:j + 1].double() * y, torch.zeros_like(y))
@@ -108,8 +99,99 @@ def test_rounded_experts_match_float64_reference(precision, kind, activation, ro
     assert 1e-4 < moved < 0.03 * span, (moved, span)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 3), ("omni", 2)])
+def test_w8a8_experts_round_weights_and_rows(kind, activation, router, k, monkeypatch):
+    """w8a8: every kind computes with int8 weights AND each expert input row rounded to
+    int8 (both linears). Equal to the float64 reference that rounds the same way within
+    5e-3 of the output range (a hidden value whose float32 and float64 forms round to
+    different integers moves one product by a row step: a few such flips stay below
+    that), and at least 3x closer to it than to the weight-only int8 reference (the
+    rows really are rounded)."""
+    if kind == "values":
+        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
+    layer = make(router, k, activation, "w8a8", packed=True if kind == "values" else kind)
+    x = torch.randn(2, 21, DIM)
+    with torch.inference_mode():
+        assert layer._packed(x.view(-1, DIM))[0] == kind
+        got = layer(x, EMPTY).double()
+        one = layer(x[:1, :1], EMPTY).double()
+    want = reference(layer, x, "w8a8")
+    weight_only = reference(layer, x, "int8")
+    span = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err < 5e-3 * span, (err, span)
+    assert (one - want[:1, :1]).abs().max().item() < 5e-3 * span
+    assert 3 * err < (got - weight_only).abs().max().item()
+
+
 @needs_kernel
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_w8a8_kernel_is_exact_integer_arithmetic():
+    """The kernel's w8a8 linear equals int64 sums of int8 rows x int8 weights times
+    their scales (numpy, `w8a8_linear`) up to the fp32 epilogue (1e-6 relative), for 1 to
+    30 rows (every tile size; several tiles), an odd number of column blocks, an
+    all-zero row (y = b) and a row whose values tie at .5 (rounded to even)."""
+    lib = cpu_kernel.library()
+    gen = torch.Generator().manual_seed(3)
+    n_expert, k_dim, n_dim = 3, 48, 48
+    w = torch.randn(n_expert, k_dim, n_dim, generator=gen) * 0.2
+    bias = torch.randn(n_expert, n_dim, generator=gen)
+    packed, aux = cpu_kernel.pack_expert_weight(w, "w8a8")
+    for counts in ([1, 2, 3], [4, 5, 6], [7, 12, 13], [30, 0, 11]):
+        rows = sum(counts)
+        x = torch.randn(rows, k_dim, generator=gen) * 3
+        x[0] = 0.0
+        x[-1] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5] + [0.25] * (k_dim - 6))
+        out = torch.full((rows, n_dim), float("nan"))
+        cpu_kernel.segment_linear(lib, x, cpu_kernel.segments_of(counts), packed, bias, out, "none", aux)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                want = w8a8_linear(x[start:start + c].numpy(), w[e], bias[e].numpy())
+                got = out[start:start + c].double().numpy()
+                assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), (counts, e)
+            start += c
+        assert torch.equal(out[0], bias[0])                 # zero row: exactly the bias
+    q_tie, _ = int8_rows(np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32))
+    assert q_tie.tolist() == [[127, 0, 2, 2, 0, -2]]
+
+
+def test_w8a8_packing_layout_and_sums():
+    """pack_weight_q8: q[k][16 j + c] at [j, k // 4, 4 c + k % 4]; aux = column scales,
+    then the column sums of q as int32 bits; K must be a multiple of 16."""
+    w = torch.randn(2, 32, 48)
+    packed, aux = cpu_kernel.pack_expert_weight(w, "w8a8")
+    q, scale = cpu_kernel.quantize_int8(w)
+    assert packed.dtype == torch.int8 and packed.shape == (2, 3, 8, 64)
+    for e, k, n in ((0, 0, 0), (1, 31, 47), (1, 6, 17), (0, 13, 35)):
+        assert packed[e, n // 16, k // 4, 4 * (n % 16) + k % 4] == q[e, k, n]
+    assert aux.shape == (2, 96) and torch.equal(aux[:, :48], scale)
+    assert torch.equal(aux[:, 48:].contiguous().view(torch.int32), q.sum(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="K % 16 == 0"):
+        cpu_kernel.pack_expert_weight(torch.randn(1, 20, 16), "w8a8")
+    q_rows, scale_rows = cpu_kernel.quantize_rows(torch.tensor([[0.0, 0.0], [2.0, -0.5]]))
+    assert q_rows.tolist() == [[0.0, 0.0], [127.0, -32.0]] and scale_rows[0].item() == 0.0
+
+
+def test_w8a8_without_vnni_warns_once(monkeypatch, caplog):
+    """A kernel built without VNNI runs w8a8 by its exact emulation, with one warning."""
+    if cpu_kernel.library() is None:
+        pytest.skip("no C kernel")
+    monkeypatch.setattr(cpu_kernel, "int8_dot_native", lambda: False)
+    monkeypatch.setattr(moe_module, "_PRECISION_WARNED", set())
+    layer = make("topk", 2, "relu", "w8a8", packed="kernel")
+    x = torch.randn(1, 5, DIM)
+    with caplog.at_level(logging.WARNING, logger="wenet_moe.layers.moe"), torch.inference_mode():
+        layer(x, EMPTY)
+        layer(x, EMPTY)
+    warnings = [r.getMessage() for r in caplog.records if "w8a8" in r.getMessage()]
+    assert len(warnings) == 1 and "without VNNI" in warnings[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "w8a8"])
 @pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
 def test_kernel_result_does_not_depend_on_threads(precision, activation):
     """1 and 2 torch threads give bit-equal outputs (each frame sums its k rows in slot
@@ -126,10 +208,12 @@ def test_kernel_result_does_not_depend_on_threads(precision, activation):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    assert (one.double() - reference(layer, x, precision)).abs().max().item() < 1e-4
+    want = reference(layer, x, precision)
+    tolerance = 5e-3 * want.abs().max().item() if precision == "w8a8" else 1e-4
+    assert (one.double() - want).abs().max().item() < tolerance
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "int8", "w8a8"])
 def test_training_autograd_and_torchscript_keep_fp32(precision):
     """expert_precision only touches eager CPU inference: training mode, autograd and
     the scripted (ONNX) path compute with the fp32 parameters."""
@@ -150,7 +234,7 @@ def test_training_autograd_and_torchscript_keep_fp32(precision):
 
 
 @pytest.mark.parametrize("conf,message", [
-    ({"expert_precision": "fp16"}, r"moe_conf.expert_precision: expected one of fp32, bf16, int8, got 'fp16'"),
+    ({"expert_precision": "fp16"}, r"moe_conf.expert_precision: expected one of fp32, bf16, int8, w8a8, got 'fp16'"),
     ({"expert_precision": "bf16", "packed_experts": False}, r"moe_conf.expert_precision: bf16 applies to packed"),
 ])
 def test_bad_expert_precision_names_the_key(conf, message):

@@ -135,12 +135,13 @@ def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
 
 def resolve_expert_precision(expert_precision: Optional[str], configs: Dict, fmt: str) -> str:
     """--expert_precision: fp32 or int8; by default int8 when the model's
-    `moe_conf.expert_precision` is int8 (bf16 has no ONNX Runtime CPU kernel: fp32)."""
+    `moe_conf.expert_precision` is int8 or w8a8 (the graph's MatMulNBits quantizes its
+    activations itself; bf16 has no ONNX Runtime CPU kernel: fp32)."""
     if expert_precision is None:
         conf = str((configs.get("moe_conf") or {}).get("expert_precision", "fp32"))
         moe = any((configs.get(part) or {}).get("mlp_type") == "moe"
                   for part in ("encoder_conf", "decoder_conf"))
-        expert_precision = "int8" if conf == "int8" and moe and fmt == "onnx" else "fp32"
+        expert_precision = "int8" if conf in ("int8", "w8a8") and moe and fmt == "onnx" else "fp32"
     if expert_precision not in EXPERT_PRECISIONS:
         raise ValueError(f"--expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, "
                          f"got '{expert_precision}'")

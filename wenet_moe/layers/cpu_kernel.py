@@ -8,8 +8,12 @@ renamed. Without a compiler, or with `WENET_MOE_CPU_KERNEL=0`, `library()` retur
 None and MoE layers use the oneDNN kernels instead (a warning says why, once).
 
 Expert weights may be packed as fp32, bf16 (round-to-nearest-even; widened to fp32 in
-registers) or int8 (symmetric, one fp32 scale per output column): `pack_expert_weight`; `expert_weight_values` gives the fp32 values each precision multiplies
-with (for the fallbacks and the tests).
+registers), int8 (symmetric, one fp32 scale per output column; fp32 activations) or
+w8a8 (the int8 weights, and each input row quantized to int8 in the kernel: int32 dot
+products, by VNNI where the build has it, `int8_dot_native`): `pack_expert_weight`;
+`expert_weight_values` gives the fp32 values each precision's weights stand for (for
+the fallbacks, the exports and the tests; w8a8 also rounds the activations, see
+`quantize_rows`).
 """
 from __future__ import annotations
 
@@ -30,19 +34,23 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason",
-           "pack_expert_weight", "quantize_int8", "expert_weight_values", "PRECISIONS"]
+           "pack_expert_weight", "quantize_int8", "quantize_rows", "expert_weight_values",
+           "int8_dot_native", "PRECISIONS"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 7
+ABI_VERSION = 8
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
-PRECISIONS = ("fp32", "bf16", "int8")               # moe_conf.expert_precision
-# packed weight dtype -> the kernel's element type (WT_F32, WT_BF16, WT_I8 in moe_cpu.c)
+PRECISIONS = ("fp32", "bf16", "int8", "w8a8")       # moe_conf.expert_precision
+# packed weight dtype -> the kernel's element type (WT_F32, WT_BF16, WT_I8 in moe_cpu.c;
+# int8 in the 4-k groups of `pack_weight_q8` is WT_Q8 = 3)
 _WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+WT_Q8 = 3
+QUAD = 4            # k per 32-bit group of the WT_Q8 layout
 
 _log = logging.getLogger(__name__)
 _state: dict = {}   # "lib": CDLL or None, "reason": why it is None
@@ -125,6 +133,7 @@ def load(target: Path) -> ctypes.CDLL:
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int]
     lib.wm_openmp.restype = ctypes.c_int
+    lib.wm_int8_dot_native.restype = ctypes.c_int
     return lib
 
 
@@ -142,6 +151,14 @@ def library() -> Optional[ctypes.CDLL]:
                 _log.warning("MoE CPU kernel unavailable (%s); using oneDNN kernels", reason)
         _state["lib"], _state["reason"] = lib, reason
     return _state["lib"]
+
+
+def int8_dot_native() -> bool:
+    """True when the built kernel runs w8a8 dot products as VNNI instructions
+    (AVX512-VNNI or AVX-VNNI); False when it emulates them exactly (slower than int8,
+    same results) or there is no kernel."""
+    lib = library()
+    return bool(lib is not None and lib.wm_int8_dot_native())
 
 
 def threads(lib: ctypes.CDLL) -> int:
@@ -174,7 +191,7 @@ def expert_weight_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
         return w
     if precision == "bf16":
         return w.to(torch.bfloat16).float()
-    if precision == "int8":
+    if precision in ("int8", "w8a8"):
         q, scale = quantize_int8(w)
         return q.float() * scale.unsqueeze(1)
     raise ValueError(f"expert precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -189,11 +206,38 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).permute(0, 2, 1, 3).contiguous()
 
 
+def pack_weight_q8(q: torch.Tensor) -> torch.Tensor:
+    """(E, K, N) int8 weights -> the WT_Q8 layout (E, N/16, K/4, 64): per 16-column
+    panel, groups of 4 k, each 16 columns x 4 bytes (q[4g + t][16 j + c] at 4 c + t)."""
+    n_expert, k_dim, n_dim = q.shape
+    if n_dim % BLOCK or k_dim % BLOCK:
+        raise ValueError(f"w8a8 expert weights need K % {BLOCK} == 0 and N % {BLOCK} == 0, "
+                         f"got K={k_dim} N={n_dim}")
+    grouped = q.detach().reshape(n_expert, k_dim // QUAD, QUAD, n_dim // BLOCK, BLOCK)
+    return grouped.permute(0, 3, 1, 4, 2).reshape(n_expert, n_dim // BLOCK, k_dim // QUAD,
+                                                  QUAD * BLOCK).contiguous()
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's w8a8 activation rounding, in torch: (R, K) float32 rows -> (q (R, K)
+    float32 integers in [-127, 127], scale (R, 1)): a = max_k |x|, q = round(x * (127 / a))
+    (half to even), scale = a / 127; an all-zero row gets q = 0, scale 0."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(x * inv).clamp_(-127, 127), amax / 127.0
+
+
 def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(E, K, N) fp32 expert weights -> (packed (E, N/16, K, 16), scale) for `precision`:
     float32 (fp32), bfloat16 rounded to nearest even (bf16), or int8 with its float32
-    (E, N) column scales (int8, `quantize_int8`); scale is None but for int8."""
+    (E, N) column scales (int8, `quantize_int8`), or for w8a8 int8 in `pack_weight_q8`'s
+    layout with (E, 2N) float32: the column scales, then the column sums of q as int32
+    bits (the kernel's uint8-offset correction); scale is None for fp32 / bf16."""
     w, scale = weight.detach().float(), None
+    if precision == "w8a8":
+        q, scale = quantize_int8(w)
+        sums = q.sum(dim=1, dtype=torch.int32)
+        return pack_weight_q8(q), torch.cat([scale, sums.view(torch.float32)], dim=1).contiguous()
     if precision == "bf16":
         w = w.to(torch.bfloat16)
     elif precision == "int8":
@@ -203,19 +247,22 @@ def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tens
     return pack_weight(w), scale
 
 
-def _weight_type(packed: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[int, int]:
-    """(kernel element type, scale pointer or 0) of a packed weight, checked."""
+def _weight_type(packed: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    """(kernel element type, scale pointer or 0, K) of a packed weight, checked."""
     wt = _WEIGHT_TYPES.get(packed.dtype)
-    if wt is None or not packed.is_contiguous():
+    if wt is None or not packed.is_contiguous() or packed.dim() != 4:
         raise ValueError(f"packed expert weights: expected a contiguous float32, bfloat16 or int8 "
-                         f"tensor from pack_weight, got {packed.dtype}")
-    if (wt == 2) != (scale is not None):
+                         f"tensor from pack_weight, got {packed.dtype} {tuple(packed.shape)}")
+    k_dim, words = packed.size(2), 1
+    if wt == 2 and packed.size(3) == QUAD * BLOCK:      # pack_weight_q8's layout
+        wt, k_dim, words = WT_Q8, packed.size(2) * QUAD, 2
+    if (wt in (2, WT_Q8)) != (scale is not None):
         raise ValueError("packed expert weights: int8 weights need their column scales (and only they)")
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()
-                              or scale.shape != (packed.size(0), packed.size(1) * BLOCK)):
+                              or scale.shape != (packed.size(0), words * packed.size(1) * BLOCK)):
         raise ValueError(f"packed expert weights: scale must be contiguous float32 "
-                         f"({packed.size(0)}, {packed.size(1) * BLOCK}), got {tuple(scale.shape)}")
-    return wt, (0 if scale is None else scale.data_ptr())
+                         f"({packed.size(0)}, {words * packed.size(1) * BLOCK}), got {tuple(scale.shape)}")
+    return wt, (0 if scale is None else scale.data_ptr()), k_dim
 
 
 def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, packed: torch.Tensor,
@@ -226,18 +273,20 @@ def segment_linear(lib: ctypes.CDLL, x: torch.Tensor, segments: torch.Tensor, pa
     Args:
         x: (R, K) float32 rows, row-contiguous (stride(1) == 1).
         segments: (3, S) int64, contiguous: starts, counts and expert ids.
-        packed: (E, N/16, K, 16) float32, bfloat16 or int8 from `pack_weight`;
+        packed: (E, N/16, K, 16) float32, bfloat16 or int8 from `pack_weight`, or
+            (E, N/16, K/4, 64) int8 from `pack_weight_q8` (w8a8);
         bias: (E, N) float32 contiguous.
         out: (R, N) float32, row-contiguous; rows outside the segments are untouched.
         activation: "none", "relu" or "swish" (x * sigmoid(x), exp to ~2 ulp).
-        scale: (E, N) float32 column scales of int8 weights (else None).
+        scale: (E, N) float32 column scales of int8 weights, (E, 2N) scales and column
+            sums of w8a8 ones (`pack_expert_weight`), else None.
     """
     n_seg = segments.size(1)
-    k_dim, n_dim = packed.size(2), packed.size(1) * BLOCK
+    wt, scale_ptr, k_dim = _weight_type(packed, scale)
+    n_dim = packed.size(1) * BLOCK
     if x.stride(1) != 1 or out.stride(1) != 1 or x.size(1) != k_dim or out.size(1) != n_dim:
         raise ValueError(f"segment_linear: bad shapes x {tuple(x.shape)} out {tuple(out.shape)} "
                          f"for weights K={k_dim} N={n_dim}")
-    wt, scale_ptr = _weight_type(packed, scale)
     base = segments.data_ptr()
     step = segments.stride(0) * 8
     status = lib.wm_segment_linear(x.data_ptr(), x.stride(0), base, base + step, base + 2 * step, n_seg,
@@ -287,8 +336,8 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
     k = top_idx.size(1)
     n_expert, hidden = packs[1].shape
     scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
-    wt, scale1_ptr = _weight_type(packs[0], scale1)
-    wt2, scale2_ptr = _weight_type(packs[2], scale2)
+    wt, scale1_ptr, _ = _weight_type(packs[0], scale1)
+    wt2, scale2_ptr, _ = _weight_type(packs[2], scale2)
     if wt2 != wt:
         raise ValueError(f"moe_forward: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
     n_assign = n_tok * k

@@ -26,8 +26,11 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     rows an expert gets from a streaming chunk (numbers: docs/moe.md). Each packed
     copy holds as many bytes again as the experts.
     `expert_precision` bf16 / int8 packs the kernel's weights as bf16 (half the bytes)
-    or int8 with per-column scales (a quarter), widened to fp32 in registers; the
-    oneDNN kind and the no-kernel fallback run fp32 on the same rounded values.
+    or int8 with per-column scales (a quarter), widened to fp32 in registers; w8a8
+    takes the int8 weights and also rounds each expert input row to int8 (one scale
+    per row), so that the kernel multiplies int8 by int8 into int32 (VNNI where the CPU
+    has it). The oneDNN kind and the no-kernel fallback run fp32 on the same rounded
+    weights (and, for w8a8, the same rounded rows: `cpu_kernel.quantize_rows`).
   * eager all-frames (`all_frames_rows`): when frames per used expert N*k/E_used are at
     most the threshold, every used expert runs on all N frames with zero gates where
     not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
@@ -183,8 +186,9 @@ class MoEFFN(nn.Module):
         all_frames_rows: eager all-frames dispatch threshold (module docstring).
         packed_experts: eager CPU fp32 inference on packed experts: True (C kernel
             for small batches, oneDNN above), "kernel", "onednn" or False.
-        expert_precision: "fp32", "bf16" or "int8": the packed experts' weights
-            (eager CPU inference only; training, autograd and TorchScript use w1/w2).
+        expert_precision: "fp32", "bf16", "int8" or "w8a8": the packed experts' weights
+            (w8a8: int8 weights and int8 expert inputs, per-row scales); eager CPU
+            inference only (training, autograd and TorchScript use w1/w2).
         conf: the resolved moe_conf (loss weights), kept for `moe_aux_losses`.
     """
 
@@ -214,7 +218,7 @@ class MoEFFN(nn.Module):
         if expert_precision not in cpu_kernel.PRECISIONS:
             raise ValueError(f"MoEFFN: expert_precision must be one of {', '.join(cpu_kernel.PRECISIONS)}, "
                              f"got {expert_precision!r}")
-        # weights of the packed experts: "fp32" | "bf16" | "int8" (see `_packed`)
+        # weights of the packed experts: "fp32" | "bf16" | "int8" | "w8a8" (see `_packed`)
         self.expert_precision = expert_precision
         self._fused_activation = _fused_activation(activation)
         # the activation the C kernel fuses ("relu" / "swish"), or "none" (torch's, unfused)
@@ -419,8 +423,10 @@ class MoEFFN(nn.Module):
                                                                        x_sorted[start:start + kept])
                 elif kept > 0:   # MKL addmm on the parameters, or on rounded copies ("values")
                     w1, b1, w2, b2 = (self.w1, self.b1, self.w2, self.b2) if packed is None else packed[1]
-                    h = self._activate_(torch.addmm(b1[e], x_sorted[start:start + kept], w1[e]))
-                    torch.addmm(b2[e], self.dropout(h), w2[e], out=y_sorted[start:start + kept])
+                    rows = self._round_rows(x_sorted[start:start + kept], packed is not None)
+                    h = self._activate_(torch.addmm(b1[e], rows, w1[e]))
+                    torch.addmm(b2[e], self._round_rows(self.dropout(h), packed is not None), w2[e],
+                                out=y_sorted[start:start + kept])
                 if end - start > kept:
                     y_sorted[start + kept:end].zero_()
                 start = end
@@ -473,6 +479,12 @@ class MoEFFN(nn.Module):
                    if cpu_kernel.library() is not None else cpu_kernel.disabled_reason() or "no kernel")
             _log.warning("moe_conf.expert_precision %s: no C kernel (%s); experts run in fp32 on "
                          "weights rounded to %s once (same values, no speed-up)", precision, why, precision)
+        if (kind == "kernel" and precision == "w8a8" and not cpu_kernel.int8_dot_native()
+                and "w8a8-emulated" not in _PRECISION_WARNED):
+            _PRECISION_WARNED.add("w8a8-emulated")
+            _log.warning("moe_conf.expert_precision w8a8: the kernel was built without VNNI "
+                         "(-march=%s); it emulates the int8 dot products exactly (same results, "
+                         "slower than int8)", cpu_kernel.target_arch())
         params = (self.w1, self.b1, self.w2, self.b2)
         key = (precision,) + tuple((p.data_ptr(), p._version) for p in params)
         cached = _PACKED.get(self)
@@ -524,15 +536,26 @@ class MoEFFN(nn.Module):
         return self.activation(h)
 
     @torch.jit.unused
+    def _round_rows(self, rows: torch.Tensor, packed: bool) -> torch.Tensor:
+        """rows as the w8a8 kernel multiplies them (each row rounded to int8 with its own
+        scale, `cpu_kernel.quantize_rows`) when `packed` and expert_precision is w8a8,
+        else rows itself."""
+        if not packed or self.expert_precision != "w8a8":
+            return rows
+        q, scale = cpu_kernel.quantize_rows(rows)
+        return q.mul_(scale)
+
+    @torch.jit.unused
     def _packed_expert(self, pack: Tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
         """Expert on rows (n, D) -> (n, D) with packed weights (as `expert`)."""
         linear = torch.ops.mkldnn._linear_pointwise
         attr, algorithm = self._fused_activation
+        rows = self._round_rows(rows, True)
         if attr:
             h = linear(rows, pack[0], pack[1], attr, [], algorithm)
         else:
             h = self.activation(linear(rows, pack[0], pack[1], "none", [], None))
-        return linear(h, pack[2], pack[3], "none", [], None)
+        return linear(self._round_rows(h, True), pack[2], pack[3], "none", [], None)
 
     @torch.jit.unused
     def _dispatch_all_frames(self, x: torch.Tensor, top_idx: torch.Tensor,

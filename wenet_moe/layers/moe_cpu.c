@@ -19,7 +19,17 @@
  *   WT_I8    int8 with an fp32 scale per output column (symmetric, per output channel):
  *            y[n] = (sum_k x[k] q[k][n]) * scale[n] + b[n], q converted to fp32 in
  *            registers (weight-only quantization; a quarter of the bytes)
- * Accumulation is fp32 FMA in k order for every type.
+ *   WT_Q8    int8 weights as WT_I8, and int8 activations: each input row is quantized
+ *            on entry (symmetric, one scale per row: s_x = max_k |x[k]| / 127,
+ *            x_q = rint(x * (127 / max_k |x[k]|)), then x_q + 128 as uint8), so that
+ *            y[n] = (sum_k (x_q[k] + 128) q[k][n] - 128 sum_k q[k][n]) * s_x * scale[n] + b[n]
+ *            is an int32 dot product: AVX512-VNNI / AVX-VNNI `vpdpbusd` (64 products per
+ *            instruction) where the build has it, else the same integer sums by shifts
+ *            and multiplies (exact either way, so every CPU gives the same int32 sums).
+ *            Layout by groups of 4 k: P[j][k/4][c][k%4] = q[k][16 j + c] (K % 16 == 0);
+ *            per expert `scale` holds 2N words: the N column scales (float), then the
+ *            N column sums of q (int32).
+ * Accumulation is fp32 FMA in k order for fp32 / bf16 / int8, exact int32 for WT_Q8.
  * Built with -O3 -march=native by wenet_moe/layers/cpu_kernel.py; GCC vector
  * extensions map vec16 onto AVX-512, AVX2 or NEON registers.
  *
@@ -43,7 +53,7 @@ typedef int32_t ivec16 __attribute__((vector_size(64)));
 typedef uint16_t u16vec16 __attribute__((vector_size(32)));
 typedef int8_t i8vec16 __attribute__((vector_size(16)));
 
-enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2 };
+enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_Q8 = 3 };
 /* bytes of one weight element of type wt */
 static inline int wt_size(const int wt) { return wt == WT_F32 ? 4 : wt == WT_BF16 ? 2 : 1; }
 
@@ -266,28 +276,168 @@ static inline __attribute__((always_inline)) void tile_narrow(
     }
 }
 
+
+/* ---- WT_Q8: int8 x int8 -> int32 dot products ------------------------------------ */
+/* 64 weight bytes p (16 columns x 4 k) dotted with the 4 uint8 activations packed in
+ * xb (byte t: k = 4 q + t), added to the 16 int32 lanes of acc */
+static inline __attribute__((always_inline)) ivec16 dot4(ivec16 acc, const uint32_t xb, const char *p) {
+#if defined(__AVX512VNNI__)
+    return (ivec16)_mm512_dpbusd_epi32((__m512i)acc, _mm512_set1_epi32((int)xb),
+                                       _mm512_loadu_si512((const void *)p));
+#elif defined(__AVXVNNI__)
+    union { ivec16 v; __m256i h[2]; } u = {.v = acc};
+    const __m256i xv = _mm256_set1_epi32((int)xb);
+    u.h[0] = _mm256_dpbusd_avx_epi32(u.h[0], xv, _mm256_loadu_si256((const __m256i *)p));
+    u.h[1] = _mm256_dpbusd_avx_epi32(u.h[1], xv, _mm256_loadu_si256((const __m256i *)(p + 32)));
+    return u.v;
+#else
+    ivec16 words;       /* lane c holds the 4 weight bytes of column c */
+    memcpy(&words, p, sizeof words);
+    for (int t = 0; t < 4; t++)   /* byte t, sign-extended, times activation byte t */
+        acc += ((words << (24 - 8 * t)) >> 24) * (int32_t)((xb >> (8 * t)) & 255u);
+    return acc;
+#endif
+}
+
+/* 1 when dot4 is one instruction per 64 bytes (VNNI), 0 for the exact emulation */
+int wm_int8_dot_native(void) {
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline ivec16 loadi16(const int32_t *p) { ivec16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* WT_Q8 panels one tile visits at a time: two on AVX-512 (rows x 2 accumulators of 32
+ * zmm), one elsewhere (an ivec16 is 2 ymm: 6 rows x 2 = 12 of 16 registers) */
+#if defined(__AVX512F__)
+#define Q8_PANELS 2
+#else
+#define Q8_PANELS 1
+#endif
+
+/* rows (<= TILE_ROWS) rows of y = act(dequant(xq W) + b) for WT_Q8: xq holds the tile's
+ * quantized rows as uint32 groups xq[q * rows + m] (4 k each), sx their row scales;
+ * aux the column scales (N floats) then the column sums of q (N int32) */
+static inline __attribute__((always_inline)) void tile_q8(
+        const uint32_t *xq, const float *sx, const int rows, const int K, const int N,
+        const char *w, const float *aux, const float *b, float *y, int64_t ldy, const int act) {
+    const int blocks = N / 16, quads = K / 4;
+    const int64_t panel = (int64_t)K * 16;          /* bytes of one K x 16 panel */
+    const int32_t *wsum = (const int32_t *)(aux + N);
+    const ivec16 izero = {0};
+    for (int j = 0; j < blocks; j += Q8_PANELS) {
+        const int pair = Q8_PANELS == 2 && j + 1 < blocks;
+        const char *p0 = w + j * panel, *p1 = p0 + panel;
+        const char *next = w + (j + (pair ? 2 : 1)) * panel;
+        ivec16 a0[TILE_ROWS], a1[TILE_ROWS];
+        for (int m = 0; m < rows; m++) { a0[m] = izero; a1[m] = izero; }
+        if (pair) {
+            for (int q = 0; q < quads; q++) {
+                __builtin_prefetch(next + 128 * q, 0, 1);      /* the next pair: 2 lines */
+                __builtin_prefetch(next + 128 * q + 64, 0, 1);
+                for (int m = 0; m < rows; m++) {
+                    a0[m] = dot4(a0[m], xq[q * rows + m], p0 + 64 * q);
+                    a1[m] = dot4(a1[m], xq[q * rows + m], p1 + 64 * q);
+                }
+            }
+        } else {
+            for (int q = 0; q < quads; q++) {
+                __builtin_prefetch(next + 64 * q, 0, 1);
+                for (int m = 0; m < rows; m++) a0[m] = dot4(a0[m], xq[q * rows + m], p0 + 64 * q);
+            }
+        }
+        for (int h = 0; h < 1 + pair; h++) {
+            const int c = 16 * (j + h);
+            const vec16 s = load16(aux + c), bias = load16(b + c);
+            const ivec16 shift = loadi16(wsum + c) * 128;     /* the +128 of the uint8 rows */
+            for (int m = 0; m < rows; m++) {
+                const vec16 v = __builtin_convertvector((h ? a1[m] : a0[m]) - shift, vec16);
+                store16(y + m * ldy + c, activate(v * (splat(sx[m]) * s) + bias, act));
+            }
+        }
+    }
+}
+
+/* quantize rows x[0:rows] (ldx apart, K each, K % 16 == 0) into xq (uint32 groups,
+ * xq[q * rows + m] = bytes x_q[m][4q + t] + 128) and their scales sx[m]; an all-zero
+ * row gets scale 0 (its products vanish, y = b). Rounding is to nearest even by the
+ * 1.5 * 2^23 trick (exact for |v| <= 127; -ffp-contract does not reassociate it). */
+static void quantize_rows(const float *x, int64_t ldx, int rows, int K, uint32_t *xq, float *sx) {
+    const ivec16 magnitude = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                              0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                              0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+    const vec16 round = splat(12582912.0f), hi = splat(127.0f), lo = splat(-127.0f);
+    for (int m = 0; m < rows; m++) {
+        const float *r = x + m * ldx;
+        vec16 vmax = splat(0.0f);
+        for (int k = 0; k < K; k += 16) {
+            const vec16 a = (vec16)((ivec16)load16(r + k) & magnitude);
+            vmax = select16(a > vmax, a, vmax);
+        }
+        float amax = 0.0f;
+        for (int c = 0; c < 16; c++) amax = vmax[c] > amax ? vmax[c] : amax;
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        sx[m] = amax / 127.0f;
+        for (int k = 0; k < K; k += 16) {
+            vec16 v = load16(r + k) * splat(inv);
+            v = (v + round) - round;
+            v = select16(v > hi, hi, v);
+            v = select16(v < lo, lo, v);
+            const ivec16 u = __builtin_convertvector(v, ivec16) + 128;
+            uint32_t g[4];
+#if defined(__AVX512F__)
+            _mm_storeu_si128((__m128i *)g, _mm512_cvtepi32_epi8((__m512i)u));
+#else
+            for (int i = 0; i < 4; i++)
+                g[i] = (uint32_t)u[4 * i] | (uint32_t)u[4 * i + 1] << 8 | (uint32_t)u[4 * i + 2] << 16
+                       | (uint32_t)u[4 * i + 3] << 24;
+#endif
+            for (int i = 0; i < 4; i++) xq[(int64_t)(k / 4 + i) * rows + m] = g[i];
+        }
+    }
+}
+
 #if TILE_ROWS == 12
 #define TILE_CASE(R, WT) case R: tile(xt, R, K, N, w, scale, b, y, ldy, act, WT); break;
 #define TILE_CASES(WT) switch (r) { \
     TILE_CASE(1, WT) TILE_CASE(2, WT) TILE_CASE(3, WT) TILE_CASE(4, WT) TILE_CASE(5, WT) \
     TILE_CASE(6, WT) TILE_CASE(7, WT) TILE_CASE(8, WT) TILE_CASE(9, WT) TILE_CASE(10, WT) \
     TILE_CASE(11, WT) TILE_CASE(12, WT) default: break; }
+#define Q8_CASES switch (r) { \
+    Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8) \
+    Q8_CASE(9) Q8_CASE(10) Q8_CASE(11) Q8_CASE(12) default: break; }
 #else
 #define TILE_CASE(R, WT) case R: tile_narrow(xt, R, K, N, w, scale, b, y, ldy, act, WT); break;
 #define TILE_CASES(WT) switch (r) { \
     TILE_CASE(1, WT) TILE_CASE(2, WT) TILE_CASE(3, WT) TILE_CASE(4, WT) TILE_CASE(5, WT) \
     TILE_CASE(6, WT) default: break; }
+#define Q8_CASES switch (r) { \
+    Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) default: break; }
 #endif
+#define Q8_CASE(R) case R: tile_q8(xq, sx, R, K, N, w, scale, b, y, ldy, act); break;
 
 /* y[0:rows] = act(x[0:rows] W + b), in the fewest tiles of up to MAX_TILE rows, of
  * balanced sizes (16 rows = 8 + 8, not 12 + 4: a tile costs at least one pass over W).
- * W has elements of type wt (scale: N floats for WT_I8, else unused). */
+ * W has elements of type wt (scale: N floats for WT_I8, 2N words for WT_Q8, else unused). */
 static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N, const char *w,
                         const float *scale, const float *b, float *y, int64_t ldy, int act, int wt,
                         float *xt) {
     while (rows > 0) {
         const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
         const int r = (int)((rows + tiles - 1) / tiles);
+        if (wt == WT_Q8) {     /* xt's room (MAX_TILE * K floats) holds the uint8 rows */
+            uint32_t *xq = (uint32_t *)xt;
+            float sx[TILE_ROWS];
+            quantize_rows(x, ldx, r, K, xq, sx);
+            Q8_CASES
+            x += r * ldx;
+            y += r * ldy;
+            rows -= r;
+            continue;
+        }
         for (int m = 0; m < r; m++)
             for (int k = 0; k < K; k++) xt[k * r + m] = x[m * ldx + k];
         if (wt == WT_BF16) {
@@ -303,7 +453,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 7; }
+int wm_abi_version(void) { return 8; }
 
 /* 1 when built with OpenMP (the threads arguments below are honoured), else 0 */
 int wm_openmp(void) {
@@ -357,7 +507,8 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
                       const int64_t *expert, int64_t n_segments, int K, int N,
                       const void *w_packed, const float *scale, int wt, const float *bias, float *y,
                       int64_t ldy, int act, int threads) {
-    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8) return -3;
+    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8 && wt != WT_Q8) return -3;
+    if (wt == WT_Q8 && (K % 16 != 0 || N % 16 != 0)) return -3;
     /* work items as in wm_moe_forward; their "expert" field is the segment number */
     int64_t max_items = 1;
     for (int64_t s = 0; s < n_segments; s++) max_items += count[s] / MAX_TILE + 1;
@@ -379,7 +530,7 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
             const int64_t first = items[i].first;
             linear_rows(x + first * ldx, ldx, items[i].rows, K, N,
                         (const char *)w_packed + e * (int64_t)K * N * wt_size(wt),
-                        scale == NULL ? NULL : scale + e * (int64_t)N, bias + e * (int64_t)N,
+                        scale == NULL ? NULL : scale + e * (int64_t)N * (wt == WT_Q8 ? 2 : 1), bias + e * (int64_t)N,
                         y + first * ldy, ldy, act, wt, xt);
         }
         free(xt);
@@ -406,7 +557,8 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
                    const float *b1, const void *w2_packed, const float *scale2, const float *b2,
                    int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
                    float *out, int threads) {
-    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8) return -3;
+    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8 && wt != WT_Q8) return -3;
+    if (wt == WT_Q8 && (dim % 16 != 0 || hidden % 16 != 0)) return -3;
     const int64_t n_assign = n_tok * k;
     int64_t *start = order + n_assign, *fill = start + n_expert, *where = fill + n_expert;
     for (int e = 0; e < n_expert; e++) start[e] = 0;
@@ -443,10 +595,10 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
             const int64_t e = items[i].expert, s = items[i].first, rows = items[i].rows;
             const int64_t bytes = (int64_t)dim * hidden * wt_size(wt);   /* one expert's matrix */
             linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, (const char *)w1_packed + e * bytes,
-                        scale1 == NULL ? NULL : scale1 + e * hidden, b1 + e * hidden, h + s * hidden,
+                        scale1 == NULL ? NULL : scale1 + e * hidden * (wt == WT_Q8 ? 2 : 1), b1 + e * hidden, h + s * hidden,
                         hidden, act, wt, xt);
             linear_rows(h + s * hidden, hidden, rows, hidden, dim, (const char *)w2_packed + e * bytes,
-                        scale2 == NULL ? NULL : scale2 + e * dim, b2 + e * dim, y_sorted + s * dim, dim,
+                        scale2 == NULL ? NULL : scale2 + e * dim * (wt == WT_Q8 ? 2 : 1), b2 + e * dim, y_sorted + s * dim, dim,
                         ACT_NONE, wt, xt);
         }
         free(xt);
