@@ -1,5 +1,6 @@
 """The C kernel's code paths for other x86-64 CPUs, built on this one: `-march=haswell`
-(AVX2 + FMA: the narrow 6 x 16 tile; w8a8 without VNNI) and `-march=x86-64` (SSE2:
+(AVX2 + FMA: the narrow 6 x 16 tile; w8a8 by `vpmaddwd`), `-march=skylake-avx512`
+(AVX-512 without VNNI: w8a8 by `vpmaddwd` in 12-row tiles) and `-march=x86-64` (SSE2:
 generic vector code), against a float64 reference for every weight precision, 1 to 14 rows (every narrow
 tile size, and several tiles) and an odd number of 16-column blocks."""
 import os
@@ -33,8 +34,10 @@ pytestmark = [
 def builds(tmp_path_factory):
     out = {}
     tmp = tmp_path_factory.mktemp("kernels")
-    for march in ("haswell", "x86-64"):
-        if march == "haswell" and not {"avx2", "fma"} <= set(_cpu_flags()):
+    needs = {"haswell": {"avx2", "fma"}, "x86-64": set(),
+             "skylake-avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}}
+    for march, flags_needed in needs.items():
+        if not flags_needed <= set(_cpu_flags()):
             continue
         path = tmp / f"moe_cpu_{march}.so"
         flags = cpu_kernel.FLAGS + [f"-march={march}"]
@@ -46,18 +49,18 @@ def builds(tmp_path_factory):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "w8a8"])
-@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+@pytest.mark.parametrize("march", ["haswell", "x86-64", "skylake-avx512"])
 def test_other_targets_compute_the_reference(builds, march, precision):
     if march not in builds:
         pytest.skip(f"this CPU cannot run a -march={march} build")
     lib = builds[march]
     gen = torch.Generator().manual_seed(1)
-    n_expert, k_dim, n_dim = 3, 48, 48              # N: 3 blocks of 16 (odd)
+    n_expert, k_dim, n_dim = 4, 48, 48              # N: 3 blocks of 16 (odd)
     w = torch.randn(n_expert, k_dim, n_dim, generator=gen) * 0.2
     bias = torch.randn(n_expert, n_dim, generator=gen)
     packed, scale = cpu_kernel.pack_expert_weight(w, precision)
     values = cpu_kernel.expert_weight_values(w, precision).double()
-    counts = [1, 6, 14]                            # 1 row, one full tile, 3 tiles
+    counts = [1, 6, 14, 12]                        # 1 row, one full tile, several tiles
     rows = sum(counts)
     x = torch.randn(rows, k_dim, generator=gen)
     segments = cpu_kernel.segments_of(counts)
@@ -86,3 +89,14 @@ def test_target_override_is_checked(monkeypatch):
         cpu_kernel.target_arch()
     monkeypatch.setenv("WENET_MOE_KERNEL_MARCH", "")
     assert cpu_kernel.target_arch() == "native"
+
+
+def test_builds_report_their_int8_dot_path(builds):
+    """w8a8's dot products: vpmaddwd on AVX2 and AVX-512 without VNNI, shifts on SSE2;
+    the native build names its own (vnni where /proc/cpuinfo has avx512_vnni)."""
+    want = {"haswell": 1, "skylake-avx512": 1, "x86-64": 0}
+    for march, lib in builds.items():
+        assert lib.wm_int8_dot_native() == want[march], march
+    if cpu_kernel.library() is not None and {"avx512_vnni", "avx512f"} <= set(_cpu_flags()) \
+            and cpu_kernel.target_arch() == "native":
+        assert cpu_kernel.int8_dot_kind() == "vnni"

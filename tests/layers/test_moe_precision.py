@@ -176,10 +176,10 @@ def test_w8a8_packing_layout_and_sums():
 
 
 def test_w8a8_without_vnni_warns_once(monkeypatch, caplog):
-    """A kernel built without VNNI runs w8a8 by its exact emulation, with one warning."""
+    """A kernel built without VNNI runs w8a8 by AVX2 vpmaddwd (or shifts), with one warning."""
     if cpu_kernel.library() is None:
         pytest.skip("no C kernel")
-    monkeypatch.setattr(cpu_kernel, "int8_dot_native", lambda: False)
+    monkeypatch.setattr(cpu_kernel, "int8_dot_kind", lambda: "avx2")
     monkeypatch.setattr(moe_module, "_PRECISION_WARNED", set())
     layer = make("topk", 2, "relu", "w8a8", packed="kernel")
     x = torch.randn(1, 5, DIM)
@@ -187,7 +187,7 @@ def test_w8a8_without_vnni_warns_once(monkeypatch, caplog):
         layer(x, EMPTY)
         layer(x, EMPTY)
     warnings = [r.getMessage() for r in caplog.records if "w8a8" in r.getMessage()]
-    assert len(warnings) == 1 and "without VNNI" in warnings[0]
+    assert len(warnings) == 1 and "without VNNI" in warnings[0] and "vpmaddwd" in warnings[0]
 
 
 @needs_kernel

@@ -10,7 +10,7 @@ None and MoE layers use the oneDNN kernels instead (a warning says why, once).
 Expert weights may be packed as fp32, bf16 (round-to-nearest-even; widened to fp32 in
 registers), int8 (symmetric, one fp32 scale per output column; fp32 activations) or
 w8a8 (the int8 weights, and each input row quantized to int8 in the kernel: int32 dot
-products, by VNNI where the build has it, `int8_dot_native`): `pack_expert_weight`;
+products, by VNNI where the build has it, `int8_dot_kind`): `pack_expert_weight`;
 `expert_weight_values` gives the fp32 values each precision's weights stand for (for
 the fallbacks, the exports and the tests; w8a8 also rounds the activations, see
 `quantize_rows`).
@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason",
            "pack_expert_weight", "quantize_int8", "quantize_rows", "expert_weight_values",
-           "int8_dot_native", "PRECISIONS"]
+           "int8_dot_kind", "PRECISIONS"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
@@ -153,12 +153,15 @@ def library() -> Optional[ctypes.CDLL]:
     return _state["lib"]
 
 
-def int8_dot_native() -> bool:
-    """True when the built kernel runs w8a8 dot products as VNNI instructions
-    (AVX512-VNNI or AVX-VNNI); False when it emulates them exactly (slower than int8,
-    same results) or there is no kernel."""
+def int8_dot_kind() -> str:
+    """How the built kernel multiplies w8a8 rows by int8 weights (the same exact int32
+    sums every way): "vnni" (AVX512-VNNI / AVX-VNNI `vpdpbusd`, 64 products per
+    instruction), "avx2" (`vpmaddwd` on int16, 16), "generic" (shifts and multiplies),
+    or "" without a kernel."""
     lib = library()
-    return bool(lib is not None and lib.wm_int8_dot_native())
+    if lib is None:
+        return ""
+    return {2: "vnni", 1: "avx2"}.get(lib.wm_int8_dot_native(), "generic")
 
 
 def threads(lib: ctypes.CDLL) -> int:

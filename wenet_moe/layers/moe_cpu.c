@@ -299,9 +299,12 @@ static inline __attribute__((always_inline)) ivec16 dot4(ivec16 acc, const uint3
 #endif
 }
 
-/* 1 when dot4 is one instruction per 64 bytes (VNNI), 0 for the exact emulation */
+/* how the build multiplies w8a8 rows: 2 VNNI (`vpdpbusd`, 64 products per
+ * instruction), 1 AVX2 `vpmaddwd` (16), 0 the generic emulation by shifts */
 int wm_int8_dot_native(void) {
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return 2;
+#elif defined(__AVX2__)
     return 1;
 #else
     return 0;
@@ -309,6 +312,15 @@ int wm_int8_dot_native(void) {
 }
 
 static inline ivec16 loadi16(const int32_t *p) { ivec16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* AVX2 without VNNI (AMD Zen 1-3, Intel before Ice Lake / Alder Lake): the rows are
+ * kept as int16 (x_q, no +128) and `vpmaddwd` multiplies pairs of int16 into int32 (16
+ * products per instruction, exact), `tile_q8_madd`; the same integer sums as dot4. */
+#if defined(__AVX2__) && !defined(__AVX512VNNI__) && !defined(__AVXVNNI__)
+#define Q8_MADD 1
+#else
+#define Q8_MADD 0
+#endif
 
 /* WT_Q8 panels one tile visits at a time: two on AVX-512 (rows x 2 accumulators of 32
  * zmm), one elsewhere (an ivec16 is 2 ymm: 6 rows x 2 = 12 of 16 registers) */
@@ -361,11 +373,56 @@ static inline __attribute__((always_inline)) void tile_q8(
     }
 }
 
+#if Q8_MADD
+/* tile_q8 for Q8_MADD builds: xq holds 4 int16 x_q per group (xq[q * rows + m], 8
+ * bytes). Each 16-column panel is done as two 8-column halves (rows x 2 accumulators
+ * of 8 lanes, lane = (column, k pair); the second half reads the panel again from L1
+ * / L2); the lane pairs are added once at the end. rows <= 6 (12 of 16 ymm). */
+static inline __attribute__((always_inline)) void tile_q8_madd(
+        const uint64_t *xq, const float *sx, const int rows, const int K, const int N,
+        const char *w, const float *aux, const float *b, float *y, int64_t ldy, const int act) {
+    const int blocks = N / 16, quads = K / 4;
+    const int64_t panel = (int64_t)K * 16;
+    int32_t sums[TILE_ROWS][16];
+    for (int j = 0; j < blocks; j++) {
+        const char *p0 = w + j * panel;
+        for (int h = 0; h < 2; h++) {       /* columns 8 h .. 8 h + 7 of the panel */
+            __m256i lo[TILE_ROWS], hi[TILE_ROWS];
+            for (int m = 0; m < rows; m++) { lo[m] = _mm256_setzero_si256(); hi[m] = _mm256_setzero_si256(); }
+            for (int q = 0; q < quads; q++) {
+                const char *g = p0 + 64 * q + 32 * h;
+                if (h == 0 && (q & 1) == 0) __builtin_prefetch(p0 + panel + 64 * q, 0, 1);
+                /* columns 0-3 and 4-7 of the half, 4 k each, widened to int16 */
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)g));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(g + 16)));
+                for (int m = 0; m < rows; m++) {
+                    const __m256i xv = _mm256_set1_epi64x((long long)xq[q * rows + m]);
+                    lo[m] = _mm256_add_epi32(lo[m], _mm256_madd_epi16(w0, xv));
+                    hi[m] = _mm256_add_epi32(hi[m], _mm256_madd_epi16(w1, xv));
+                }
+            }
+            for (int m = 0; m < rows; m++) {
+                /* lanes (c, k pair): hadd gives columns 0 1 4 5 | 2 3 6 7 */
+                const __m256i c = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[m], hi[m]), 0xD8);
+                _mm256_storeu_si256((__m256i *)(sums[m] + 8 * h), c);
+            }
+        }
+        const int c = 16 * j;
+        const vec16 s = load16(aux + c), bias = load16(b + c);
+        for (int m = 0; m < rows; m++) {
+            const vec16 v = __builtin_convertvector(loadi16(sums[m]), vec16);
+            store16(y + m * ldy + c, activate(v * (splat(sx[m]) * s) + bias, act));
+        }
+    }
+}
+#endif
+
 /* quantize rows x[0:rows] (ldx apart, K each, K % 16 == 0) into xq (uint32 groups,
- * xq[q * rows + m] = bytes x_q[m][4q + t] + 128) and their scales sx[m]; an all-zero
+ * xq[q * rows + m] = bytes x_q[m][4q + t] + 128; Q8_MADD builds: uint64 groups of the
+ * 4 int16 x_q[m][4q + t]) and their scales sx[m]; an all-zero
  * row gets scale 0 (its products vanish, y = b). Rounding is to nearest even by the
  * 1.5 * 2^23 trick (exact for |v| <= 127; -ffp-contract does not reassociate it). */
-static void quantize_rows(const float *x, int64_t ldx, int rows, int K, uint32_t *xq, float *sx) {
+static void quantize_rows(const float *x, int64_t ldx, int rows, int K, void *xq, float *sx) {
     const ivec16 magnitude = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
                               0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
                               0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
@@ -386,7 +443,16 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, uint32_t
             v = (v + round) - round;
             v = select16(v > hi, hi, v);
             v = select16(v < lo, lo, v);
-            const ivec16 u = __builtin_convertvector(v, ivec16) + 128;
+            const ivec16 iv = __builtin_convertvector(v, ivec16);
+#if Q8_MADD
+            for (int i = 0; i < 4; i++) {
+                uint64_t g = 0;
+                for (int t = 0; t < 4; t++) g |= (uint64_t)(uint16_t)(int16_t)iv[4 * i + t] << (16 * t);
+                ((uint64_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g;
+            }
+            continue;
+#endif
+            const ivec16 u = iv + 128;
             uint32_t g[4];
 #if defined(__AVX512F__)
             _mm_storeu_si128((__m128i *)g, _mm512_cvtepi32_epi8((__m512i)u));
@@ -395,7 +461,7 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, uint32_t
                 g[i] = (uint32_t)u[4 * i] | (uint32_t)u[4 * i + 1] << 8 | (uint32_t)u[4 * i + 2] << 16
                        | (uint32_t)u[4 * i + 3] << 24;
 #endif
-            for (int i = 0; i < 4; i++) xq[(int64_t)(k / 4 + i) * rows + m] = g[i];
+            for (int i = 0; i < 4; i++) ((uint32_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g[i];
         }
     }
 }
@@ -417,7 +483,11 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, uint32_t
 #define Q8_CASES switch (r) { \
     Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) default: break; }
 #endif
-#define Q8_CASE(R) case R: tile_q8(xq, sx, R, K, N, w, scale, b, y, ldy, act); break;
+#if Q8_MADD
+#define Q8_CASE(R) case R: tile_q8_madd((const uint64_t *)xq, sx, R, K, N, w, scale, b, y, ldy, act); break;
+#else
+#define Q8_CASE(R) case R: tile_q8((const uint32_t *)xq, sx, R, K, N, w, scale, b, y, ldy, act); break;
+#endif
 
 /* y[0:rows] = act(x[0:rows] W + b), in the fewest tiles of up to MAX_TILE rows, of
  * balanced sizes (16 rows = 8 + 8, not 12 + 4: a tile costs at least one pass over W).
@@ -429,7 +499,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
         const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
         const int r = (int)((rows + tiles - 1) / tiles);
         if (wt == WT_Q8) {     /* xt's room (MAX_TILE * K floats) holds the uint8 rows */
-            uint32_t *xq = (uint32_t *)xt;
+            void *xq = xt;
             float sx[TILE_ROWS];
             quantize_rows(x, ldx, r, K, xq, sx);
             Q8_CASES
