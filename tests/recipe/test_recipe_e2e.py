@@ -188,6 +188,16 @@ def test_stages_0_to_7_then_rerun_changes_nothing(easy_corpus, tmp_path):
     assert "skipping" in r2.stderr
     assert snapshot(ws) == before
 
+    # stage 5 again with w8a8 experts (int8 weights and rows): its own result directory,
+    # beside the fp32 ones, in the CER table
+    r = run_recipe(ws, None, "--stage", "5", "--stop_stage", "5", "--average_num", "1",
+                   "--decode_expert_precision", "w8a8", "--decode_sets", "dev", "--decode_chunks", "16",
+                   "--decode_modes", "ctc_greedy_search", sets=easy_corpus)
+    rdir = exp / "decode_dev@w8a8_chunk16" / "ctc_greedy_search"
+    assert sorted(read_hyps(rdir / "text")) == sorted(refs)
+    assert overall_cer(rdir / "wer") <= CER_BOUND["ctc_greedy_search"]
+    assert "CER (%) on dev@w8a8" in r.stdout
+
     # stages 8-9: character LM + TLG graph from the training text, decoding with the
     # graph, with hotwords (phrases of the training transcripts) and with both; a rerun
     # changes nothing

@@ -126,3 +126,34 @@ def test_pick_checkpoint(tmp_path):
     assert pick_checkpoint(str(tmp_path)).endswith("avg_5.pt")
     with pytest.raises(FileNotFoundError, match="no avg"):
         pick_checkpoint(str(tmp_path / "empty_does_not_exist"))
+
+
+def test_expert_precision_override(model_dir, tmp_path):
+    """--expert_precision / load_model_dir(expert_precision=...) set every MoE layer's
+    moe_conf.expert_precision for the decode (w8a8 moves the encoder output, by less than
+    5 % of its range); a dense model or an unknown value is a one-line error."""
+    from wenet_moe.bin.transcribe import features, load_model_dir
+    from wenet_moe.config import ConfigError
+    from wenet_moe.layers.moe import MoEFFN
+    from wenet_moe.model.loading import with_expert_precision
+    d, wavs = model_dir
+    outs = {}
+    for precision in (None, "w8a8"):
+        model, _, configs, _ = load_model_dir(str(d), str(d / "avg_1.pt"), expert_precision=precision)
+        moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+        assert moes and all(m.expert_precision == (precision or "fp32") for m in moes)
+        x = features(str(wavs[0]), configs)[None]
+        with torch.inference_mode():
+            outs[precision] = model.encode(x, torch.tensor([x.size(1)]))[0]
+    span = outs[None].abs().max().item()
+    assert 1e-5 < (outs["w8a8"] - outs[None]).abs().max().item() < 0.05 * span
+    r = cli("transcribe", "--model_dir", d, "--mode", "ctc_greedy_search", "--expert_precision", "w8a8", wavs[0])
+    assert r.returncode == 0 and r.stdout.startswith("utt0\t"), r.stderr
+    dense = yaml.safe_load((d / "train.yaml").read_text(encoding="utf-8"))
+    for part in ("encoder_conf", "decoder_conf"):
+        dense[part]["mlp_type"] = "dense"
+    with pytest.raises(ConfigError, match="--expert_precision int8: the model has no MoE layers"):
+        with_expert_precision(dense, "int8")
+    with pytest.raises(ConfigError, match="--expert_precision: expected one of fp32, bf16, int8, w8a8"):
+        with_expert_precision(dense, "fp8")
+    assert with_expert_precision(dense, None) is dense

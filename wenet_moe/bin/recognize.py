@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=-1, help="WeNet's flag: GPU id (-1: use --device)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--expert_precision", default=None, choices=["fp32", "bf16", "int8", "w8a8"],
+                        help="moe_conf.expert_precision for this decode (CPU; default: the config's)")
     from wenet_moe_runtime.context import add_context_arguments
     from wenet_moe_runtime.wfst import add_wfst_arguments
     add_context_arguments(parser)  # hotwords: --context_path, --context_score, bounds
@@ -102,7 +104,9 @@ def main(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.test_data):
         raise FileNotFoundError(f"--test_data {args.test_data}: no such file")
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else args.device)
+    from wenet_moe.model.loading import with_expert_precision
     configs = test_configs(load_yaml(args.config), 1 if args.simulate_streaming else args.batch_size)
+    configs = with_expert_precision(configs, args.expert_precision)
     if "input_dim" not in configs or "output_dim" not in configs:
         raise ConfigError(f"{args.config}: no input_dim/output_dim; pass the train.yaml written by train")
     tokenizer = build_tokenizer(configs)

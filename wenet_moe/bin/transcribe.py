@@ -14,7 +14,7 @@ import glob
 import os
 import re
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctc_weight", type=float, default=0.3, help="CTC weight in rescoring")
     parser.add_argument("--reverse_weight", type=float, default=0.5, help="right-to-left decoder weight")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--expert_precision", default=None, choices=["fp32", "bf16", "int8", "w8a8"],
+                        help="moe_conf.expert_precision for this decode (CPU; default: the config's)")
 
 
 def pick_checkpoint(model_dir: str) -> str:
@@ -48,15 +50,18 @@ def pick_checkpoint(model_dir: str) -> str:
     raise FileNotFoundError(f"{model_dir}: no avg_*.pt, final.pt or N.pt checkpoint")
 
 
-def load_model_dir(model_dir: str, checkpoint: str = "", device: str = "cpu"):
-    """(model, tokenizer, configs, checkpoint path) of a training directory."""
+def load_model_dir(model_dir: str, checkpoint: str = "", device: str = "cpu",
+                   expert_precision: Optional[str] = None):
+    """(model, tokenizer, configs, checkpoint path) of a training directory;
+    `expert_precision` overrides moe_conf.expert_precision (None: the config's)."""
     from wenet_moe.data import build_tokenizer
-    from wenet_moe.model.loading import build_and_load, load_configs
+    from wenet_moe.model.loading import build_and_load, load_configs, with_expert_precision
 
     cfg_path = os.path.join(model_dir, "train.yaml")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{model_dir}: no train.yaml (not a training directory)")
     _, configs = load_configs(cfg_path)
+    configs = with_expert_precision(configs, expert_precision)
     ckpt = checkpoint or pick_checkpoint(model_dir)
     model = build_and_load(configs, ckpt)
     return model.to(torch.device(device)), build_tokenizer(configs), configs, ckpt
@@ -74,7 +79,8 @@ def features(path: str, configs: Dict) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    model, tokenizer, configs, ckpt = load_model_dir(args.model_dir, args.checkpoint, args.device)
+    model, tokenizer, configs, ckpt = load_model_dir(args.model_dir, args.checkpoint, args.device,
+                                                     args.expert_precision)
     print(f"wenet-moe transcribe: {ckpt}, mode {args.mode}", file=sys.stderr)
     failed = 0
     for path in args.wavs:

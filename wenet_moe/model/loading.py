@@ -58,6 +58,25 @@ def load_configs(config_path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return raw, configs
 
 
+def with_expert_precision(configs: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
+    """`configs` with `moe_conf.expert_precision` = `precision` (a decode-time choice:
+    the packed experts' weights, and rows for w8a8; the parameters are unchanged), or
+    `configs` itself for None. ConfigError (one line) for an unknown value or a model
+    without MoE layers."""
+    if precision is None:
+        return configs
+    from wenet_moe.layers.moe_router import EXPERT_PRECISIONS
+    if precision not in EXPERT_PRECISIONS:
+        raise ConfigError(f"--expert_precision: expected one of {', '.join(EXPERT_PRECISIONS)}, "
+                          f"got {precision!r}")
+    if not any((configs.get(part) or {}).get("mlp_type") == "moe" for part in ("encoder_conf", "decoder_conf")):
+        raise ConfigError(f"--expert_precision {precision}: the model has no MoE layers "
+                          f"(encoder_conf / decoder_conf mlp_type is not moe)")
+    configs = copy.deepcopy(configs)
+    configs["moe_conf"] = dict(configs.get("moe_conf") or {}, expert_precision=precision)
+    return configs
+
+
 def build_and_load(configs: Dict[str, Any], checkpoint: str) -> torch.nn.Module:
     """The ASRModel of `configs` with the weights of `checkpoint`, in eval mode, CPU fp32."""
     from wenet_moe.model import build_model

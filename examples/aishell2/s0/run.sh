@@ -52,6 +52,8 @@ batch_size=16
 ctc_weight=0.5
 reverse_weight=0.5
 decode_threads=0
+decode_expert_precision= # fp32 | bf16 | int8 | w8a8: MoE experts of stage 5's CPU decode (default: moe_conf);
+                         # results go to decode_<set>@<precision>_<tag>
 
 export_chunk_size=16     # streaming ONNX export
 export_left_chunks=-1
@@ -231,10 +233,12 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
   fi
   decode_device=cpu
   [ "$(count_gpus)" -gt 0 ] && decode_device=cuda
+  prec=(); sfx=
+  [ -n "$decode_expert_precision" ] && prec=(--expert_precision $decode_expert_precision) && sfx=@$decode_expert_precision
   for x in $decode_sets; do
     for chunk in $decode_chunks; do
       if [ "$chunk" = -1 ]; then tag=full; else tag=chunk$chunk; fi
-      rdir=$dir/decode_${x}_$tag
+      rdir=$dir/decode_${x}${sfx}_$tag
       todo=()
       for mode in $decode_modes; do [ -s $rdir/$mode/text ] || todo+=($mode); done
       if [ ${#todo[@]} -gt 0 ]; then
@@ -242,7 +246,7 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
         wenet_moe recognize --config $dir/train.yaml --checkpoint $avg_model --data_type $data_type \
           --test_data data/$x/data.list --result_dir $rdir --modes "${todo[@]}" --beam_size $beam_size \
           --batch_size $batch_size --decoding_chunk_size $chunk --ctc_weight $ctc_weight \
-          --reverse_weight $reverse_weight --threads $decode_threads --device $decode_device
+          --reverse_weight $reverse_weight --threads $decode_threads --device $decode_device "${prec[@]}"
       else
         log 5 "data/$x ($tag) is decoded, skipping"
       fi
