@@ -1,0 +1,142 @@
+"""Where the runtime's MoE / Dense-S gap at streaming chunks comes from: bytes or dispatch.
+
+For an MoE export and a dense export of the same shape (e.g. `bench/rtf.py`'s
+work-dir entries), this writes a copy of the MoE's `encoder.onnx` in which every
+expert of a layer uses expert 0's weights (same nodes, same routing, same rows per
+expert: only the weights read differ, one expert's per layer instead of every chosen
+one's), and times the three encoders through the torch-free runtime
+(`encode_utterance`, chunk by chunk, interleaved, median of `--reps`):
+
+    dispatch = MoE-shared / Dense-S          the exported dispatch, routers and small-M
+                                             GEMMs from cache (1.0: free)
+    bytes    = (MoE - MoE-shared) / Dense-S  reading the other chosen experts
+    GB/s     = those extra bytes / their time (the chosen experts are counted from the
+               routers' TopK outputs, added as graph outputs in the copy)
+
+so MoE / Dense-S = dispatch + bytes. When the bytes term alone exceeds the target's
+margin, no dispatch can meet it at that precision: only fewer bytes (int8 experts) do.
+
+    python bench/runtime_expert_bytes.py /tmp/rtfwork/dense_s-5000-0 /tmp/rtfwork/moe_topk-5000-0
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
+_EXPERT = re.compile(r"(moe\d+)/expert(\d+)/(w1|w2|b1|b2)")
+
+
+def shared_expert_copy(moe_dir: str, out_dir: str, router_outputs: bool) -> int:
+    """Write `out_dir`: `moe_dir` with an encoder.onnx whose expert nodes all read their
+    layer's expert-0 weights (`router_outputs`: the routers' TopK indices become extra
+    outputs after the encoder's three). Returns the number of routers."""
+    import onnx
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(moe_dir):
+        if name.endswith(".onnx") or os.path.isdir(os.path.join(moe_dir, name)):
+            continue
+        shutil.copy(os.path.join(moe_dir, name), out_dir)
+    for name in ("ctc.onnx", "decoder.onnx"):
+        if os.path.exists(os.path.join(moe_dir, name)):
+            shutil.copy(os.path.join(moe_dir, name), out_dir)
+    proto = onnx.load(os.path.join(moe_dir, "encoder.onnx"))
+    graph = proto.graph
+    rewired = 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            m = _EXPERT.fullmatch(name)
+            if m and m.group(2) != "0":
+                node.input[i] = f"{m.group(1)}/expert0/{m.group(3)}"
+                rewired += 1
+    if not rewired:
+        raise SystemExit(f"{moe_dir}/encoder.onnx: no moe<j>/expert<e>/ weights (not an MoE export)")
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    # routers: TopK with a constant K (the dispatch's argsort is a TopK of dynamic K)
+    constants = {t.name for t in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    routers = [node for node in graph.node if node.op_type == "TopK" and node.input[1] in constants]
+    if router_outputs:
+        for node in routers:
+            graph.output.add(name=node.output[1])
+    onnx.save(proto, os.path.join(out_dir, "encoder.onnx"))
+    return len(routers)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dense_dir")
+    p.add_argument("moe_dir")
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    from wenet_moe_runtime.model import OnnxAsrModel
+    from wenet_moe_runtime.offline import encode_chunks, encode_utterance
+
+    print(machine.describe())
+    work = tempfile.mkdtemp(prefix="expert_bytes_")
+    try:
+        n_routers = shared_expert_copy(args.moe_dir, os.path.join(work, "shared"), False)
+        shared_expert_copy(args.moe_dir, os.path.join(work, "count"), True)
+        feats = np.random.default_rng(0).standard_normal((int(args.seconds * 100), 80)).astype(np.float32)
+        # distinct experts per chunk and router, from the counting copy's TopK outputs
+        counter = OnnxAsrModel(os.path.join(work, "count"), num_threads=args.threads)
+        session, distinct = counter.sessions["encoder"], []
+
+        class Counting:
+            """The encoder session, returning its first three outputs and counting the rest."""
+            def run(self, outputs, feeds, *rest):
+                result = session.run(None, feeds, *rest)
+                distinct.extend(len(np.unique(r)) for r in result[3:])
+                return result[:3]
+        counter.sessions["encoder"] = Counting()
+        encode_chunks(counter, feats, args.chunk)
+        del counter
+        calls = len(distinct) // n_routers
+        models = {"dense_s": OnnxAsrModel(args.dense_dir, num_threads=args.threads),
+                  "moe": OnnxAsrModel(args.moe_dir, num_threads=args.threads),
+                  "moe_shared": OnnxAsrModel(os.path.join(work, "shared"), num_threads=args.threads)}
+        init = {t.name: t for t in __import__("onnx").load(os.path.join(args.moe_dir, "encoder.onnx")).graph.initializer
+                if _EXPERT.fullmatch(t.name) and t.name.endswith("/expert0/w1")}
+        w1 = next(iter(init.values()))
+        expert_bytes = 2 * int(np.prod(w1.dims)) * 4
+        extra = (sum(distinct) - len(distinct)) * expert_bytes      # beyond one expert per router
+        times = {name: [] for name in models}
+        for _ in range(args.reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                encode_utterance(model, feats, args.chunk)
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    dense = med["dense_s"]
+    bytes_time = med["moe"] - med["moe_shared"]
+    print(f"chunk {args.chunk}, {args.seconds:g} s random features, {args.threads} thread(s), "
+          f"{calls} encoder calls, {n_routers} routers: {np.mean(distinct):.2f} distinct experts per "
+          f"chunk and router (expert {expert_bytes / 2**20:.1f} MiB)")
+    for name in models:
+        print(f"  {name:<11} {med[name]:.4f} s  ({med[name] / dense:.2f} x Dense-S)")
+    gbs = extra / bytes_time / 1e9 if bytes_time > 0 else float("inf")
+    print(f"SUMMARY MoE/Dense-S {med['moe'] / dense:.2f} = dispatch {med['moe_shared'] / dense:.2f} "
+          f"+ bytes {bytes_time / dense:.2f} ({extra / calls / 2**20:.0f} MiB of other experts per "
+          f"call at {gbs:.1f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()
