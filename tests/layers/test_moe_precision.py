@@ -66,6 +66,15 @@ def make(router, k, activation, precision, packed=True, n_expert=5):
     return MoEFactory(DIM, HIDDEN, 0.1, activation, n_expert, k, conf, False)().eval()
 
 
+def warnings_of_two_calls(layer, caplog, key: str):
+    """Messages containing `key` that the MoE module logs over two inference calls."""
+    x = torch.randn(1, 5, DIM)
+    with caplog.at_level(logging.WARNING, logger="wenet_moe.layers.moe"), torch.inference_mode():
+        layer(x, EMPTY)
+        layer(x, EMPTY)
+    return [r.getMessage() for r in caplog.records if key in r.getMessage()]
+
+
 KINDS = [pytest.param("kernel", marks=needs_kernel), pytest.param("onednn", marks=needs_onednn),
          "values"]
 
@@ -181,12 +190,7 @@ def test_w8a8_without_vnni_warns_once(monkeypatch, caplog):
         pytest.skip("no C kernel")
     monkeypatch.setattr(cpu_kernel, "int8_dot_kind", lambda: "avx2")
     monkeypatch.setattr(moe_module, "_PRECISION_WARNED", set())
-    layer = make("topk", 2, "relu", "w8a8", packed="kernel")
-    x = torch.randn(1, 5, DIM)
-    with caplog.at_level(logging.WARNING, logger="wenet_moe.layers.moe"), torch.inference_mode():
-        layer(x, EMPTY)
-        layer(x, EMPTY)
-    warnings = [r.getMessage() for r in caplog.records if "w8a8" in r.getMessage()]
+    warnings = warnings_of_two_calls(make("topk", 2, "relu", "w8a8", packed="kernel"), caplog, "w8a8")
     assert len(warnings) == 1 and "without VNNI" in warnings[0] and "vpmaddwd" in warnings[0]
 
 
@@ -287,10 +291,5 @@ def test_fallback_without_kernel_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernel, "library", lambda: None)
     monkeypatch.setattr(cpu_kernel, "disabled_reason", lambda: "no C compiler 'cc' on PATH")
     monkeypatch.setattr(moe_module, "_PRECISION_WARNED", set())
-    layer = make("topk", 2, "relu", "bf16")
-    x = torch.randn(1, 5, DIM)
-    with caplog.at_level(logging.WARNING, logger="wenet_moe.layers.moe"), torch.inference_mode():
-        layer(x, EMPTY)
-        layer(x, EMPTY)
-    warnings = [r.getMessage() for r in caplog.records if "expert_precision" in r.getMessage()]
+    warnings = warnings_of_two_calls(make("topk", 2, "relu", "bf16"), caplog, "expert_precision")
     assert len(warnings) == 1 and "no C compiler" in warnings[0] and "bf16" in warnings[0]
