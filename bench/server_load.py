@@ -172,6 +172,11 @@ def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: in
            "reference_chars": ref_chars,
            "rss_idle_mb": round(idle, 1), "rss_peak_mb": round(peak, 1),
            "rss_per_stream_mb": round((peak - idle) / n, 2)}
+    # CPU inside the ONNX sessions per audio second (the server's /health): the model
+    # part of rtf_cpu, apart from features, search and I/O, whose cost follows the
+    # hypotheses a model emits (random-weight models differ in that too)
+    for part, seconds in (stats.get("session_cpu_s") or {}).items():
+        out[f"{part}_cpu_per_audio_s"] = round(seconds / audio, 4) if audio else None
     out["realtime"] = bool(out["failures"] == 0 and len(final) == len(results)
                            and pct(final, 95) * 1000 < args.rt_latency_ms
                            and cpu / wall < 0.95 * args.cores)
@@ -259,15 +264,21 @@ def compare_exports(args, dir_a: str, dir_b: str) -> int:
                               "B": pair[1]}), flush=True)
     print(f"\nA = {dir_a}\nB = {dir_b}")
     print("| streams | batched encoder (streams/call A / B) | CPU s / audio s A | B | B / A | "
+          "encoder CPU s / audio s A | B | B / A | decoder B / A | reference chars A / B | "
           "p95 final ms A | B | B / A | CER vs offline A / B |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(b_value, a_value) -> float:
+        return b_value / a_value if a_value and b_value else float("nan")
     for n, batched, (a, b) in rows:
-        cpu_ratio = b["rtf_cpu"] / a["rtf_cpu"] if a["rtf_cpu"] and b["rtf_cpu"] else float("nan")
-        lat_ratio = b["final_p95_ms"] / a["final_p95_ms"] if a["final_p95_ms"] else float("nan")
         used = (f"on ({a['streams_per_batched_call']} / {b['streams_per_batched_call']})"
                 if a["batched_encoder"] or b["batched_encoder"] else "off")
-        print(f"| {n} | {used} | {a['rtf_cpu']} | {b['rtf_cpu']} | {cpu_ratio:.2f} | "
-              f"{a['final_p95_ms']} | {b['final_p95_ms']} | {lat_ratio:.2f} | "
+        enc_a, enc_b = a.get("encoder_cpu_per_audio_s"), b.get("encoder_cpu_per_audio_s")
+        print(f"| {n} | {used} | {a['rtf_cpu']} | {b['rtf_cpu']} | {ratio(b['rtf_cpu'], a['rtf_cpu']):.2f} | "
+              f"{enc_a} | {enc_b} | {ratio(enc_b, enc_a):.2f} | "
+              f"{ratio(b.get('decoder_cpu_per_audio_s'), a.get('decoder_cpu_per_audio_s')):.2f} | "
+              f"{a['reference_chars']} / {b['reference_chars']} | "
+              f"{a['final_p95_ms']} | {b['final_p95_ms']} | {ratio(b['final_p95_ms'], a['final_p95_ms']):.2f} | "
               f"{a['cer_vs_offline_pct']} / {b['cer_vs_offline_pct']} |")
     if args.out:
         write_json_atomic(args.out, {"A": dir_a, "B": dir_b, "rows": [

@@ -248,6 +248,25 @@ def test_server_batches_concurrent_streams_like_solo_decoding(batch_exports):
     assert health["batched_encoder"] and health["max_batch"] == 8
     assert health["encoder_batched_calls"] > 0
     assert health["encoder_batched_streams"] >= 2 * health["encoder_batched_calls"]
+    # CPU inside the sessions: encoder and CTC ran, the decoder never (ctc_greedy)
+    cpu = health["session_cpu_s"]
+    assert cpu["encoder"] > 0 and cpu["ctc"] > 0 and cpu["decoder"] == 0
+
+
+def test_session_cpu_counts_each_part(batch_exports):
+    """`session_cpu_s` adds the calling thread's CPU time of each session run to its
+    part: decoding with rescoring charges encoder, CTC and decoder; a second decode
+    adds to each."""
+    from wenet_moe_runtime.offline import decode_samples
+    model = OnnxAsrModel(batch_exports["full"])
+    wav = _wavs()[1][0]
+    decode_samples(model, wav, DecodeOptions(mode="attention_rescoring"))
+    first = dict(model.session_cpu_s)
+    assert all(first[part] > 0 for part in ("encoder", "ctc", "decoder")), first
+    decode_samples(model, wav, DecodeOptions(mode="ctc_greedy"))
+    second = model.session_cpu_s
+    assert second["encoder"] > first["encoder"] and second["ctc"] > first["ctc"]
+    assert second["decoder"] == first["decoder"]
 
 
 def test_workers_gather_only_while_another_stream_is_open(batch_exports):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -186,6 +187,10 @@ class OnnxAsrModel:
         self.batched_calls = 0       # encoder calls advancing >= 2 streams
         self.batched_streams = 0     # stream chunks they advanced
         self.single_calls = 0        # encoder calls advancing one stream
+        # CPU seconds of the calling threads inside each session's run (ONNX Runtime
+        # computes in the caller's thread with one intra-op thread): what a server's
+        # CPU goes to, apart from feature extraction and search (/health)
+        self.session_cpu_s = {"encoder": 0.0, "ctc": 0.0, "decoder": 0.0}
         if not os.path.isdir(model_dir):
             raise ModelError(f"{model_dir}: model directory does not exist")
         opts = ort.SessionOptions()
@@ -279,7 +284,7 @@ class OnnxAsrModel:
             if state.required_cache_size > 0:
                 mask[:, :, : cache_t - min(state.valid_cache, cache_t)] = False
             feeds["att_mask"] = mask
-        out, att_cache, cnn_cache = self.sessions["encoder"].run(None, feeds)
+        out, att_cache, cnn_cache = self._run("encoder", "encoder", feeds)
         with self._count_lock:
             self.single_calls += 1
         state.att_cache, state.cnn_cache = att_cache, cnn_cache
@@ -348,7 +353,7 @@ class OnnxAsrModel:
                  "att_cache": att,
                  "cnn_cache": np.stack([st.cnn_cache[:, 0] for st in states]),
                  "att_mask": mask}
-        out, _, r_att, r_cnn = self.sessions[BATCH_ENCODER].run(None, feeds)
+        out, _, r_att, r_cnn = self._run(BATCH_ENCODER, "encoder", feeds)
         with self._count_lock:
             if n == 1:
                 self.single_calls += 1
@@ -366,12 +371,22 @@ class OnnxAsrModel:
             results.append(out[r, :outs[r]].copy())
         return results
 
+    def _run(self, session: str, part: str, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        """sessions[session].run(None, feeds), its thread CPU time added to
+        `session_cpu_s[part]`."""
+        start = time.thread_time()
+        outs = self.sessions[session].run(None, feeds)
+        spent = time.thread_time() - start
+        with self._count_lock:
+            self.session_cpu_s[part] += spent
+        return outs
+
     # --------------------------------------------------------------------- ctc
     def ctc_log_probs(self, hidden: np.ndarray) -> np.ndarray:
         """(T, D) encoder output -> (T, V) CTC log-posteriors."""
         if hidden.shape[0] == 0:
             return np.zeros((0, self.info.vocab_size), np.float32)
-        return self.sessions["ctc"].run(None, {self._ctc_input: hidden[None]})[0][0]
+        return self._run("ctc", "ctc", {self._ctc_input: hidden[None]})[0][0]
 
     def ctc_log_probs_many(self, hiddens: Sequence[np.ndarray]) -> List[np.ndarray]:
         """CTC of several streams in one ONNX Runtime call.
@@ -412,7 +427,7 @@ class OnnxAsrModel:
         if "reverse_weight" in self._dec_inputs:
             feeds["reverse_weight"] = np.array(reverse_weight if use_reverse else 0.0,
                                                dtype=np.float32)
-        outs = self.sessions["decoder"].run(None, feeds)
+        outs = self._run("decoder", "decoder", feeds)
         # Gold targets: the hypothesis then <eos>; right-to-left: reversed, then <eos>.
         rows = np.arange(n)[:, None]
         pos = np.arange(width)[None, :]

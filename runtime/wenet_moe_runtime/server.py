@@ -177,7 +177,9 @@ class AsrServer:
                                "batch_wait_ms": 1000.0 * self.workers.batch_wait_s,
                                "encoder_batched_calls": self.model.batched_calls,
                                "encoder_batched_streams": self.model.batched_streams,
-                               "encoder_single_calls": self.model.single_calls})
+                               "encoder_single_calls": self.model.single_calls,
+                               "session_cpu_s": {k: round(v, 3) for k, v in
+                                                 self.model.session_cpu_s.items()}})
             return _response(http.HTTPStatus.OK, body, "application/json")
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
         full = os.path.join(WEB_DIR, name)
