@@ -44,7 +44,9 @@ experts in the eager PyTorch cases; `@int8` is also exported with `--expert_prec
 graphs whose experts are 8-bit `MatMulNBits`) and run in the fp32 runtime cases (ONNX
 Runtime has no bf16 CPU kernels: `@bf16` has no runtime cases). The SUMMARY line gives
 their MoE/Dense-S ratios too. When a runtime ratio misses its target, the ONNX Runtime
-node profile of both encoders (op types, ms per call) says where the time goes.
+node profile of both encoders (op types, ms per call) says which ops run; its per-node
+times inflate small nodes and do not add up to the wall time, so the split between the
+experts' bytes and the dispatch is measured by `bench/runtime_expert_bytes.py`.
 """
 from __future__ import annotations
 
@@ -525,7 +527,8 @@ def main() -> int:
                                 continue
                             chunk = CHUNK if mode == "chunk16" else -1
                             print(f"  {n} {case}: MoE/Dense-S {ratio:.2f} > {target}; ONNX Runtime "
-                                  f"encoder profile (ms per call summed by op type)")
+                                  f"encoder profile (ms per call summed by op type; bytes vs dispatch: "
+                                  f"bench/runtime_expert_bytes.py)")
                             for m in ("dense_s", n):
                                 print(f"    {m}: " + runtime_profile(exports[m], prec == "int8", chunk,
                                                                      fe, threads))
