@@ -45,8 +45,9 @@ graphs whose experts are 8-bit `MatMulNBits`) and run in the fp32 runtime cases 
 Runtime has no bf16 CPU kernels: `@bf16` has no runtime cases). The SUMMARY line gives
 their MoE/Dense-S ratios too. When a runtime ratio misses its target, the ONNX Runtime
 node profile of both encoders (op types, ms per call) says which ops run; its per-node
-times inflate small nodes and do not add up to the wall time, so the split between the
-experts' bytes and the dispatch is measured by `bench/runtime_expert_bytes.py`.
+times inflate small nodes and do not add up to the wall time, so for a fp32 chunk-16
+miss the bench also measures the split between the experts' bytes and the dispatch
+(`bench/runtime_expert_bytes.py`: a shared-expert copy of the MoE encoder).
 """
 from __future__ import annotations
 
@@ -527,11 +528,16 @@ def main() -> int:
                                 continue
                             chunk = CHUNK if mode == "chunk16" else -1
                             print(f"  {n} {case}: MoE/Dense-S {ratio:.2f} > {target}; ONNX Runtime "
-                                  f"encoder profile (ms per call summed by op type; bytes vs dispatch: "
-                                  f"bench/runtime_expert_bytes.py)")
+                                  f"encoder profile (ms per call summed by op type)")
                             for m in ("dense_s", n):
                                 print(f"    {m}: " + runtime_profile(exports[m], prec == "int8", chunk,
                                                                      fe, threads))
+                            if prec == "fp32" and mode == "chunk16" and "@" not in n:
+                                import runtime_expert_bytes
+                                gap = runtime_expert_bytes.split_gap(exports["dense_s"], exports[n], fe,
+                                                                     CHUNK, threads, args.reps)
+                                print("    bytes vs dispatch (bench/runtime_expert_bytes.py): "
+                                      + runtime_expert_bytes.summary(gap))
                 # where to look when MoE misses its target
                 for n in names:
                     if not n.startswith("moe") or "dense_s" not in results or args.runtime_only:

@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Dict, List
 
 import numpy as np
 
@@ -76,26 +77,22 @@ def shared_expert_copy(moe_dir: str, out_dir: str, router_outputs: bool) -> int:
     return len(routers)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dense_dir")
-    p.add_argument("moe_dir")
-    p.add_argument("--chunk", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
+              threads: int = 1, reps: int = 7) -> Dict[str, float]:
+    """Times Dense-S, the MoE and its shared-expert copy on `feats` (T, 80) chunk by
+    chunk; returns the median seconds ("dense_s", "moe", "moe_shared"), the encoder
+    calls, routers, mean distinct experts per chunk and router, one expert's bytes and
+    the other chosen experts' bytes per call ("extra_per_call")."""
+    import onnx
     from wenet_moe_runtime.model import OnnxAsrModel
     from wenet_moe_runtime.offline import encode_chunks, encode_utterance
 
-    print(machine.describe())
     work = tempfile.mkdtemp(prefix="expert_bytes_")
     try:
-        n_routers = shared_expert_copy(args.moe_dir, os.path.join(work, "shared"), False)
-        shared_expert_copy(args.moe_dir, os.path.join(work, "count"), True)
-        feats = np.random.default_rng(0).standard_normal((int(args.seconds * 100), 80)).astype(np.float32)
+        n_routers = shared_expert_copy(moe_dir, os.path.join(work, "shared"), False)
+        shared_expert_copy(moe_dir, os.path.join(work, "count"), True)
         # distinct experts per chunk and router, from the counting copy's TopK outputs
-        counter = OnnxAsrModel(os.path.join(work, "count"), num_threads=args.threads)
+        counter = OnnxAsrModel(os.path.join(work, "count"), num_threads=threads)
         session, distinct = counter.sessions["encoder"], []
 
         class Counting:
@@ -105,37 +102,60 @@ def main() -> None:
                 distinct.extend(len(np.unique(r)) for r in result[3:])
                 return result[:3]
         counter.sessions["encoder"] = Counting()
-        encode_chunks(counter, feats, args.chunk)
+        encode_chunks(counter, feats, chunk)
         del counter
-        calls = len(distinct) // n_routers
-        models = {"dense_s": OnnxAsrModel(args.dense_dir, num_threads=args.threads),
-                  "moe": OnnxAsrModel(args.moe_dir, num_threads=args.threads),
-                  "moe_shared": OnnxAsrModel(os.path.join(work, "shared"), num_threads=args.threads)}
-        init = {t.name: t for t in __import__("onnx").load(os.path.join(args.moe_dir, "encoder.onnx")).graph.initializer
-                if _EXPERT.fullmatch(t.name) and t.name.endswith("/expert0/w1")}
-        w1 = next(iter(init.values()))
-        expert_bytes = 2 * int(np.prod(w1.dims)) * 4
-        extra = (sum(distinct) - len(distinct)) * expert_bytes      # beyond one expert per router
-        times = {name: [] for name in models}
-        for _ in range(args.reps):
+        models = {"dense_s": OnnxAsrModel(dense_dir, num_threads=threads),
+                  "moe": OnnxAsrModel(moe_dir, num_threads=threads),
+                  "moe_shared": OnnxAsrModel(os.path.join(work, "shared"), num_threads=threads)}
+        w1 = next(t for t in onnx.load(os.path.join(moe_dir, "encoder.onnx")).graph.initializer
+                  if _EXPERT.fullmatch(t.name) and t.name.endswith("/expert0/w1"))
+        times: Dict[str, List[float]] = {name: [] for name in models}
+        for _ in range(reps):
             for name, model in models.items():
                 start = time.perf_counter()
-                encode_utterance(model, feats, args.chunk)
+                encode_utterance(model, feats, chunk)
                 times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(t) for name, t in times.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    dense = med["dense_s"]
-    bytes_time = med["moe"] - med["moe_shared"]
+    calls = max(1, len(distinct) // n_routers)
+    expert_bytes = 2 * int(np.prod(w1.dims)) * 4
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out.update(calls=calls, routers=n_routers, distinct=float(np.mean(distinct)),
+               expert_bytes=expert_bytes,
+               # beyond one expert per router and call (the copy reads that one too)
+               extra_per_call=(sum(distinct) - len(distinct)) * expert_bytes / calls)
+    return out
+
+
+def summary(gap: Dict[str, float]) -> str:
+    """'MoE/Dense-S r = dispatch d + bytes b (... MiB ... at ... GB/s)' of `split_gap`."""
+    dense = gap["dense_s"]
+    bytes_time = (gap["moe"] - gap["moe_shared"]) / gap["calls"]
+    gbs = gap["extra_per_call"] / bytes_time / 1e9 if bytes_time > 0 else float("inf")
+    return (f"MoE/Dense-S {gap['moe'] / dense:.2f} = dispatch {gap['moe_shared'] / dense:.2f} "
+            f"+ bytes {(gap['moe'] - gap['moe_shared']) / dense:.2f} ({gap['extra_per_call'] / 2**20:.0f} "
+            f"MiB of other chosen experts per call at {gbs:.1f} GB/s; {gap['distinct']:.2f} distinct "
+            f"experts per chunk and router)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dense_dir")
+    p.add_argument("moe_dir")
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    print(machine.describe())
+    feats = np.random.default_rng(0).standard_normal((int(args.seconds * 100), 80)).astype(np.float32)
+    gap = split_gap(args.dense_dir, args.moe_dir, feats, args.chunk, args.threads, args.reps)
     print(f"chunk {args.chunk}, {args.seconds:g} s random features, {args.threads} thread(s), "
-          f"{calls} encoder calls, {n_routers} routers: {np.mean(distinct):.2f} distinct experts per "
-          f"chunk and router (expert {expert_bytes / 2**20:.1f} MiB)")
-    for name in models:
-        print(f"  {name:<11} {med[name]:.4f} s  ({med[name] / dense:.2f} x Dense-S)")
-    gbs = extra / bytes_time / 1e9 if bytes_time > 0 else float("inf")
-    print(f"SUMMARY MoE/Dense-S {med['moe'] / dense:.2f} = dispatch {med['moe_shared'] / dense:.2f} "
-          f"+ bytes {bytes_time / dense:.2f} ({extra / calls / 2**20:.0f} MiB of other experts per "
-          f"call at {gbs:.1f} GB/s)")
+          f"{gap['calls']} encoder calls, {gap['routers']} routers, expert "
+          f"{gap['expert_bytes'] / 2**20:.1f} MiB")
+    for name in ("dense_s", "moe", "moe_shared"):
+        print(f"  {name:<11} {gap[name]:.4f} s  ({gap[name] / gap['dense_s']:.2f} x Dense-S)")
+    print("SUMMARY " + summary(gap))
 
 
 if __name__ == "__main__":
