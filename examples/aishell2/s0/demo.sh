@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: synthesize a ~3 h Mandarin corpus, run the recipe's stages 0-7
-# with a small U2++ MoE config, print the CER table and transcribe one wav
+# with a small U2++ MoE config (dev also decoded with w8a8 experts), print the CER
+# table and transcribe one wav
 # through the torch-free runtime; then stages 8-9: CER on dev and test without
 # and with a character n-gram LM (TLG) and with hotwords drawn from test phrases
 # absent from the training text (tools/make_hotwords.py). Work happens in $DEMO_WORK (default: demo/ at
@@ -53,6 +54,10 @@ bash run.sh --stage 0 --stop_stage 7 --nj "$nj" \
   --train_config "$config" --dir $exp --average_num "$average_num" --val_best false \
   --decode_sets dev --runtime_set test --batch_size 32 --num_workers 1 --seed "$train_seed" \
   --cpu_procs "$cpu_procs"
+
+say "dev decoded again with w8a8 experts (int8 weights and rows; VNNI dot products where the CPU has them)"
+bash run.sh --stage 5 --stop_stage 5 --dir $exp --average_num "$average_num" --val_best false \
+  --decode_sets dev --decode_expert_precision w8a8 --batch_size 32 --num_workers 1 > /dev/null
 
 say "results"
 "$PYTHON" local/cer_table.py $exp | tee $exp/RESULTS.md

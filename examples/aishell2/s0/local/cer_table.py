@@ -52,7 +52,7 @@ def tag_key(tag: str):
 
 def format_table(table) -> str:
     out = []
-    for split, by_tag in table.items():
+    for split, by_tag in sorted(table.items()):   # a set before its @precision decodes
         tags = sorted(by_tag, key=tag_key)
         modes = sorted({m for t in by_tag.values() for m in t},
                        key=lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else 99, m))
