@@ -69,6 +69,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
+from wenet_moe.layers import cpu_kernel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "examples", "aishell2", "s0", "conf")
@@ -368,7 +369,7 @@ def main() -> int:
     p.add_argument("--features", nargs="+", choices=["random", "speech"], help="default: both")
     p.add_argument("--precisions", nargs="*", choices=["fp32", "int8"],
                    help="runtime precisions (default: both; none: no runtime cases)")
-    p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8", "w8a8"],
+    p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=list(cpu_kernel.PRECISIONS),
                    help="moe_conf.expert_precision of the PyTorch MoE models: each value other than "
                         "fp32 adds a copy of every MoE model (shared parameters) named moe_<router>@<value>; "
                         "@int8 also runs the fp32 runtime cases, exported with --expert_precision int8")

@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -38,19 +38,12 @@ import machine  # noqa: E402
 _EXPERT = re.compile(r"(moe\d+)/expert(\d+)/(w1|w2|b1|b2)")
 
 
-def shared_expert_copy(moe_dir: str, out_dir: str, router_outputs: bool) -> int:
-    """Write `out_dir`: `moe_dir` with an encoder.onnx whose expert nodes all read their
-    layer's expert-0 weights (`router_outputs`: the routers' TopK indices become extra
-    outputs after the encoder's three). Returns the number of routers."""
+def shared_expert_copies(moe_dir: str, work: str) -> Tuple[int, int]:
+    """Write `work`/shared and `work`/count: `moe_dir` with an encoder.onnx whose expert
+    nodes all read their layer's expert-0 weights (the other files linked, not copied);
+    in `count` the routers' TopK indices are also outputs after the encoder's three.
+    Returns (routers, bytes of one expert's w1 + w2 in fp32)."""
     import onnx
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(moe_dir):
-        if name.endswith(".onnx") or os.path.isdir(os.path.join(moe_dir, name)):
-            continue
-        shutil.copy(os.path.join(moe_dir, name), out_dir)
-    for name in ("ctc.onnx", "decoder.onnx"):
-        if os.path.exists(os.path.join(moe_dir, name)):
-            shutil.copy(os.path.join(moe_dir, name), out_dir)
     proto = onnx.load(os.path.join(moe_dir, "encoder.onnx"))
     graph = proto.graph
     rewired = 0
@@ -66,15 +59,22 @@ def shared_expert_copy(moe_dir: str, out_dir: str, router_outputs: bool) -> int:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    w1 = next(t for t in keep if _EXPERT.fullmatch(t.name) and t.name.endswith("/expert0/w1"))
     # routers: TopK with a constant K (the dispatch's argsort is a TopK of dynamic K)
     constants = {t.name for t in graph.initializer}
     constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
     routers = [node for node in graph.node if node.op_type == "TopK" and node.input[1] in constants]
-    if router_outputs:
-        for node in routers:
-            graph.output.add(name=node.output[1])
-    onnx.save(proto, os.path.join(out_dir, "encoder.onnx"))
-    return len(routers)
+    for variant in ("shared", "count"):
+        out_dir = os.path.join(work, variant)
+        os.makedirs(out_dir)
+        for name in os.listdir(moe_dir):
+            if name != "encoder.onnx" and not name.startswith("encoder_batch"):
+                os.symlink(os.path.abspath(os.path.join(moe_dir, name)), os.path.join(out_dir, name))
+        if variant == "count":
+            for node in routers:
+                graph.output.add(name=node.output[1])
+        onnx.save(proto, os.path.join(out_dir, "encoder.onnx"))
+    return len(routers), 2 * int(np.prod(w1.dims)) * 4
 
 
 def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
@@ -83,14 +83,12 @@ def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
     chunk; returns the median seconds ("dense_s", "moe", "moe_shared"), the encoder
     calls, routers, mean distinct experts per chunk and router, one expert's bytes and
     the other chosen experts' bytes per call ("extra_per_call")."""
-    import onnx
     from wenet_moe_runtime.model import OnnxAsrModel
     from wenet_moe_runtime.offline import encode_chunks, encode_utterance
 
     work = tempfile.mkdtemp(prefix="expert_bytes_")
     try:
-        n_routers = shared_expert_copy(moe_dir, os.path.join(work, "shared"), False)
-        shared_expert_copy(moe_dir, os.path.join(work, "count"), True)
+        n_routers, expert_bytes = shared_expert_copies(moe_dir, work)
         # distinct experts per chunk and router, from the counting copy's TopK outputs
         counter = OnnxAsrModel(os.path.join(work, "count"), num_threads=threads)
         session, distinct = counter.sessions["encoder"], []
@@ -107,8 +105,6 @@ def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
         models = {"dense_s": OnnxAsrModel(dense_dir, num_threads=threads),
                   "moe": OnnxAsrModel(moe_dir, num_threads=threads),
                   "moe_shared": OnnxAsrModel(os.path.join(work, "shared"), num_threads=threads)}
-        w1 = next(t for t in onnx.load(os.path.join(moe_dir, "encoder.onnx")).graph.initializer
-                  if _EXPERT.fullmatch(t.name) and t.name.endswith("/expert0/w1"))
         times: Dict[str, List[float]] = {name: [] for name in models}
         for _ in range(reps):
             for name, model in models.items():
@@ -118,7 +114,6 @@ def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     calls = max(1, len(distinct) // n_routers)
-    expert_bytes = 2 * int(np.prod(w1.dims)) * 4
     out = {name: statistics.median(t) for name, t in times.items()}
     out.update(calls=calls, routers=n_routers, distinct=float(np.mean(distinct)),
                expert_bytes=expert_bytes,

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=-1, help="WeNet's flag: GPU id (-1: use --device)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    parser.add_argument("--expert_precision", default=None, choices=["fp32", "bf16", "int8", "w8a8"],
+    from wenet_moe.layers.cpu_kernel import PRECISIONS
+    parser.add_argument("--expert_precision", default=None, choices=list(PRECISIONS),
                         help="moe_conf.expert_precision for this decode (CPU; default: the config's)")
     from wenet_moe_runtime.context import add_context_arguments
     from wenet_moe_runtime.wfst import add_wfst_arguments

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctc_weight", type=float, default=0.3, help="CTC weight in rescoring")
     parser.add_argument("--reverse_weight", type=float, default=0.5, help="right-to-left decoder weight")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--expert_precision", default=None, choices=["fp32", "bf16", "int8", "w8a8"],
+    from wenet_moe.layers.cpu_kernel import PRECISIONS
+    parser.add_argument("--expert_precision", default=None, choices=list(PRECISIONS),
                         help="moe_conf.expert_precision for this decode (CPU; default: the config's)")
 
 

@@ -18,6 +18,7 @@ from wenet_moe.export.common import (build_and_load, export_metadata, load_confi
                                      staged_output, write_symbol_tables)
 from wenet_moe.export.gate import DEFAULT_MAX_DISAGREEMENT, Int8GateError
 from wenet_moe.export.verify import ParityError, compare
+from wenet_moe.model.loading import has_moe_layers
 
 __all__ = ["export_model", "export_loaded", "ParityError", "Int8GateError", "compare",
            "FORMATS"]
@@ -139,9 +140,8 @@ def resolve_expert_precision(expert_precision: Optional[str], configs: Dict, fmt
     activations itself; bf16 has no ONNX Runtime CPU kernel: fp32)."""
     if expert_precision is None:
         conf = str((configs.get("moe_conf") or {}).get("expert_precision", "fp32"))
-        moe = any((configs.get(part) or {}).get("mlp_type") == "moe"
-                  for part in ("encoder_conf", "decoder_conf"))
-        expert_precision = "int8" if conf in ("int8", "w8a8") and moe and fmt == "onnx" else "fp32"
+        expert_precision = ("int8" if conf in ("int8", "w8a8") and has_moe_layers(configs)
+                            and fmt == "onnx" else "fp32")
     if expert_precision not in EXPERT_PRECISIONS:
         raise ValueError(f"--expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, "
                          f"got '{expert_precision}'")

@@ -479,13 +479,14 @@ class MoEFFN(nn.Module):
                    if cpu_kernel.library() is not None else cpu_kernel.disabled_reason() or "no kernel")
             _log.warning("moe_conf.expert_precision %s: no C kernel (%s); experts run in fp32 on "
                          "weights rounded to %s once (same values, no speed-up)", precision, why, precision)
-        if (kind == "kernel" and precision == "w8a8" and cpu_kernel.int8_dot_kind() != "vnni"
-                and "w8a8-emulated" not in _PRECISION_WARNED):
-            _PRECISION_WARNED.add("w8a8-emulated")
-            _log.warning("moe_conf.expert_precision w8a8: the kernel was built without VNNI "
-                         "(-march=%s); it computes the same int8 dot products by %s, at about "
-                         "the speed of int8 experts or below", cpu_kernel.target_arch(),
-                         "AVX2 vpmaddwd" if cpu_kernel.int8_dot_kind() == "avx2" else "shifts and multiplies")
+        if kind == "kernel" and precision == "w8a8" and "w8a8-emulated" not in _PRECISION_WARNED:
+            _PRECISION_WARNED.add("w8a8-emulated")     # asked once: the build does not change
+            dot = cpu_kernel.int8_dot_kind()
+            if dot != "vnni":
+                _log.warning("moe_conf.expert_precision w8a8: the kernel was built without VNNI "
+                             "(-march=%s); it computes the same int8 dot products by %s, at about "
+                             "the speed of int8 experts or below", cpu_kernel.target_arch(),
+                             "AVX2 vpmaddwd" if dot == "avx2" else "shifts and multiplies")
         params = (self.w1, self.b1, self.w2, self.b2)
         key = (precision,) + tuple((p.data_ptr(), p._version) for p in params)
         cached = _PACKED.get(self)

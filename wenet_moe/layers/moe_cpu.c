@@ -450,8 +450,7 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, void *xq
                 for (int t = 0; t < 4; t++) g |= (uint64_t)(uint16_t)(int16_t)iv[4 * i + t] << (16 * t);
                 ((uint64_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g;
             }
-            continue;
-#endif
+#else
             const ivec16 u = iv + 128;
             uint32_t g[4];
 #if defined(__AVX512F__)
@@ -462,6 +461,7 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, void *xq
                        | (uint32_t)u[4 * i + 3] << 24;
 #endif
             for (int i = 0; i < 4; i++) ((uint32_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g[i];
+#endif
         }
     }
 }
@@ -498,24 +498,21 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     while (rows > 0) {
         const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
         const int r = (int)((rows + tiles - 1) / tiles);
-        if (wt == WT_Q8) {     /* xt's room (MAX_TILE * K floats) holds the uint8 rows */
+        if (wt == WT_Q8) {     /* xt's room (MAX_TILE * K floats) holds the quantized rows */
             void *xq = xt;
             float sx[TILE_ROWS];
             quantize_rows(x, ldx, r, K, xq, sx);
             Q8_CASES
-            x += r * ldx;
-            y += r * ldy;
-            rows -= r;
-            continue;
-        }
-        for (int m = 0; m < r; m++)
-            for (int k = 0; k < K; k++) xt[k * r + m] = x[m * ldx + k];
-        if (wt == WT_BF16) {
-            TILE_CASES(WT_BF16)
-        } else if (wt == WT_I8) {
-            TILE_CASES(WT_I8)
         } else {
-            TILE_CASES(WT_F32)
+            for (int m = 0; m < r; m++)
+                for (int k = 0; k < K; k++) xt[k * r + m] = x[m * ldx + k];
+            if (wt == WT_BF16) {
+                TILE_CASES(WT_BF16)
+            } else if (wt == WT_I8) {
+                TILE_CASES(WT_I8)
+            } else {
+                TILE_CASES(WT_F32)
+            }
         }
         x += r * ldx;
         y += r * ldy;
@@ -524,6 +521,19 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
 }
 
 int wm_abi_version(void) { return 8; }
+
+/* 1 when wt is a weight type of this file and the K x N matrices suit it (WT_Q8 needs
+ * K and N multiples of 16) */
+static int known_type(const int wt, const int64_t K, const int64_t N) {
+    if (wt == WT_Q8) return K % 16 == 0 && N % 16 == 0;
+    return wt == WT_F32 || wt == WT_BF16 || wt == WT_I8;
+}
+
+/* the column scales of expert e (N columns) in `scale`: N floats per expert for WT_I8,
+ * 2N words (scales, column sums) for WT_Q8; NULL for the other types */
+static const float *expert_scale(const float *scale, const int64_t e, const int64_t N, const int wt) {
+    return scale == NULL ? NULL : scale + e * N * (wt == WT_Q8 ? 2 : 1);
+}
 
 /* 1 when built with OpenMP (the threads arguments below are honoured), else 0 */
 int wm_openmp(void) {
@@ -577,8 +587,7 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
                       const int64_t *expert, int64_t n_segments, int K, int N,
                       const void *w_packed, const float *scale, int wt, const float *bias, float *y,
                       int64_t ldy, int act, int threads) {
-    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8 && wt != WT_Q8) return -3;
-    if (wt == WT_Q8 && (K % 16 != 0 || N % 16 != 0)) return -3;
+    if (!known_type(wt, K, N)) return -3;
     /* work items as in wm_moe_forward; their "expert" field is the segment number */
     int64_t max_items = 1;
     for (int64_t s = 0; s < n_segments; s++) max_items += count[s] / MAX_TILE + 1;
@@ -600,7 +609,7 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
             const int64_t first = items[i].first;
             linear_rows(x + first * ldx, ldx, items[i].rows, K, N,
                         (const char *)w_packed + e * (int64_t)K * N * wt_size(wt),
-                        scale == NULL ? NULL : scale + e * (int64_t)N * (wt == WT_Q8 ? 2 : 1), bias + e * (int64_t)N,
+                        expert_scale(scale, e, N, wt), bias + e * (int64_t)N,
                         y + first * ldy, ldy, act, wt, xt);
         }
         free(xt);
@@ -627,8 +636,7 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
                    const float *b1, const void *w2_packed, const float *scale2, const float *b2,
                    int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
                    float *out, int threads) {
-    if (wt != WT_F32 && wt != WT_BF16 && wt != WT_I8 && wt != WT_Q8) return -3;
-    if (wt == WT_Q8 && (dim % 16 != 0 || hidden % 16 != 0)) return -3;
+    if (!known_type(wt, dim, hidden)) return -3;
     const int64_t n_assign = n_tok * k;
     int64_t *start = order + n_assign, *fill = start + n_expert, *where = fill + n_expert;
     for (int e = 0; e < n_expert; e++) start[e] = 0;
@@ -665,10 +673,10 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
             const int64_t e = items[i].expert, s = items[i].first, rows = items[i].rows;
             const int64_t bytes = (int64_t)dim * hidden * wt_size(wt);   /* one expert's matrix */
             linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, (const char *)w1_packed + e * bytes,
-                        scale1 == NULL ? NULL : scale1 + e * hidden * (wt == WT_Q8 ? 2 : 1), b1 + e * hidden, h + s * hidden,
+                        expert_scale(scale1, e, hidden, wt), b1 + e * hidden, h + s * hidden,
                         hidden, act, wt, xt);
             linear_rows(h + s * hidden, hidden, rows, hidden, dim, (const char *)w2_packed + e * bytes,
-                        scale2 == NULL ? NULL : scale2 + e * dim * (wt == WT_Q8 ? 2 : 1), b2 + e * dim, y_sorted + s * dim, dim,
+                        expert_scale(scale2, e, dim, wt), b2 + e * dim, y_sorted + s * dim, dim,
                         ACT_NONE, wt, xt);
         }
         free(xt);

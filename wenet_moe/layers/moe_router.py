@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from wenet_moe.config import ConfigError, check_keys
+from wenet_moe.layers.cpu_kernel import PRECISIONS as EXPERT_PRECISIONS
 
 ROUTERS = ("topk", "switch", "speechmoe", "omni")
 
@@ -51,7 +52,6 @@ MOE_CONF_DEFAULTS: Dict[str, Any] = {
     "packed_experts": True,       # CPU fp32 inference: packed expert weights (moe.py)
     "expert_precision": "fp32",   # packed experts (inference): fp32 | bf16 | int8 | w8a8
 }
-EXPERT_PRECISIONS = ("fp32", "bf16", "int8", "w8a8")
 
 
 def resolve_moe_conf(moe_conf: Dict[str, Any]) -> Dict[str, Any]:

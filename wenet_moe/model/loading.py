@@ -58,6 +58,11 @@ def load_configs(config_path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return raw, configs
 
 
+def has_moe_layers(configs: Dict[str, Any]) -> bool:
+    """True when the encoder or the decoder of `configs` has MoE FFNs (mlp_type moe)."""
+    return any((configs.get(part) or {}).get("mlp_type") == "moe" for part in ("encoder_conf", "decoder_conf"))
+
+
 def with_expert_precision(configs: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
     """`configs` with `moe_conf.expert_precision` = `precision` (a decode-time choice:
     the packed experts' weights, and rows for w8a8; the parameters are unchanged), or
@@ -69,7 +74,7 @@ def with_expert_precision(configs: Dict[str, Any], precision: Optional[str]) -> 
     if precision not in EXPERT_PRECISIONS:
         raise ConfigError(f"--expert_precision: expected one of {', '.join(EXPERT_PRECISIONS)}, "
                           f"got {precision!r}")
-    if not any((configs.get(part) or {}).get("mlp_type") == "moe" for part in ("encoder_conf", "decoder_conf")):
+    if not has_moe_layers(configs):
         raise ConfigError(f"--expert_precision {precision}: the model has no MoE layers "
                           f"(encoder_conf / decoder_conf mlp_type is not moe)")
     configs = copy.deepcopy(configs)
