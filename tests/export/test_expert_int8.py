@@ -122,6 +122,18 @@ def _expert_nodes(path):
                 for node in nodes if len(node.input) > 1))
 
 
+def _expert_tensor_bytes(path):
+    """Serialized bytes of the initializers that the expert projections (Gemm / MatMul on
+    `moe<j>/expert<e>/...`, or MatMulNBits) read: weights, biases, scales, zero points."""
+    graph = onnx.load(path).graph
+    inits = {t.name: t for t in graph.initializer}
+    read = {name for node in graph.node
+            if node.op_type in ("Gemm", "MatMul", "MatMulNBits") and len(node.input) > 1
+            and "/expert" in node.input[1]
+            for name in node.input[1:] if name in inits}
+    return sum(inits[name].ByteSize() for name in read)
+
+
 def test_export_writes_int8_experts_into_every_moe_graph(exported):
     _, outs, conf = exported
     n_expert = conf["encoder_conf"]["n_expert"]
@@ -134,9 +146,10 @@ def test_export_writes_int8_experts_into_every_moe_graph(exported):
         assert meta(os.path.join(outs["int8"], name))["expert_precision"] == "int8"
         assert "expert_precision" not in meta(os.path.join(outs["fp32"], name))
     assert _expert_nodes(os.path.join(outs["int8"], "ctc.onnx")) == (0, 0)
-    # 8-bit experts: the encoder's weights shrink
-    size = {p: os.path.getsize(os.path.join(outs[p], "encoder.onnx")) for p in outs}
-    assert size["int8"] < 0.75 * size["fp32"], size
+    # 8-bit experts: the encoder's expert tensors shrink (measured on the tensors, not the
+    # file: the file's node names vary with what TorchScript compiled before in the process)
+    size = {p: _expert_tensor_bytes(os.path.join(outs[p], "encoder.onnx")) for p in outs}
+    assert size["int8"] < 0.5 * size["fp32"], size
     assert sorted(os.listdir(outs["int8"])) == sorted(os.listdir(outs["fp32"]))
 
 
