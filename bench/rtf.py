@@ -322,6 +322,29 @@ def peak_memory(backend: str, conf_path: str = "", export_dir: str = "", seconds
 
 
 # ---------------------------------------------------------------------------- main
+def export_code_digest() -> str:
+    """Hash of the sources an export depends on (model, layers, export): a cached
+    export written by other code is written again."""
+    import hashlib
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "wenet_moe")
+    digest = hashlib.sha256()
+    for sub in ("model", "layers", "export"):
+        for name in sorted(os.listdir(os.path.join(root, sub))):
+            if name.endswith((".py", ".c")):
+                with open(os.path.join(root, sub, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
+def export_current(stamp: str) -> bool:
+    """Whether the export of `stamp` (its `.bench_complete` file) was written by this code."""
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            return f.read().strip() == export_code_digest()
+    except OSError:
+        return False
+
+
 def export_model(model, conf: dict, out_dir: str, int8: bool, expert_precision: str = "fp32"
                  ) -> None:
     from wenet_moe.export import export_loaded
@@ -474,12 +497,14 @@ def main() -> int:
             out = os.path.join(args.work_dir, f"{name}-{args.vocab}-{int(bool(base in trained))}")
             stamp = os.path.join(out, ".bench_complete")
             want_int8 = "int8" in args.precisions and name not in variants
-            have = os.path.exists(stamp) and (not want_int8 or os.path.exists(os.path.join(out, "encoder.int8.onnx")))
+            have = (export_current(stamp) and
+                    (not want_int8 or os.path.exists(os.path.join(out, "encoder.int8.onnx"))))
             if not have or base in trained:
                 start = time.perf_counter()
                 export_model(models[name], confs[base], out, want_int8,
                              "int8" if name in variants else "fp32")
-                open(stamp, "w").close()
+                with open(stamp, "w", encoding="utf-8") as f:
+                    f.write(export_code_digest())
                 print(f"  exported {name} to {out} in {time.perf_counter() - start:.0f} s", flush=True)
             exports[name] = out
 

@@ -110,6 +110,42 @@ def test_trained_export_decides_by_a_wide_margin(real_export, int8):
     assert min(leads) >= MARGIN_NATS, leads
 
 
+def test_tree_decoder_equals_padded_decoder(real_export, tmp_path):
+    """The runtime rescores with decoder_tree.onnx (the n-best's prefix trees) when the
+    export has it: the scores equal decoder.onnx's one padded row per hypothesis on
+    the real n-best lists, both directions and L2R only, and so do the rescored
+    n-best orders; an export without the file falls back to decoder.onnx."""
+    import os
+    import shutil
+
+    from wenet_moe_runtime.model import DECODER_TREE
+    tree = OnnxAsrModel(real_export["dir"])
+    padded = OnnxAsrModel(real_export["dir"], tree_decoder=False)
+    assert DECODER_TREE in tree.sessions and DECODER_TREE not in padded.sessions
+    shared = 0
+    for wav, _ in real_export["utts"]:
+        ctc, att = _nbest_with_scores(tree, wav)
+        _, att_padded = _nbest_with_scores(padded, wav)
+        assert [h[0] for h in att] == [h[0] for h in att_padded]
+        np.testing.assert_allclose([h[1] for h in att], [h[1] for h in att_padded], atol=1e-3)
+        hyps = [h[0] for h in ctc]
+        feats = compute_fbank(wav.astype(np.float32) / 32768.0, 16000, tree.info.fbank)
+        enc = np.concatenate(encode_chunks(tree, feats, CHUNK))
+        for rw in (0.0, REVERSE_WEIGHT):
+            np.testing.assert_allclose(tree.attention_scores(hyps, enc, rw),
+                                       padded.attention_scores(hyps, enc, rw), atol=1e-3)
+        prefixes = {tuple(h[:j]) for h in hyps for j in range(len(h) + 1)}
+        shared += sum(len(h) + 1 for h in hyps) - len(prefixes)
+    assert shared > 0      # the n-best lists did share prefixes
+    copy_dir = tmp_path / "no_tree"
+    shutil.copytree(real_export["dir"], copy_dir)
+    os.unlink(copy_dir / f"{DECODER_TREE}.onnx")
+    fallback = OnnxAsrModel(str(copy_dir))
+    assert DECODER_TREE not in fallback.sessions
+    wav = real_export["utts"][0][0]
+    assert _nbest_with_scores(fallback, wav)[1][0][0] == _nbest_with_scores(tree, wav)[1][0][0]
+
+
 def test_runtime_offline_matches_torch_decode(real_export):
 
     onnx_model = OnnxAsrModel(real_export["dir"])

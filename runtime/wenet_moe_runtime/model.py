@@ -32,10 +32,14 @@ import numpy as np
 import onnxruntime as ort
 
 from .features import FbankOptions
+from .prefix_tree import build_prefix_trees
 from .symbols import SymbolTable
 
 MODEL_FILES = ("encoder", "ctc", "decoder")
 BATCH_ENCODER = "encoder_batch"
+DECODER_TREE = "decoder_tree"
+DECODER_TREE_INPUTS = ("tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors",
+                       "encoder_out")
 BATCH_ENCODER_INPUTS = ("chunk", "chunk_lens", "offsets", "required_cache_size", "att_cache",
                         "cnn_cache", "att_mask")
 REQUIRED_METADATA = ("chunk_size", "left_chunks", "subsampling_rate", "right_context",
@@ -173,10 +177,15 @@ class OnnxAsrModel:
             (`forward_encoder_chunks`); single streams run as a batch of one.
         max_encoder_batch: most streams in one batched encoder call (larger groups
             are split).
+        tree_decoder: rescore with `decoder_tree.onnx` when the export has it (fp32
+            only): each distinct prefix (suffix, right to left) of the n-best is
+            decoded once (`prefix_tree`); else `decoder.onnx`, one padded row per
+            hypothesis. Both give the same scores (within float rounding).
     """
 
     def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1,
-                 batch_encoder: bool = False, max_encoder_batch: int = 16) -> None:
+                 batch_encoder: bool = False, max_encoder_batch: int = 16,
+                 tree_decoder: bool = True) -> None:
         self.model_dir = model_dir
         self.int8 = bool(int8)
         if int(max_encoder_batch) < 1:
@@ -209,6 +218,9 @@ class OnnxAsrModel:
         batch_path = os.path.join(model_dir, f"{BATCH_ENCODER}.onnx")
         if batch_encoder and not self.int8 and os.path.isfile(batch_path):
             names[names.index("encoder")] = BATCH_ENCODER
+        tree_path = os.path.join(model_dir, f"{DECODER_TREE}.onnx")
+        if tree_decoder and not self.int8 and os.path.isfile(tree_path):
+            names[names.index("decoder")] = DECODER_TREE
         for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
@@ -237,7 +249,11 @@ class OnnxAsrModel:
         if self.info.vocab_size < 0:
             self.info.vocab_size = len(self.symbols)
         self._enc_inputs = [i.name for i in self.sessions[enc_name].get_inputs()]
-        self._dec_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
+        dec_name = DECODER_TREE if DECODER_TREE in self.sessions else "decoder"
+        self._dec_inputs = [i.name for i in self.sessions[dec_name].get_inputs()]
+        if dec_name == DECODER_TREE and self._dec_inputs != list(DECODER_TREE_INPUTS):
+            raise ModelError(f"{tree_path}: inputs {self._dec_inputs}, expected "
+                             f"{list(DECODER_TREE_INPUTS)}")
         self._ctc_input = self.sessions["ctc"].get_inputs()[0].name
         missing = {"chunk", "att_cache", "cnn_cache"} - set(self._enc_inputs)
         if missing:
@@ -415,6 +431,9 @@ class OnnxAsrModel:
         n = len(hyps)
         if n == 0:
             return np.zeros((0,), np.float64)
+        use_reverse = self.info.is_bidirectional_decoder and reverse_weight > 0
+        if DECODER_TREE in self.sessions:
+            return self._tree_scores(hyps, encoder_out, reverse_weight if use_reverse else 0.0)
         lens = np.array([len(h) for h in hyps], dtype=np.int64)
         width = int(lens.max()) + 1
         pad = np.full((n, width), self.info.eos, dtype=np.int64)
@@ -423,7 +442,6 @@ class OnnxAsrModel:
             pad[i, 1: 1 + len(h)] = h
         feeds = {"hyps": pad, "hyps_lens": lens + 1,
                  "encoder_out": np.ascontiguousarray(encoder_out[None], dtype=np.float32)}
-        use_reverse = self.info.is_bidirectional_decoder and reverse_weight > 0
         if "reverse_weight" in self._dec_inputs:
             feeds["reverse_weight"] = np.array(reverse_weight if use_reverse else 0.0,
                                                dtype=np.float32)
@@ -440,3 +458,21 @@ class OnnxAsrModel:
         gold_r = np.where(pos < lens[:, None], pad[rows, rev_src], self.info.eos)
         r2l = np.where(valid, outs[1][rows, pos, gold_r], 0.0).sum(axis=1, dtype=np.float64)
         return (1.0 - reverse_weight) * l2r + reverse_weight * r2l
+
+    def _tree_scores(self, hyps: Sequence[Sequence[int]], encoder_out: np.ndarray,
+                     reverse_weight: float) -> np.ndarray:
+        """`attention_scores` by `decoder_tree.onnx`: the n-best's prefix tree (and,
+        with reverse_weight > 0, its reversed hypotheses' tree; else a root-only one)."""
+        n = len(hyps)
+        sos, eos = self.info.sos, self.info.eos
+        left = build_prefix_trees(hyps, [0] * n, sos, eos)
+        right = (build_prefix_trees(hyps, [0] * n, sos, eos, reverse=True) if reverse_weight > 0
+                 else build_prefix_trees([[]], [0], sos, eos))
+        feeds = dict(zip(DECODER_TREE_INPUTS, (
+            left.tokens, left.depth, left.ancestors, right.tokens, right.depth, right.ancestors,
+            np.ascontiguousarray(encoder_out[None], dtype=np.float32))))
+        outs = self._run(DECODER_TREE, "decoder", feeds)
+        l2r = left.scores(outs[0], n)
+        if reverse_weight <= 0:
+            return l2r
+        return (1.0 - reverse_weight) * l2r + reverse_weight * right.scores(outs[1], n)

@@ -129,6 +129,26 @@ def test_decoder_scores_unidirectional_ignores_reverse_weight():
     assert torch.equal(r2l, torch.zeros(2))
 
 
+def test_decoder_scores_any_order_and_unequal_nbest():
+    """Hypotheses of interleaved utterances, some with fewer than the others (scored
+    in equal groups over one memory row each, padded with empty ones): every score
+    equals the one computed step by step with the utterance's own encoder output."""
+    model = tiny_model()
+    x, lens = _batch()
+    hyps = [[3, 4], [5], [], [6, 7, 8], [4], [3, 3, 3, 3]]
+    owners = [2, 0, 2, 2, 0, 1]
+    with torch.no_grad():
+        enc, mask = model.encoder(x, lens, -1, -1)
+        l2r, r2l = decoder_scores(model, hyps, owners, enc, mask, 0.3)
+        assert l2r.shape == r2l.shape == (6,)
+        for i, (hyp, b) in enumerate(zip(hyps, owners)):
+            memory = enc[b:b + 1, : int(mask[b].sum())]
+            want_l = _step_scores(model.decoder.left_decoder, memory, hyp, model.sos, model.eos)
+            want_r = _step_scores(model.decoder.right_decoder, memory, hyp[::-1], model.sos, model.eos)
+            assert float(l2r[i]) == pytest.approx(want_l, abs=1e-4)
+            assert float(r2l[i]) == pytest.approx(want_r, abs=1e-4)
+
+
 def test_attention_beam_search_scores_and_beam_one_greedy():
     model = tiny_model()
     x, lens = _batch()

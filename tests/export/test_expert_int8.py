@@ -138,7 +138,7 @@ def test_export_writes_int8_experts_into_every_moe_graph(exported):
     _, outs, conf = exported
     n_expert = conf["encoder_conf"]["n_expert"]
     for name in ("encoder.onnx", "encoder_batch.onnx", "model.onnx", "model_streaming.onnx",
-                 "decoder.onnx"):
+                 "decoder.onnx", "decoder_tree.onnx"):
         fp32_nbits, fp32_experts = _expert_nodes(os.path.join(outs["fp32"], name))
         nbits, experts = _expert_nodes(os.path.join(outs["int8"], name))
         assert fp32_nbits == 0 and experts == 0, name

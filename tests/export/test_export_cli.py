@@ -42,9 +42,9 @@ def onnx_export_dir(tmp_path_factory):
 def test_onnx_files_metadata_and_inputs(onnx_export_dir):
     out, model, conf = onnx_export_dir
     names = ["encoder", "ctc", "decoder", "model", "model_streaming"]
-    # encoder_batch.onnx (cross-stream batching) is fp32 only
+    # encoder_batch.onnx (cross-stream batching) and decoder_tree.onnx are fp32 only
     expected = sorted([f"{n}.onnx" for n in names] + [f"{n}.int8.onnx" for n in names]
-                      + ["encoder_batch.onnx", "units.txt", "tokens.txt"])
+                      + ["encoder_batch.onnx", "decoder_tree.onnx", "units.txt", "tokens.txt"])
     assert sorted(os.listdir(out)) == expected
     for name in expected:
         if name.endswith(".onnx"):
@@ -180,7 +180,8 @@ def test_reexport_without_int8_removes_stale_int8(onnx_export_dir, tmp_path):
     assert run_export(d, out, "--format", "onnx") == 0
     names = ["encoder", "ctc", "decoder", "model", "model_streaming"]
     assert sorted(os.listdir(out)) == sorted([f"{n}.onnx" for n in names]
-                                             + ["encoder_batch.onnx", "units.txt", "tokens.txt"])
+                                             + ["encoder_batch.onnx", "decoder_tree.onnx",
+                                                "units.txt", "tokens.txt"])
     assert os.stat(out).st_mode & 0o777 == 0o750
     OnnxAsrModel(out)
     with pytest.raises(ModelError, match=r"encoder\.int8\.onnx: model file not found"):
@@ -267,7 +268,7 @@ def test_runtime_refuses_mixed_exports_and_vocab_mismatch(onnx_export_dir, tmp_p
     src, _, conf = onnx_export_dir
     hashes = {n: meta(os.path.join(src, n))["config_hash"] for n in os.listdir(src)
               if n.endswith(".onnx")}
-    assert len(hashes) == 11 and len(set(hashes.values())) == 1
+    assert len(hashes) == 12 and len(set(hashes.values())) == 1
     out = str(tmp_path / "onnx")
     shutil.copytree(src, out)
     set_meta(os.path.join(out, "ctc.int8.onnx"), config_hash="0123456789abcdef")
@@ -277,9 +278,11 @@ def test_runtime_refuses_mixed_exports_and_vocab_mismatch(onnx_export_dir, tmp_p
     msg = str(e.value)
     assert msg.startswith(os.path.join(out, "ctc.int8.onnx") + ": config_hash 0123456789abcdef "
                           "differs from " + hashes["encoder.onnx"])
-    set_meta(os.path.join(out, "decoder.onnx"), vocab_size=conf["output_dim"] + 1)
-    with pytest.raises(ModelError) as e:
-        OnnxAsrModel(out)
-    assert str(e.value) == (f"{os.path.join(out, 'decoder.onnx')}: metadata vocab_size "
-                            f"{conf['output_dim'] + 1}, but {os.path.join(out, 'units.txt')} "
-                            f"has {conf['output_dim']} symbols")
+    # the fp32 runtime rescores with decoder_tree.onnx, or decoder.onnx without it
+    for name, kwargs in (("decoder.onnx", {"tree_decoder": False}), ("decoder_tree.onnx", {})):
+        set_meta(os.path.join(out, name), vocab_size=conf["output_dim"] + 1)
+        with pytest.raises(ModelError) as e:
+            OnnxAsrModel(out, **kwargs)
+        assert str(e.value) == (f"{os.path.join(out, name)}: metadata vocab_size "
+                                f"{conf['output_dim'] + 1}, but {os.path.join(out, 'units.txt')} "
+                                f"has {conf['output_dim']} symbols")

@@ -76,7 +76,7 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
     # tiny model is int8 and smaller (its right-to-left branch, in an If, is quantized
     # too), so it stays one file
     big = [n for n in graphs if not n.startswith("ctc.") and n != "decoder.int8.onnx"]
-    assert len(graphs) == 11 and sorted(n + ".data" for n in big) == \
+    assert len(graphs) == 12 and sorted(n + ".data" for n in big) == \
         sorted(n for n in names if n.endswith(".data"))
     import onnx as onnx_lib
     small = onnx_lib.load(os.path.join(out, "decoder.int8.onnx"))

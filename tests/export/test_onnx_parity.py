@@ -28,7 +28,25 @@ def exported(request, tmp_path_factory):
     onnx_export.export_encoder(model, os.path.join(d, "encoder.onnx"), 4, 2, meta)
     onnx_export.export_decoder(model, os.path.join(d, "decoder.onnx"), 0.3, meta)
     onnx_export.export_encoder_batch(model, os.path.join(d, "encoder_batch.onnx"), 4, 2, meta)
+    onnx_export.export_decoder_tree(model, os.path.join(d, "decoder_tree.onnx"), meta)
     return request.param, model, conf, d
+
+
+def test_decoder_tree_equals_pytorch_and_the_padded_decoder(exported):
+    """decoder_tree.onnx against the eager model, and the hypotheses' scores read off its
+    prefix trees against the padded one-row-per-hypothesis decoder's (every router);
+    the check fails for a model with one decoder weight changed."""
+    import copy
+    from wenet_moe.export.verify import ParityError, verify_decoder_tree
+    router, model, _, d = exported
+    path = os.path.join(d, "decoder_tree.onnx")
+    report = verify_decoder_tree(model, path)
+    assert report["decoder_tree.onnx"] <= TOL and report["decoder_tree.onnx scores"] <= 1e-3, report
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.decoder.right_decoder.decoders[0].src_attn.linear_v.weight[0] += 0.5
+    with pytest.raises(ParityError, match="decoder_tree.onnx r_score"):
+        verify_decoder_tree(other, path)
 
 
 def test_batched_streams_equal_each_stream_alone(exported):

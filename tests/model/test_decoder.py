@@ -58,6 +58,41 @@ def test_padding_does_not_change_valid_positions():
             torch.testing.assert_close(batched[b, :n], alone[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cls", [TransformerDecoder, BiTransformerDecoder])
+def test_targets_in_groups_share_a_memory_row(cls):
+    """M memory rows serving M groups of consecutive targets (an utterance's n-best)
+    give what one copy of the row per target gives, in teacher forcing (both
+    directions), in incremental steps and scripted; a batch that does not split into
+    equal groups is refused with a one-line error."""
+    dec = _decoder(cls)
+    memory, memory_mask, _, _ = _inputs(batch=2)
+    g = torch.Generator().manual_seed(5)
+    ys = torch.randint(0, V, (6, 5), generator=g)
+    ys_lens = torch.tensor([5, 3, 1, 4, 5, 2])
+    copies, copy_mask = memory.repeat_interleave(3, 0), memory_mask.repeat_interleave(3, 0)
+    r_ys = torch.flip(ys, [1])
+    scripted = torch.jit.script(dec)
+    with torch.no_grad():
+        for run in (dec, scripted):
+            shared = run(memory, memory_mask, ys, ys_lens, r_ys, 0.5)
+            alone = run(copies, copy_mask, ys, ys_lens, r_ys, 0.5)
+            for a, b in zip(shared, alone):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            cache_a, cache_b = [], []
+            for i in range(1, 4):
+                mask = subsequent_mask(i).unsqueeze(0).expand(6, i, i)
+                step_a, cache_a = run.forward_one_step(memory, memory_mask, ys[:, :i], mask, cache_a)
+                step_b, cache_b = run.forward_one_step(copies, copy_mask, ys[:, :i], mask, cache_b)
+                torch.testing.assert_close(step_a, step_b, atol=1e-5, rtol=1e-5)
+        # the padded memory row 1 masks its last frames for its own group only
+        changed = memory.clone()
+        changed[1, 7:] += 100.0
+        torch.testing.assert_close(dec(changed, memory_mask, ys, ys_lens, r_ys, 0.5)[0], shared[0])
+        with pytest.raises(ValueError, match=r"5 target rows do not split into groups over memory "
+                                             r"of shape \(2, 9, 16\)"):
+            dec(memory, memory_mask, ys[:5], ys_lens[:5], r_ys[:5], 0.5)
+
+
 def test_bidirectional_runs_right_decoder_only_with_reverse_weight():
     dec = _decoder(BiTransformerDecoder)
     memory, memory_mask, ys, ys_lens = _inputs()

@@ -15,6 +15,7 @@ import torch
 
 from wenet_moe.model.masks import subsequent_mask
 from wenet_moe_runtime.ctc_search import ctc_greedy_search, ctc_prefix_beam_search
+from wenet_moe_runtime.prefix_tree import build_prefix_trees
 
 
 @dataclass
@@ -99,11 +100,11 @@ def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
         per utterance the hypothesis with the best log probability (including <eos>
         once it ended).
     """
-    batch, max_t, dim = encoder_out.shape
+    batch, max_t = encoder_out.size(0), encoder_out.size(1)
     device = encoder_out.device
     n = batch * beam_size
-    memory = encoder_out.unsqueeze(1).expand(batch, beam_size, max_t, dim).reshape(n, max_t, dim)
-    memory_mask = encoder_mask.unsqueeze(1).expand(batch, beam_size, 1, max_t).reshape(n, 1, max_t)
+    # hypotheses are utterance-major (row b * beam_size + j): each utterance's encoder
+    # output serves its beams as one memory row (DecoderLayer), projected once per step
     if max_steps > 0:
         steps = torch.full((n, 1), max_steps, dtype=torch.long, device=device)
     else:
@@ -121,7 +122,7 @@ def attention_beam_search(decoder: torch.nn.Module, encoder_out: torch.Tensor,
         if bool(ended.all()):
             break
         tgt_mask = subsequent_mask(step, device).unsqueeze(0).expand(n, step, step)
-        logp, cache = decoder.forward_one_step(memory, memory_mask, hyps, tgt_mask, cache)
+        logp, cache = decoder.forward_one_step(encoder_out, encoder_mask, hyps, tgt_mask, cache)
         vocab = logp.size(1)
         # An ended hypothesis can only "emit" <eos> again, at no cost.
         only_eos = torch.full((vocab,), float("-inf"), device=device)
@@ -162,8 +163,13 @@ def decoder_scores(model: torch.nn.Module, hyps: Sequence[Sequence[int]], utt_in
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decoder log probabilities of whole hypotheses, batched.
 
+    Each utterance's hypotheses become one prefix tree (`build_prefix_trees`; the
+    right-to-left decoder gets the tree of the reversed ones), so a prefix shared by
+    several hypotheses is decoded once, and the trees of all utterances run in one
+    decoder call over their own encoder outputs.
+
     Args:
-        model: ASRModel (uses decoder, sos/eos, reverse_hyps).
+        model: ASRModel (uses decoder, sos/eos, bidirectional).
         hyps: N token sequences (no <sos>/<eos>); utt_index: (N,) their utterance.
         encoder_out: (B, T, D); encoder_mask: bool (B, 1, T).
         reverse_weight: the right-to-left scores are computed only when > 0.
@@ -173,27 +179,30 @@ def decoder_scores(model: torch.nn.Module, hyps: Sequence[Sequence[int]], utt_in
     """
     device = encoder_out.device
     num = len(hyps)
-    lens = torch.tensor([len(h) for h in hyps], dtype=torch.long, device=device)
-    width = int(lens.max().item()) + 1 if num else 1
-    ys_in = torch.full((num, width), model.eos, dtype=torch.long, device=device)
-    ys_in[:, 0] = model.sos
-    for i, h in enumerate(hyps):
-        if len(h):
-            ys_in[i, 1:len(h) + 1] = torch.tensor(list(h), dtype=torch.long, device=device)
-    r_ys_in = model.reverse_hyps(ys_in, lens + 1)
-    idx = torch.tensor(list(utt_index), dtype=torch.long, device=device)
-    l_logits, r_logits, _ = model.decoder(encoder_out[idx], encoder_mask[idx], ys_in, lens + 1,
-                                          r_ys_in, reverse_weight)
-    keep = torch.arange(width, device=device).unsqueeze(0) <= lens.unsqueeze(1)  # (N, L+1)
-    eos_col = torch.full((num, 1), model.eos, dtype=torch.long, device=device)
+    if num == 0:
+        empty = torch.zeros(0, device=device)
+        return empty, empty
+    utts = sorted(set(int(u) for u in utt_index))
+    tree_of = [utts.index(int(u)) for u in utt_index]
+    memory = encoder_out[torch.tensor(utts, dtype=torch.long, device=device)]
+    memory_mask = encoder_mask[torch.tensor(utts, dtype=torch.long, device=device)]
+    bidirectional = getattr(model, "bidirectional", False)
 
-    def total(logits: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        targets = torch.cat([ys[:, 1:], eos_col], dim=1)  # tokens then <eos>
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
-        return logp.masked_fill(~keep, 0.0).sum(1)
+    def scores(decoder: torch.nn.Module, reverse: bool) -> torch.Tensor:
+        trees = build_prefix_trees(hyps, tree_of, model.sos, model.eos, reverse)
+        tokens, depth, ancestors = (torch.from_numpy(a).to(device)
+                                    for a in (trees.tokens, trees.depth, trees.ancestors))
+        logits = decoder.forward_prefix_tree(memory, memory_mask, tokens, depth, ancestors)
+        logp = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.size(-1))
+        picked = logp[torch.from_numpy(trees.rows).to(device), torch.from_numpy(trees.targets).to(device)]
+        total = torch.zeros(num, dtype=torch.float64, device=device)
+        return total.index_add_(0, torch.from_numpy(trees.owner).to(device), picked.double()).float()
 
-    l2r = total(l_logits, ys_in)
-    r2l = total(r_logits, r_ys_in) if reverse_weight > 0.0 else torch.zeros_like(l2r)
+    l2r = scores(model.decoder.left_decoder if bidirectional else model.decoder, False)
+    if reverse_weight > 0.0 and bidirectional:
+        r2l = scores(model.decoder.right_decoder, True)
+    else:
+        r2l = torch.zeros_like(l2r)
     return l2r, r2l
 
 

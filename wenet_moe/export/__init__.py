@@ -28,6 +28,8 @@ ONNX_FILES = ("encoder.onnx", "ctc.onnx", "decoder.onnx", "model.onnx", "model_s
 # the streaming encoder over a batch of streams (fp32 only: int8 MatMulInteger quantizes
 # activations per tensor, so a stream's result would depend on its batch mates)
 BATCH_ENCODER_FILE = "encoder_batch.onnx"
+# attention rescoring on the n-best's prefix trees (fp32 only, as encoder_batch.onnx)
+DECODER_TREE_FILE = "decoder_tree.onnx"
 EXPERT_PRECISIONS = ("fp32", "int8")     # --expert_precision of the fp32 ONNX graphs
 
 
@@ -92,11 +94,14 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
             onnx_export.export_onnx(model, stage, chunk_size, left_chunks, reverse_weight, meta)
             batch_path = os.path.join(stage, BATCH_ENCODER_FILE)
             onnx_export.export_encoder_batch(model, batch_path, chunk_size, left_chunks, meta)
+            tree_path = os.path.join(stage, DECODER_TREE_FILE)
+            onnx_export.export_decoder_tree(model, tree_path, meta)
             if verify:
                 report.update(check.verify_onnx(model, stage, chunk_size, left_chunks,
                                                 reverse_weight))
                 report.update(check.verify_encoder_batch(model, batch_path, chunk_size,
                                                          left_chunks))
+                report.update(check.verify_decoder_tree(model, tree_path))
             if quantize == "int8":
                 for name in ONNX_FILES:
                     q8.quantize_onnx(os.path.join(stage, name),
@@ -164,7 +169,7 @@ def _int8_experts(model: torch.nn.Module, stage: str, chunk_size: int, left_chun
 
     rewritten = []       # one graph in memory at a time (a large model's are GBs)
     try:
-        for name in ONNX_FILES + (BATCH_ENCODER_FILE,):
+        for name in ONNX_FILES + (BATCH_ENCODER_FILE, DECODER_TREE_FILE):
             proto = onnx.load(os.path.join(stage, name))
             if q8.int8_experts(proto):
                 entry = proto.metadata_props.add()

@@ -17,6 +17,9 @@ Files (WeNet's `export_onnx_cpu` names plus sherpa-onnx's):
     encoder_batch.onnx    chunk, chunk_lens, offsets, required_cache_size, att_cache,
                           cnn_cache, att_mask -> output, out_lens, r_att_cache,
                           r_cnn_cache (a batch of streams; `export_encoder_batch`)
+    decoder_tree.onnx     tokens, depth, ancestors, r_tokens, r_depth, r_ancestors,
+                          encoder_out -> score, r_score (rescoring on the n-best's
+                          prefix trees; `export_decoder_tree`)
 All carry the same metadata (see common.export_metadata). An input the exporter
 dropped because the graph does not read it is put back, so runtimes that feed
 inputs by position (sherpa-onnx) always see the documented list.
@@ -33,8 +36,8 @@ import onnx
 import torch
 
 from wenet_moe.export.onnx_passes import fuse_expert_split, graphs
-from wenet_moe.export.wrappers import (AttentionDecoder, CtcActivation, EncoderBatch,
-                                       EncoderChunk, OfflineCtc, StreamingCtc)
+from wenet_moe.export.wrappers import (AttentionDecoder, AttentionDecoderTree, CtcActivation,
+                                       EncoderBatch, EncoderChunk, OfflineCtc, StreamingCtc)
 
 OPSET = 17
 # weights above this many bytes are written as external data (`<file>.data`)
@@ -51,6 +54,8 @@ OFFLINE_INPUTS, OFFLINE_OUTPUTS = ["x", "x_lens"], ["log_probs", "log_probs_lens
 BATCH_ENCODER_INPUTS = ["chunk", "chunk_lens", "offsets", "required_cache_size", "att_cache",
                         "cnn_cache", "att_mask"]
 BATCH_ENCODER_OUTPUTS = ["output", "out_lens", "r_att_cache", "r_cnn_cache"]
+DECODER_TREE_INPUTS = ["tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors",
+                       "encoder_out"]
 
 _TORCH_TO_ONNX = {torch.float32: onnx.TensorProto.FLOAT, torch.int64: onnx.TensorProto.INT64,
                   torch.bool: onnx.TensorProto.BOOL, torch.int32: onnx.TensorProto.INT32}
@@ -294,3 +299,32 @@ def export_encoder_batch(model: torch.nn.Module, path: str, chunk_size: int, lef
             "out_lens": {0: "B"}, "r_att_cache": {0: "B", 3: "T_next"}, "r_cnn_cache": {0: "B"}}
     _export(EncoderBatch(model.encoder), encoder_batch_example(model, chunk_size, left_chunks),
             path, BATCH_ENCODER_INPUTS, BATCH_ENCODER_OUTPUTS, axes, metadata)
+
+
+def decoder_tree_example(model: torch.nn.Module, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+    """Example inputs of `decoder_tree.onnx`: the trees of two utterances' n-best lists
+    (with shared prefixes and suffixes, an empty hypothesis, padded nodes)."""
+    from wenet_moe_runtime.prefix_tree import build_prefix_trees
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.vocab_size
+    hyps = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (4, 2, 0, 5)]
+    hyps.append(hyps[0][:2] + hyps[3][2:])      # a prefix of one, a suffix of another
+    owners = [0, 0, 1, 1, 0]
+    sos, eos = model.sos_symbol(), model.eos_symbol()
+    trees = [build_prefix_trees(hyps, owners, sos, eos, reverse) for reverse in (False, True)]
+    arrays = [torch.from_numpy(a) for t in trees for a in (t.tokens, t.depth, t.ancestors)]
+    return tuple(arrays) + (torch.randn(2, 9, model.encoder.output_size(), generator=gen),)
+
+
+def export_decoder_tree(model: torch.nn.Module, path: str, metadata: Dict[str, str]) -> None:
+    """decoder_tree.onnx: attention rescoring on the n-best lists' prefix trees (each
+    distinct prefix decoded once; `AttentionDecoderTree`), beside the WeNet-interface
+    decoder.onnx; same metadata."""
+    axes = {"tokens": {0: "M", 1: "P"}, "depth": {0: "M", 1: "P"},
+            "ancestors": {0: "M", 1: "P", 2: "P"}, "r_tokens": {0: "M", 1: "P_r"},
+            "r_depth": {0: "M", 1: "P_r"}, "r_ancestors": {0: "M", 1: "P_r", 2: "P_r"},
+            "encoder_out": {0: "M", 1: "T"}, "score": {0: "M", 1: "P"},
+            "r_score": {0: "M", 1: "P_r"}}
+    _export(AttentionDecoderTree(model), decoder_tree_example(model), path, DECODER_TREE_INPUTS,
+            DECODER_OUTPUTS, axes, metadata)

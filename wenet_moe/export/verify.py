@@ -249,6 +249,90 @@ def verify_decoder(model, path: str, reverse_weight: float, seed: int = 0) -> Di
     return {"decoder.onnx": worst}
 
 
+def nbest_like(model, gen: torch.Generator, num: int, max_len: int) -> List[List[int]]:
+    """`num` hypotheses (no <sos>/<eos>) of lengths 0..max_len that share prefixes and
+    suffixes as an n-best list does: each is an earlier one with a token changed,
+    inserted or dropped, or a fresh one."""
+    hyps = [torch.randint(0, model.vocab_size, (max_len,), generator=gen).tolist()]
+    while len(hyps) < num:
+        base = list(hyps[int(torch.randint(0, len(hyps), (1,), generator=gen))])
+        kind = int(torch.randint(0, 4, (1,), generator=gen))
+        pos = int(torch.randint(0, len(base) + 1, (1,), generator=gen))
+        token = int(torch.randint(0, model.vocab_size, (1,), generator=gen))
+        if kind == 0 and pos < len(base):
+            base[pos] = token
+        elif kind == 1 and len(base) < max_len:
+            base.insert(pos, token)
+        elif kind == 2 and base:
+            del base[min(pos, len(base) - 1)]
+        else:
+            base = torch.randint(0, model.vocab_size, (int(torch.randint(0, max_len + 1, (1,),
+                                 generator=gen)),), generator=gen).tolist()
+        hyps.append(base)
+    return hyps
+
+
+def flat_scores(model, hyps: Sequence[Sequence[int]], enc_out: torch.Tensor, reverse: bool
+                ) -> np.ndarray:
+    """(N,) float64 decoder scores (tokens then <eos>) of `hyps` by the eager
+    `forward_attention_decoder` (one padded row per hypothesis)."""
+    lens = torch.tensor([len(h) + 1 for h in hyps])
+    width = int(lens.max())
+    pad = torch.full((len(hyps), width), model.eos_symbol(), dtype=torch.long)
+    pad[:, 0] = model.sos_symbol()
+    for i, h in enumerate(hyps):
+        pad[i, 1:len(h) + 1] = torch.tensor(h, dtype=torch.long)
+    with torch.no_grad():
+        l2r, r2l = model.forward_attention_decoder(pad, lens, enc_out, 1.0 if reverse else 0.0)
+    logp = (r2l if reverse else l2r).double().numpy()
+    out = np.zeros(len(hyps))
+    for i, h in enumerate(hyps):
+        seq = (list(h)[::-1] if reverse else list(h)) + [model.eos_symbol()]
+        out[i] = sum(logp[i, j, t] for j, t in enumerate(seq))
+    return out
+
+
+def verify_decoder_tree(model, path: str, seed: int = 0) -> Dict[str, float]:
+    """decoder_tree.onnx against the eager `forward_attention_decoder_tree` for one and
+    two utterances' n-best lists (1..10 hypotheses, lengths 0..12, encoder lengths
+    1..60), and the hypotheses' scores read off its trees against their scores by the
+    eager padded decoder (`flat_scores`, the WeNet-interface decoder.onnx's math)."""
+    from wenet_moe_runtime.prefix_tree import build_prefix_trees
+
+    sess = session(path)
+    gen = torch.Generator().manual_seed(seed)
+    sos, eos = model.sos_symbol(), model.eos_symbol()
+    worst = {"graph": 0.0, "scores": 0.0}
+    for groups, max_len, t in [((1,), 1, 1), ((10,), 12, 60), ((4, 7), 6, 13), ((3,), 0, 7)]:
+        hyps: List[List[int]] = []
+        owners: List[int] = []
+        for m, num in enumerate(groups):
+            hyps += nbest_like(model, gen, num, max_len)
+            owners += [m] * num
+        enc_out = torch.randn(len(groups), t, model.encoder.output_size(), generator=gen)
+        trees = [build_prefix_trees(hyps, owners, sos, eos, reverse) for reverse in (False, True)]
+        feeds = [torch.from_numpy(a) for tr in trees for a in (tr.tokens, tr.depth, tr.ancestors)]
+        with torch.no_grad():
+            want = model.forward_attention_decoder_tree(*feeds, enc_out)
+        got = sess.run(None, {name: _np(x) for name, x in zip(
+            ["tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors", "encoder_out"],
+            feeds + [enc_out])})
+        tag = f"(n-best {groups}, L <= {max_len}, T={t})"
+        worst["graph"] = max(worst["graph"], compare(f"decoder_tree.onnx score {tag}", got[0],
+                                                     _np(want[0])),
+                             compare(f"decoder_tree.onnx r_score {tag}", got[1], _np(want[1])))
+        directions = [False, True] if model.is_bidirectional_decoder() else [False]
+        for reverse in directions:
+            tree_scores = trees[int(reverse)].scores(got[int(reverse)], len(hyps))
+            for m in range(len(groups)):
+                mine = [i for i, o in enumerate(owners) if o == m]
+                worst["scores"] = max(worst["scores"], compare(
+                    f"decoder_tree.onnx {'r2l' if reverse else 'l2r'} hypothesis scores {tag}",
+                    tree_scores[mine], flat_scores(model, [hyps[i] for i in mine],
+                                                   enc_out[m:m + 1], reverse), atol=1e-3))
+    return {"decoder_tree.onnx": worst["graph"], "decoder_tree.onnx scores": worst["scores"]}
+
+
 OFFLINE_LENGTHS = (7, 8, 11, 19, 30, 67, 101, 256, 403, 1000)
 
 

@@ -84,6 +84,24 @@ class AttentionDecoder(nn.Module):
                                                     float(reverse_weight.reshape(-1)[0]))
 
 
+class AttentionDecoderTree(nn.Module):
+    """`decoder_tree.onnx`: the prefix trees of n-best lists (`wenet_moe_runtime.
+    prefix_tree`): tokens, depth (M, P) int64, ancestors bool (M, P, P), the same
+    r_tokens, r_depth (M, P_r), r_ancestors (M, P_r, P_r) of the reversed hypotheses,
+    encoder_out (M, T, D) -> (score (M, P, V), r_score (M, P_r, V)) log-probabilities
+    of the left-to-right and right-to-left decoders (zeros when unidirectional)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                r_tokens: torch.Tensor, r_depth: torch.Tensor, r_ancestors: torch.Tensor,
+                encoder_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_attention_decoder_tree(tokens, depth, ancestors, r_tokens,
+                                                         r_depth, r_ancestors, encoder_out)
+
+
 class OfflineCtc(nn.Module):
     """sherpa-onnx's offline `model.onnx`: x (N, T, F), x_lens int64 (N,) ->
     (log_probs (N, T', V), log_probs_lens int64 (N,)), full-context encoder."""

@@ -327,11 +327,13 @@ class ASRModel(nn.Module):
             the decoder is unidirectional or reverse_weight is 0. Position j of r2l
             predicts the token after <sos> y_n .. y_{n-j+1}.
         """
-        num = hyps.size(0)
         pos = torch.arange(hyps.size(1), device=hyps.device).unsqueeze(0)
         hyps = torch.where(pos < hyps_lens.unsqueeze(1), hyps, torch.full_like(hyps, self.eos))
-        memory = encoder_out.repeat(num, 1, 1)
-        memory_mask = torch.ones(num, 1, memory.size(1), dtype=torch.bool, device=memory.device)
+        # one memory row for all N hypotheses (DecoderLayer): its keys and values are
+        # projected once per layer, not N times
+        memory = encoder_out
+        memory_mask = torch.ones(memory.size(0), 1, memory.size(1), dtype=torch.bool,
+                                 device=memory.device)
         r_hyps = self.reverse_hyps(hyps, hyps_lens)
         l_logits, r_logits, _ = self.decoder(memory, memory_mask, hyps, hyps_lens, r_hyps,
                                              reverse_weight)
@@ -340,6 +342,38 @@ class ASRModel(nn.Module):
             r_logp = torch.log_softmax(r_logits, dim=-1)
         else:
             r_logp = torch.zeros_like(l_logp)
+        return l_logp, r_logp
+
+    @torch.jit.export
+    def forward_attention_decoder_tree(self, tokens: torch.Tensor, depth: torch.Tensor,
+                                       ancestors: torch.Tensor, r_tokens: torch.Tensor,
+                                       r_depth: torch.Tensor, r_ancestors: torch.Tensor,
+                                       encoder_out: torch.Tensor
+                                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decoder log-probabilities of the prefix trees of n-best lists (one tree per
+        utterance; `wenet_moe_runtime.prefix_tree`): each distinct prefix is decoded
+        once, however many hypotheses share it.
+
+        Args:
+            tokens, depth: (M, P) int64; ancestors: bool (M, P, P): the left-to-right
+                trees (`TransformerDecoder.forward_prefix_tree`).
+            r_tokens, r_depth, r_ancestors: (M, P_r) / (M, P_r, P_r): the trees of the
+                reversed hypotheses (right-to-left decoder).
+            encoder_out: (M, T, D), row m the utterance of tree m (all T frames valid).
+        Returns:
+            (l2r (M, P, V), r2l (M, P_r, V)) log-probabilities; r2l holds zeros when
+            the decoder is unidirectional.
+        """
+        memory_mask = torch.ones(encoder_out.size(0), 1, encoder_out.size(1), dtype=torch.bool,
+                                 device=encoder_out.device)
+        l_logits, r_logits = self.decoder.forward_prefix_trees(
+            encoder_out, memory_mask, tokens, depth, ancestors, r_tokens, r_depth, r_ancestors)
+        l_logp = torch.log_softmax(l_logits, dim=-1)
+        if self.bidirectional:
+            r_logp = torch.log_softmax(r_logits, dim=-1)
+        else:
+            r_logp = torch.zeros(r_tokens.size(0), r_tokens.size(1), l_logp.size(2),
+                                 dtype=l_logp.dtype, device=l_logp.device)
         return l_logp, r_logp
 
     @torch.jit.unused

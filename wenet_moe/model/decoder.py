@@ -27,6 +27,15 @@ DECODER_CONF_KEYS = (
 BI_DECODER_CONF_KEYS = DECODER_CONF_KEYS + ("r_num_blocks",)
 
 
+@torch.jit.unused
+def _check_groups(memory: torch.Tensor, targets: torch.Tensor) -> None:
+    """One-line error unless the (B, L) targets split into memory.size(0) equal groups."""
+    if memory.dim() != 3 or memory.size(0) == 0 or targets.size(0) % memory.size(0) != 0:
+        raise ValueError(f"decoder: {targets.size(0)} target rows do not split into groups over "
+                         f"memory of shape {tuple(memory.shape)}: each of its M rows needs the "
+                         f"same number of consecutive target rows")
+
+
 class TransformerDecoder(nn.Module):
     """Left-to-right attention decoder.
 
@@ -90,7 +99,10 @@ class TransformerDecoder(nn.Module):
         """Teacher-forced decoding.
 
         Args:
-            memory: (B, T, D) encoder output; memory_mask: bool (B, 1, T).
+            memory: (M, T, D) encoder output, M dividing B; memory_mask: bool (M, 1, T).
+                Target rows come in M groups of B / M consecutive rows, group m over
+                memory row m (`DecoderLayer`): M = B in training, M = 1 to score N
+                hypotheses of one utterance with its keys / values projected once.
             ys_in_pad: (B, L) input ids (<sos> first), padding ids must be valid
                 indices (e.g. <eos>); ys_in_lens: (B,) valid lengths.
             r_ys_in_pad, reverse_weight: unused here (bidirectional API).
@@ -103,6 +115,8 @@ class TransformerDecoder(nn.Module):
 
     def _forward_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                         ys_in_pad: torch.Tensor, ys_in_lens: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            _check_groups(memory, ys_in_pad)
         max_len = ys_in_pad.size(1)
         tgt_mask = make_non_pad_mask(ys_in_lens, max_len).unsqueeze(1) \
             & subsequent_mask(max_len, ys_in_pad.device).unsqueeze(0)  # (B, L, L)
@@ -114,19 +128,61 @@ class TransformerDecoder(nn.Module):
         return self.output_layer(x)
 
     @torch.jit.export
+    def forward_prefix_tree(self, memory: torch.Tensor, memory_mask: torch.Tensor,
+                            tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor
+                            ) -> torch.Tensor:
+        """Teacher-forced decoding of prefix trees: the distinct prefixes of a set of
+        hypotheses, each computed once however many hypotheses share it.
+
+        Args:
+            memory: (M, T, D) encoder outputs; memory_mask: bool (M, 1, T).
+            tokens: (M, P) the last token of each node's prefix (<sos> at the root).
+            depth: (M, P) int64 each node's position (the root 0).
+            ancestors: bool (M, P, P), [m, p, q] True when node q is on the path from
+                the root to node p (p included); unused (padding) nodes need at least
+                their own diagonal entry.
+        Returns:
+            logits (M, P, V): row p equals position depth[p] of `forward` on any
+            hypothesis whose prefix is node p (causal self-attention sees exactly the
+            prefix, at the same positions).
+        """
+        m, p = tokens.size(0), tokens.size(1)
+        x = self.embed(tokens).reshape(m * p, 1, -1)
+        x = self.pos_enc.forward_offsets(x, depth.reshape(-1)).reshape(m, p, -1)
+        tgt_mask = ancestors
+        for layer in self.decoders:
+            x, tgt_mask, memory, memory_mask = layer(x, tgt_mask, memory, memory_mask)
+        if self.normalize_before:
+            x = self.after_norm(x)
+        return self.output_layer(x)
+
+    @torch.jit.export
+    def forward_prefix_trees(self, memory: torch.Tensor, memory_mask: torch.Tensor,
+                             tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                             r_tokens: torch.Tensor, r_depth: torch.Tensor, r_ancestors: torch.Tensor
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(forward_prefix_tree logits (M, P, V), tensor(0.) in place of right-to-left
+        ones): the r_* trees are unused here (bidirectional API)."""
+        return self.forward_prefix_tree(memory, memory_mask, tokens, depth, ancestors), torch.tensor(0.0)
+
+    @torch.jit.export
     def forward_one_step(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                          tgt: torch.Tensor, tgt_mask: torch.Tensor, cache: List[torch.Tensor]
                          ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """One incremental step of beam search.
 
         Args:
-            memory: (N, T, D); memory_mask: bool (N, 1, T).
+            memory: (M, T, D), M dividing N; memory_mask: bool (M, 1, T): the N
+                prefixes are M groups of N / M consecutive rows (e.g. an utterance's
+                beams), group m over memory row m (`DecoderLayer`).
             tgt: (N, i) prefixes (<sos> first); tgt_mask: bool (N, i, i).
             cache: per block, its output for the first i-1 positions (N, i-1, D);
                 an empty list at the first step.
         Returns:
             (log-probabilities of the next token (N, V), new cache: per block (N, i, D)).
         """
+        if not torch.jit.is_scripting():
+            _check_groups(memory, tgt)
         x = self._embed(tgt)
         new_cache: List[torch.Tensor] = []
         for i, layer in enumerate(self.decoders):
@@ -191,6 +247,18 @@ class BiTransformerDecoder(nn.Module):
         if reverse_weight > 0.0:
             r_x = self.right_decoder._forward_logits(memory, memory_mask, r_ys_in_pad, ys_in_lens)
         return l_x, r_x, ys_in_lens
+
+    @torch.jit.export
+    def forward_prefix_trees(self, memory: torch.Tensor, memory_mask: torch.Tensor,
+                             tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                             r_tokens: torch.Tensor, r_depth: torch.Tensor, r_ancestors: torch.Tensor
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the hypotheses' prefix trees (left-to-right decoder, (M, P, V)) and
+        of their reversed hypotheses' trees (right-to-left decoder, (M, P_r, V));
+        see TransformerDecoder.forward_prefix_tree."""
+        return (self.left_decoder.forward_prefix_tree(memory, memory_mask, tokens, depth, ancestors),
+                self.right_decoder.forward_prefix_tree(memory, memory_mask, r_tokens, r_depth,
+                                                       r_ancestors))
 
     @torch.jit.export
     def forward_one_step(self, memory: torch.Tensor, memory_mask: torch.Tensor,

@@ -41,7 +41,11 @@ class DecoderLayer(nn.Module):
 
         Args:
             tgt: (B, L, D) input; tgt_mask: bool (B, L, L), True = attend.
-            memory: (B, T, D) encoder output; memory_mask: bool (B, 1, T).
+            memory: (M, T, D) encoder output, M dividing B: the B targets are M groups
+                of B / M consecutive rows, group m attending over memory row m (M = B:
+                one target per row; M = 1: N hypotheses of one utterance share it, and
+                its keys / values are projected once, not once per hypothesis);
+                memory_mask: bool (M, 1, T).
             cache: (B, L-1, D) this block's output for the first L-1 positions
                 (incremental decoding), or an empty tensor: then all L positions
                 are computed. With a cache only position L-1 is computed.
@@ -66,7 +70,11 @@ class DecoderLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.norm2(x)
-        x = residual + self.dropout(self.src_attn(x, memory, memory, memory_mask)[0])
+        # source attention treats each query position alone, so a group's targets
+        # go side by side as one (M, B/M * L, D) query batch over their memory row
+        n, length, dim = x.size(0), x.size(1), x.size(2)
+        src = self.src_attn(x.reshape(memory.size(0), -1, dim), memory, memory, memory_mask)[0]
+        x = residual + self.dropout(src.reshape(n, length, dim))
         if not self.normalize_before:
             x = self.norm2(x)
 
