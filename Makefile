@@ -26,7 +26,8 @@ demo: $(STAMP)
 
 # Whole-model RTF table (Dense-S / MoE per router / Dense-L, PyTorch and runtime, and
 # each MoE with int8 / w8a8 experts; tens of minutes on 2 cores), the runtime's chunk-16
-# gap split into dispatch and expert bytes, then the per-layer MoE benchmark and the
+# gap split into dispatch and expert bytes, attention rescoring (padded vs prefix trees),
+# then the per-layer MoE benchmark and the
 # experts a streaming chunk reads.
 BENCH_WORK ?= /tmp/wenet_moe_rtf
 bench: $(STAMP)
@@ -34,6 +35,8 @@ bench: $(STAMP)
 		--work-dir $(BENCH_WORK)
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/runtime_expert_bytes.py \
 		$(BENCH_WORK)/dense_s-5000-0 $(BENCH_WORK)/moe_topk-5000-0
+	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rescoring.py \
+		--exports $(BENCH_WORK)/dense_s-5000-0 $(BENCH_WORK)/moe_topk-5000-0
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/moe_layer.py
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/expert_reads.py \
 		--config examples/aishell2/s0/conf/train_u2++_moe.yaml

@@ -137,6 +137,15 @@ def test_tree_decoder_equals_padded_decoder(real_export, tmp_path):
         prefixes = {tuple(h[:j]) for h in hyps for j in range(len(h) + 1)}
         shared += sum(len(h) + 1 for h in hyps) - len(prefixes)
     assert shared > 0      # the n-best lists did share prefixes
+    # int8: decoder_tree.int8.onnx quantizes each call's rows together (as
+    # decoder.int8.onnx does its padded rows): the same rescored 1-best, close scores
+    tree8 = OnnxAsrModel(real_export["dir"], int8=True)
+    padded8 = OnnxAsrModel(real_export["dir"], int8=True, tree_decoder=False)
+    assert tree8.paths[DECODER_TREE].endswith("decoder_tree.int8.onnx")
+    for wav, ids in real_export["utts"]:
+        att, att_padded = (_nbest_with_scores(m, wav)[1] for m in (tree8, padded8))
+        assert att[0][0] == att_padded[0][0] == ids
+        assert abs(att[0][1] - att_padded[0][1]) < 0.5
     copy_dir = tmp_path / "no_tree"
     shutil.copytree(real_export["dir"], copy_dir)
     os.unlink(copy_dir / f"{DECODER_TREE}.onnx")

@@ -177,10 +177,11 @@ class OnnxAsrModel:
             (`forward_encoder_chunks`); single streams run as a batch of one.
         max_encoder_batch: most streams in one batched encoder call (larger groups
             are split).
-        tree_decoder: rescore with `decoder_tree.onnx` when the export has it (fp32
-            only): each distinct prefix (suffix, right to left) of the n-best is
-            decoded once (`prefix_tree`); else `decoder.onnx`, one padded row per
-            hypothesis. Both give the same scores (within float rounding).
+        tree_decoder: rescore with `decoder_tree.onnx` (`decoder_tree.int8.onnx`) when
+            the export has it: each distinct prefix (suffix, right to left) of the
+            n-best is decoded once (`prefix_tree`); else `decoder.onnx`, one padded
+            row per hypothesis. fp32 graphs give the same scores (within float
+            rounding); int8 ones quantize the activations of each call's rows.
     """
 
     def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1,
@@ -218,8 +219,9 @@ class OnnxAsrModel:
         batch_path = os.path.join(model_dir, f"{BATCH_ENCODER}.onnx")
         if batch_encoder and not self.int8 and os.path.isfile(batch_path):
             names[names.index("encoder")] = BATCH_ENCODER
-        tree_path = os.path.join(model_dir, f"{DECODER_TREE}.onnx")
-        if tree_decoder and not self.int8 and os.path.isfile(tree_path):
+        tree_path = os.path.join(model_dir, f"{DECODER_TREE}.int8.onnx" if int8
+                                 else f"{DECODER_TREE}.onnx")
+        if tree_decoder and os.path.isfile(tree_path):
             names[names.index("decoder")] = DECODER_TREE
         for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")

@@ -55,7 +55,7 @@ def build_prefix_trees(hyps: Sequence[Sequence[int]], tree_of: Sequence[int], so
     `tree_of[i]` (e.g. its utterance; trees 0 .. max); with `reverse` the trees of
     the reversed hypotheses (right-to-left decoder)."""
     n_trees = (max(tree_of) + 1) if len(tree_of) else 0
-    node_ids: List[Dict[Tuple[int, ...], int]] = [{(): 0} for _ in range(n_trees)]
+    node_ids: List[Dict[Tuple[int, int], int]] = [{} for _ in range(n_trees)]  # (parent, token)
     tokens: List[List[int]] = [[sos] for _ in range(n_trees)]
     parents: List[List[int]] = [[-1] for _ in range(n_trees)]
     depths: List[List[int]] = [[0] for _ in range(n_trees)]
@@ -63,12 +63,12 @@ def build_prefix_trees(hyps: Sequence[Sequence[int]], tree_of: Sequence[int], so
     for hyp, m in zip(hyps, tree_of):
         seq = [int(t) for t in (list(hyp)[::-1] if reverse else hyp)]
         ids, path = node_ids[m], [0]
-        for j in range(len(seq)):
-            key = tuple(seq[: j + 1])
+        for j, token in enumerate(seq):
+            key = (path[-1], token)
             node = ids.get(key)
             if node is None:
                 node = ids[key] = len(tokens[m])
-                tokens[m].append(seq[j])
+                tokens[m].append(token)
                 parents[m].append(path[-1])
                 depths[m].append(j + 1)
             path.append(node)

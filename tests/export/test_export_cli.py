@@ -41,10 +41,10 @@ def onnx_export_dir(tmp_path_factory):
 
 def test_onnx_files_metadata_and_inputs(onnx_export_dir):
     out, model, conf = onnx_export_dir
-    names = ["encoder", "ctc", "decoder", "model", "model_streaming"]
-    # encoder_batch.onnx (cross-stream batching) and decoder_tree.onnx are fp32 only
+    names = ["encoder", "ctc", "decoder", "model", "model_streaming", "decoder_tree"]
+    # encoder_batch.onnx (cross-stream batching) is fp32 only
     expected = sorted([f"{n}.onnx" for n in names] + [f"{n}.int8.onnx" for n in names]
-                      + ["encoder_batch.onnx", "decoder_tree.onnx", "units.txt", "tokens.txt"])
+                      + ["encoder_batch.onnx", "units.txt", "tokens.txt"])
     assert sorted(os.listdir(out)) == expected
     for name in expected:
         if name.endswith(".onnx"):
@@ -268,7 +268,7 @@ def test_runtime_refuses_mixed_exports_and_vocab_mismatch(onnx_export_dir, tmp_p
     src, _, conf = onnx_export_dir
     hashes = {n: meta(os.path.join(src, n))["config_hash"] for n in os.listdir(src)
               if n.endswith(".onnx")}
-    assert len(hashes) == 12 and len(set(hashes.values())) == 1
+    assert len(hashes) == 13 and len(set(hashes.values())) == 1
     out = str(tmp_path / "onnx")
     shutil.copytree(src, out)
     set_meta(os.path.join(out, "ctc.int8.onnx"), config_hash="0123456789abcdef")

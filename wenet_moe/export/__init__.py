@@ -28,7 +28,7 @@ ONNX_FILES = ("encoder.onnx", "ctc.onnx", "decoder.onnx", "model.onnx", "model_s
 # the streaming encoder over a batch of streams (fp32 only: int8 MatMulInteger quantizes
 # activations per tensor, so a stream's result would depend on its batch mates)
 BATCH_ENCODER_FILE = "encoder_batch.onnx"
-# attention rescoring on the n-best's prefix trees (fp32 only, as encoder_batch.onnx)
+# attention rescoring on the n-best's prefix trees (and its int8 copy with --quantize int8)
 DECODER_TREE_FILE = "decoder_tree.onnx"
 EXPERT_PRECISIONS = ("fp32", "int8")     # --expert_precision of the fp32 ONNX graphs
 
@@ -103,7 +103,7 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
                                                          left_chunks))
                 report.update(check.verify_decoder_tree(model, tree_path))
             if quantize == "int8":
-                for name in ONNX_FILES:
+                for name in ONNX_FILES + (DECODER_TREE_FILE,):
                     q8.quantize_onnx(os.path.join(stage, name),
                                      os.path.join(stage, q8.int8_name(name)))
                 if verify:

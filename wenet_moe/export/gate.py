@@ -263,3 +263,18 @@ def decoder_feeds(model: torch.nn.Module, hyp: Sequence[int], encoder_out: np.nd
     return {"hyps": hyps, "hyps_lens": np.array([hyps.shape[1]], dtype=np.int64),
             "encoder_out": np.ascontiguousarray(encoder_out[None], dtype=np.float32),
             "reverse_weight": np.array(reverse_weight, dtype=np.float32)}
+
+
+def decoder_tree_feeds(model: torch.nn.Module, hyp: Sequence[int], encoder_out: np.ndarray
+                       ) -> Dict[str, np.ndarray]:
+    """decoder_tree.onnx inputs scoring one hypothesis: its prefix tree (a chain of
+    len + 1 nodes, whose rows are decoder.onnx's rows) and its reversal's."""
+    from wenet_moe_runtime.prefix_tree import build_prefix_trees
+
+    trees = [build_prefix_trees([list(hyp)], [0], model.sos_symbol(), model.eos_symbol(), reverse)
+             for reverse in (False, True)]
+    arrays = [a for t in trees for a in (t.tokens, t.depth, t.ancestors)]
+    names = ["tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors"]
+    feeds = dict(zip(names, arrays))
+    feeds["encoder_out"] = np.ascontiguousarray(encoder_out[None], dtype=np.float32)
+    return feeds

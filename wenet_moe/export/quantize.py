@@ -34,7 +34,7 @@ import torch
 from onnx import numpy_helper
 
 from wenet_moe.export.gate import (DEFAULT_MAX_DISAGREEMENT, Agreement, GateInputs,
-                                   decoder_feeds, stream_onnx)
+                                   decoder_feeds, decoder_tree_feeds, stream_onnx)
 from wenet_moe.export.verify import session
 
 
@@ -176,7 +176,8 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
       chunks (the runtime's `--int8` path);
     * model_streaming.int8.onnx: streaming, sherpa-onnx's zero cache;
     * decoder.int8.onnx: teacher-forced on the fp32 greedy hypothesis, given the
-      encoder output of its own precision (per-position best token compared).
+      encoder output of its own precision (per-position best token compared);
+    * decoder_tree.int8.onnx (when written): the same, on that hypothesis's tree.
 
     `variant` names the graph compared with each fp32 one (default the int8 copy;
     `experts_int8_name` for the int8-expert graphs of `--expert_precision int8`); a
@@ -202,7 +203,11 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
     runtime = Agreement(f"{other('encoder')} + {other('ctc')}", blank_id=blank)
     sherpa = Agreement(other("model_streaming"), blank_id=blank)
     decoder = Agreement(other("decoder"), ctc=False)
-    sessions = {n: pair(n) for n in ("model", "encoder", "ctc", "model_streaming", "decoder")}
+    names = ["model", "encoder", "ctc", "model_streaming", "decoder"]
+    tree = Agreement(other("decoder_tree"), ctc=False)
+    if other("decoder_tree") != "decoder_tree.onnx":
+        names.append("decoder_tree")
+    sessions = {n: pair(n) for n in names}
     rw = float(reverse_weight) if model.is_bidirectional_decoder() else 0.0
     for feat in inputs.feats:
         feeds = {"x": feat[None].astype(np.float32),
@@ -224,8 +229,15 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
         decoder.add(outs[0][0][0], outs[1][0][0])
         if rw > 0:
             decoder.add(outs[0][1][0], outs[1][1][0])
+        if "decoder_tree" in sessions:
+            outs = [s.run(None, decoder_tree_feeds(model, hyp, h))
+                    for s, h in zip(sessions["decoder_tree"], hidden)]
+            tree.add(outs[0][0][0], outs[1][0][0])
+            if rw > 0:
+                tree.add(outs[0][1][0], outs[1][1][0])
     report: Dict[str, float] = {}
-    for tally in (offline, runtime, sherpa, decoder):
+    tallies = [offline, runtime, sherpa, decoder] + ([tree] if "decoder_tree" in sessions else [])
+    for tally in tallies:
         report.update(tally.check(max_disagreement, inputs))
     return report
 
