@@ -856,3 +856,24 @@ def test_kernel_threads_give_identical_outputs(activation):
             assert torch.allclose(outs[0].reshape(-1, 32), want, atol=1e-5, rtol=1e-4), f"T={frames}"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_packed_experts_lie_in_huge_page_memory(monkeypatch):
+    """Packed experts of >= 2 MiB are copied into memory advised for transparent huge
+    pages (same values, contiguous, from a 2 MiB boundary) where Linux offers the
+    advice; smaller tensors and WENET_MOE_HUGE_PAGES=0 keep the tensor itself."""
+    import mmap
+    w = torch.randn(4, 256, 1024)                     # 4 MiB of fp32 weights
+    packed, _ = cpu_kernel.pack_expert_weight(w, "fp32")
+    assert torch.equal(packed, cpu_kernel.pack_weight(w)) and packed.is_contiguous()
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert packed.data_ptr() % cpu_kernel.HUGE_PAGE == 0
+    q8, _ = cpu_kernel.pack_expert_weight(torch.cat([w, w]), "w8a8")     # 2 MiB of int8
+    assert torch.equal(q8, cpu_kernel.pack_weight_q8(cpu_kernel.quantize_int8(torch.cat([w, w]))[0]))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert q8.data_ptr() % cpu_kernel.HUGE_PAGE == 0
+    small = torch.randn(16, 16)
+    assert cpu_kernel.in_huge_pages(small) is small
+    monkeypatch.setenv("WENET_MOE_HUGE_PAGES", "0")
+    big = torch.randn(1 << 20)
+    assert cpu_kernel.in_huge_pages(big) is big
