@@ -183,7 +183,8 @@ def decoder_scores(model: torch.nn.Module, hyps: Sequence[Sequence[int]], utt_in
         empty = torch.zeros(0, device=device)
         return empty, empty
     utts = sorted(set(int(u) for u in utt_index))
-    tree_of = [utts.index(int(u)) for u in utt_index]
+    slot = {u: i for i, u in enumerate(utts)}
+    tree_of = [slot[int(u)] for u in utt_index]
     memory = encoder_out[torch.tensor(utts, dtype=torch.long, device=device)]
     memory_mask = encoder_mask[torch.tensor(utts, dtype=torch.long, device=device)]
     bidirectional = getattr(model, "bidirectional", False)

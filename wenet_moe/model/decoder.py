@@ -120,7 +120,12 @@ class TransformerDecoder(nn.Module):
         max_len = ys_in_pad.size(1)
         tgt_mask = make_non_pad_mask(ys_in_lens, max_len).unsqueeze(1) \
             & subsequent_mask(max_len, ys_in_pad.device).unsqueeze(0)  # (B, L, L)
-        x = self._embed(ys_in_pad)
+        return self._blocks_to_logits(self._embed(ys_in_pad), tgt_mask, memory, memory_mask)
+
+    def _blocks_to_logits(self, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
+                          memory_mask: torch.Tensor) -> torch.Tensor:
+        """Embedded targets x (B, L, D) through every block, the final norm and the
+        output layer -> logits (B, L, V); tgt_mask bool (B, L, L)."""
         for layer in self.decoders:
             x, tgt_mask, memory, memory_mask = layer(x, tgt_mask, memory, memory_mask)
         if self.normalize_before:
@@ -149,12 +154,7 @@ class TransformerDecoder(nn.Module):
         m, p = tokens.size(0), tokens.size(1)
         x = self.embed(tokens).reshape(m * p, 1, -1)
         x = self.pos_enc.forward_offsets(x, depth.reshape(-1)).reshape(m, p, -1)
-        tgt_mask = ancestors
-        for layer in self.decoders:
-            x, tgt_mask, memory, memory_mask = layer(x, tgt_mask, memory, memory_mask)
-        if self.normalize_before:
-            x = self.after_norm(x)
-        return self.output_layer(x)
+        return self._blocks_to_logits(x, ancestors, memory, memory_mask)
 
     @torch.jit.export
     def forward_prefix_trees(self, memory: torch.Tensor, memory_mask: torch.Tensor,
