@@ -3,7 +3,7 @@ definitions: a node per distinct prefix, ancestors = prefixes of the prefix, dep
 its length, and scores summed along each hypothesis's path."""
 import numpy as np
 
-from wenet_moe_runtime.prefix_tree import build_prefix_trees
+from wenet_moe_runtime.prefix_tree import DECODER_TREE_INPUTS, build_prefix_trees, decoder_tree_feeds
 
 SOS, EOS = 9, 9
 HYPS = [[1, 2, 3], [1, 2], [1, 4], [], [5, 2, 3], [1, 2, 3, 3]]
@@ -55,3 +55,17 @@ def test_scores_sum_next_token_and_eos_along_each_path():
             want = sum(float(log_probs[m, prefixes[m].index(tuple(seq[:j])), t])
                        for j, t in enumerate(list(seq) + [EOS]))
             assert abs(got[i] - want) < 1e-9, (reverse, h)
+
+
+def test_decoder_tree_feeds_names_shapes_and_left_to_right_only():
+    """decoder_tree.onnx's feeds: every input by name, the trees returned are the ones
+    fed; without right-to-left scores each utterance gets a root-only tree."""
+    enc = np.zeros((2, 7, 4), dtype=np.float64)
+    feeds, left, right = decoder_tree_feeds(HYPS, OWNERS, SOS, EOS, enc)
+    assert tuple(feeds) == DECODER_TREE_INPUTS
+    assert feeds["encoder_out"].dtype == np.float32 and feeds["encoder_out"].shape == (2, 7, 4)
+    assert np.array_equal(feeds["tokens"], left.tokens) and np.array_equal(feeds["r_ancestors"], right.ancestors)
+    assert np.array_equal(right.tokens, build_prefix_trees(HYPS, OWNERS, SOS, EOS, True).tokens)
+    feeds, _, right = decoder_tree_feeds(HYPS, OWNERS, SOS, EOS, enc, right_to_left=False)
+    assert feeds["r_tokens"].tolist() == [[SOS], [SOS]] and feeds["r_depth"].tolist() == [[0], [0]]
+    assert feeds["r_ancestors"].shape == (2, 1, 1)

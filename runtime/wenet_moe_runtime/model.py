@@ -32,14 +32,12 @@ import numpy as np
 import onnxruntime as ort
 
 from .features import FbankOptions
-from .prefix_tree import build_prefix_trees
+from .prefix_tree import DECODER_TREE_INPUTS, decoder_tree_feeds
 from .symbols import SymbolTable
 
 MODEL_FILES = ("encoder", "ctc", "decoder")
 BATCH_ENCODER = "encoder_batch"
 DECODER_TREE = "decoder_tree"
-DECODER_TREE_INPUTS = ("tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors",
-                       "encoder_out")
 BATCH_ENCODER_INPUTS = ("chunk", "chunk_lens", "offsets", "required_cache_size", "att_cache",
                         "cnn_cache", "att_mask")
 REQUIRED_METADATA = ("chunk_size", "left_chunks", "subsampling_rate", "right_context",
@@ -466,13 +464,8 @@ class OnnxAsrModel:
         """`attention_scores` by `decoder_tree.onnx`: the n-best's prefix tree (and,
         with reverse_weight > 0, its reversed hypotheses' tree; else a root-only one)."""
         n = len(hyps)
-        sos, eos = self.info.sos, self.info.eos
-        left = build_prefix_trees(hyps, [0] * n, sos, eos)
-        right = (build_prefix_trees(hyps, [0] * n, sos, eos, reverse=True) if reverse_weight > 0
-                 else build_prefix_trees([[]], [0], sos, eos))
-        feeds = dict(zip(DECODER_TREE_INPUTS, (
-            left.tokens, left.depth, left.ancestors, right.tokens, right.depth, right.ancestors,
-            np.ascontiguousarray(encoder_out[None], dtype=np.float32))))
+        feeds, left, right = decoder_tree_feeds(hyps, [0] * n, self.info.sos, self.info.eos,
+                                                encoder_out[None], right_to_left=reverse_weight > 0)
         outs = self._run(DECODER_TREE, "decoder", feeds)
         l2r = left.scores(outs[0], n)
         if reverse_weight <= 0:

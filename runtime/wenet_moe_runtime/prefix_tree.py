@@ -16,6 +16,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+# inputs of decoder_tree.onnx, in order
+DECODER_TREE_INPUTS = ("tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors",
+                       "encoder_out")
+
 
 @dataclass
 class PrefixTrees:
@@ -88,3 +92,22 @@ def build_prefix_trees(hyps: Sequence[Sequence[int]], tree_of: Sequence[int], so
     owner = [i for i, (_, path, _) in enumerate(paths) for _ in path]
     return PrefixTrees(tok, dep, anc, np.asarray(rows, dtype=np.int64),
                        np.asarray(targets, dtype=np.int64), np.asarray(owner, dtype=np.int64))
+
+
+def decoder_tree_feeds(hyps: Sequence[Sequence[int]], tree_of: Sequence[int], sos: int, eos: int,
+                       encoder_out: np.ndarray, right_to_left: bool = True
+                       ) -> Tuple[Dict[str, np.ndarray], PrefixTrees, PrefixTrees]:
+    """decoder_tree.onnx's inputs (`DECODER_TREE_INPUTS`) scoring `hyps`, hypothesis i
+    of utterance `tree_of[i]` (M utterances), with encoder_out (M, T, D): the prefix
+    trees of the hypotheses and of their reversals (`right_to_left`; else a root-only
+    tree per utterance, for left-to-right scores alone). Returns (feeds, the
+    left-to-right trees, the right-to-left ones)."""
+    left = build_prefix_trees(hyps, tree_of, sos, eos)
+    if right_to_left:
+        right = build_prefix_trees(hyps, tree_of, sos, eos, reverse=True)
+    else:
+        utterances = (max(tree_of) + 1) if len(tree_of) else 0
+        right = build_prefix_trees([[]] * utterances, list(range(utterances)), sos, eos)
+    arrays = (left.tokens, left.depth, left.ancestors, right.tokens, right.depth, right.ancestors,
+              np.ascontiguousarray(encoder_out, dtype=np.float32))
+    return dict(zip(DECODER_TREE_INPUTS, arrays)), left, right

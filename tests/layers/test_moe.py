@@ -755,6 +755,77 @@ def test_kernel_moe_forward_matches_loop_and_rejects_bad_ids():
         cpu_kernel.moe_forward(cpu_kernel.library(), x, top_idx + 3, gates, packs, "relu")
 
 
+@needs_kernel
+@pytest.mark.parametrize("router,k,frame_embedding", [("topk", 2, False), ("topk", 1, False),
+                                                      ("switch", 1, False), ("omni", 2, False),
+                                                      ("speechmoe", 2, True)])
+def test_kernel_routing_in_c_matches_naive(router, k, frame_embedding):
+    """Eval CPU fp32 inference routes in C and runs the experts in the same call
+    (`_kernel_forward`): outputs, chosen experts (largest logit first) and recorded
+    routing against the frame-by-frame reference, for every router, k = 1 and 2, and
+    the SpeechMoE router input [embedding, x]; routing by torch (`route`) agrees."""
+    torch.manual_seed(11)
+    factory, layer = make_layer(router, n_expert=8, k=k, dim=32, hidden=48,
+                                frame_embedding=frame_embedding)
+    layer.eval()
+    for frames in (1, 4, 16, 37):
+        x = torch.randn(2, frames, 32)
+        emb = torch.randn(2, frames, factory.conf["embed_dim"]) if frame_embedding else EMPTY
+        with torch.no_grad():
+            flat_emb = emb.reshape(-1, emb.size(-1)) if frame_embedding else EMPTY
+            fused = layer._kernel_forward(x.reshape(-1, 32), flat_emb)
+            assert fused is not None, "the C kernel path was not taken"
+            got = layer(x, emb)
+            want = naive_moe(layer, x, emb if frame_embedding else None)
+            _, top_idx, _ = layer.route(x.reshape(-1, 32), flat_emb)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+        assert torch.equal(fused[1], top_idx)
+        assert torch.equal(moe_module.LAST_ROUTING[layer][1], top_idx.view(2, frames, k))
+
+
+@needs_kernel
+def test_kernel_routing_rebuilt_on_weight_change_and_skipped_for_router_hooks():
+    """The prepared C call follows in-place changes of the router's and the experts'
+    weights (load_state_dict), and a forward hook on the router still sees every
+    forward (routing in torch then)."""
+    torch.manual_seed(12)
+    _, layer = make_layer("topk", n_expert=8, k=2, dim=32, hidden=48)
+    _, other = make_layer("topk", n_expert=8, k=2, dim=32, hidden=48)
+    layer.eval()
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        before = layer(x, EMPTY)
+        layer.load_state_dict(other.state_dict())
+        after = layer(x, EMPTY)
+        assert not torch.allclose(before, after, atol=1e-3)
+        assert torch.allclose(after, naive_moe(other, x), rtol=1e-4, atol=1e-5)
+        seen = []
+        layer.router.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        assert layer._kernel_forward(x.reshape(-1, 32), EMPTY) is None
+        hooked = layer(x, EMPTY)
+    assert seen == [(5, 8)]
+    assert torch.allclose(hooked, after, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_kernel_routing_ties_and_limits():
+    """Equal logits choose the lower expert first, with gates 1/k (renormalised) or 1/E
+    (full softmax); a router with more than 256 experts is refused with one line."""
+    x = torch.randn(3, 16)
+    packs = (cpu_kernel.pack_weight(torch.randn(8, 16, 16)), torch.zeros(8, 16),
+             cpu_kernel.pack_weight(torch.randn(8, 16, 16)), torch.zeros(8, 16))
+    lib = cpu_kernel.library()
+    for renormalize, gate in ((True, 0.5), (False, 0.125)):
+        out, top_idx = cpu_kernel.routed_moe_forward(lib, x, EMPTY, torch.zeros(16, 8), torch.zeros(8), 2,
+                                                     renormalize, packs, "relu")
+        assert top_idx.tolist() == [[0, 1]] * 3
+        want = cpu_kernel.moe_forward(lib, x, top_idx, torch.full((3, 2), gate), packs, "relu")
+        assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)
+    big = (packs[0].repeat(33, 1, 1, 1), packs[1].repeat(33, 1), packs[2].repeat(33, 1, 1, 1), packs[3].repeat(33, 1))
+    with pytest.raises(ValueError, match="at most 256 experts"):
+        cpu_kernel.routed_moe_forward(lib, x, EMPTY, torch.zeros(16, 264), None, 2, True, big, "relu")
+
+
 def test_pack_weight_layout_and_errors():
     weight = torch.arange(2 * 3 * 32, dtype=torch.float32).view(2, 3, 32)
     packed = cpu_kernel.pack_weight(weight)

@@ -269,12 +269,6 @@ def decoder_tree_feeds(model: torch.nn.Module, hyp: Sequence[int], encoder_out: 
                        ) -> Dict[str, np.ndarray]:
     """decoder_tree.onnx inputs scoring one hypothesis: its prefix tree (a chain of
     len + 1 nodes, whose rows are decoder.onnx's rows) and its reversal's."""
-    from wenet_moe_runtime.prefix_tree import build_prefix_trees
+    from wenet_moe_runtime.prefix_tree import decoder_tree_feeds
 
-    trees = [build_prefix_trees([list(hyp)], [0], model.sos_symbol(), model.eos_symbol(), reverse)
-             for reverse in (False, True)]
-    arrays = [a for t in trees for a in (t.tokens, t.depth, t.ancestors)]
-    names = ["tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors"]
-    feeds = dict(zip(names, arrays))
-    feeds["encoder_out"] = np.ascontiguousarray(encoder_out[None], dtype=np.float32)
-    return feeds
+    return decoder_tree_feeds([list(hyp)], [0], model.sos_symbol(), model.eos_symbol(), encoder_out[None])[0]

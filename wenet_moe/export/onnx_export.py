@@ -34,6 +34,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import onnx
 import torch
+from wenet_moe_runtime import prefix_tree
 
 from wenet_moe.export.onnx_passes import fuse_expert_split, graphs
 from wenet_moe.export.wrappers import (AttentionDecoder, AttentionDecoderTree, CtcActivation,
@@ -54,8 +55,7 @@ OFFLINE_INPUTS, OFFLINE_OUTPUTS = ["x", "x_lens"], ["log_probs", "log_probs_lens
 BATCH_ENCODER_INPUTS = ["chunk", "chunk_lens", "offsets", "required_cache_size", "att_cache",
                         "cnn_cache", "att_mask"]
 BATCH_ENCODER_OUTPUTS = ["output", "out_lens", "r_att_cache", "r_cnn_cache"]
-DECODER_TREE_INPUTS = ["tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors",
-                       "encoder_out"]
+DECODER_TREE_INPUTS = list(prefix_tree.DECODER_TREE_INPUTS)
 
 _TORCH_TO_ONNX = {torch.float32: onnx.TensorProto.FLOAT, torch.int64: onnx.TensorProto.INT64,
                   torch.bool: onnx.TensorProto.BOOL, torch.int32: onnx.TensorProto.INT32}
@@ -304,17 +304,14 @@ def export_encoder_batch(model: torch.nn.Module, path: str, chunk_size: int, lef
 def decoder_tree_example(model: torch.nn.Module, seed: int = 0) -> Tuple[torch.Tensor, ...]:
     """Example inputs of `decoder_tree.onnx`: the trees of two utterances' n-best lists
     (with shared prefixes and suffixes, an empty hypothesis, padded nodes)."""
-    from wenet_moe_runtime.prefix_tree import build_prefix_trees
-
     gen = torch.Generator().manual_seed(seed)
     vocab = model.vocab_size
     hyps = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (4, 2, 0, 5)]
     hyps.append(hyps[0][:2] + hyps[3][2:])      # a prefix of one, a suffix of another
-    owners = [0, 0, 1, 1, 0]
-    sos, eos = model.sos_symbol(), model.eos_symbol()
-    trees = [build_prefix_trees(hyps, owners, sos, eos, reverse) for reverse in (False, True)]
-    arrays = [torch.from_numpy(a) for t in trees for a in (t.tokens, t.depth, t.ancestors)]
-    return tuple(arrays) + (torch.randn(2, 9, model.encoder.output_size(), generator=gen),)
+    encoder_out = torch.randn(2, 9, model.encoder.output_size(), generator=gen)
+    feeds, _, _ = prefix_tree.decoder_tree_feeds(hyps, [0, 0, 1, 1, 0], model.sos_symbol(),
+                                                 model.eos_symbol(), encoder_out.numpy())
+    return tuple(torch.from_numpy(feeds[name]) for name in DECODER_TREE_INPUTS)
 
 
 def export_decoder_tree(model: torch.nn.Module, path: str, metadata: Dict[str, str]) -> None:

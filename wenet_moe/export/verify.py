@@ -297,7 +297,7 @@ def verify_decoder_tree(model, path: str, seed: int = 0) -> Dict[str, float]:
     two utterances' n-best lists (1..10 hypotheses, lengths 0..12, encoder lengths
     1..60), and the hypotheses' scores read off its trees against their scores by the
     eager padded decoder (`flat_scores`, the WeNet-interface decoder.onnx's math)."""
-    from wenet_moe_runtime.prefix_tree import build_prefix_trees
+    from wenet_moe_runtime.prefix_tree import DECODER_TREE_INPUTS, decoder_tree_feeds
 
     sess = session(path)
     gen = torch.Generator().manual_seed(seed)
@@ -310,13 +310,11 @@ def verify_decoder_tree(model, path: str, seed: int = 0) -> Dict[str, float]:
             hyps += nbest_like(model, gen, num, max_len)
             owners += [m] * num
         enc_out = torch.randn(len(groups), t, model.encoder.output_size(), generator=gen)
-        trees = [build_prefix_trees(hyps, owners, sos, eos, reverse) for reverse in (False, True)]
-        feeds = [torch.from_numpy(a) for tr in trees for a in (tr.tokens, tr.depth, tr.ancestors)]
+        feeds, *trees = decoder_tree_feeds(hyps, owners, sos, eos, enc_out.numpy())
         with torch.no_grad():
-            want = model.forward_attention_decoder_tree(*feeds, enc_out)
-        got = sess.run(None, {name: _np(x) for name, x in zip(
-            ["tokens", "depth", "ancestors", "r_tokens", "r_depth", "r_ancestors", "encoder_out"],
-            feeds + [enc_out])})
+            want = model.forward_attention_decoder_tree(*(torch.from_numpy(feeds[name])
+                                                          for name in DECODER_TREE_INPUTS))
+        got = sess.run(None, feeds)
         tag = f"(n-best {groups}, L <= {max_len}, T={t})"
         worst["graph"] = max(worst["graph"], compare(f"decoder_tree.onnx score {tag}", got[0],
                                                      _np(want[0])),

@@ -34,7 +34,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "disabled_reason",
+__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "RoutedMoE", "routed_moe_forward", "disabled_reason",
            "pack_expert_weight", "quantize_int8", "quantize_rows", "expert_weight_values",
            "int8_dot_kind", "PRECISIONS"]
 
@@ -43,7 +43,8 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 8
+LIBS = ["-lm"]      # after the source: expf of the router's softmax
+ABI_VERSION = 9
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 PRECISIONS = ("fp32", "bf16", "int8", "w8a8")       # moe_conf.expert_precision
@@ -92,7 +93,7 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     for extra in (OPENMP_FLAGS, []):
         flags = FLAGS + [f"-march={target_arch()}"] + extra
-        key = hashlib.sha256(source + " ".join([compiler] + flags).encode()
+        key = hashlib.sha256(source + " ".join([compiler] + flags + LIBS).encode()
                              + _cpu_signature().encode()).hexdigest()[:16]
         cache = _cache_dir()
         target = cache / f"moe_cpu_{key}.so"
@@ -102,7 +103,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=".moe_cpu_", suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
             if done.returncode == 0:
                 os.replace(tmp, target)
                 break
@@ -133,6 +134,11 @@ def load(target: Path) -> ctypes.CDLL:
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int]
+    fn = lib.wm_moe_routed_forward
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                   + lib.wm_moe_forward.argtypes[5:])
     lib.wm_openmp.restype = ctypes.c_int
     lib.wm_int8_dot_native.restype = ctypes.c_int
     return lib
@@ -350,6 +356,37 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
+def _expert_args(lib: ctypes.CDLL, x: torch.Tensor, k: int, packs: Tuple[Any, ...],
+                 activation: str) -> Tuple[Tuple[Any, ...], torch.Tensor]:
+    """(the arguments of `wm_moe_forward` from k on, the output tensor (N, D)) for x
+    (N, D) contiguous float32 and k experts per frame (see `moe_forward`)."""
+    n_tok, dim = x.shape
+    n_expert, hidden = packs[1].shape
+    scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
+    wt, scale1_ptr, _ = _weight_type(packs[0], scale1)
+    wt2, scale2_ptr, _ = _weight_type(packs[2], scale2)
+    if wt2 != wt:
+        raise ValueError(f"moe_forward: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
+    n_assign = n_tok * k
+    work = _workspace("float", n_assign * (2 * dim + hidden), torch.float32)
+    order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
+    out = torch.empty_like(x)
+    base, size = work.data_ptr(), work.element_size()
+    return (k, n_expert, hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
+            packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt, ACTIVATIONS[activation], base,
+            base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
+            order.data_ptr(), out.data_ptr(), threads(lib)), out
+
+
+def _check_status(status: int, name: str, n_expert: int) -> None:
+    if status == -1:
+        raise ValueError(f"{name}: an expert id in top_idx is outside [0, {n_expert})")
+    if status == -4:
+        raise ValueError(f"{name}: the kernel routes at most 256 experts, k of them (1 <= k <= experts)")
+    if status != 0:
+        raise MemoryError(f"{name}: the kernel could not allocate its tile buffer")
+
+
 def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
                 packs: Tuple[Any, ...], activation: str) -> torch.Tensor:
     """The whole MoE FFN in one call (sort, gather, experts, gated add-back).
@@ -366,27 +403,92 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
     x = x.contiguous()
     top_idx = top_idx.contiguous()
     gates = gates.contiguous()
-    n_tok, dim = x.shape
-    k = top_idx.size(1)
-    n_expert, hidden = packs[1].shape
-    scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
-    wt, scale1_ptr, _ = _weight_type(packs[0], scale1)
-    wt2, scale2_ptr, _ = _weight_type(packs[2], scale2)
-    if wt2 != wt:
-        raise ValueError(f"moe_forward: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
-    n_assign = n_tok * k
-    work = _workspace("float", n_assign * (2 * dim + hidden), torch.float32)
-    order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
-    out = torch.empty_like(x)
-    base, size = work.data_ptr(), work.element_size()
-    status = lib.wm_moe_forward(x.data_ptr(), n_tok, dim, top_idx.data_ptr(), gates.data_ptr(), k, n_expert,
-                                hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
-                                packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt,
-                                ACTIVATIONS[activation], base,
-                                base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
-                                order.data_ptr(), out.data_ptr(), threads(lib))
-    if status == -1:
-        raise ValueError(f"moe_forward: an expert id in top_idx is outside [0, {n_expert})")
-    if status != 0:
-        raise MemoryError("moe_forward: the kernel could not allocate its tile buffer")
+    args, out = _expert_args(lib, x, top_idx.size(1), packs, activation)
+    status = lib.wm_moe_forward(x.data_ptr(), x.size(0), x.size(1), top_idx.data_ptr(), gates.data_ptr(), *args)
+    _check_status(status, "moe_forward", packs[1].size(0))
     return out
+
+
+class RoutedMoE:
+    """The router and the whole MoE FFN in one C call (`moe_forward` with the routing of
+    `moe.MoEFFN.route` done in C), its weights checked and their addresses taken once:
+    at 1-4 frames the per-call cost of a handful of small torch ops and of argument
+    checks is a large part of a layer's time.
+
+    Args:
+        lib: `library()`.
+        packs, activation: as `moe_forward`.
+        router_weight_t: (E_emb + D, E) float32 contiguous, the router's weight
+            transposed (input rows [route_emb, x]; E_emb = 0 without an embedding).
+        router_bias: (E,) float32 contiguous, or None.
+        k, renormalize: experts per frame; gates = softmax over the k chosen logits
+            (True) or the full-softmax probabilities of the chosen experts (False).
+        threads: threads of each call (`threads(lib)`).
+    The tensors are referenced, not copied: the caller rebuilds this object when they change.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, packs: Tuple[Any, ...], activation: str,
+                 router_weight_t: torch.Tensor, router_bias: Optional[torch.Tensor], k: int,
+                 renormalize: bool, threads: int):
+        n_expert, hidden = packs[1].shape
+        dim = packs[3].size(1)
+        scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
+        wt, scale1_ptr, _ = _weight_type(packs[0], scale1)
+        wt2, scale2_ptr, _ = _weight_type(packs[2], scale2)
+        if wt2 != wt:
+            raise ValueError(f"routed MoE: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
+        if (router_weight_t.dtype != torch.float32 or not router_weight_t.is_contiguous()
+                or router_weight_t.dim() != 2 or router_weight_t.size(1) != n_expert
+                or router_weight_t.size(0) < dim):
+            raise ValueError(f"routed MoE: router weight must be contiguous float32 (E_emb + {dim}, "
+                             f"{n_expert}), got {router_weight_t.dtype} {tuple(router_weight_t.shape)}")
+        if router_bias is not None and (router_bias.dtype != torch.float32 or not router_bias.is_contiguous()
+                                        or router_bias.shape != (n_expert,)):
+            raise ValueError(f"routed MoE: router bias must be contiguous float32 ({n_expert},), "
+                             f"got {router_bias.dtype} {tuple(router_bias.shape)}")
+        self.dim, self.hidden, self.n_expert, self.k = dim, hidden, n_expert, k
+        self.emb_dim = router_weight_t.size(0) - dim
+        self._tensors = (packs, router_weight_t, router_bias)     # kept alive
+        self._router = (router_weight_t.data_ptr(), None if router_bias is None else router_bias.data_ptr(),
+                        int(renormalize))
+        self._experts = (k, n_expert, hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
+                         packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt, ACTIVATIONS[activation])
+        self._threads = threads
+        self._call = lib.wm_moe_routed_forward
+
+    def __call__(self, x: torch.Tensor, route_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) float32, route_emb (N, E_emb) float32 or empty (E_emb = 0) ->
+        ((N, D) output, (N, k) int64 chosen experts, largest logit first)."""
+        x = x.contiguous()
+        n_tok = x.size(0)
+        if x.dim() != 2 or x.size(1) != self.dim or x.dtype != torch.float32:
+            raise ValueError(f"routed MoE: x must be float32 (N, {self.dim}), got {x.dtype} {tuple(x.shape)}")
+        emb_ptr = None
+        if self.emb_dim:
+            route_emb = route_emb.contiguous()
+            if route_emb.shape != (n_tok, self.emb_dim) or route_emb.dtype != torch.float32:
+                raise ValueError(f"routed MoE: route_emb must be float32 ({n_tok}, {self.emb_dim}), "
+                                 f"got {route_emb.dtype} {tuple(route_emb.shape)}")
+            emb_ptr = route_emb.data_ptr()
+        k, dim = self.k, self.dim
+        n_assign = n_tok * k
+        work = _workspace("float", n_assign * (2 * dim + self.hidden + 1), torch.float32)
+        order = _workspace("index", 2 * n_assign + 2 * self.n_expert, torch.int64)
+        out = torch.empty_like(x)
+        top_idx = torch.empty(n_tok, k, dtype=torch.int64)
+        base = work.data_ptr()
+        status = self._call(x.data_ptr(), n_tok, dim, emb_ptr, self.emb_dim, *self._router, top_idx.data_ptr(),
+                            base + 4 * n_assign * (2 * dim + self.hidden), *self._experts, base,
+                            base + 4 * n_assign * dim, base + 4 * n_assign * (dim + self.hidden),
+                            order.data_ptr(), out.data_ptr(), self._threads)
+        _check_status(status, "routed MoE", self.n_expert)
+        return out, top_idx
+
+
+def routed_moe_forward(lib: ctypes.CDLL, x: torch.Tensor, route_emb: torch.Tensor,
+                       router_weight_t: torch.Tensor, router_bias: Optional[torch.Tensor], k: int,
+                       renormalize: bool, packs: Tuple[Any, ...], activation: str
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`RoutedMoE` built for one call: ((N, D) output, (N, k) chosen experts)."""
+    return RoutedMoE(lib, packs, activation, router_weight_t, router_bias, k, renormalize,
+                     threads(lib))(x, route_emb)

@@ -73,6 +73,9 @@ _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
+# MoEFFN -> (key, cpu_kernel.RoutedMoE or None, most rows per expert) of the fused C
+# path (MoEFFN._kernel_forward), outside the module for the same reasons as _PACKED
+_KERNEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Any, float]]" = weakref.WeakKeyDictionary()
 # (dim, hidden, activation, threads, precision) -> rows per expert up to which the C
 # kernel beats oneDNN, measured once per process (kernel_max_rows)
 _KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int, str], float] = {}
@@ -272,6 +275,11 @@ class MoEFFN(nn.Module):
                 raise ValueError("speechmoe MoE FFN: route_emb must be the shared frame "
                                  "embedding (B, T, E) of the encoder input")
             emb = route_emb.reshape(-1, route_emb.size(-1))
+        if not torch.jit.is_scripting():
+            fused = self._kernel_forward(x, emb)
+            if fused is not None:
+                LAST_ROUTING[self] = (None, fused[1].view(batch, time, -1))
+                return fused[0].view(batch, time, dim)
         logits, top_idx, gates = self.route(x, emb)
         valid: Optional[torch.Tensor] = None
         if not torch.jit.is_scripting():
@@ -324,6 +332,58 @@ class MoEFFN(nn.Module):
         if k == 1:
             return y
         return y.view(-1, k, x.size(1)).sum(1)
+
+    @torch.jit.unused
+    def _kernel_forward(self, x: torch.Tensor, emb: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(out (N, D), top_idx (N, k)) for x (N, D), emb (N, E_emb) or empty, by one C call
+        that routes and runs the experts (`cpu_kernel.RoutedMoE`), when the C kernel
+        serves this call (as `_packed` decides) and the router is a float32 `Router`
+        without forward hooks (they would not run); else None. Same routing and gates
+        as `route` up to float rounding (its sums run in another order). The prepared
+        call is kept per layer and rebuilt when a weight (expert or router) changes, or
+        the precision, packing mode or thread count."""
+        router = self.router
+        if (self.training or not isinstance(router, Router) or self._kernel_activation == "none"
+                or router._forward_hooks or router._forward_pre_hooks
+                or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        # the attributes, not `_parameters`: FSDP swaps in the unsharded tensors as attributes
+        gate = router.gate
+        bias = gate.bias
+        key = ((torch.get_num_threads(), self.expert_precision, self.packed_experts)
+               + tuple((t.data_ptr(), t._version) for t in (self.w1, self.b1, self.w2, self.b2, gate.weight))
+               + (None if bias is None else (bias.data_ptr(), bias._version),))
+        plan = _KERNEL_PLANS.get(self)
+        if plan is None or plan[0] != key:
+            plan = (key,) + self._kernel_plan(x)
+            _KERNEL_PLANS[self] = plan
+        n_assign = x.size(0) * self.n_expert_activated
+        call, max_rows = plan[1], plan[2]
+        if call is None or n_assign / min(n_assign, self.n_expert) > max_rows:
+            return None
+        return call(x, emb if self.use_route_emb else x[:0])
+
+    @torch.jit.unused
+    def _kernel_plan(self, x: torch.Tensor) -> Tuple[Optional[cpu_kernel.RoutedMoE], float]:
+        """(the prepared C call or None, the most rows per expert it takes) for
+        `_kernel_forward`: the kernel where `_packed` would choose it (with several
+        threads and packed_experts true, up to `kernel_max_rows`)."""
+        packed = self._packed(x, 1.0)
+        gate = self.router.gate
+        if packed is None or packed[0] != "kernel" or gate.weight.dtype != torch.float32:
+            return None, 0.0
+        max_rows = math.inf
+        if self.packed_experts is True and _ONEDNN_LINEAR:
+            max_rows = kernel_max_rows(self.idim, self.hidden_units, self._kernel_activation,
+                                       self.expert_precision)
+        # copies: FSDP frees the unsharded parameters' storage between forwards
+        bias = None if gate.bias is None else gate.bias.detach().clone()
+        lib = cpu_kernel.library()
+        weight_t = gate.weight.detach().t().clone(memory_format=torch.contiguous_format)
+        return cpu_kernel.RoutedMoE(lib, packed[1], self._kernel_activation, weight_t, bias,
+                                    self.n_expert_activated, self.renormalize,
+                                    cpu_kernel.threads(lib)), max_rows
 
     @torch.jit.unused
     def _valid_frames(self, mask_pad: torch.Tensor, batch: int, time: int) -> Optional[torch.Tensor]:

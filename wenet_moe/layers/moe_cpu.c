@@ -38,6 +38,7 @@
  * library binds to the libgomp torch already loaded (same soname), so these regions
  * run on torch's own OpenMP thread pool instead of competing with it.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -520,7 +521,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 8; }
+int wm_abi_version(void) { return 9; }
 
 /* 1 when wt is a weight type of this file and the K x N matrices suit it (WT_Q8 needs
  * K and N multiples of 16) */
@@ -695,4 +696,67 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
         }
     }
     return 0;
+}
+
+/* The router of an MoE FFN (inference), for n_tok frames:
+ *   logits[t] = [emb[t], x[t]] W + b   (emb: emb_dim floats per frame, none when emb_dim
+ *   is 0; W given transposed, wt_router: (emb_dim + dim) x n_expert row-major; b may be
+ *   NULL), top_idx[t] = the k largest logits, largest first (equal logits: the lower
+ *   expert first), gates[t] = softmax over those k logits (renormalize) or the
+ *   full-softmax probabilities of the chosen experts. Sums run over the input in order,
+ *   so the routing does not depend on `threads`. */
+#define MAX_ROUTED_EXPERTS 256
+static void route(const float *x, int64_t n_tok, int dim, const float *emb, int emb_dim,
+                  const float *wt_router, const float *b, int n_expert, int k, int renormalize,
+                  int64_t *top_idx, float *gates) {
+    float logit[MAX_ROUTED_EXPERTS];
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int e = 0; e < n_expert; e++) logit[e] = b == NULL ? 0.0f : b[e];
+        for (int d = 0; d < emb_dim; d++) {
+            const float v = emb[t * emb_dim + d];
+            const float *w = wt_router + (int64_t)d * n_expert;
+            for (int e = 0; e < n_expert; e++) logit[e] += v * w[e];
+        }
+        for (int d = 0; d < dim; d++) {
+            const float v = x[t * dim + d];
+            const float *w = wt_router + (int64_t)(emb_dim + d) * n_expert;
+            for (int e = 0; e < n_expert; e++) logit[e] += v * w[e];
+        }
+        int64_t *idx = top_idx + t * k;
+        float *g = gates + t * k;
+        for (int j = 0; j < k; j++) {     /* selection: k is small */
+            int best = -1;
+            for (int e = 0; e < n_expert; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= idx[i] == e;
+                if (!taken && (best < 0 || logit[e] > logit[best])) best = e;
+            }
+            idx[j] = best;
+        }
+        const float top = logit[idx[0]];
+        float sum = 0.0f;
+        if (renormalize) {
+            for (int j = 0; j < k; j++) sum += g[j] = expf(logit[idx[j]] - top);
+        } else {
+            for (int e = 0; e < n_expert; e++) sum += expf(logit[e] - top);
+            for (int j = 0; j < k; j++) g[j] = expf(logit[idx[j]] - top);
+        }
+        for (int j = 0; j < k; j++) g[j] /= sum;
+    }
+}
+
+/* wm_moe_forward with the routing done here first (`route` above): the chosen experts
+ * and their gates are written to top_idx and gates (n_tok x k each). Returns as
+ * wm_moe_forward, or -4 when n_expert > MAX_ROUTED_EXPERTS or k is not in 1..n_expert. */
+int wm_moe_routed_forward(const float *x, int64_t n_tok, int dim, const float *emb, int emb_dim,
+                          const float *wt_router, const float *b_router, int renormalize,
+                          int64_t *top_idx, float *gates, int k, int n_expert, int hidden,
+                          const void *w1_packed, const float *scale1, const float *b1,
+                          const void *w2_packed, const float *scale2, const float *b2, int wt, int act,
+                          float *x_sorted, float *h, float *y_sorted, int64_t *order, float *out,
+                          int threads) {
+    if (n_expert > MAX_ROUTED_EXPERTS || k < 1 || k > n_expert) return -4;
+    route(x, n_tok, dim, emb, emb_dim, wt_router, b_router, n_expert, k, renormalize, top_idx, gates);
+    return wm_moe_forward(x, n_tok, dim, top_idx, gates, k, n_expert, hidden, w1_packed, scale1, b1,
+                          w2_packed, scale2, b2, wt, act, x_sorted, h, y_sorted, order, out, threads);
 }
