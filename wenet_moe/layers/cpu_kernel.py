@@ -356,26 +356,27 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def _expert_args(lib: ctypes.CDLL, x: torch.Tensor, k: int, packs: Tuple[Any, ...],
-                 activation: str) -> Tuple[Tuple[Any, ...], torch.Tensor]:
-    """(the arguments of `wm_moe_forward` from k on, the output tensor (N, D)) for x
-    (N, D) contiguous float32 and k experts per frame (see `moe_forward`)."""
-    n_tok, dim = x.shape
+def _expert_constants(packs: Tuple[Any, ...], activation: str, k: int) -> Tuple[Any, ...]:
+    """`wm_moe_forward`'s arguments k .. act for the experts `packs` (checked; see
+    `moe_forward`)."""
     n_expert, hidden = packs[1].shape
     scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
     wt, scale1_ptr, _ = _weight_type(packs[0], scale1)
     wt2, scale2_ptr, _ = _weight_type(packs[2], scale2)
     if wt2 != wt:
         raise ValueError(f"moe_forward: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
-    n_assign = n_tok * k
-    work = _workspace("float", n_assign * (2 * dim + hidden), torch.float32)
-    order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
-    out = torch.empty_like(x)
-    base, size = work.data_ptr(), work.element_size()
     return (k, n_expert, hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
-            packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt, ACTIVATIONS[activation], base,
-            base + n_assign * dim * size, base + n_assign * (dim + hidden) * size,
-            order.data_ptr(), out.data_ptr(), threads(lib)), out
+            packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt, ACTIVATIONS[activation])
+
+
+def _scratch(n_assign: int, dim: int, hidden: int, n_expert: int) -> Tuple[int, int, int, int, int]:
+    """Pointers to this thread's scratch for `wm_moe_forward`: (x_sorted, h, y_sorted,
+    order, gates of `wm_moe_routed_forward`)."""
+    work = _workspace("float", n_assign * (2 * dim + hidden + 1), torch.float32)
+    order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
+    base = work.data_ptr()
+    return (base, base + 4 * n_assign * dim, base + 4 * n_assign * (dim + hidden), order.data_ptr(),
+            base + 4 * n_assign * (2 * dim + hidden))
 
 
 def _check_status(status: int, name: str, n_expert: int) -> None:
@@ -403,8 +404,11 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
     x = x.contiguous()
     top_idx = top_idx.contiguous()
     gates = gates.contiguous()
-    args, out = _expert_args(lib, x, top_idx.size(1), packs, activation)
-    status = lib.wm_moe_forward(x.data_ptr(), x.size(0), x.size(1), top_idx.data_ptr(), gates.data_ptr(), *args)
+    constants = _expert_constants(packs, activation, top_idx.size(1))
+    out = torch.empty_like(x)
+    scratch = _scratch(x.size(0) * top_idx.size(1), x.size(1), constants[2], constants[1])
+    status = lib.wm_moe_forward(x.data_ptr(), x.size(0), x.size(1), top_idx.data_ptr(), gates.data_ptr(),
+                                *constants, *scratch[:4], out.data_ptr(), threads(lib))
     _check_status(status, "moe_forward", packs[1].size(0))
     return out
 
@@ -430,13 +434,9 @@ class RoutedMoE:
     def __init__(self, lib: ctypes.CDLL, packs: Tuple[Any, ...], activation: str,
                  router_weight_t: torch.Tensor, router_bias: Optional[torch.Tensor], k: int,
                  renormalize: bool, threads: int):
+        self._experts = _expert_constants(packs, activation, k)
         n_expert, hidden = packs[1].shape
         dim = packs[3].size(1)
-        scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
-        wt, scale1_ptr, _ = _weight_type(packs[0], scale1)
-        wt2, scale2_ptr, _ = _weight_type(packs[2], scale2)
-        if wt2 != wt:
-            raise ValueError(f"routed MoE: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
         if (router_weight_t.dtype != torch.float32 or not router_weight_t.is_contiguous()
                 or router_weight_t.dim() != 2 or router_weight_t.size(1) != n_expert
                 or router_weight_t.size(0) < dim):
@@ -451,8 +451,6 @@ class RoutedMoE:
         self._tensors = (packs, router_weight_t, router_bias)     # kept alive
         self._router = (router_weight_t.data_ptr(), None if router_bias is None else router_bias.data_ptr(),
                         int(renormalize))
-        self._experts = (k, n_expert, hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
-                         packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt, ACTIVATIONS[activation])
         self._threads = threads
         self._call = lib.wm_moe_routed_forward
 
@@ -470,17 +468,12 @@ class RoutedMoE:
                 raise ValueError(f"routed MoE: route_emb must be float32 ({n_tok}, {self.emb_dim}), "
                                  f"got {route_emb.dtype} {tuple(route_emb.shape)}")
             emb_ptr = route_emb.data_ptr()
-        k, dim = self.k, self.dim
-        n_assign = n_tok * k
-        work = _workspace("float", n_assign * (2 * dim + self.hidden + 1), torch.float32)
-        order = _workspace("index", 2 * n_assign + 2 * self.n_expert, torch.int64)
         out = torch.empty_like(x)
-        top_idx = torch.empty(n_tok, k, dtype=torch.int64)
-        base = work.data_ptr()
-        status = self._call(x.data_ptr(), n_tok, dim, emb_ptr, self.emb_dim, *self._router, top_idx.data_ptr(),
-                            base + 4 * n_assign * (2 * dim + self.hidden), *self._experts, base,
-                            base + 4 * n_assign * dim, base + 4 * n_assign * (dim + self.hidden),
-                            order.data_ptr(), out.data_ptr(), self._threads)
+        top_idx = torch.empty(n_tok, self.k, dtype=torch.int64)
+        scratch = _scratch(n_tok * self.k, self.dim, self.hidden, self.n_expert)
+        status = self._call(x.data_ptr(), n_tok, self.dim, emb_ptr, self.emb_dim, *self._router,
+                            top_idx.data_ptr(), scratch[4], *self._experts, *scratch[:4], out.data_ptr(),
+                            self._threads)
         _check_status(status, "routed MoE", self.n_expert)
         return out, top_idx
 
