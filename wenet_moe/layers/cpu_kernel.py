@@ -207,25 +207,30 @@ def expert_weight_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
     raise ValueError(f"expert precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor, copy: bool = True) -> torch.Tensor:
     """(E, K, N) expert weights (y = x W) -> the packed layout (E, N/16, K, 16), contiguous,
-    of the same dtype (float32, bfloat16 or int8 for the kernel)."""
+    of the same dtype (float32, bfloat16 or int8 for the kernel); with copy=False the
+    strided view of `weight` in that order (for a copy into memory of one's choice)."""
     n_expert, k_dim, n_dim = weight.shape
     if n_dim % BLOCK:
         raise ValueError(f"packed expert weights need N % {BLOCK} == 0, got N={n_dim}")
-    return weight.detach().reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).permute(0, 2, 1, 3).contiguous()
+    view = weight.detach().reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).permute(0, 2, 1, 3)
+    return view.contiguous() if copy else view
 
 
-def pack_weight_q8(q: torch.Tensor) -> torch.Tensor:
+def pack_weight_q8(q: torch.Tensor, copy: bool = True) -> torch.Tensor:
     """(E, K, N) int8 weights -> the WT_Q8 layout (E, N/16, K/4, 64): per 16-column
-    panel, groups of 4 k, each 16 columns x 4 bytes (q[4g + t][16 j + c] at 4 c + t)."""
+    panel, groups of 4 k, each 16 columns x 4 bytes (q[4g + t][16 j + c] at 4 c + t);
+    copy=False as `pack_weight` (a strided view, shaped (E, N/16, K/4, 16, 4))."""
     n_expert, k_dim, n_dim = q.shape
     if n_dim % BLOCK or k_dim % BLOCK:
         raise ValueError(f"w8a8 expert weights need K % {BLOCK} == 0 and N % {BLOCK} == 0, "
                          f"got K={k_dim} N={n_dim}")
     grouped = q.detach().reshape(n_expert, k_dim // QUAD, QUAD, n_dim // BLOCK, BLOCK)
-    return grouped.permute(0, 3, 1, 4, 2).reshape(n_expert, n_dim // BLOCK, k_dim // QUAD,
-                                                  QUAD * BLOCK).contiguous()
+    view = grouped.permute(0, 3, 1, 4, 2)
+    if not copy:
+        return view
+    return view.reshape(n_expert, n_dim // BLOCK, k_dim // QUAD, QUAD * BLOCK).contiguous()
 
 
 def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -247,22 +252,45 @@ def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     then costs one TLB entry per 2 MiB instead of 512, and the hardware prefetchers,
     which stop at 4 KiB page boundaries, keep streaming (per MoE layer call with the
     experts coming from memory: ~10 % less time at 1-16 frames, `bench/moe_layer.py`).
-    `t` itself where that is unavailable (not Linux, `WENET_MOE_HUGE_PAGES=0`, or the
-    mapping fails); the copy holds the same values, contiguous."""
+    `t.contiguous()` where that is unavailable (not Linux, `WENET_MOE_HUGE_PAGES=0`, or
+    the mapping fails); the copy holds the same values, contiguous. `t` may be a strided
+    view (`pack_weight(w, copy=False)`): copying it straight into the huge pages avoids a
+    contiguous intermediate, which glibc kept resident after it was freed (the packed
+    experts then cost twice their size in RSS)."""
     nbytes = t.numel() * t.element_size()
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < HUGE_PAGE or advice is None or os.environ.get("WENET_MOE_HUGE_PAGES", "1") == "0":
-        return t
+        return t.contiguous()
     try:
         region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.madvise(advice)
     except (OSError, ValueError, AttributeError):
-        return t
+        return t.contiguous()
     raw = torch.frombuffer(region, dtype=torch.uint8)      # keeps `region` alive
     start = (-raw.data_ptr()) % HUGE_PAGE                  # from a 2 MiB boundary
     out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim(0)`; nothing
+    elsewhere). Packing leaves its fp32 temporaries (quantization, bf16 rounding: MiBs
+    per expert stack) freed inside the heap, between long-lived allocations, where
+    glibc's raised mmap threshold put them; untrimmed they stayed resident (24 w8a8 or
+    int8 stacks of 8 x 256 x 1024: +200-360 MiB of RSS for 48-96 MiB of weights)."""
+    trim = _state.get("malloc_trim", False)
+    if trim is False:
+        trim = None
+        if platform.system() == "Linux":
+            try:
+                trim = ctypes.CDLL(None).malloc_trim
+                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                trim = None
+        _state["malloc_trim"] = trim
+    if trim is not None:
+        trim(0)
 
 
 def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -276,15 +304,21 @@ def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tens
     if precision == "w8a8":
         q, scale = quantize_int8(w)
         sums = q.sum(dim=1, dtype=torch.int32)
-        return (in_huge_pages(pack_weight_q8(q)),
-                torch.cat([scale, sums.view(torch.float32)], dim=1).contiguous())
-    if precision == "bf16":
-        w = w.to(torch.bfloat16)
-    elif precision == "int8":
-        w, scale = quantize_int8(w)
-    elif precision != "fp32":
-        raise ValueError(f"expert precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return in_huge_pages(pack_weight(w)), scale
+        packed = in_huge_pages(pack_weight_q8(q, copy=False))
+        packed = packed.view(packed.size(0), packed.size(1), packed.size(2), -1)
+        scale = torch.cat([scale, sums.view(torch.float32)], dim=1).contiguous()
+    else:
+        if precision == "bf16":
+            w = w.to(torch.bfloat16)
+        elif precision == "int8":
+            w, scale = quantize_int8(w)
+        elif precision != "fp32":
+            raise ValueError(f"expert precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        packed = in_huge_pages(pack_weight(w, copy=False))
+    del w
+    if precision != "fp32":
+        _return_freed_memory()
+    return packed, scale
 
 
 def _weight_type(packed: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[int, int, int]:
