@@ -496,3 +496,24 @@ def test_int8_gate_rejects_destroyed_expert_weights(trained, tmp_path, monkeypat
                       r"fp32 on (\d+) of (\d+) decided", err)
     assert found, err
     assert int(found.group(2)) / int(found.group(3)) > 0.05, err  # the default gate is 2%
+
+
+def test_int8_graphs_quantize_the_strided_convolutions(trained):
+    """int8 graphs hold the subsampling's second convolution as an int8 MatMul
+    (`onnx_passes.conv_as_matmul`); the Convs left in them are the ones it keeps:
+    grouped (depthwise) or with few inputs per output (the first, 1-channel one)."""
+    import onnx
+    from onnx import numpy_helper
+    from wenet_moe.export.onnx_passes import graphs
+    out = trained[4]
+    for name in ("encoder", "model", "model_streaming"):
+        proto = onnx.load(os.path.join(out, f"{name}.int8.onnx"))
+        weights = {t.name: t for g in graphs(proto.graph) for t in g.initializer}
+        nodes = [n for g in graphs(proto.graph) for n in g.node]
+        im2col = [n for n in nodes if n.name.startswith("conv_im2col")]
+        assert im2col and all(n.op_type != "MatMul" for n in im2col), name   # quantized
+        for node in nodes:
+            if node.op_type == "Conv":
+                w = numpy_helper.to_array(weights[node.input[1]])
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                assert group > 1 or int(np.prod(w.shape[1:])) < 64, (name, node.name)

@@ -314,3 +314,110 @@ def _prune_constants(graph: onnx.GraphProto, reads: Dict[str, int]) -> None:
     unused = [t for t in graph.initializer if not reads.get(t.name, 0) and t.name not in inputs]
     for t in unused:
         graph.initializer.remove(t)
+
+
+def conv_as_matmul(proto: onnx.ModelProto, min_inputs: int = 64) -> int:
+    """Rewrite each Conv (1-D or 2-D, group 1, no padding, dilation 1, constant weight)
+    whose output sums at least `min_inputs` inputs (C_in x kernel taps) as im2col + one
+    MatMul: per kernel tap a strided Slice of the input, their Concat over channels,
+    a Transpose to channels-last, MatMul with the weight as (taps * C_in, C_out), the
+    bias Add, and the Transpose back. Exact up to float summation order. The int8
+    quantizer then quantizes the convolution like any projection (DynamicQuantizeMatMul
+    on VNNI), where ONNX Runtime's CPU `ConvInteger` is slower than the fp32 Conv: the
+    subsampling's second 3x3 convolution (256 x 9 inputs per output) is the largest
+    single op of a streaming chunk. The conformer's depthwise convolutions (groups)
+    and the first subsampling convolution (1 input channel: 9 inputs) stay Conv.
+    Returns the number of convolutions rewritten."""
+    weights = {t.name: t for t in proto.graph.initializer}
+    added: List[onnx.TensorProto] = []
+    replaced: Set[str] = set()
+    count = 0
+    for graph in graphs(proto.graph):
+        nodes: List[onnx.NodeProto] = []
+        changed = False
+        for node in graph.node:
+            rewrite = _conv_im2col(node, weights, f"conv_im2col{count}", added, min_inputs)
+            if rewrite is None:
+                nodes.append(node)
+                continue
+            nodes.extend(rewrite)
+            replaced.update(node.input[1:])
+            count += 1
+            changed = True
+        if changed:
+            del graph.node[:]
+            graph.node.extend(nodes)
+    if count:
+        still_read = _read_counts(graphs(proto.graph))
+        kept = [t for t in proto.graph.initializer if t.name not in replaced or t.name in still_read]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept + added)
+    return count
+
+
+def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], prefix: str,
+                 added: List[onnx.TensorProto], min_inputs: int) -> Optional[List[onnx.NodeProto]]:
+    """The nodes replacing one Conv (see `conv_as_matmul`), their constants appended
+    to `added`; None when the Conv does not qualify."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+        return None
+    weight = numpy_helper.to_array(weights[node.input[1]])
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    if weight.ndim not in (3, 4) or weight.dtype != np.float32 or (bias_name and bias_name not in weights):
+        return None
+    kernel = list(weight.shape[2:])
+    spatial = len(kernel)
+    strides = list(_attr(node, "strides", [1] * spatial))
+    if (_attr(node, "group", 1) != 1 or any(_attr(node, "pads", [0] * 2 * spatial))
+            or any(d != 1 for d in _attr(node, "dilations", [1] * spatial))
+            or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or int(np.prod(weight.shape[1:])) < min_inputs):
+        return None
+    c_out, c_in = weight.shape[:2]
+    x, y = node.input[0], node.output[0]
+
+    def const(name: str, value: np.ndarray) -> str:
+        added.append(numpy_helper.from_array(value, f"{prefix}/{name}"))
+        return f"{prefix}/{name}"
+
+    out: List[onnx.NodeProto] = [helper.make_node("Shape", [x], [f"{prefix}/shape"])]
+    last: List[str] = []            # per spatial axis: stride * (output size - 1), shape (1,)
+    for a in range(spatial):
+        k, s = kernel[a], strides[a]
+        size = f"{prefix}/size{a}"
+        out.append(helper.make_node("Gather", [f"{prefix}/shape", const(f"axis{a}", np.array([2 + a]))],
+                                    [size], axis=0))
+        out.append(helper.make_node("Sub", [size, const(f"k{a}", np.array([k]))], [f"{size}_k"]))
+        out.append(helper.make_node("Div", [f"{size}_k", const(f"s{a}", np.array([s]))], [f"{size}_n"]))
+        out.append(helper.make_node("Mul", [f"{size}_n", f"{prefix}/s{a}"], [f"{size}_last"]))
+        last.append(f"{size}_last")
+    taps = [()]
+    for k in kernel:
+        taps = [t + (i,) for t in taps for i in range(k)]
+    axes = const("axes", np.arange(2, 2 + spatial))
+    steps = const("steps", np.array(strides))
+    slices = []
+    for t, tap in enumerate(taps):
+        ends = []
+        for a, i in enumerate(tap):
+            end = f"{prefix}/tap{t}_end{a}"
+            out.append(helper.make_node("Add", [last[a], const(f"tap{t}_off{a}", np.array([i + 1]))], [end]))
+            ends.append(end)
+        out.append(helper.make_node("Concat", ends, [f"{prefix}/tap{t}_ends"], axis=0))
+        out.append(helper.make_node("Slice", [x, const(f"tap{t}_starts", np.array(tap)),
+                                              f"{prefix}/tap{t}_ends", axes, steps], [f"{prefix}/tap{t}"]))
+        slices.append(f"{prefix}/tap{t}")
+    out.append(helper.make_node("Concat", slices, [f"{prefix}/columns"], axis=1))
+    out.append(helper.make_node("Transpose", [f"{prefix}/columns"], [f"{prefix}/columns_last"],
+                                perm=[0] + list(range(2, 2 + spatial)) + [1]))
+    # columns are tap-major: (tap, c_in) -> W[o, c_in, tap]
+    matrix = np.ascontiguousarray(np.moveaxis(weight.reshape(c_out, c_in, -1), 0, -1).transpose(1, 0, 2)
+                                  .reshape(-1, c_out))
+    product = f"{prefix}/product"
+    out.append(helper.make_node("MatMul", [f"{prefix}/columns_last", const("weight", matrix)], [product],
+                                name=f"{prefix}/MatMul"))
+    if bias_name:
+        out.append(helper.make_node("Add", [product, bias_name], [f"{product}_bias"]))
+        product = f"{product}_bias"
+    out.append(helper.make_node("Transpose", [product], [y], perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
+    return out

@@ -8,10 +8,13 @@ quantized like attention, subsampling, CTC and decoder projections (the fused
 export names them `moe<j>/expert<e>/w1_quantized` etc.; tests count them by dtype).
 MatMul weights are quantized per output column (`DynamicQuantizeMatMul` /
 `MatMulInteger` take a per-column scale and zero point), embeddings (Gather) per
-tensor. Convolutions stay fp32: ONNX Runtime's CPU `ConvInteger` (1.31) took 3-4x
-the time of the fp32 `Conv` (10 s offline encoder, Dense-S: 2061 vs 686 ms; the
-subsampling and the conformer conv modules), which made int8 slower than fp32
-offline. MoE routers stay fp32 too (`_router_nodes`). Subgraphs are quantized as
+tensor. ONNX Runtime's CPU `ConvInteger` (1.31) took 3-4x the time of the fp32
+`Conv` (10 s offline encoder, Dense-S: 2061 vs 686 ms), so Convs are not quantized as
+Convs: those with group 1, no padding and >= 64 inputs per output (the subsampling's
+second 3x3 convolution, the largest single op of a streaming chunk; the conformer's
+pointwise ones) are first rewritten as im2col + MatMul (`onnx_passes.conv_as_matmul`)
+and quantized as MatMuls; the depthwise and the first (1-channel) convolutions stay
+fp32 Conv. MoE routers stay fp32 too (`_router_nodes`). Subgraphs are quantized as
 well (`EnableSubgraph`: the bidirectional decoder's right-to-left branch sits in an
 `If`). int8 output is not equal to fp32, so it is gated on
 greedy-decision agreement (`gate`), not closeness.
@@ -46,18 +49,19 @@ def int8_name(name: str) -> str:
 def quantize_onnx(src: str, dst: str, per_channel: bool = True) -> None:
     """Write the dynamically int8-quantized copy of `src` to `dst`, keeping its
     metadata; MatMul/Gemm weights per output column with `per_channel` (two quantizer
-    passes: MatMul first, then the other op types per tensor), Conv and MoE routers
-    left fp32. `graph.value_info` is
+    passes: MatMul first, then the other op types per tensor), qualifying Convs as
+    MatMuls (`conv_as_matmul`), other Convs and MoE routers left fp32. `graph.value_info` is
     cleared first: stale shape annotations from the exporter can make the quantizer's
     shape inference fail."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from wenet_moe.export.onnx_export import EXTERNAL_DATA_BYTES, save_onnx, weight_bytes
-    from wenet_moe.export.onnx_passes import fuse_expert_split
+    from wenet_moe.export.onnx_passes import conv_as_matmul, fuse_expert_split
 
     proto = onnx.load(src)
     meta = {p.key: p.value for p in proto.metadata_props}
     fuse_expert_split(proto)
+    conv_as_matmul(proto)
     del proto.graph.value_info[:]
     _unshare_weights(proto)
     routers = _router_nodes(proto)
