@@ -501,6 +501,8 @@ def main() -> int:
                     (not want_int8 or os.path.exists(os.path.join(out, "encoder.int8.onnx"))))
             if not have or base in trained:
                 start = time.perf_counter()
+                if os.path.exists(stamp):       # the export only replaces what it writes
+                    os.unlink(stamp)
                 export_model(models[name], confs[base], out, want_int8,
                              "int8" if name in variants else "fp32")
                 with open(stamp, "w", encoding="utf-8") as f:
