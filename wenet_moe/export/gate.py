@@ -271,4 +271,6 @@ def decoder_tree_feeds(model: torch.nn.Module, hyp: Sequence[int], encoder_out: 
     len + 1 nodes, whose rows are decoder.onnx's rows) and its reversal's."""
     from wenet_moe_runtime.prefix_tree import decoder_tree_feeds
 
-    return decoder_tree_feeds([list(hyp)], [0], model.sos_symbol(), model.eos_symbol(), encoder_out[None])[0]
+    feeds, _, _ = decoder_tree_feeds([list(hyp)], [0], model.sos_symbol(), model.eos_symbol(),
+                                     encoder_out[None])
+    return feeds

@@ -419,5 +419,6 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
     if bias_name:
         out.append(helper.make_node("Add", [product, bias_name], [f"{product}_bias"]))
         product = f"{product}_bias"
-    out.append(helper.make_node("Transpose", [product], [y], perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
+    out.append(helper.make_node("Transpose", [product], [y],
+                                perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
     return out

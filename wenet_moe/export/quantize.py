@@ -50,9 +50,9 @@ def quantize_onnx(src: str, dst: str, per_channel: bool = True) -> None:
     """Write the dynamically int8-quantized copy of `src` to `dst`, keeping its
     metadata; MatMul/Gemm weights per output column with `per_channel` (two quantizer
     passes: MatMul first, then the other op types per tensor), qualifying Convs as
-    MatMuls (`conv_as_matmul`), other Convs and MoE routers left fp32. `graph.value_info` is
-    cleared first: stale shape annotations from the exporter can make the quantizer's
-    shape inference fail."""
+    MatMuls (`conv_as_matmul`), other Convs and MoE routers left fp32.
+    `graph.value_info` is cleared first: stale shape annotations from the exporter can
+    make the quantizer's shape inference fail."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from wenet_moe.export.onnx_export import EXTERNAL_DATA_BYTES, save_onnx, weight_bytes

@@ -34,8 +34,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "RoutedMoE", "routed_moe_forward", "disabled_reason",
-           "pack_expert_weight", "quantize_int8", "quantize_rows", "expert_weight_values",
+__all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "RoutedMoE", "routed_moe_forward",
+           "disabled_reason", "pack_expert_weight", "quantize_int8", "quantize_rows", "expert_weight_values",
            "int8_dot_kind", "PRECISIONS"]
 
 SOURCE = Path(__file__).with_name("moe_cpu.c")
@@ -103,7 +103,8 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=".moe_cpu_", suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True,
+                                  text=True)
             if done.returncode == 0:
                 os.replace(tmp, target)
                 break

@@ -334,7 +334,8 @@ class MoEFFN(nn.Module):
         return y.view(-1, k, x.size(1)).sum(1)
 
     @torch.jit.unused
-    def _kernel_forward(self, x: torch.Tensor, emb: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def _kernel_forward(self, x: torch.Tensor, emb: torch.Tensor
+                        ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(out (N, D), top_idx (N, k)) for x (N, D), emb (N, E_emb) or empty, by one C call
         that routes and runs the experts (`cpu_kernel.RoutedMoE`), when the C kernel
         serves this call (as `_packed` decides) and the router is a float32 `Router`
