@@ -30,13 +30,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import onnx
 import torch
 from wenet_moe_runtime import prefix_tree
 
-from wenet_moe.export.onnx_passes import fuse_expert_split, graphs
+from wenet_moe.export.onnx_passes import fold_static_ifs, fuse_expert_split, graphs
 from wenet_moe.export.wrappers import (AttentionDecoder, AttentionDecoderTree, CtcActivation,
                                        EncoderBatch, EncoderChunk, OfflineCtc, StreamingCtc)
 
@@ -105,9 +105,12 @@ def encoder_example(model: torch.nn.Module, chunk_size: int, left_chunks: int,
 
 def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: str,
             input_names: List[str], output_names: List[str],
-            dynamic_axes: Dict[str, Dict[int, str]], metadata: Dict[str, str]) -> None:
+            dynamic_axes: Dict[str, Dict[int, str]], metadata: Dict[str, str],
+            min_dims: Optional[Dict[str, Dict[int, int]]] = None) -> None:
     """Script `module`, export it to `path`, restore dropped inputs, apply the exact
-    graph rewrites of `onnx_passes`, add metadata."""
+    graph rewrites of `onnx_passes`, add metadata. `min_dims`: least sizes of the
+    inputs' dynamic axes that the graph's contract guarantees (input -> {axis:
+    size}), for `fold_static_ifs`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notice of torch.jit
         scripted = torch.jit.script(module.eval())
@@ -125,6 +128,7 @@ def _export(module: torch.nn.Module, example: Tuple[torch.Tensor, ...], path: st
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     restore_inputs(proto, input_names, example, dynamic_axes)
+    fold_static_ifs(proto, min_dims)   # shape tests decided by the contract (exact)
     fuse_expert_split(proto)   # MoE dispatch: one Split per layer (exact)
     got = [o.name for o in proto.graph.output]
     if got != list(output_names):
@@ -198,6 +202,11 @@ def set_metadata(proto: onnx.ModelProto, metadata: Dict[str, str]) -> None:
         entry.key, entry.value = key, str(value)
 
 
+# The streaming encoder's contract: a chunk window gives >= 1 output frame, and
+# att_mask covers the cache and that chunk (`fold_static_ifs`)
+ENCODER_MIN_DIMS = {"chunk": {1: 1}, "att_mask": {2: 1}}
+
+
 def export_encoder(model: torch.nn.Module, path: str, chunk_size: int, left_chunks: int,
                    metadata: Dict[str, str], sherpa: bool = False) -> None:
     """encoder.onnx (WeNet names, scalar offsets) or, with `sherpa`,
@@ -212,7 +221,8 @@ def export_encoder(model: torch.nn.Module, path: str, chunk_size: int, left_chun
         example = encoder_example(model, chunk_size, left_chunks)
     axes = {names[0]: {1: "T"}, names[3]: {2: "T_cache"}, names[5]: {2: "T_keys"},
             outs[0]: {1: "T_out"}, outs[1]: {2: "T_next"}}
-    _export(module, example, path, names, outs, axes, metadata)
+    _export(module, example, path, names, outs, axes, metadata,
+            min_dims={names[0]: ENCODER_MIN_DIMS["chunk"], names[5]: ENCODER_MIN_DIMS["att_mask"]})
 
 
 def export_ctc(model: torch.nn.Module, path: str, metadata: Dict[str, str]) -> None:
@@ -297,8 +307,11 @@ def export_encoder_batch(model: torch.nn.Module, path: str, chunk_size: int, lef
             "att_cache": {0: "B", 3: "T_cache"}, "cnn_cache": {0: "B"},
             "att_mask": {0: "B", 2: "T_keys"}, "output": {0: "B", 1: "T_out"},
             "out_lens": {0: "B"}, "r_att_cache": {0: "B", 3: "T_next"}, "r_cnn_cache": {0: "B"}}
+    # a call advances >= 1 stream; its windows and mask as `ENCODER_MIN_DIMS`
+    least = {"chunk": {0: 1, 1: 1}, "chunk_lens": {0: 1}, "offsets": {0: 1},
+             "att_cache": {0: 1}, "cnn_cache": {0: 1}, "att_mask": {0: 1, 2: 1}}
     _export(EncoderBatch(model.encoder), encoder_batch_example(model, chunk_size, left_chunks),
-            path, BATCH_ENCODER_INPUTS, BATCH_ENCODER_OUTPUTS, axes, metadata)
+            path, BATCH_ENCODER_INPUTS, BATCH_ENCODER_OUTPUTS, axes, metadata, min_dims=least)
 
 
 def decoder_tree_example(model: torch.nn.Module, seed: int = 0) -> Tuple[torch.Tensor, ...]:

@@ -422,3 +422,356 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
     out.append(helper.make_node("Transpose", [product], [y],
                                 perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
     return out
+
+
+# ------------------------------------------------------------------ static If folding
+_UNBOUNDED = np.int64(1) << np.int64(61)
+
+
+def fold_static_ifs(proto: onnx.ModelProto, min_dims: Optional[Dict[str, Dict[int, int]]] = None
+                    ) -> int:
+    """Replace each main-graph `If` whose condition follows from the graph's shapes
+    by the nodes of the branch it always takes, then drop the nodes nothing reads.
+
+    The TorchScript exporter keeps the shape tests of the scripted code (`if
+    cache.size(0) > 0`, `if mask.size(2) > 0`) as `If` nodes. ONNX Runtime runs
+    each as a subgraph call (~50 us on CPU, whatever the branch's work), and does not
+    fold them: the streaming encoder has five per block. A condition is decided by
+    interval arithmetic over integer values: constants, `Shape` of tensors whose
+    dims are static (graph inputs, ONNX shape inference, `ConstantOfShape` of a known
+    shape vector), `Gather`, `Concat`, `(Un)Squeeze`, `Reshape`, `Cast`, `Add`,
+    `Sub`, `Mul`, comparisons, `Not`, `And`, `Or`. `min_dims` gives lower bounds of
+    the symbolic dims of graph inputs that the graph's contract guarantees (input
+    name -> {axis: least size}); other symbolic dims are taken as >= 0. Exact:
+    outputs are unchanged for every input the contract allows. Repeats until no
+    condition is decided (a folded branch can decide the next one). Returns the
+    number of `If` nodes replaced."""
+    bounds = {name: dict(axes) for name, axes in (min_dims or {}).items()}
+    total = 0
+    while True:
+        folded = _fold_ifs_once(proto, bounds)
+        if not folded:
+            break
+        total += folded
+    if total:
+        _drop_dead_nodes(proto.graph)
+    return total
+
+
+def _small_constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
+    """name -> value of the integer / bool Constants and initializers of `graph` with
+    at most 64 elements (shape arithmetic; weights are never read)."""
+    values: Dict[str, np.ndarray] = {}
+    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+
+    def keep(name: str, tensor: onnx.TensorProto) -> None:
+        if tensor.data_type in ints and tensor.data_location != onnx.TensorProto.EXTERNAL \
+                and int(np.prod(tensor.dims)) <= 64:
+            values[name] = numpy_helper.to_array(tensor).astype(np.int64)
+
+    for t in graph.initializer:
+        keep(t.name, t)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    keep(node.output[0], attr.t)
+                elif attr.name == "value_int":
+                    values[node.output[0]] = np.array(attr.i, np.int64)
+                elif attr.name == "value_ints":
+                    values[node.output[0]] = np.array(list(attr.ints), np.int64)
+    return values
+
+
+_BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "And", "Or", "Xor", "Not", "Where", "Equal", "Less",
+                  "Greater", "LessOrEqual", "GreaterOrEqual", "Cast", "Neg", "Abs", "Identity"}
+
+
+def _slice_length(size: int, start: int, end: int, step: int) -> int:
+    """len(range(size)[start:end:step]) for sizes up to `_UNBOUNDED` (kept there)."""
+    if size >= _UNBOUNDED:
+        return int(_UNBOUNDED) if end >= _UNBOUNDED else _slice_length(max(end, start), start, end, step)
+    return len(range(size)[slice(start, end, step)])
+
+
+def _broadcast(shapes: List[List[Tuple[int, int]]]) -> List[Tuple[int, int]]:
+    """Dim intervals of the numpy-style broadcast of `shapes` (a valid run's)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = [s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0]
+        dims = [d for d in dims if d != (1, 1)] or [(1, 1)]
+        # dims other than a static 1 are all equal in a valid run
+        out.append((max(d[0] for d in dims), min(d[1] for d in dims)))
+    return out
+
+
+class _Bounds:
+    """Integer intervals [lo, hi] of the values of the main graph (None: not known)."""
+
+    def __init__(self, proto: onnx.ModelProto, min_dims: Dict[str, Dict[int, int]]):
+        graph = proto.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.constants = _small_constants(graph)
+        self.dims: Dict[str, List[Tuple[int, int]]] = {}
+        for name, (_, dims) in _inferred_types(proto).items():
+            if dims != [-2]:
+                self.dims[name] = [(d, d) if d >= 0 else (0, int(_UNBOUNDED)) for d in dims]
+        for vi in graph.input:
+            if not vi.type.tensor_type.HasField("shape"):
+                continue
+            least = min_dims.get(vi.name, {})
+            self.dims[vi.name] = [
+                (d.dim_value, d.dim_value) if d.HasField("dim_value")
+                else (int(least.get(axis, 0)), int(_UNBOUNDED))
+                for axis, d in enumerate(vi.type.tensor_type.shape.dim)]
+        self.memo: Dict[str, Optional[Tuple[np.ndarray, np.ndarray]]] = {}
+
+    def decided(self, name: str) -> Optional[bool]:
+        """The value of the one-element condition `name`, if the bounds decide it."""
+        got = self.value(name)
+        if got is None or got[0].size != 1 or got[0].reshape(-1)[0] != got[1].reshape(-1)[0]:
+            return None
+        return bool(got[0].reshape(-1)[0])
+
+    def value(self, name: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        if name not in self.memo:
+            self.memo[name] = None          # cycles (none in a valid graph) stay unknown
+            self.memo[name] = self._compute(name)
+        return self.memo[name]
+
+    def _shape(self, name: str) -> Optional[List[Tuple[int, int]]]:
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "ConstantOfShape":
+            vec = self.value(node.input[0])
+            if vec is not None and vec[0].ndim == 1:
+                return list(zip(vec[0].tolist(), vec[1].tolist()))
+        known = self.dims.get(name)
+        if node is None or (known is not None and all(lo == hi for lo, hi in known)):
+            return known
+        derived = None
+        if node.op_type == "Slice":
+            derived = self._slice_shape(node)
+        elif node.op_type == "Gather":
+            data, index = self._shape(node.input[0]), self._shape(node.input[1])
+            if data is not None and index is not None:
+                axis = int(_attr(node, "axis", 0))
+                axis = axis + len(data) if axis < 0 else axis
+                derived = data[:axis] + index + data[axis + 1:]
+        elif node.op_type in _BROADCAST_OPS:
+            shapes = [self._shape(i) for i in node.input]
+            if all(s is not None for s in shapes):
+                derived = _broadcast(shapes)
+        return derived if derived is not None else known
+
+    def _slice_shape(self, node: onnx.NodeProto) -> Optional[List[Tuple[int, int]]]:
+        """Dims of a Slice's output: sliced axes need static input dims and constant
+        starts / ends / axes / steps."""
+        dims = self._shape(node.input[0])
+        params = [self.value(i) if i else None for i in node.input[1:5]]
+        if dims is None or len(params) < 2 or any(
+                p is not None and not np.array_equal(*p) for p in params) \
+                or params[0] is None or params[1] is None:
+            return None
+        starts, ends = params[0][0].reshape(-1), params[1][0].reshape(-1)
+        rank = len(dims)
+        axes = params[2][0].reshape(-1) if len(params) > 2 and params[2] is not None \
+            else np.arange(len(starts))
+        steps = params[3][0].reshape(-1) if len(params) > 3 and params[3] is not None \
+            else np.ones(len(starts), np.int64)
+        out = list(dims)
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            axis = int(axis) + rank if axis < 0 else int(axis)
+            lo, hi = dims[axis]
+            if step == 0 or (lo != hi and (start < 0 or end < 0 or step < 0)):
+                return None
+            # with start, end >= 0 and step > 0 the length grows with the dim
+            out[axis] = tuple(_slice_length(d, int(start), int(end), int(step)) for d in (lo, hi))
+        return out
+
+    def _compute(self, name: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        if name in self.constants:
+            return self.constants[name], self.constants[name]
+        node = self.producer.get(name)
+        if node is None or len(node.output) != 1:
+            return None
+        op = node.op_type
+        if op == "Shape":
+            dims = self._shape(node.input[0])
+            if dims is None:
+                return None
+            rank = len(dims)
+            start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+            end = rank if end is None else int(end)
+            start, end = (s + rank if s < 0 else s for s in (start, end))
+            dims = dims[max(start, 0):min(end, rank)]
+            return (np.array([d[0] for d in dims], np.int64), np.array([d[1] for d in dims], np.int64))
+        if op == "Size":
+            dims = self._shape(node.input[0])
+            if dims is None or any(lo != hi for lo, hi in dims):
+                return None
+            size = np.array(int(np.prod([lo for lo, _ in dims])), np.int64)
+            return size, size
+        args = [self.value(i) if i else None for i in node.input]
+        if op in ("Identity", "Cast"):
+            if args[0] is None:
+                return None
+            lo, hi = args[0]
+            if op == "Cast" and _attr(node, "to") == onnx.TensorProto.BOOL:
+                known_true = (lo > 0) | (hi < 0)
+                known_false = (lo == 0) & (hi == 0)
+                return known_true.astype(np.int64), (~known_false).astype(np.int64)
+            if op == "Cast" and _attr(node, "to") not in (onnx.TensorProto.INT64,
+                                                           onnx.TensorProto.INT32):
+                return None
+            return lo, hi
+        if op == "Gather":
+            if args[0] is None or args[1] is None or not np.array_equal(*args[1]):
+                return None
+            axis = int(_attr(node, "axis", 0))
+            return (np.take(args[0][0], args[1][0], axis=axis), np.take(args[0][1], args[1][0], axis=axis))
+        if op in ("Unsqueeze", "Squeeze", "Reshape"):
+            if args[0] is None:
+                return None
+            axes = _attr(node, "axes", None)
+            if len(node.input) > 1 and node.input[1]:
+                if args[1] is None or not np.array_equal(*args[1]):
+                    return None
+                axes = args[1][0].reshape(-1).tolist()
+            lo, hi = args[0]
+            if op == "Unsqueeze":
+                rank = lo.ndim + len(axes)
+                for a in sorted(a + rank if a < 0 else a for a in axes):
+                    lo, hi = np.expand_dims(lo, a), np.expand_dims(hi, a)
+                return lo, hi
+            if op == "Squeeze":
+                axes = tuple(a + lo.ndim if a < 0 else a for a in axes) if axes else None
+                return np.squeeze(lo, axis=axes), np.squeeze(hi, axis=axes)
+            target = [lo.shape[i] if s == 0 else s for i, s in enumerate(axes)]
+            return lo.reshape(target), hi.reshape(target)
+        if op == "Concat":
+            if any(a is None for a in args):
+                return None
+            axis = int(_attr(node, "axis", 0))
+            return (np.concatenate([a[0] for a in args], axis=axis),
+                    np.concatenate([a[1] for a in args], axis=axis))
+        if any(a is None for a in args):
+            return None
+        if op == "Not" and len(args) == 1:
+            return 1 - args[0][1], 1 - args[0][0]
+        if len(args) != 2:
+            return None
+        (alo, ahi), (blo, bhi) = args
+        cap = lambda v: np.minimum(v, _UNBOUNDED)  # noqa: E731
+        if op == "Add":
+            return cap(alo + blo), cap(ahi + bhi)
+        if op == "Sub":
+            return alo - np.minimum(bhi, _UNBOUNDED), cap(ahi) - blo
+        if op == "Mul" and (alo >= 0).all() and (blo >= 0).all():
+            huge = (ahi >= _UNBOUNDED) | (bhi >= _UNBOUNDED)
+            return cap(alo * blo), np.where(huge, _UNBOUNDED, cap(ahi * np.where(huge, 1, bhi)))
+        if op in ("And", "Or"):
+            both = (alo & blo, ahi & bhi) if op == "And" else (alo | blo, ahi | bhi)
+            return both[0].astype(np.int64), both[1].astype(np.int64)
+        tests = {"Greater": (alo > bhi, ahi <= blo), "Less": (ahi < blo, alo >= bhi),
+                 "GreaterOrEqual": (alo >= bhi, ahi < blo), "LessOrEqual": (ahi <= blo, alo > bhi),
+                 "Equal": ((alo == ahi) & (blo == bhi) & (alo == blo), (ahi < blo) | (alo > bhi))}
+        if op not in tests:
+            return None
+        true, false = tests[op]
+        return true.astype(np.int64), (~false).astype(np.int64)
+
+
+def _rename(graph: onnx.GraphProto, names: Dict[str, str]) -> None:
+    """Rename values read or written in `graph` and its subgraphs (in place)."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+        for i, name in enumerate(node.output):
+            if name in names:
+                node.output[i] = names[name]
+        for attr in node.attribute:
+            subs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs)
+            for sub in subs:
+                _rename(sub, names)
+    for out in graph.output:
+        if out.name in names:
+            out.name = names[out.name]
+
+
+def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, taken: set) -> List[onnx.NodeProto]:
+    """The nodes computing `node`'s (an If's) outputs by its `branch`; internal names
+    that clash with `taken` (names of the enclosing graph) get a prefix."""
+    branch = onnx.GraphProto.FromString(branch.SerializeToString())
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in branch.initializer]
+    body = consts + list(branch.node)
+    produced = {o for n in body for o in n.output}
+    names: Dict[str, str] = {}
+    extra: List[onnx.NodeProto] = []
+    for out, result in zip(branch.output, node.output):
+        if out.name in produced and out.name not in names:
+            names[out.name] = result
+        else:   # an outer value or an output repeated: copied
+            extra.append(helper.make_node("Identity", [out.name], [result]))
+    for name in produced:
+        if name not in names and name in taken:
+            names[name] = f"{node.name or node.output[0]}/{name}"
+    inlined = onnx.GraphProto()
+    inlined.node.extend(body + extra)
+    _rename(inlined, names)     # the If's output names are outer names: never renamed
+    return list(inlined.node)
+
+
+def _fold_ifs_once(proto: onnx.ModelProto, min_dims: Dict[str, Dict[int, int]]) -> int:
+    graph = proto.graph
+    if not any(n.op_type == "If" for n in graph.node):
+        return 0
+    bounds = _Bounds(proto, min_dims)
+    taken = {o for g in graphs(graph) for n in g.node for o in n.output} \
+        | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    nodes: List[onnx.NodeProto] = []
+    folded = 0
+    for node in graph.node:
+        cond = bounds.decided(node.input[0]) if node.op_type == "If" else None
+        branch = _attr(node, "then_branch" if cond else "else_branch") if cond is not None else None
+        if branch is None or len(branch.output) != len(node.output):
+            nodes.append(node)
+            continue
+        nodes.extend(_inline_branch(node, branch, taken))
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        outs = {o for n in nodes for o in n.output}
+        keep = [vi for vi in graph.value_info if vi.name in outs]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return folded
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the nodes of `graph` whose outputs nothing reads (subgraphs' outer reads
+    count), then the initializers nothing reads."""
+    def reads(node: onnx.NodeProto) -> List[str]:
+        found = list(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                found += [i for g in graphs(sub) for n in g.node for i in n.input]
+                found += [o.name for g in graphs(sub) for o in g.output]
+        return found
+
+    live = {o.name for o in graph.output}
+    kept: List[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(reads(node))
+    kept.reverse()
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    inputs = {i.name for i in graph.input}
+    unused = [t for t in graph.initializer if t.name not in live and t.name not in inputs]
+    for t in unused:
+        graph.initializer.remove(t)

@@ -312,7 +312,9 @@ def export_wenet_runtime(model: nn.Module, configs: Dict, raw_configs: Dict, out
             module, names, example = EncoderChunkNoMask(model.encoder), ENCODER_INPUTS[:5], example[:5]
             axes.pop("att_mask")
         onnx_export._export(module, example, os.path.join(stage, "encoder.onnx"), names,
-                            ENCODER_OUTPUTS, axes, meta)
+                            ENCODER_OUTPUTS, axes, meta,
+                            min_dims={k: v for k, v in onnx_export.ENCODER_MIN_DIMS.items()
+                                      if k in names})
         d = model.encoder.output_size()
         gen = torch.Generator().manual_seed(0)
         onnx_export._export(CtcActivation(model.ctc), (torch.randn(1, 7, d, generator=gen),),

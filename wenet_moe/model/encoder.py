@@ -232,10 +232,11 @@ class BaseEncoder(nn.Module):
         pos_emb = pos_emb.to(xs.dtype)
         next_cache_start = next_cache_start_of(attention_key_size, required_cache_size)
         route_emb = self._route_embedding(xs)
-        # all frames of a chunk are valid; a real (1, 1, T') mask rather than an empty
-        # one keeps both branches of the convolution's mask test shape-consistent
-        # for ONNX shape inference
-        no_pad = torch.ones((1, 1, xs.size(1)), dtype=torch.bool, device=xs.device)
+        # all frames of a chunk are valid: no pad mask (an empty one), so the layers
+        # skip masking, and the export's shape tests on it are constant
+        # (`onnx_passes.fold_static_ifs` removes them; the raw export's unused
+        # masking branch does not pass ONNX shape inference)
+        no_pad = torch.ones((0, 0, 0), dtype=torch.bool, device=xs.device)
         r_att_cache: List[torch.Tensor] = []
         r_cnn_cache: List[torch.Tensor] = []
         for i, layer in enumerate(self.encoders):
