@@ -18,24 +18,13 @@ import os
 import sys
 from typing import List, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_util import atomic_output, read_transcripts  # noqa: E402
+
 
 def read_sentences(path: str, has_key: bool) -> List[str]:
     """Sentences of a text file (after the key when `has_key`), spaces removed."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if has_key:
-                parts = line.split(maxsplit=1)
-                if len(parts) < 2:
-                    continue  # an utterance with an empty transcript
-                line = parts[1]
-            out.append("".join(line.split()))
-    return out
+    return ["".join(line.split()) for line in read_transcripts(path, has_key)]
 
 
 def choose_hotwords(test: Sequence[str], train: Sequence[str], num: int, length: int) -> List[str]:
@@ -72,11 +61,8 @@ def main(argv=None) -> int:
                                   read_sentences(args.train, args.has_key), args.num, args.length)
         if not phrases:
             raise ValueError(f"{args.test}: no {args.length}-character phrase absent from {args.train}")
-        tmp = args.out + ".tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_output(args.out) as f:
             f.writelines(f"{ph}\n" for ph in phrases)
-        os.replace(tmp, args.out)
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         print(f"make_hotwords.py: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ import tempfile
 from typing import Iterator, List, Tuple
 
 
-class ToolError(Exception):
+class ToolError(ValueError):
     """Bad input; the message names the file and line."""
 
 
@@ -35,6 +35,36 @@ def read_key_value(path: str, allow_empty_value: bool = False) -> List[Tuple[str
             seen[key] = lineno
             rows.append((key, parts[1].strip() if len(parts) > 1 else ""))
     return rows
+
+
+def read_transcripts(path: str, has_key: bool, keyed_without_text: str = "skip") -> List[str]:
+    """The text of each non-blank line of a transcript file (stripped); with `has_key`
+    (Kaldi `text`) the text after the first field. A keyed line without text is left
+    out (`keyed_without_text="skip"`, an utterance with an empty transcript) or raises
+    ToolError naming the file and line ("error"). Raises ToolError for a missing or
+    non-UTF-8 file."""
+    if keyed_without_text not in ("skip", "error"):
+        raise ValueError(f"keyed_without_text: 'skip' or 'error', got {keyed_without_text!r}")
+    if not os.path.isfile(path):
+        raise ToolError(f"{path}: no such file")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if has_key:
+                    parts = line.split(maxsplit=1)
+                    if len(parts) < 2:
+                        if keyed_without_text == "error":
+                            raise ToolError(f"{path}:{lineno}: expected 'key transcript', got '{line}'")
+                        continue
+                    line = parts[1]
+                out.append(line)
+    except UnicodeDecodeError as e:
+        raise ToolError(f"{path}: not UTF-8 text ({e.reason})") from None
+    return out
 
 
 @contextlib.contextmanager

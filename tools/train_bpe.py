@@ -23,29 +23,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from wenet_moe_runtime.symbols import SymbolTable, is_cjk, is_word_char  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_util import ToolError, read_transcripts  # noqa: E402
 
-class BpeToolError(Exception):
+
+class BpeToolError(ToolError):
     pass
 
 
 def read_sentences(path: str, has_key: bool) -> List[str]:
-    if not os.path.isfile(path):
-        raise BpeToolError(f"{path}: no such file")
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if has_key:
-                    parts = line.split(maxsplit=1)
-                    if len(parts) < 2:
-                        raise BpeToolError(f"{path}:{lineno}: expected 'key transcript', got '{line}'")
-                    line = parts[1]
-                out.append(line)
-    except UnicodeDecodeError as e:
-        raise BpeToolError(f"{path}: not UTF-8 text ({e.reason})") from None
+    out = read_transcripts(path, has_key, keyed_without_text="error")
     if not out:
         raise BpeToolError(f"{path}: no text")
     return out
@@ -141,7 +128,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (BpeToolError, OSError) as e:
+    except (ToolError, OSError) as e:
         print(f"train_bpe.py: error: {e}", file=sys.stderr)
         return 1
     return 0

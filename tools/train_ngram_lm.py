@@ -31,9 +31,11 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_util import atomic_output, read_transcripts  # noqa: E402
 
 BOS, EOS = "<s>", "</s>"
 Ngram = Tuple[str, ...]
@@ -175,29 +177,13 @@ class KneserNeyLM:
                     text += f"\t{math.log10(self.bow[n][g]):.6f}"
                 lines.append(text)
         lines += ["", "\\end\\", ""]
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".arpa.", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_output(path) as f:
+            f.write("\n".join(lines))
 
 
 def read_sentences(path: str, has_key: bool, char: bool) -> List[List[str]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if has_key:
-                parts = line.split(maxsplit=1)
-                line = parts[1] if len(parts) == 2 else ""
-            words = split_words(line, char)
-            if words:
-                out.append(words)
+    out = [words for words in (split_words(line, char) for line in read_transcripts(path, has_key))
+           if words]
     if not out:
         raise ValueError(f"{path}: no sentences")
     return out
