@@ -5,8 +5,8 @@
  * library's small-M kernels read them well below the copy bandwidth; this kernel
  * streams each weight once per tile of up to 12 rows, with all 12 x 32 outputs of a
  * column pair in registers, and while it works on one pair of column panels it
- * prefetches the next pair into L2 (one panel row of each per step). Without that
- * prefetch a single core reads ~15 GB/s at 4 rows; with it ~23 GB/s.
+ * prefetches the next two pairs into L2 (one panel row of each per step). Without that
+ * prefetch a single core reads ~15 GB/s at 4 rows; with the next pair ~23 GB/s.
  *
  * Packed weight layout (one expert, logical W of shape K x N, y = x W + b):
  *   P[j][k][c] = W[k][16 j + c]   for j < N/16, k < K, c < 16
@@ -198,10 +198,17 @@ static inline __attribute__((always_inline)) void tile(
         /* int8: sum x q first, then * scale + b; other types start from the bias */
         for (int m = 0; m < rows; m++) { a0[m] = wt == WT_I8 ? zero : b0; a1[m] = wt == WT_I8 ? zero : b1; }
         for (int k = 0; k < K; k++) {
-            /* prefetcht2 (into L2) of the next pair, 2 * row bytes per k: two cache
-             * lines for fp32, one for bf16, one every other k for int8 */
-            if (wt != WT_I8 || (k & 1) == 0) __builtin_prefetch(next + 2 * row * k, 0, 1);
-            if (wt == WT_F32) __builtin_prefetch(next + 2 * row * k + 64, 0, 1);
+            /* prefetcht2 (into L2) of the next two pairs, 2 * row bytes of each per k:
+             * two cache lines for fp32, one for bf16, one every other k for int8 (two
+             * pairs ahead rather than one: -4 to -8 % at 16-256 frames on Zen 4) */
+            if (wt != WT_I8 || (k & 1) == 0) {
+                __builtin_prefetch(next + 2 * row * k, 0, 1);
+                __builtin_prefetch(next + 2 * panel + 2 * row * k, 0, 1);
+            }
+            if (wt == WT_F32) {
+                __builtin_prefetch(next + 2 * row * k + 64, 0, 1);
+                __builtin_prefetch(next + 2 * panel + 2 * row * k + 64, 0, 1);
+            }
             const vec16 w0 = loadw(p0 + row * k, wt), w1 = loadw(p1 + row * k, wt);
             for (int m = 0; m < rows; m++) {
                 const float xv = xt[k * rows + m];
@@ -247,8 +254,9 @@ static inline __attribute__((always_inline)) void tile_narrow(
     const int64_t row = 16 * wt_size(wt);
     const int64_t panel = (int64_t)K * row;
     const int64_t half = row / 2;
-    /* prefetch one cache line per 64 bytes of panel: every k (fp32), every 2nd (bf16),
-     * every 4th (int8) */
+    /* prefetch one cache line per 64 bytes of panel of each of the next two panels:
+     * every k (fp32), every 2nd (bf16), every 4th (int8) (two panels ahead rather than
+     * one: -7 % at 16 frames, -19 % at 1 on Zen 4 with a -march=haswell build) */
     const int every = wt == WT_F32 ? 1 : wt == WT_BF16 ? 2 : 4;
     for (int j = 0; j < blocks; j++) {
         const char *p0 = w + j * panel;
@@ -259,7 +267,10 @@ static inline __attribute__((always_inline)) void tile_narrow(
         const vec8 bhi = wt == WT_I8 ? zero : load8(b + 16 * j + 8);
         for (int m = 0; m < rows; m++) { lo[m] = blo; hi[m] = bhi; }
         for (int k = 0; k < K; k++) {
-            if ((k & (every - 1)) == 0) __builtin_prefetch(next + row * k, 0, 1);
+            if ((k & (every - 1)) == 0) {
+                __builtin_prefetch(next + row * k, 0, 1);
+                __builtin_prefetch(next + panel + row * k, 0, 1);
+            }
             const vec8 w0 = loadw8(p0 + row * k, wt), w1 = loadw8(p0 + row * k + half, wt);
             for (int m = 0; m < rows; m++) {
                 const float xv = xt[k * rows + m];
