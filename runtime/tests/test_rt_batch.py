@@ -303,3 +303,77 @@ def test_workers_gather_only_while_another_stream_is_open(batch_exports):
         assert a.state.offset == b.state.offset > 0    # both advanced by the same chunks
     finally:
         workers.shutdown()
+
+
+@pytest.mark.parametrize("export", ["full", "left2"])
+def test_decode_many_equals_utterances_alone(batch_exports, export):
+    """Whole utterances advanced together (`encode_many` / `decode_many`: the chunks of
+    all utterances that still have one in one encoder_batch.onnx call per step) give
+    each utterance's `encode_chunks` outputs within ATOL and its `decode_samples`
+    text; utterances of different lengths drop out as they end."""
+    from wenet_moe_runtime.offline import (decode_many, decode_samples, encode_chunks, encode_many,
+                                           utterance_fbank)
+    opts = DecodeOptions(mode="ctc_greedy", chunk_size=CHUNK)
+    single = OnnxAsrModel(batch_exports[export], batch_encoder=False)
+    batched = OnnxAsrModel(batch_exports[export], batch_encoder=True, max_encoder_batch=3)
+    wavs = [w for w, _ in _wavs()]
+    feats = [utterance_fbank(single, w) for w in wavs]
+    alone = [encode_chunks(single, f, CHUNK) for f in feats]
+    lengths = [len(a) for a in alone]
+    assert len(set(lengths)) >= 3 and min(lengths) == 1, lengths
+    together = encode_many(batched, feats, CHUNK)
+    assert [len(t) for t in together] == lengths
+    for b, (want, got) in enumerate(zip(alone, together)):
+        for k, (h1, h2) in enumerate(zip(want, got)):
+            assert h1.shape == h2.shape and np.abs(h1 - h2).max() <= ATOL, (b, k)
+    # at most 3 streams per call (max_encoder_batch), and the steps shared calls
+    assert batched.batched_calls > 0
+    assert batched.batched_streams <= 3 * batched.batched_calls
+    calls = batched.batched_calls + batched.single_calls
+    assert calls < sum(lengths)
+    texts = [n[0]["sentence"] for n in decode_many(batched, wavs, opts)]
+    assert texts == [decode_samples(single, w, opts)[0]["sentence"] for w in wavs]
+    assert sum(bool(t) for t in texts) >= 3
+    assert encode_many(batched, [], CHUNK) == []
+
+
+def test_decode_cli_batch_size_writes_the_same_text_in_scp_order(batch_exports, tmp_path):
+    """`python -m wenet_moe_runtime.decode --batch_size 3`: the lines of --batch_size 1,
+    in wav.scp order (the batch runs longest files first); an export without
+    encoder_batch.onnx decodes one by one, with a note; a bad --batch_size is an error."""
+    import subprocess
+    import sys
+
+    from wenet_moe_runtime.wavio import write_wav
+    scp = []
+    for i, (wav, _) in enumerate(_wavs()):
+        path = str(tmp_path / f"u{i}.wav")
+        write_wav(path, wav)
+        scp.append(f"utt{i} {path}\n")
+    (tmp_path / "wav.scp").write_text("".join(scp), encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    plain = tmp_path / "no_batch_graph"
+    shutil.copytree(batch_exports["full"], plain)
+    os.unlink(plain / "encoder_batch.onnx")
+
+    def decode(out, *extra, model_dir=batch_exports["full"]):
+        return subprocess.run([sys.executable, "-m", "wenet_moe_runtime.decode", "--model_dir",
+                               str(model_dir), "--wav_scp", str(tmp_path / "wav.scp"),
+                               "--result", str(tmp_path / out), "--mode", "ctc_greedy",
+                               "--chunk_size", str(CHUNK), *extra],
+                              capture_output=True, text=True, env=env)
+
+    for out, extra in (("one.txt", []), ("three.txt", ["--batch_size", "3"])):
+        r = decode(out, *extra)
+        assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    one = (tmp_path / "one.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split()[0] for line in one] == [f"utt{i}" for i in range(len(scp))]
+    assert (tmp_path / "three.txt").read_text(encoding="utf-8").splitlines() == one
+    assert sum(bool(line.split()[1:]) for line in one) >= 3
+    r = decode("plain.txt", "--batch_size", "3", model_dir=plain)
+    assert r.returncode == 0 and "has no batched encoder" in r.stderr, r.stderr
+    assert (tmp_path / "plain.txt").read_text(encoding="utf-8").splitlines() == one
+    r = decode("bad.txt", "--batch_size", "0")
+    assert r.returncode == 1 and "--batch_size must be >= 1, got 0" in r.stderr
+    assert not (tmp_path / "bad.txt").exists()
