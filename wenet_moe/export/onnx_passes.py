@@ -35,26 +35,9 @@ def graphs(graph: onnx.GraphProto) -> List[onnx.GraphProto]:
 
 def _scalar_ints(graphs: List[onnx.GraphProto]) -> Dict[str, int]:
     """name -> value of every scalar or one-element integer Constant / initializer."""
-    values: Dict[str, int] = {}
-
-    def keep(name: str, tensor: onnx.TensorProto) -> None:
-        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
-                and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            array = numpy_helper.to_array(tensor)
-            if array.size == 1:
-                values[name] = int(array.reshape(-1)[0])
-
-    for graph in graphs:
-        for t in graph.initializer:
-            keep(t.name, t)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        keep(node.output[0], attr.t)
-                    elif attr.name == "value_int":
-                        values[node.output[0]] = int(attr.i)
-    return values
+    return {name: int(value.reshape(-1)[0])
+            for name, value in _small_constants(graphs, max_elements=1, bools=False).items()
+            if value.size == 1}
 
 
 def _read_counts(graphs: List[onnx.GraphProto]) -> Dict[str, int]:
@@ -458,28 +441,31 @@ def fold_static_ifs(proto: onnx.ModelProto, min_dims: Optional[Dict[str, Dict[in
     return total
 
 
-def _small_constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
-    """name -> value of the integer / bool Constants and initializers of `graph` with
-    at most 64 elements (shape arithmetic; weights are never read)."""
+def _small_constants(graphs: List[onnx.GraphProto], max_elements: int = 64, bools: bool = True
+                     ) -> Dict[str, np.ndarray]:
+    """name -> value (int64) of the integer (and with `bools`, bool) Constants and
+    initializers of `graphs` with at most `max_elements` elements: shape arithmetic;
+    weights are never read."""
     values: Dict[str, np.ndarray] = {}
-    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+    kinds = (onnx.TensorProto.INT64, onnx.TensorProto.INT32) + ((onnx.TensorProto.BOOL,) if bools else ())
 
     def keep(name: str, tensor: onnx.TensorProto) -> None:
-        if tensor.data_type in ints and tensor.data_location != onnx.TensorProto.EXTERNAL \
-                and int(np.prod(tensor.dims)) <= 64:
+        if tensor.data_type in kinds and tensor.data_location != onnx.TensorProto.EXTERNAL \
+                and int(np.prod(tensor.dims)) <= max_elements:
             values[name] = numpy_helper.to_array(tensor).astype(np.int64)
 
-    for t in graph.initializer:
-        keep(t.name, t)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    keep(node.output[0], attr.t)
-                elif attr.name == "value_int":
-                    values[node.output[0]] = np.array(attr.i, np.int64)
-                elif attr.name == "value_ints":
-                    values[node.output[0]] = np.array(list(attr.ints), np.int64)
+    for graph in graphs:
+        for t in graph.initializer:
+            keep(t.name, t)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        keep(node.output[0], attr.t)
+                    elif attr.name == "value_int":
+                        values[node.output[0]] = np.array(attr.i, np.int64)
+                    elif attr.name == "value_ints" and len(attr.ints) <= max_elements:
+                        values[node.output[0]] = np.array(list(attr.ints), np.int64)
     return values
 
 
@@ -512,7 +498,7 @@ class _Bounds:
     def __init__(self, proto: onnx.ModelProto, min_dims: Dict[str, Dict[int, int]]):
         graph = proto.graph
         self.producer = {o: n for n in graph.node for o in n.output}
-        self.constants = _small_constants(graph)
+        self.constants = _small_constants([graph])
         self.dims: Dict[str, List[Tuple[int, int]]] = {}
         for name, (_, dims) in _inferred_types(proto).items():
             if dims != [-2]:
