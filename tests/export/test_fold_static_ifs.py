@@ -141,3 +141,12 @@ def test_comparisons(op, bound, branch):
     model.ir_version = 8
     assert fold_static_ifs(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Exp" if branch == "then" else "Neg"]
+
+
+def test_broadcast_bounds_allow_a_dim_of_one():
+    """A dim that may be 1 does not bound the broadcast; dims that cannot be 1 are it."""
+    from wenet_moe.export.onnx_passes import _broadcast
+    assert _broadcast([[(1, 60)], [(0, 0)]]) == [(0, 0)]          # 1 x 0 -> 0
+    assert _broadcast([[(0, 50)], [(0, 10)]]) == [(0, 50)]        # 50 x 1 -> 50
+    assert _broadcast([[(2, 9)], [(0, 100)], [(1, 1)]]) == [(2, 9)]
+    assert _broadcast([[(3, 3), (1, 1)], [(5, 5)]]) == [(3, 3), (5, 5)]

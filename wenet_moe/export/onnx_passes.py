@@ -481,14 +481,17 @@ def _slice_length(size: int, start: int, end: int, step: int) -> int:
 
 
 def _broadcast(shapes: List[List[Tuple[int, int]]]) -> List[Tuple[int, int]]:
-    """Dim intervals of the numpy-style broadcast of `shapes` (a valid run's)."""
+    """Dim intervals of the numpy-style broadcast of `shapes` (a valid run's: on each
+    axis the dims that are not 1 are equal, and the result is that value, or 1)."""
     rank = max(len(s) for s in shapes)
     out = []
     for axis in range(rank):
         dims = [s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0]
-        dims = [d for d in dims if d != (1, 1)] or [(1, 1)]
-        # dims other than a static 1 are all equal in a valid run
-        out.append((max(d[0] for d in dims), min(d[1] for d in dims)))
+        fixed = [d for d in dims if not d[0] <= 1 <= d[1]]     # cannot be 1: the result
+        if fixed:
+            out.append((max(d[0] for d in fixed), min(d[1] for d in fixed)))
+        else:   # each may be 1: the result is one of them
+            out.append((min(d[0] for d in dims), max(d[1] for d in dims)))
     return out
 
 
