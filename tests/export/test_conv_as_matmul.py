@@ -36,13 +36,22 @@ def exported(model):
     return onnx.load_from_string(buf.getvalue())
 
 
+@pytest.mark.parametrize("per_tap", [False, True])
 @pytest.mark.parametrize("min_inputs,rewritten", [(64, 2), (32, 3)])
-def test_rewritten_graph_equals_the_convolutions(min_inputs, rewritten):
+def test_rewritten_graph_equals_the_convolutions(min_inputs, rewritten, per_tap):
+    """Both forms: im2col columns, or (per_tap, any input channel count) a MatMul per
+    kernel tap summed, and a lone MatMul for the 1x1 convolution."""
     torch.manual_seed(0)
     model = Convs().eval()
     proto = exported(model)
-    assert onnx_passes.conv_as_matmul(proto, min_inputs=min_inputs) == rewritten
+    channels = 1 if per_tap else 10 ** 6
+    assert onnx_passes.conv_as_matmul(proto, min_inputs=min_inputs, per_tap_channels=channels) == rewritten
     onnx.checker.check_model(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    # per tap: 9 + 3 tap products (+ 1 for the pointwise one) and no columns
+    assert ops.count("MatMul") == (12 + (rewritten == 3) if per_tap else rewritten)
+    assert ("Sum" in ops) == per_tap
+    assert any(n.output[0].endswith("/columns") for n in proto.graph.node) != per_tap
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert len(convs) == 5 - rewritten
     names = {t.name for t in proto.graph.initializer}

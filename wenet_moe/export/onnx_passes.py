@@ -299,7 +299,7 @@ def _prune_constants(graph: onnx.GraphProto, reads: Dict[str, int]) -> None:
         graph.initializer.remove(t)
 
 
-def conv_as_matmul(proto: onnx.ModelProto, min_inputs: int = 64) -> int:
+def conv_as_matmul(proto: onnx.ModelProto, min_inputs: int = 64, per_tap_channels: int = 64) -> int:
     """Rewrite each Conv (1-D or 2-D, group 1, no padding, dilation 1, constant weight)
     whose output sums at least `min_inputs` inputs (C_in x kernel taps) as im2col + one
     MatMul: per kernel tap a strided Slice of the input, their Concat over channels,
@@ -310,7 +310,13 @@ def conv_as_matmul(proto: onnx.ModelProto, min_inputs: int = 64) -> int:
     subsampling's second 3x3 convolution (256 x 9 inputs per output) is the largest
     single op of a streaming chunk. The conformer's depthwise convolutions (groups)
     and the first subsampling convolution (1 input channel: 9 inputs) stay Conv.
-    Returns the number of convolutions rewritten."""
+    With at least `per_tap_channels` input channels the columns are not built: the
+    input goes channels-last once, each kernel tap is a strided Slice of it times
+    that tap's (C_in, C_out) weight, and the taps' products are summed (`Sum`); a
+    1x1 stride-1 convolution is one MatMul of the transposed input. That moves a
+    third of the bytes of the im2col form (whose Slice / Concat / Transpose copies
+    were a quarter of an int8 encoder's offline time), and each tap's activations get
+    their own int8 scale. Returns the number of convolutions rewritten."""
     weights = {t.name: t for t in proto.graph.initializer}
     added: List[onnx.TensorProto] = []
     replaced: Set[str] = set()
@@ -319,7 +325,8 @@ def conv_as_matmul(proto: onnx.ModelProto, min_inputs: int = 64) -> int:
         nodes: List[onnx.NodeProto] = []
         changed = False
         for node in graph.node:
-            rewrite = _conv_im2col(node, weights, f"conv_im2col{count}", added, min_inputs)
+            rewrite = _conv_im2col(node, weights, f"conv_im2col{count}", added, min_inputs,
+                                   per_tap_channels)
             if rewrite is None:
                 nodes.append(node)
                 continue
@@ -339,7 +346,8 @@ def conv_as_matmul(proto: onnx.ModelProto, min_inputs: int = 64) -> int:
 
 
 def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], prefix: str,
-                 added: List[onnx.TensorProto], min_inputs: int) -> Optional[List[onnx.NodeProto]]:
+                 added: List[onnx.TensorProto], min_inputs: int, per_tap_channels: int = 64
+                 ) -> Optional[List[onnx.NodeProto]]:
     """The nodes replacing one Conv (see `conv_as_matmul`), their constants appended
     to `added`; None when the Conv does not qualify."""
     if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
@@ -363,6 +371,8 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
         added.append(numpy_helper.from_array(value, f"{prefix}/{name}"))
         return f"{prefix}/{name}"
 
+    if c_in >= per_tap_channels and all(k == 1 for k in kernel) and all(s == 1 for s in strides):
+        return _conv_per_tap([], x, y, weight, bias_name, [(0,) * spatial], strides, [], prefix, const)
     out: List[onnx.NodeProto] = [helper.make_node("Shape", [x], [f"{prefix}/shape"])]
     last: List[str] = []            # per spatial axis: stride * (output size - 1), shape (1,)
     for a in range(spatial):
@@ -377,6 +387,8 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
     taps = [()]
     for k in kernel:
         taps = [t + (i,) for t in taps for i in range(k)]
+    if c_in >= per_tap_channels:
+        return _conv_per_tap(out, x, y, weight, bias_name, taps, strides, last, prefix, const)
     axes = const("axes", np.arange(2, 2 + spatial))
     steps = const("steps", np.array(strides))
     slices = []
@@ -403,6 +415,49 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
         out.append(helper.make_node("Add", [product, bias_name], [f"{product}_bias"]))
         product = f"{product}_bias"
     out.append(helper.make_node("Transpose", [product], [y],
+                                perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
+    return out
+
+
+def _conv_per_tap(out: List[onnx.NodeProto], x: str, y: str, weight: np.ndarray, bias_name: str,
+                  taps: List[Tuple[int, ...]], strides: List[int], last: List[str], prefix: str,
+                  const) -> List[onnx.NodeProto]:
+    """`conv_as_matmul`'s per-tap form of one Conv (x (B, C_in, *S) -> y (B, C_out, *S')):
+    `out` (the nodes computing `last`, each spatial axis' stride * (S' - 1)) extended
+    by: x channels-last, per tap a strided Slice times W[:, :, tap].T, Sum, bias,
+    channels-first."""
+    spatial = len(strides)
+    last_axis = [0] + list(range(2, 2 + spatial)) + [1]
+    out.append(helper.make_node("Transpose", [x], [f"{prefix}/x_last"], perm=last_axis))
+    whole = len(taps) == 1 and all(s == 1 for s in strides)   # 1x1, stride 1: no slicing
+    axes = None if whole else const("axes", np.arange(1, 1 + spatial))
+    steps = None if whole else const("steps", np.array(strides))
+    products = []
+    for t, tap in enumerate(taps):
+        rows = f"{prefix}/x_last"
+        if not whole:
+            ends = []
+            for a, i in enumerate(tap):
+                end = f"{prefix}/tap{t}_end{a}"
+                out.append(helper.make_node("Add", [last[a], const(f"tap{t}_off{a}", np.array([i + 1]))],
+                                            [end]))
+                ends.append(end)
+            out.append(helper.make_node("Concat", ends, [f"{prefix}/tap{t}_ends"], axis=0))
+            rows = f"{prefix}/tap{t}"
+            out.append(helper.make_node("Slice", [f"{prefix}/x_last", const(f"tap{t}_starts", np.array(tap)),
+                                                  f"{prefix}/tap{t}_ends", axes, steps], [rows]))
+        matrix = np.ascontiguousarray(weight[(slice(None), slice(None)) + tap].T)   # (C_in, C_out)
+        products.append(f"{prefix}/tap{t}_product")
+        out.append(helper.make_node("MatMul", [rows, const(f"tap{t}_weight", matrix)], [products[-1]],
+                                    name=f"{prefix}/tap{t}/MatMul"))
+    total = products[0]
+    if len(products) > 1:
+        total = f"{prefix}/taps_sum"
+        out.append(helper.make_node("Sum", products, [total]))
+    if bias_name:
+        out.append(helper.make_node("Add", [total, bias_name], [f"{prefix}/biased"]))
+        total = f"{prefix}/biased"
+    out.append(helper.make_node("Transpose", [total], [y],
                                 perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
     return out
 
