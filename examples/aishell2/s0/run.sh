@@ -61,6 +61,8 @@ export_expert_precision=  # int8: MoE experts of the fp32 ONNX graphs as 8-bit w
 runtime_mode=attention_rescoring
 runtime_set=test
 runtime_chunk_size=16
+runtime_batch_size=1     # > 1: decode that many files at a time (their chunks in one batched
+                         # encoder call: fp32 exports with encoder_batch.onnx)
 
 # stages 8-9: LM (needs `pip install 'wenet-moe[lm]'`, in requirements.txt)
 lm_order=3               # character n-gram order (interpolated modified Kneser-Ney)
@@ -285,7 +287,7 @@ if [ ${stage} -le 7 ] && [ ${stop_stage} -ge 7 ]; then
       q=(); [ $variant = int8 ] && q=(--int8)
       "$PYTHON" -m wenet_moe_runtime.decode --model_dir $dir/export/onnx --wav_scp data/$runtime_set/wav.scp \
         --result $rdir/text --mode $runtime_mode --chunk_size $runtime_chunk_size --beam_size $beam_size \
-        --ctc_weight $ctc_weight --reverse_weight $reverse_weight "${q[@]}"
+        --ctc_weight $ctc_weight --reverse_weight $reverse_weight --batch_size $runtime_batch_size "${q[@]}"
     else
       log 7 "$rdir/text exists, skipping"
     fi
