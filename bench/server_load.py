@@ -264,12 +264,18 @@ def compare_exports(args, dir_a: str, dir_b: str) -> int:
                               "B": pair[1]}), flush=True)
     print(f"\nA = {dir_a}\nB = {dir_b}")
     print("| streams | batched encoder (streams/call A / B) | CPU s / audio s A | B | B / A | "
-          "encoder CPU s / audio s A | B | B / A | decoder B / A | reference chars A / B | "
-          "p95 final ms A | B | B / A | CER vs offline A / B |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "encoder CPU s / audio s A | B | B / A | decoder B / A | decoder per char B / A | "
+          "reference chars A / B | p95 final ms A | B | B / A | CER vs offline A / B |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def ratio(b_value, a_value) -> float:
         return b_value / a_value if a_value and b_value else float("nan")
+
+    def per_char(row, key):
+        """CPU seconds of `key` per character of the row's reference text: rescoring's
+        cost follows the hypotheses' lengths, which random-weight models set by chance."""
+        value = row.get(key)
+        return value * row["audio_s"] / row["reference_chars"] if value and row["reference_chars"] else None
     for n, batched, (a, b) in rows:
         used = (f"on ({a['streams_per_batched_call']} / {b['streams_per_batched_call']})"
                 if a["batched_encoder"] or b["batched_encoder"] else "off")
@@ -277,6 +283,7 @@ def compare_exports(args, dir_a: str, dir_b: str) -> int:
         print(f"| {n} | {used} | {a['rtf_cpu']} | {b['rtf_cpu']} | {ratio(b['rtf_cpu'], a['rtf_cpu']):.2f} | "
               f"{enc_a} | {enc_b} | {ratio(enc_b, enc_a):.2f} | "
               f"{ratio(b.get('decoder_cpu_per_audio_s'), a.get('decoder_cpu_per_audio_s')):.2f} | "
+              f"{ratio(per_char(b, 'decoder_cpu_per_audio_s'), per_char(a, 'decoder_cpu_per_audio_s')):.2f} | "
               f"{a['reference_chars']} / {b['reference_chars']} | "
               f"{a['final_p95_ms']} | {b['final_p95_ms']} | {ratio(b['final_p95_ms'], a['final_p95_ms']):.2f} | "
               f"{a['cer_vs_offline_pct']} / {b['cer_vs_offline_pct']} |")
