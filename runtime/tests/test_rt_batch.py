@@ -377,3 +377,17 @@ def test_decode_cli_batch_size_writes_the_same_text_in_scp_order(batch_exports, 
     r = decode("bad.txt", "--batch_size", "0")
     assert r.returncode == 1 and "--batch_size must be >= 1, got 0" in r.stderr
     assert not (tmp_path / "bad.txt").exists()
+    # unreadable wavs are skipped, named and counted; the others decode as before
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00not a wav")
+    good = (tmp_path / "wav.scp").read_text(encoding="utf-8")
+    (tmp_path / "wav.scp").write_text(f"gone {tmp_path / 'missing.wav'}\n" + good
+                                      + f"junk {tmp_path / 'broken.wav'}\n", encoding="utf-8")
+    for batch in ("1", "3"):
+        r = decode(f"skip{batch}.txt", "--batch_size", batch)
+        assert r.returncode == 0, r.stderr
+        warnings = r.stderr.strip().splitlines()
+        assert len(warnings) == 3, warnings
+        assert any(w.startswith("warning: gone: skipped:") and "missing.wav" in w for w in warnings)
+        assert any(w.startswith("warning: junk: skipped:") and "broken.wav" in w for w in warnings)
+        assert warnings[-1] == f"warning: 2 of {len(scp) + 2} wavs could not be read and were skipped"
+        assert (tmp_path / f"skip{batch}.txt").read_text(encoding="utf-8").splitlines() == one

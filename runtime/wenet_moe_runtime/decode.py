@@ -5,6 +5,8 @@
         [--context_path hotwords.txt --context_score 3.0] [--batch_size 8]
 
 Writes `key text` lines in wav.scp order (atomically: temporary name, then rename).
+A wav that cannot be read is skipped (no line) with a one-line warning naming it, and
+the count is reported at the end; a sample rate other than the model's is an error.
 With `--batch_size N > 1` the utterances are decoded N at a time, longest files
 first, their encoder chunks advanced together through `encoder_batch.onnx` (fp32
 exports that have it): an MoE layer then reads each chosen expert once per step
@@ -125,18 +127,28 @@ def main(args: argparse.Namespace) -> int:
         order = list(range(len(entries)))
         if args.batch_size > 1:     # similar lengths together: less padding, fuller steps
             order.sort(key=lambda i: -_file_size(entries[i][1]))
-        texts: List[str] = [""] * len(entries)
+        texts: List[Optional[str]] = [None] * len(entries)
+        skipped = 0
         for first in range(0, len(order), args.batch_size):
-            group = order[first: first + args.batch_size]
-            waves = []
-            for i in group:
-                samples, sr = read_wav(entries[i][1])
+            group, waves = [], []
+            for i in order[first: first + args.batch_size]:
+                try:
+                    samples, sr = read_wav(entries[i][1])
+                except (ValueError, OSError) as exc:
+                    print(f"warning: {entries[i][0]}: skipped: {exc}", file=sys.stderr)
+                    skipped += 1
+                    continue
                 if sr != rate:
                     raise ValueError(f"{entries[i][1]}: sample rate {sr} Hz, the model expects {rate} Hz")
+                group.append(i)
                 waves.append(samples)
             for i, nbest in zip(group, decode_many(model, waves, opts)):
                 texts[i] = nbest[0]["sentence"]
-        lines = [f"{key} {text}".rstrip() + "\n" for (key, _), text in zip(entries, texts)]
+        if skipped:
+            print(f"warning: {skipped} of {len(entries)} wavs could not be read and were skipped",
+                  file=sys.stderr)
+        lines = [f"{key} {text}".rstrip() + "\n" for (key, _), text in zip(entries, texts)
+                 if text is not None]
     except (ModelError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
