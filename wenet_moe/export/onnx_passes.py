@@ -391,17 +391,7 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
         return _conv_per_tap(out, x, y, weight, bias_name, taps, strides, last, prefix, const)
     axes = const("axes", np.arange(2, 2 + spatial))
     steps = const("steps", np.array(strides))
-    slices = []
-    for t, tap in enumerate(taps):
-        ends = []
-        for a, i in enumerate(tap):
-            end = f"{prefix}/tap{t}_end{a}"
-            out.append(helper.make_node("Add", [last[a], const(f"tap{t}_off{a}", np.array([i + 1]))], [end]))
-            ends.append(end)
-        out.append(helper.make_node("Concat", ends, [f"{prefix}/tap{t}_ends"], axis=0))
-        out.append(helper.make_node("Slice", [x, const(f"tap{t}_starts", np.array(tap)),
-                                              f"{prefix}/tap{t}_ends", axes, steps], [f"{prefix}/tap{t}"]))
-        slices.append(f"{prefix}/tap{t}")
+    slices = [_tap_slice(out, x, t, tap, last, axes, steps, prefix, const) for t, tap in enumerate(taps)]
     out.append(helper.make_node("Concat", slices, [f"{prefix}/columns"], axis=1))
     out.append(helper.make_node("Transpose", [f"{prefix}/columns"], [f"{prefix}/columns_last"],
                                 perm=[0] + list(range(2, 2 + spatial)) + [1]))
@@ -411,9 +401,32 @@ def _conv_im2col(node: onnx.NodeProto, weights: Dict[str, onnx.TensorProto], pre
     product = f"{prefix}/product"
     out.append(helper.make_node("MatMul", [f"{prefix}/columns_last", const("weight", matrix)], [product],
                                 name=f"{prefix}/MatMul"))
+    return _bias_channels_first(out, product, bias_name, y, spatial, prefix)
+
+
+def _tap_slice(out: List[onnx.NodeProto], src: str, t: int, tap: Tuple[int, ...], last: List[str],
+               axes: str, steps: str, prefix: str, const) -> str:
+    """Append the strided Slice of `src` (spatial axes `axes`) that kernel tap `tap`
+    reads: per axis from the tap's offset i to `last[a]` + i + 1 (`last[a]`: stride x
+    (output size - 1)); returns its name."""
+    ends = []
+    for a, i in enumerate(tap):
+        end = f"{prefix}/tap{t}_end{a}"
+        out.append(helper.make_node("Add", [last[a], const(f"tap{t}_off{a}", np.array([i + 1]))], [end]))
+        ends.append(end)
+    out.append(helper.make_node("Concat", ends, [f"{prefix}/tap{t}_ends"], axis=0))
+    out.append(helper.make_node("Slice", [src, const(f"tap{t}_starts", np.array(tap)),
+                                          f"{prefix}/tap{t}_ends", axes, steps], [f"{prefix}/tap{t}"]))
+    return f"{prefix}/tap{t}"
+
+
+def _bias_channels_first(out: List[onnx.NodeProto], product: str, bias_name: str, y: str,
+                         spatial: int, prefix: str) -> List[onnx.NodeProto]:
+    """`out` plus the bias Add (when there is one) and the Transpose of the
+    channels-last `product` back to `y` (B, C_out, *S')."""
     if bias_name:
-        out.append(helper.make_node("Add", [product, bias_name], [f"{product}_bias"]))
-        product = f"{product}_bias"
+        out.append(helper.make_node("Add", [product, bias_name], [f"{prefix}/biased"]))
+        product = f"{prefix}/biased"
     out.append(helper.make_node("Transpose", [product], [y],
                                 perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
     return out
@@ -436,16 +449,7 @@ def _conv_per_tap(out: List[onnx.NodeProto], x: str, y: str, weight: np.ndarray,
     for t, tap in enumerate(taps):
         rows = f"{prefix}/x_last"
         if not whole:
-            ends = []
-            for a, i in enumerate(tap):
-                end = f"{prefix}/tap{t}_end{a}"
-                out.append(helper.make_node("Add", [last[a], const(f"tap{t}_off{a}", np.array([i + 1]))],
-                                            [end]))
-                ends.append(end)
-            out.append(helper.make_node("Concat", ends, [f"{prefix}/tap{t}_ends"], axis=0))
-            rows = f"{prefix}/tap{t}"
-            out.append(helper.make_node("Slice", [f"{prefix}/x_last", const(f"tap{t}_starts", np.array(tap)),
-                                                  f"{prefix}/tap{t}_ends", axes, steps], [rows]))
+            rows = _tap_slice(out, rows, t, tap, last, axes, steps, prefix, const)
         matrix = np.ascontiguousarray(weight[(slice(None), slice(None)) + tap].T)   # (C_in, C_out)
         products.append(f"{prefix}/tap{t}_product")
         out.append(helper.make_node("MatMul", [rows, const(f"tap{t}_weight", matrix)], [products[-1]],
@@ -454,12 +458,7 @@ def _conv_per_tap(out: List[onnx.NodeProto], x: str, y: str, weight: np.ndarray,
     if len(products) > 1:
         total = f"{prefix}/taps_sum"
         out.append(helper.make_node("Sum", products, [total]))
-    if bias_name:
-        out.append(helper.make_node("Add", [total, bias_name], [f"{prefix}/biased"]))
-        total = f"{prefix}/biased"
-    out.append(helper.make_node("Transpose", [total], [y],
-                                perm=[0, 1 + spatial] + list(range(1, 1 + spatial))))
-    return out
+    return _bias_channels_first(out, total, bias_name, y, spatial, prefix)
 
 
 # ------------------------------------------------------------------ static If folding
