@@ -95,6 +95,9 @@ def test_static_conditions_fold_and_outputs_stay():
     assert fold_static_ifs(folded) == 3
     assert _ifs(folded) == ["If_b", "If_c"]
     onnx.checker.check_model(folded)
+    # a branch's initializer stays an initializer (weights are quantized as such)
+    assert "a_then/two" in {t.name for t in folded.graph.initializer}
+    assert not any(n.op_type == "Constant" and n.output[0].endswith("two") for n in folded.graph.node)
     # the condition nodes of the folded Ifs are gone with them
     assert not any(n.output[0].startswith(("a/", "d/", "e/")) for n in folded.graph.node)
     rng = np.random.default_rng(0)
