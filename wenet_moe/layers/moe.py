@@ -267,27 +267,29 @@ class MoEFFN(nn.Module):
                 mask_pad: torch.Tensor = torch.ones((0, 0, 0), dtype=torch.bool)) -> torch.Tensor:
         """xs (B, T, D), route_emb (B, T, E_emb) or empty, mask_pad bool (B, 1, T) valid
         frames or empty (all valid; read only by the training-time capacity) -> (B, T, D)."""
-        batch, time, dim = xs.size(0), xs.size(1), xs.size(2)
-        x = xs.reshape(-1, dim)
+        if not torch.jit.is_scripting() and (xs.dim() != 3 or xs.size(2) != self.idim):
+            raise ValueError(f"MoE FFN: xs must be (B, T, {self.idim}), got {tuple(xs.shape)}")
+        # the constant width, not xs.size(2): the export then reshapes by a constant
+        # instead of computing the shape at run time (a dozen nodes per layer)
+        x = xs.reshape(-1, self.idim)
         emb = route_emb
         if self.use_route_emb:
-            if route_emb.dim() != 3 or route_emb.size(0) != batch or route_emb.size(1) != time:
+            if route_emb.dim() != 3 or route_emb.size(0) != xs.size(0) or route_emb.size(1) != xs.size(1):
                 raise ValueError("speechmoe MoE FFN: route_emb must be the shared frame "
                                  "embedding (B, T, E) of the encoder input")
             emb = route_emb.reshape(-1, route_emb.size(-1))
-        if not torch.jit.is_scripting():
-            fused = self._kernel_forward(x, emb)
-            if fused is not None:
-                LAST_ROUTING[self] = (None, fused[1].view(batch, time, -1))
-                return fused[0].view(batch, time, dim)
+        if torch.jit.is_scripting():
+            logits, top_idx, gates = self.route(x, emb)
+            return self.dispatch(x, top_idx, gates).view_as(xs)
+        batch, time = xs.size(0), xs.size(1)
+        fused = self._kernel_forward(x, emb)
+        if fused is not None:
+            LAST_ROUTING[self] = (None, fused[1].view(batch, time, -1))
+            return fused[0].view_as(xs)
         logits, top_idx, gates = self.route(x, emb)
-        valid: Optional[torch.Tensor] = None
-        if not torch.jit.is_scripting():
-            valid = self._valid_frames(mask_pad, batch, time)
-        out = self.dispatch(x, top_idx, gates, valid)
-        if not torch.jit.is_scripting():
-            self._record(logits, top_idx, batch, time)
-        return out.view(batch, time, dim)
+        out = self.dispatch(x, top_idx, gates, self._valid_frames(mask_pad, batch, time))
+        self._record(logits, top_idx, batch, time)
+        return out.view_as(xs)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x (n, D) -> (n, D)."""
@@ -301,20 +303,20 @@ class MoEFFN(nn.Module):
         None (eager training capacity only) -> (N, D).
 
         Eager PyTorch takes `_dispatch_eager`; TorchScript (and so the ONNX export) takes
-        the path below, which uses only ops whose ONNX forms are exact: unique-key sort,
-        gathers, one split of the sorted rows by the per-expert counts, a scatter of a
-        permutation, and a sum over k. k is the module constant `n_expert_activated` and
-        frame indices use truncating division (keys are >= 0), so the export has no `If`
-        and no floor-division chain; `wenet_moe.export.onnx_passes.fuse_expert_split`
+        the path below, which uses only ops whose ONNX forms are exact: a sort of the
+        assignments by expert, gathers, one split of the sorted rows by the per-expert
+        counts, the inverse permutation (a sort of the order), and a sum over k. k is the
+        module constant `n_expert_activated` and frame indices use truncating division
+        (indices are >= 0), so the export has no `If` and no floor-division chain; `wenet_moe.export.onnx_passes.fuse_expert_split`
         turns the split (SplitToSequence + a SequenceAt per expert) into one ONNX Split.
         """
         if not torch.jit.is_scripting():
             return self._dispatch_eager(x, top_idx, gates, valid)
         k = self.n_expert_activated
-        n_assign = x.size(0) * k
         flat = top_idx.reshape(-1)
-        positions = torch.arange(n_assign, dtype=flat.dtype, device=flat.device)
-        order = torch.argsort(flat * n_assign + positions)      # expert-major, unique keys
+        # expert-major order of the assignments (any order within an expert will do: the
+        # inverse below undoes it; ONNX TopK keeps equal keys in index order)
+        order = torch.argsort(flat)
         x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="trunc"))
         gate_sorted = gates.reshape(-1).index_select(0, order)
         experts = torch.arange(self.n_expert, dtype=flat.dtype, device=flat.device)
@@ -327,11 +329,10 @@ class MoEFFN(nn.Module):
         for e in range(self.n_expert):
             pieces.append(self.expert(e, rows[e]))
         y_sorted = torch.cat(pieces, 0) * gate_sorted.unsqueeze(1)
-        inverse = torch.empty_like(order).scatter_(0, order, positions)
-        y = y_sorted.index_select(0, inverse)
+        y = y_sorted.index_select(0, torch.argsort(order))       # the inverse permutation
         if k == 1:
             return y
-        return y.view(-1, k, x.size(1)).sum(1)
+        return y.view(-1, k, self.idim).sum(1)
 
     @torch.jit.unused
     def _kernel_forward(self, x: torch.Tensor, emb: torch.Tensor
