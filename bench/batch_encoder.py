@@ -6,7 +6,7 @@ For each export and batch size B it advances B streams by one chunk with
 `OnnxAsrModel.forward_encoder_chunks` (one `encoder_batch.onnx` call; B = 1 is a
 batch of one, as the server runs a lone stream; `single` runs `encoder.onnx`) from a history of `--history_chunks` chunks, and prints
 milliseconds of CPU time per stream-chunk (process CPU time, which other load on the
-machine only delays), medians of interleaved repetitions, and the ratio B / A per
+machine only delays), medians of repetitions interleaved across both exports, and the ratio B / A per
 batch size: the MoE's chunk-16 cost against Dense-S's as its experts are read once
 per batch instead of once per stream. Exports from `bench/server_load.py
 --random_export CONFIG DIR --export_only`.
@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -47,15 +47,15 @@ def copy_state(st):
     return copy.copy(st)
 
 
-def measure(model: OnnxAsrModel, solo: OnnxAsrModel, batches: List[int], history_chunks: int,
-            reps: int, seed: int) -> Dict[str, float]:
-    """CPU ms per stream-chunk: 'single' (`solo`'s encoder.onnx per stream, B streams)
-    and 'B=b' (one call of `model`'s batched graph over b streams; b = 1: a batch of
-    one, as the server runs a lone stream)."""
+def cases(model: OnnxAsrModel, solo: OnnxAsrModel, batches: List[int], history_chunks: int,
+          seed: int) -> Dict[str, Tuple[Callable[[], None], int]]:
+    """name -> (call, streams it advances): 'single' (`solo`'s encoder.onnx per stream,
+    B streams) and 'B=b' (one call of `model`'s batched graph over b streams; b = 1: a
+    batch of one, as the server runs a lone stream)."""
     chunk = model.info.chunk_size if model.info.chunk_size > 0 else 16
     top = max(batches)
     windows, states = make_states(model, top, history_chunks, chunk, seed)
-    fns = {}
+    fns: Dict[str, Tuple[Callable[[], None], int]] = {}
 
     def single():
         for w, st in zip(windows, states):
@@ -65,18 +65,28 @@ def measure(model: OnnxAsrModel, solo: OnnxAsrModel, batches: List[int], history
         def batched(b=b):
             model.forward_encoder_chunks(windows[:b], [copy_state(st) for st in states[:b]])
         fns[f"B={b}"] = (batched, b)
-    for fn, _ in fns.values():   # warm-up
-        fn()
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    names = list(fns)
+    return fns
+
+
+def measure(exports: List[Dict[str, Tuple[Callable[[], None], int]]], reps: int
+            ) -> List[Dict[str, float]]:
+    """CPU ms per stream-chunk of every case of every export (`cases`), medians of `reps`
+    rounds; each round runs every case of every export once, in an order rotated from
+    round to round, so that the machine's drift (tens of per cent within a minute on a
+    shared VM) falls on all of them alike (timing the exports one after the other put
+    up to 20 % between two copies of the same export)."""
+    names = [(i, k) for i, fns in enumerate(exports) for k in fns]
+    for i, k in names:   # warm-up
+        exports[i][k][0]()
+    samples: Dict[Tuple[int, str], List[float]] = {n: [] for n in names}
     for rep in range(reps):
         shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, streams = fns[name]
+        for i, k in names[shift:] + names[:shift]:
+            fn, streams = exports[i][k]
             t0 = time.process_time()
             fn()
-            samples[name].append(1000.0 * (time.process_time() - t0) / streams)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            samples[(i, k)].append(1000.0 * (time.process_time() - t0) / streams)
+    return [{k: statistics.median(samples[(i, k)]) for k in fns} for i, fns in enumerate(exports)]
 
 
 def main() -> int:
@@ -92,7 +102,7 @@ def main() -> int:
     from machine import describe
     print(describe(), flush=True)
     batches = [int(x) for x in args.batches.split(",")]
-    results = []
+    exports = []
     for d in args.compare:
         model = OnnxAsrModel(d, num_threads=args.threads, max_encoder_batch=max(batches),
                              batch_encoder=True)
@@ -100,8 +110,8 @@ def main() -> int:
         if not model.batched:
             print(f"{d}: no encoder_batch.onnx: re-export it", file=sys.stderr)
             return 1
-        results.append(measure(model, solo, batches, args.history_chunks, args.reps, 0))
-    a, b = results
+        exports.append(cases(model, solo, batches, args.history_chunks, 0))
+    a, b = measure(exports, args.reps)
     print(f"\nA = {args.compare[0]}\nB = {args.compare[1]}")
     chunk = OnnxAsrModel(args.compare[0], batch_encoder=False).info.chunk_size
     print(f"encoder CPU ms per stream-chunk (chunk {chunk}, "
