@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import shutil
+import time
 import urllib.request
 
 import numpy as np
@@ -269,38 +270,70 @@ def test_session_cpu_counts_each_part(batch_exports):
     assert second["decoder"] == first["decoder"]
 
 
-def test_workers_gather_only_while_another_stream_is_open(batch_exports):
-    """A worker with a chunk ready waits for company only when another stream is
-    open: a lone stream is never held back; with a second open stream the worker
-    gathers, and the second stream's job joins the same batched encoder call."""
+def test_may_complete_chunk_is_an_upper_bound(batch_exports):
+    """`may_complete_chunk(n)` is False only when feeding n samples leaves no encoder
+    window ready (checked over random piece sizes through whole utterances), and it
+    is not always True: most small pieces are known not to complete a chunk."""
+    model = OnnxAsrModel(batch_exports["full"], batch_encoder=True)
+    rng = np.random.default_rng(3)
+    said_no = 0
+    for wav, _ in _wavs()[1:4]:
+        dec = StreamingDecoder(model, DecodeOptions(mode="ctc_greedy"))
+        pos = 0
+        while pos < wav.shape[0]:
+            n = int(rng.integers(1, 3200))
+            piece = wav[pos: pos + n]
+            maybe = dec.may_complete_chunk(piece.shape[0])
+            dec.accept_waveform(piece)
+            if not maybe:
+                said_no += 1
+                assert not dec.chunk_ready()
+            while dec.chunk_ready():
+                dec.consume(model.ctc_log_probs(dec.encode(dec.next_chunk())))
+            pos += n
+    assert said_no > 10
+
+
+def test_workers_hold_jobs_only_while_another_stream_may_join(batch_exports):
+    """With `batch_wait_s`, a job that completes an encoder chunk waits in the queue
+    only while another open stream could bring one: a lone stream is never held; with
+    a second open stream the first stream's chunk waits until the second one's
+    arrives, and both run in one batched encoder call; a job that only adds audio
+    (b's first 100 samples) and a job that ends its stream are never held."""
     from wenet_moe_runtime.batching import InferenceWorkers
     model = OnnxAsrModel(batch_exports["full"], batch_encoder=True)
     opts = DecodeOptions(mode="ctc_greedy")
     wav = _wavs()[2][0]
-    workers = InferenceWorkers(num_workers=1, max_batch=4, batch_wait_s=30.0)
+    workers = InferenceWorkers(num_workers=2, max_batch=4, batch_wait_s=30.0)
     try:
         async def lone():
             dec = StreamingDecoder(model, opts)
             await workers.submit(dec, wav[:8000])        # a chunk ready, nobody else open
             return await workers.submit(dec, wav[8000:], finish=True)
-        asyncio.run(asyncio.wait_for(lone(), 60))
-        assert workers.gathers == 0 and model.batched_calls == 0
+        asyncio.run(asyncio.wait_for(lone(), 20))
+        assert workers.held_batches == 0 and model.batched_calls == 0
 
         async def pair():
             a, b = StreamingDecoder(model, opts), StreamingDecoder(model, opts)
-            await workers.submit(b, wav[:100])           # b is open, no chunk yet
+            start = time.monotonic()
+            await workers.submit(b, wav[:100])           # b is open, no chunk yet: not held
+            light_s = time.monotonic() - start
             first = asyncio.ensure_future(workers.submit(a, wav[:8000]))
-            for _ in range(6000):                        # until the worker gathers for a
-                if workers._gathering:
-                    break
-                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            held = not first.done() and len(workers._urgent) == 1   # a waits for company
             second = asyncio.ensure_future(workers.submit(b, wav[100:8000]))
             await asyncio.gather(first, second)
-            return a, b
-        a, b = asyncio.run(asyncio.wait_for(pair(), 60))
-        assert workers.gathers == 1
+            offsets = (a.state.offset, b.state.offset)
+            # a final job goes at once although b is open without a job queued
+            start = time.monotonic()
+            await workers.submit(a, wav[8000:16000], finish=True)
+            return offsets, held, light_s, time.monotonic() - start
+        offsets, held, light_s, final_s = asyncio.run(asyncio.wait_for(pair(), 20))
+        assert held
         assert model.batched_calls >= 1 and model.batched_streams >= 2
-        assert a.state.offset == b.state.offset > 0    # both advanced by the same chunks
+        assert offsets[0] == offsets[1] > 0              # both advanced by the same chunks
+        assert light_s < 10.0 and final_s < 10.0         # not held for the 30 s
+        assert workers.held_batches == 0                 # nothing waited out its 30 s
     finally:
         workers.shutdown()
 

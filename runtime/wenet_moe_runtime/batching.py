@@ -7,11 +7,14 @@ chunks of all of them run in one encoder call when the model has the batched
 encoder (`encoder_batch.onnx`, fp32; else stream by stream) and their CTC heads in
 one call. The asyncio loop never runs inference.
 
-Gathering (`batch_wait_s` > 0, `max_batch` > 1): real-time streams' jobs arrive one
-at a time, so an idle worker would take each alone. A worker whose jobs have an
-encoder chunk ready waits up to `batch_wait_s` for more urgent jobs (up to
-`max_batch`), while the other workers leave urgent jobs to it; jobs that only add
-audio are never held back, nor is a worker's batch when no other stream is open.
+Holding (`batch_wait_s` > 0, `max_batch` > 1): real-time streams' jobs arrive one
+at a time, so an idle worker would take each alone. A job whose audio may complete
+an encoder chunk (`StreamingDecoder.may_complete_chunk`) then stays queued until the
+oldest such job has waited `batch_wait_s`, so that the chunks of the streams whose
+audio arrives meanwhile share its encoder call; unless `max_batch` of them are
+queued, or no other open stream could bring one (a lone stream is never held). Jobs
+that only add audio and jobs that end their stream are never held, and neither are
+workers: whichever is free takes what is due, the others keep working.
 
 Fairness: `slices()` cuts a stream's audio into jobs of at most `slice_samples`
 samples (a few encoder chunks), and a stream has at most one job queued at a
@@ -45,8 +48,8 @@ class InferenceWorkers:
         max_batch: most streams advanced together (1: no batching).
         slice_samples: most samples of one stream fed and decoded per job by
             `slices()` (0: no limit).
-        batch_wait_s: longest a worker with an encoder chunk ready waits for more
-            streams to batch with (module docstring; 0: never).
+        batch_wait_s: longest an urgent job is held for other streams' jobs to batch
+            with (module docstring; 0: never).
     """
 
     def __init__(self, num_workers: int = 2, max_batch: int = 1, slice_samples: int = 0,
@@ -54,8 +57,7 @@ class InferenceWorkers:
         self.max_batch = max(1, int(max_batch))
         self.slice_samples = max(0, int(slice_samples))
         self.batch_wait_s = max(0.0, float(batch_wait_s))
-        self._gathering = 0  # workers collecting more urgent jobs for their batch
-        self.gathers = 0     # times a worker waited for more streams (_gather)
+        self.held_batches = 0   # batches taken after their first job was held
         self._streams: "weakref.WeakSet[StreamingDecoder]" = weakref.WeakSet()  # ever submitted
         self.jobs_run = 0
         num_workers = max(1, int(num_workers))
@@ -106,28 +108,51 @@ class InferenceWorkers:
         future = loop.create_future()
         with self._cv:
             self._streams.add(decoder)
-            (self._urgent if urgent else self._backlog).append((decoder, pcm, finish, loop, future))
+            (self._urgent if urgent else self._backlog).append(
+                (decoder, pcm, finish, loop, future, time.monotonic()))
             self._cv.notify_all()
         return await future
+
+    def _urgent_due(self) -> Tuple[List[Tuple], float]:
+        """(the urgent jobs due now, up to `max_batch`, in queue order; seconds until the
+        held ones fall due, 0 when none is held). Called with the lock held."""
+        jobs = list(self._urgent)
+        if self.batch_wait_s <= 0 or self.max_batch <= 1 or self._stopping:
+            return jobs[:self.max_batch], 0.0
+        heavy = [job for job in jobs
+                 if not job[2] and job[0].may_complete_chunk(0 if job[1] is None else job[1].shape[0])]
+        wait = 0.0
+        if heavy and len(heavy) < self.max_batch:
+            queued = {id(job[0]) for job in heavy}
+            if any(not d.stopped and id(d) not in queued for d in list(self._streams)):
+                wait = heavy[0][5] + self.batch_wait_s - time.monotonic()
+        if wait <= 0:
+            return jobs[:self.max_batch], 0.0
+        held = {id(job) for job in heavy}
+        return [job for job in jobs if id(job) not in held][:self.max_batch], wait
 
     def _take(self) -> Optional[Tuple[List[Tuple], bool]]:
         """The next batch and whether it is backlog; None when stopping and idle."""
         with self._cv:
             while True:
-                if self._urgent and not self._gathering:
-                    source, backlog = self._urgent, False
-                elif self._backlog and self._backlog_running < self._backlog_slots:
-                    source, backlog = self._backlog, True
+                due, wait = self._urgent_due() if self._urgent else ([], 0.0)
+                if due:
+                    taken = {id(job) for job in due}
+                    kept = [job for job in self._urgent if id(job) not in taken]
+                    self._urgent.clear()
+                    self._urgent.extend(kept)
+                    if self.batch_wait_s > 0 and time.monotonic() - due[0][5] >= self.batch_wait_s:
+                        self.held_batches += 1
+                    return due, False
+                if self._backlog and self._backlog_running < self._backlog_slots:
                     self._backlog_running += 1
-                elif self._stopping and not self._urgent and not self._backlog:
+                    batch = [self._backlog.popleft()]
+                    while self._backlog and len(batch) < self.max_batch:
+                        batch.append(self._backlog.popleft())
+                    return batch, True
+                if self._stopping and not self._urgent and not self._backlog:
                     return None
-                else:
-                    self._cv.wait()
-                    continue
-                batch = [source.popleft()]
-                while source and len(batch) < self.max_batch:
-                    batch.append(source.popleft())
-                return batch, backlog
+                self._cv.wait(wait if wait > 0 else None)
 
     def _run(self) -> None:
         while True:
@@ -136,7 +161,7 @@ class InferenceWorkers:
                 return
             batch, backlog = taken
             try:
-                self._process(batch, backlog)
+                self._process(batch)
             finally:
                 if backlog:
                     with self._cv:
@@ -147,7 +172,7 @@ class InferenceWorkers:
     def _feed(batch: List[Tuple], ok: List[Tuple]) -> None:
         """Give each job's audio to its decoder; the jobs that took it join `ok`."""
         for job in batch:
-            decoder, pcm, finish, loop, future = job
+            decoder, pcm, finish, loop, future = job[:5]
             try:
                 if pcm is not None and pcm.size:
                     decoder.accept_waveform(pcm)
@@ -157,43 +182,9 @@ class InferenceWorkers:
             except Exception as exc:  # a bad stream must not take the others down
                 loop.call_soon_threadsafe(_resolve, future, None, exc)
 
-    def _others_open(self, ok: List[Tuple]) -> bool:
-        """Whether a stream outside `ok` is still open (its decoder not stopped)."""
-        mine = {id(job[0]) for job in ok}
-        with self._cv:
-            streams = list(self._streams)
-        return any(not d.stopped and id(d) not in mine for d in streams)
-
-    def _gather(self, ok: List[Tuple]) -> None:
-        """Add urgent jobs arriving within `batch_wait_s` (up to `max_batch` streams)."""
-        deadline = time.monotonic() + self.batch_wait_s
-        with self._cv:
-            self._gathering += 1
-            self.gathers += 1
-        try:
-            while len(ok) < self.max_batch:
-                with self._cv:
-                    left = deadline - time.monotonic()
-                    while not self._urgent and left > 0 and not self._stopping:
-                        self._cv.wait(left)
-                        left = deadline - time.monotonic()
-                    if not self._urgent:
-                        return
-                    more = []
-                    while self._urgent and len(ok) + len(more) < self.max_batch:
-                        more.append(self._urgent.popleft())
-                self._feed(more, ok)
-        finally:
-            with self._cv:
-                self._gathering -= 1
-                self._cv.notify_all()
-
-    def _process(self, batch: List[Tuple], backlog: bool = False) -> None:
+    def _process(self, batch: List[Tuple]) -> None:
         ok: List[Tuple] = []
         self._feed(batch, ok)
-        if (not backlog and self.batch_wait_s > 0 and 0 < len(ok) < self.max_batch
-                and any(job[0].chunk_ready() for job in ok) and self._others_open(ok)):
-            self._gather(ok)
         if not ok:
             return
         try:

@@ -191,18 +191,34 @@ class StreamingDecoder:
             self.fbank.input_finished()
 
     # ------------------------------------------------------------- chunking
+    def _frames_needed(self) -> int:
+        """New fbank frames of the next streaming window (chunk_size > 0)."""
+        info = self.model.info
+        return (self.chunk_size * info.subsampling_rate if self.segment_started
+                else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
+
     def _frames_to_take(self) -> int:
         """New fbank frames the next window reads now: a whole chunk's once ready, the
         rest at end of input (offline: everything at end of input), else 0."""
         if self.stopped:
             return 0
-        info = self.model.info
         ready = self.fbank.num_frames_ready - self.frames_read
         if self.chunk_size > 0:
-            need = (self.chunk_size * info.subsampling_rate if self.segment_started
-                    else (self.chunk_size - 1) * info.subsampling_rate + info.right_context + 1)
+            need = self._frames_needed()
             return need if ready >= need else (ready if self.input_done else 0)
         return ready if self.input_done else 0
+
+    def may_complete_chunk(self, num_samples: int) -> bool:
+        """Whether `num_samples` more samples (input not ended) could make an encoder
+        window ready: False only when they certainly cannot (no frame is longer than
+        one frame shift of new samples)."""
+        if self.stopped or self.input_done or self.chunk_size <= 0:
+            return False
+        if self.chunk_ready():
+            return True
+        shift = self.model.info.fbank.frame_shift_samples
+        most_frames = (self.samples_received + int(num_samples)) // shift + 1
+        return most_frames - self.frames_read >= self._frames_needed()
 
     def chunk_ready(self) -> bool:
         """Whether `next_chunk` would return a window now (or a tail at end of input)."""

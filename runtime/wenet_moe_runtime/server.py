@@ -475,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "CTC heads in one call; 0: 16 with the batched encoder, 1 without "
                         "(measured: no gain from batching the CTC heads alone)")
     p.add_argument("--batch_wait_ms", type=float, default=-1.0,
-                   help="longest a worker with an encoder chunk ready waits for other streams' "
-                        "chunks to batch with (-1: %g with the batched encoder, else 0)"
+                   help="longest an urgent job waits in the queue for other open streams' jobs "
+                        "to batch with; never for a lone stream or a stream's last audio "
+                        "(-1: %g with the batched encoder, else 0)"
                         % DEFAULT_BATCH_WAIT_MS)
     p.add_argument("--no_batch_encoder", action="store_true",
                    help="ignore encoder_batch.onnx: run every stream's chunks through "
