@@ -51,11 +51,10 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8"}
 TYPE_NAMES = {"partial": "partial_result", "final": "final_result", "speech_end": "speech_end"}
 DEFAULT_BATCHED_MAX_BATCH = 16   # --max_batch 0 with encoder_batch.onnx loaded
-# --batch_wait_ms -1 with encoder_batch.onnx loaded: batch only the jobs already queued.
-# Measured (bench/server_load.py --compare, 16 real-time streams, 2 cores, paper Dense-S
-# vs MoE): waiting 100 ms for company made workers idle while streams queued, p95 final
-# latency 105 -> 1166 ms and the server fell behind real time; with 0 it stays real
-# time, latency as unbatched, MoE/Dense-S CPU per audio second 1.25 -> 1.15.
+# --batch_wait_ms -1 with encoder_batch.onnx loaded: batch only the jobs already queued
+# (lowest latency). Measured (bench/server_load.py --compare, 16 real-time streams, 2
+# cores, paper Dense-S vs MoE): 150 ms cut MoE/Dense-S CPU per audio second from
+# 1.16-1.19 to 1.07 and p95 final latency rose from 130 / 180-290 ms to 250 / 367 ms.
 DEFAULT_BATCH_WAIT_MS = 0.0
 
 
