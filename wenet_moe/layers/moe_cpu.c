@@ -60,6 +60,9 @@ static inline int wt_size(const int wt) { return wt == WT_F32 ? 4 : wt == WT_BF1
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
 
+/* 16-float vectors are two registers on AVX2 and four on SSE / NEON: a helper GCC does
+ * not inline passes them through memory, so the helpers are always inlined */
+#define INLINE inline __attribute__((always_inline))
 #define MAX_TILE 12
 /* rows of one tile: AVX-512 keeps 12 rows x 32 columns of accumulators in its 32 zmm
  * registers (`tile`); with 16 registers of 8 floats (AVX2) or fewer, 12 x 32 would
@@ -71,8 +74,8 @@ enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
 #define TILE_ROWS 6
 #endif
 
-static inline vec16 load16(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+static INLINE vec16 load16(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
+static INLINE void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
 
 /* 16 consecutive weights of type wt at p (element offset already applied), as fp32.
  * x86 gets the widening moves by intrinsics: GCC 12 turns the generic int8 -> int32
@@ -114,7 +117,9 @@ static inline __attribute__((always_inline)) vec16 loadw(const char *p, const in
 }
 
 typedef float vec8 __attribute__((vector_size(32)));
-static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+static INLINE vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
+static INLINE void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
 
 /* 8 consecutive weights of type wt at p, as fp32 (the narrow tile's half panel row) */
 static inline __attribute__((always_inline)) vec8 loadw8(const char *p, const int wt) {
@@ -142,40 +147,62 @@ static inline __attribute__((always_inline)) vec8 loadw8(const char *p, const in
     return load8((const float *)p);
 }
 
-static inline vec16 splat(float v) { return (vec16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
-/* lanes of a where mask (all ones), else b; vector casts are bit reinterpretations */
-static inline vec16 select16(ivec16 mask, vec16 a, vec16 b) {
-    return (vec16)(((ivec16)a & mask) | ((ivec16)b & ~mask));
+static INLINE vec16 splat(float v) { return (vec16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+/* For one vector type VEC (IVEC: its int32 lanes), W its lanes: select##W (lanes of a
+ * where mask is all ones, else b; vector casts are bit reinterpretations), exp##W
+ * (exp(x) to ~2 ulp, Cephes' expf: 2^n * polynomial on [-ln2/2, ln2/2]; x clamped to
+ * [-87, 88], so the result stays finite and normal) and activate##W (ReLU, SiLU or
+ * none). Made for 16 floats (AVX-512 registers) and 8 (AVX2 registers): GCC
+ * scalarizes comparisons of vectors wider than the target's registers (a compare, a
+ * branch and an insert per lane; the AVX2 build's SiLU epilogue took 9x the AVX-512
+ * one's time), so builds without AVX-512 compute in 8-float halves. */
+#define DEFINE_VECTOR_MATH(W, VEC, IVEC)                                                     \
+static INLINE VEC select##W(IVEC mask, VEC a, VEC b) {                                        \
+    return (VEC)(((IVEC)a & mask) | ((IVEC)b & ~mask));                                       \
+}                                                                                             \
+static INLINE VEC exp##W(VEC x) {                                                             \
+    const VEC z = {0};                                                                        \
+    x = select##W(x < z - 87.0f, z - 87.0f, x);                                               \
+    x = select##W(x > z + 88.0f, z + 88.0f, x);                                               \
+    const VEC t = x * 1.44269504088896341f + 0.5f;                                            \
+    IVEC n = __builtin_convertvector(t, IVEC);                /* truncation ... */            \
+    n += (IVEC)(__builtin_convertvector(n, VEC) > t);         /* ... to floor (-1 where true) */ \
+    const VEC fn = __builtin_convertvector(n, VEC);                                           \
+    const VEC r = x - fn * 0.693359375f + fn * 2.12194440e-4f;                                \
+    VEC p = z + 1.9875691500e-4f;                                                             \
+    p = p * r + 1.3981999507e-3f;                                                             \
+    p = p * r + 8.3334519073e-3f;                                                             \
+    p = p * r + 4.1665795894e-2f;                                                             \
+    p = p * r + 1.6666665459e-1f;                                                             \
+    p = p * r + 5.0000001201e-1f;                                                             \
+    p = p * r * r + r + 1.0f;                                                                 \
+    const IVEC scale = (n + 127) << 23;                                                       \
+    VEC two_n;                                                                                \
+    memcpy(&two_n, &scale, sizeof two_n);                                                     \
+    return p * two_n;                                                                         \
+}                                                                                             \
+static INLINE VEC activate##W(VEC v, const int act) {                                         \
+    const VEC z = {0};                                                                        \
+    if (act == ACT_RELU) return select##W(v < z, z, v);             /* NaN stays NaN */       \
+    if (act == ACT_SILU)   /* below -87, x * sigmoid(x) underflows (|.| < 1e-36): 0 */        \
+        return select##W(v < z - 87.0f, z, v / (1.0f + exp##W(-v)));                          \
+    return v;                                                                                 \
 }
+DEFINE_VECTOR_MATH(16, vec16, ivec16)
+DEFINE_VECTOR_MATH(8, vec8, ivec8)
 
-/* exp(x) to ~2 ulp (Cephes' expf: 2^n * polynomial on [-ln2/2, ln2/2]); x clamped
- * to [-87, 88], so the result stays finite and normal. */
-static inline vec16 exp16(vec16 x) {
-    x = select16(x < splat(-87.0f), splat(-87.0f), x);
-    x = select16(x > splat(88.0f), splat(88.0f), x);
-    const vec16 t = x * splat(1.44269504088896341f) + splat(0.5f);
-    ivec16 n = __builtin_convertvector(t, ivec16);           /* truncation ... */
-    n += (ivec16)(__builtin_convertvector(n, vec16) > t);    /* ... to floor (-1 where true) */
-    const vec16 fn = __builtin_convertvector(n, vec16);
-    const vec16 r = x - fn * splat(0.693359375f) + fn * splat(2.12194440e-4f);
-    vec16 p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    const ivec16 scale = (n + 127) << 23;
-    vec16 two_n;
-    memcpy(&two_n, &scale, sizeof two_n);
-    return p * two_n;
-}
-
-static inline vec16 activate(vec16 v, const int act) {
-    if (act == ACT_RELU) return select16(v < splat(0.0f), splat(0.0f), v);   /* NaN stays NaN */
-    if (act == ACT_SILU)   /* below -87, x * sigmoid(x) underflows (|.| < 1e-36): 0 */
-        return select16(v < splat(-87.0f), splat(0.0f), v / (splat(1.0f) + exp16(-v)));
+/* activate16, in 8-float halves without AVX-512 (see DEFINE_VECTOR_MATH) */
+static INLINE vec16 activate(vec16 v, const int act) {
+#if defined(__AVX512F__)
+    return activate16(v, act);
+#else
+    vec8 h[2];
+    memcpy(h, &v, sizeof v);
+    h[0] = activate8(h[0], act);
+    h[1] = activate8(h[1], act);
+    memcpy(&v, h, sizeof v);
     return v;
+#endif
 }
 
 /* rows (<= MAX_TILE, a compile-time constant after inlining) rows of y = act(x W + b);
@@ -246,7 +273,7 @@ static inline __attribute__((always_inline)) void tile(
 
 /* `tile` for targets without AVX-512 (rows <= 6): one 16-column panel at a time as two
  * 8-float halves, 2 x rows accumulators; the same fp32 sums in k order as `tile`, so
- * both give the same results. Outputs are assembled into vec16 for the epilogue. */
+ * both give the same results. The epilogue works on the two halves (activate8). */
 static inline __attribute__((always_inline)) void tile_narrow(
         const float *xt, const int rows, const int K, const int N, const char *w,
         const float *scale, const float *b, float *y, int64_t ldy, const int act, const int wt) {
@@ -279,11 +306,13 @@ static inline __attribute__((always_inline)) void tile_narrow(
             }
         }
         for (int m = 0; m < rows; m++) {
-            vec16 v;
-            memcpy(&v, &lo[m], sizeof lo[m]);
-            memcpy((char *)&v + sizeof lo[m], &hi[m], sizeof hi[m]);
-            if (wt == WT_I8) v = v * load16(scale + 16 * j) + load16(b + 16 * j);
-            store16(y + m * ldy + 16 * j, activate(v, act));
+            vec8 v0 = lo[m], v1 = hi[m];
+            if (wt == WT_I8) {
+                v0 = v0 * load8(scale + 16 * j) + load8(b + 16 * j);
+                v1 = v1 * load8(scale + 16 * j + 8) + load8(b + 16 * j + 8);
+            }
+            store8(y + m * ldy + 16 * j, activate8(v0, act));
+            store8(y + m * ldy + 16 * j + 8, activate8(v1, act));
         }
     }
 }
@@ -323,7 +352,7 @@ int wm_int8_dot_native(void) {
 #endif
 }
 
-static inline ivec16 loadi16(const int32_t *p) { ivec16 v; memcpy(&v, p, sizeof v); return v; }
+static INLINE ivec16 loadi16(const int32_t *p) { ivec16 v; memcpy(&v, p, sizeof v); return v; }
 
 /* AVX2 without VNNI (AMD Zen 1-3, Intel before Ice Lake / Alder Lake): the rows are
  * kept as int16 (x_q, no +128) and `vpmaddwd` multiplies pairs of int16 into int32 (16
@@ -434,45 +463,58 @@ static inline __attribute__((always_inline)) void tile_q8_madd(
  * 4 int16 x_q[m][4q + t]) and their scales sx[m]; an all-zero
  * row gets scale 0 (its products vanish, y = b). Rounding is to nearest even by the
  * 1.5 * 2^23 trick (exact for |v| <= 127; -ffp-contract does not reassociate it). */
+#if defined(__AVX512F__)     /* lanes quantized at a time: a register (DEFINE_VECTOR_MATH) */
+#define QW 16
+typedef vec16 qvec;
+typedef ivec16 iqvec;
+#define qselect select16
+#else
+#define QW 8
+typedef vec8 qvec;
+typedef ivec8 iqvec;
+#define qselect select8
+#endif
 static void quantize_rows(const float *x, int64_t ldx, int rows, int K, void *xq, float *sx) {
-    const ivec16 magnitude = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
-                              0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
-                              0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-    const vec16 round = splat(12582912.0f), hi = splat(127.0f), lo = splat(-127.0f);
+    const qvec z = {0};
+    const iqvec magnitude = (iqvec){0} + 0x7fffffff;
     for (int m = 0; m < rows; m++) {
         const float *r = x + m * ldx;
-        vec16 vmax = splat(0.0f);
-        for (int k = 0; k < K; k += 16) {
-            const vec16 a = (vec16)((ivec16)load16(r + k) & magnitude);
-            vmax = select16(a > vmax, a, vmax);
+        qvec vmax = z;
+        for (int k = 0; k < K; k += QW) {
+            qvec a;
+            memcpy(&a, r + k, sizeof a);
+            a = (qvec)((iqvec)a & magnitude);
+            vmax = qselect(a > vmax, a, vmax);
         }
         float amax = 0.0f;
-        for (int c = 0; c < 16; c++) amax = vmax[c] > amax ? vmax[c] : amax;
+        for (int c = 0; c < QW; c++) amax = vmax[c] > amax ? vmax[c] : amax;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         sx[m] = amax / 127.0f;
-        for (int k = 0; k < K; k += 16) {
-            vec16 v = load16(r + k) * splat(inv);
-            v = (v + round) - round;
-            v = select16(v > hi, hi, v);
-            v = select16(v < lo, lo, v);
-            const ivec16 iv = __builtin_convertvector(v, ivec16);
+        for (int k = 0; k < K; k += QW) {
+            qvec v;
+            memcpy(&v, r + k, sizeof v);
+            v = v * inv;
+            v = (v + 12582912.0f) - 12582912.0f;
+            v = qselect(v > z + 127.0f, z + 127.0f, v);
+            v = qselect(v < z - 127.0f, z - 127.0f, v);
+            const iqvec iv = __builtin_convertvector(v, iqvec);
 #if Q8_MADD
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < QW / 4; i++) {
                 uint64_t g = 0;
                 for (int t = 0; t < 4; t++) g |= (uint64_t)(uint16_t)(int16_t)iv[4 * i + t] << (16 * t);
                 ((uint64_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g;
             }
 #else
-            const ivec16 u = iv + 128;
-            uint32_t g[4];
+            const iqvec u = iv + 128;
+            uint32_t g[QW / 4];
 #if defined(__AVX512F__)
             _mm_storeu_si128((__m128i *)g, _mm512_cvtepi32_epi8((__m512i)u));
 #else
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < QW / 4; i++)
                 g[i] = (uint32_t)u[4 * i] | (uint32_t)u[4 * i + 1] << 8 | (uint32_t)u[4 * i + 2] << 16
                        | (uint32_t)u[4 * i + 3] << 24;
 #endif
-            for (int i = 0; i < 4; i++) ((uint32_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g[i];
+            for (int i = 0; i < QW / 4; i++) ((uint32_t *)xq)[(int64_t)(k / 4 + i) * rows + m] = g[i];
 #endif
         }
     }
