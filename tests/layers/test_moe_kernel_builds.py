@@ -100,3 +100,23 @@ def test_builds_report_their_int8_dot_path(builds):
     if cpu_kernel.library() is not None and {"avx512_vnni", "avx512f"} <= set(_cpu_flags()) \
             and cpu_kernel.target_arch() == "native":
         assert cpu_kernel.int8_dot_kind() == "vnni"
+
+
+def test_native_build_without_avx2_is_not_used(builds, monkeypatch):
+    """Each build reports its vector unit (2 AVX-512, 1 AVX2, 0 generic); a native build
+    with the generic code on an x86-64 CPU (no AVX2: ~50x slower than AVX2) is refused
+    with a reason, unless the target was asked for explicitly."""
+    want = {"haswell": 1, "skylake-avx512": 2, "x86-64": 0}
+    for march, lib in builds.items():
+        assert lib.wm_vector_isa() == want[march], march
+    if "x86-64" not in builds:
+        pytest.skip("no -march=x86-64 build")
+    monkeypatch.delenv("WENET_MOE_KERNEL_MARCH", raising=False)
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "x86_64")
+    assert "without AVX2" in cpu_kernel._slow_target_reason(builds["x86-64"])
+    assert cpu_kernel._slow_target_reason(builds["haswell"]) == ""
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
+    assert cpu_kernel._slow_target_reason(builds["x86-64"]) == ""      # NEON: the generic code
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("WENET_MOE_KERNEL_MARCH", "x86-64")
+    assert cpu_kernel._slow_target_reason(builds["x86-64"]) == ""      # asked for: measured

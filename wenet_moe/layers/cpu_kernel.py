@@ -44,7 +44,7 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
 LIBS = ["-lm"]      # after the source: expf of the router's softmax
-ABI_VERSION = 9
+ABI_VERSION = 10
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 PRECISIONS = ("fp32", "bf16", "int8", "w8a8")       # moe_conf.expert_precision
@@ -142,7 +142,20 @@ def load(target: Path) -> ctypes.CDLL:
                    + lib.wm_moe_forward.argtypes[5:])
     lib.wm_openmp.restype = ctypes.c_int
     lib.wm_int8_dot_native.restype = ctypes.c_int
+    lib.wm_vector_isa.restype = ctypes.c_int
     return lib
+
+
+def _slow_target_reason(lib: ctypes.CDLL) -> str:
+    """Why the native build should not be used, or "": on an x86-64 CPU without AVX2
+    (before Haswell / Excavator) the kernel is generic vector code that GCC splits and
+    partly scalarizes, ~50x slower than the AVX2 build (2 GFLOP/s on a 256 x 1024
+    expert), where oneDNN still runs SSE / AVX kernels. An explicit
+    `$WENET_MOE_KERNEL_MARCH` is built and used as asked (to measure it)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and lib.wm_vector_isa() == 0 and not os.environ.get("WENET_MOE_KERNEL_MARCH"):
+        return "x86-64 CPU without AVX2: the generic vector code is slower than oneDNN"
+    return ""
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -154,6 +167,10 @@ def library() -> Optional[ctypes.CDLL]:
         else:
             try:
                 lib = _build()
+                reason = _slow_target_reason(lib)
+                if reason:
+                    lib = None
+                    _log.warning("MoE CPU kernel not used (%s); using oneDNN kernels", reason)
             except (OSError, RuntimeError) as err:
                 reason = str(err)
                 _log.warning("MoE CPU kernel unavailable (%s); using oneDNN kernels", reason)

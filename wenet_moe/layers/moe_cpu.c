@@ -574,7 +574,19 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 9; }
+int wm_abi_version(void) { return 10; }
+
+/* the widest vector unit this build targets: 2 AVX-512, 1 AVX2 (x86), 0 other (the
+ * generic vector code: NEON, or an x86-64 CPU without AVX2, where it is slow) */
+int wm_vector_isa(void) {
+#if defined(__AVX512F__)
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* 1 when wt is a weight type of this file and the K x N matrices suit it (WT_Q8 needs
  * K and N multiples of 16) */
