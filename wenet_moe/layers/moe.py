@@ -307,8 +307,9 @@ class MoEFFN(nn.Module):
         assignments by expert, gathers, one split of the sorted rows by the per-expert
         counts, the inverse permutation (a sort of the order), and a sum over k. k is the
         module constant `n_expert_activated` and frame indices use truncating division
-        (indices are >= 0), so the export has no `If` and no floor-division chain; `wenet_moe.export.onnx_passes.fuse_expert_split`
-        turns the split (SplitToSequence + a SequenceAt per expert) into one ONNX Split.
+        (indices are >= 0), so the export has no `If` and no floor-division chain;
+        `wenet_moe.export.onnx_passes.fuse_expert_split` turns the split
+        (SplitToSequence + a SequenceAt per expert) into one ONNX Split.
         """
         if not torch.jit.is_scripting():
             return self._dispatch_eager(x, top_idx, gates, valid)
