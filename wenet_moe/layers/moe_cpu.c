@@ -579,13 +579,14 @@ int wm_abi_version(void) { return 10; }
 /* the widest vector unit this build targets: 2 AVX-512, 1 AVX2 (x86), 0 other (the
  * generic vector code: NEON, or an x86-64 CPU without AVX2, where it is slow) */
 int wm_vector_isa(void) {
-#if defined(__AVX512F__)
-    return 2;
-#elif defined(__AVX2__)
-    return 1;
-#else
-    return 0;
+    int isa = 0;
+#if defined(__AVX2__)
+    isa = 1;
 #endif
+#if defined(__AVX512F__)
+    isa = 2;
+#endif
+    return isa;
 }
 
 /* 1 when wt is a weight type of this file and the K x N matrices suit it (WT_Q8 needs
