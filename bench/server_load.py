@@ -161,6 +161,8 @@ def run_concurrency(args, model_dir: str, wavs, reference: Dict[str, str], n: in
            "streams_per_batched_call": round(stats.get("encoder_batched_streams", 0) / calls, 2)
            if calls else 0.0,
            "encoder_single_calls": stats.get("encoder_single_calls", 0),
+           # batches whose oldest job waited out --batch_wait_ms for company
+           "held_batches": stats.get("held_batches", 0),
            "utterances": len(results),
            "failures": sum(len(r["failures"]) for r in results),
            "audio_s": round(audio, 1), "server_cpu_s": round(cpu, 2),

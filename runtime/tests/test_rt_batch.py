@@ -247,6 +247,7 @@ def test_server_batches_concurrent_streams_like_solo_decoding(batch_exports):
     assert [r.finals for r in results] == solo
     assert any(f[0]["sentence"] for s in solo for f in s)
     assert health["batched_encoder"] and health["max_batch"] == 8
+    assert health["batch_wait_ms"] == 200.0 and isinstance(health["held_batches"], int)
     assert health["encoder_batched_calls"] > 0
     assert health["encoder_batched_streams"] >= 2 * health["encoder_batched_calls"]
     # CPU inside the sessions: encoder and CTC ran, the decoder never (ctc_greedy)

@@ -174,6 +174,7 @@ class AsrServer:
                                "batched_encoder": self.model.batched,
                                "max_batch": self.workers.max_batch,
                                "batch_wait_ms": 1000.0 * self.workers.batch_wait_s,
+                               "held_batches": self.workers.held_batches,
                                "encoder_batched_calls": self.model.batched_calls,
                                "encoder_batched_streams": self.model.batched_streams,
                                "encoder_single_calls": self.model.single_calls,
