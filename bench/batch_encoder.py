@@ -4,12 +4,13 @@
 
 For each export and batch size B it advances B streams by one chunk with
 `OnnxAsrModel.forward_encoder_chunks` (one `encoder_batch.onnx` call; B = 1 is a
-batch of one, as the server runs a lone stream; `single` runs `encoder.onnx`) from a history of `--history_chunks` chunks, and prints
-milliseconds of CPU time per stream-chunk (process CPU time, which other load on the
-machine only delays), medians of repetitions interleaved across both exports, and the ratio B / A per
-batch size: the MoE's chunk-16 cost against Dense-S's as its experts are read once
-per batch instead of once per stream. Exports from `bench/server_load.py
---random_export CONFIG DIR --export_only`.
+batch of one, as the server runs a lone stream; `single` runs `encoder.onnx`) from a
+history of `--history_chunks` chunks, and prints milliseconds of CPU time per
+stream-chunk (process CPU time, which other load on the machine only delays), medians
+of repetitions interleaved across both exports, and the ratio B / A per batch size:
+the MoE's chunk-16 cost against Dense-S's as its experts are read once per batch
+instead of once per stream. Exports from `bench/server_load.py --random_export CONFIG
+DIR --export_only`.
 """
 from __future__ import annotations
 

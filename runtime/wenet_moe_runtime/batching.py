@@ -57,7 +57,7 @@ class InferenceWorkers:
         self.max_batch = max(1, int(max_batch))
         self.slice_samples = max(0, int(slice_samples))
         self.batch_wait_s = max(0.0, float(batch_wait_s))
-        self.held_batches = 0   # batches taken after their first job was held
+        self.held_batches = 0   # batches whose oldest job had waited batch_wait_s or more
         self._streams: "weakref.WeakSet[StreamingDecoder]" = weakref.WeakSet()  # ever submitted
         self.jobs_run = 0
         num_workers = max(1, int(num_workers))
