@@ -249,8 +249,8 @@ def main() -> int:
     n_dense = args.layers
     extra = [p for p in dict.fromkeys(args.precisions) if p != "fp32"]
     # bytes of one expert's weights per precision (biases and int8 scales stay fp32)
-    weight_bytes = {"fp32": 4, "bf16": 2, "int8": 1, "w8a8": 1}
-    aux_bytes = {"fp32": 4, "bf16": 4, "int8": 8, "w8a8": 12}   # bias, scale, column sum
+    weight_bytes = {"fp32": 4, "bf16": 2, "bf16a": 2, "int8": 1, "w8a8": 1}
+    aux_bytes = {"fp32": 4, "bf16": 4, "bf16a": 4, "int8": 8, "w8a8": 12}   # bias, scale, column sum
     expert_bytes_of = {p: 2 * args.dim * args.hidden * weight_bytes[p]
                        + (args.hidden + args.dim) * aux_bytes[p] for p in ["fp32"] + extra}
     smallest = min(expert_bytes_of.values())

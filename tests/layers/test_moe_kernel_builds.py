@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wenet_moe.layers import cpu_kernel
-from quantized_reference import w8a8_linear
+from quantized_reference import bf16_round, w8a8_linear
 
 _CC = os.environ.get("CC") or "cc"
 
@@ -81,6 +81,27 @@ def test_other_targets_compute_the_reference(builds, march, precision):
             start += c
         err = (out.double() - torch.cat(want)).abs().max().item()
         assert err <= 1e-4, (march, precision, activation, err)
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64", "skylake-avx512"])
+def test_other_targets_round_bf16a_activations_to_nearest_even(builds, march):
+    """`moe_forward`'s bf16a rounding (ACT_BF16) on each build: through one expert whose
+    weights are the identity (bf16-exact), the output is each input rounded to bf16 by
+    the definition (`bf16_round`: ties to even, e.g. 1 + 2^-8 -> 1, 1 + 3 * 2^-8 ->
+    1 + 2^-6), bit for bit; without the flag it is the input itself."""
+    if march not in builds:
+        pytest.skip(f"this CPU cannot run a -march={march} build")
+    lib = builds[march]
+    dim = 32
+    eye = torch.eye(dim).unsqueeze(0)
+    packs = (cpu_kernel.pack_weight(eye), torch.zeros(1, dim), cpu_kernel.pack_weight(eye), torch.zeros(1, dim))
+    x = torch.randn(5, dim, generator=torch.Generator().manual_seed(2)) * 100
+    x[0, :6] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.0e38, 1e-30, 0.0])
+    top_idx, gates = torch.zeros(5, 1, dtype=torch.int64), torch.ones(5, 1)
+    rounded = cpu_kernel.moe_forward(lib, x, top_idx, gates, packs, "none", bf16_rows=True)
+    assert torch.equal(rounded.double(), torch.from_numpy(bf16_round(x)))
+    assert rounded[0, :3].tolist() == [1.0, 1 + 2 ** -6, -1.0]
+    assert torch.equal(cpu_kernel.moe_forward(lib, x, top_idx, gates, packs, "none"), x)
 
 
 def test_target_override_is_checked(monkeypatch):

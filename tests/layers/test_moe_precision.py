@@ -1,4 +1,4 @@
-"""moe_conf.expert_precision: bf16 / int8 / w8a8 packed experts (eager CPU inference)
+"""moe_conf.expert_precision: bf16 / bf16a / int8 / w8a8 packed experts (eager CPU inference)
 against an independent float64 reference on weights (and, for w8a8, expert input rows)
 rounded the same way, every kernel kind, activation and router; thread-count
 independence; config errors; training and TorchScript untouched."""
@@ -136,6 +136,83 @@ def test_w8a8_experts_round_weights_and_rows(kind, activation, router, k, monkey
     assert 3 * err < (got - weight_only).abs().max().item()
 
 
+def bf16a_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """float64 MoE output as a bf16 GEMM computes the experts: weights, input rows,
+    hidden units (after the activation; before it too for an activation oneDNN does not
+    fuse: not relu, swish or gelu) and expert outputs rounded to bf16 (float64 sums,
+    each rounded through float32 first); gates and the gated sum in float64."""
+    fused = isinstance(layer.activation, (torch.nn.ReLU, torch.nn.SiLU, torch.nn.GELU))
+    flat = x.reshape(-1, x.size(-1))
+    _, top_idx, gates = layer.route(flat, EMPTY)
+    w1, w2 = (torch.from_numpy(bf16_round(w)) for w in (layer.w1, layer.w2))
+
+    def bf16(t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(bf16_round(t.float()))
+    out = torch.zeros(flat.shape, dtype=torch.float64)
+    for e in range(layer.n_expert):
+        pre = bf16(flat) @ w1[e] + layer.b1[e].double()
+        h = bf16(layer.activation(pre if fused else bf16(pre)))
+        y = bf16(h @ w2[e] + layer.b2[e].double())
+        for j in range(top_idx.size(1)):
+            chosen = (top_idx[:, j] == e).unsqueeze(1)
+            out += torch.where(chosen, gates[:, j:j + 1].double() * y, torch.zeros_like(y))
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 3), ("omni", 2)])
+def test_bf16a_rounds_weights_rows_hidden_and_outputs(kind, activation, router, k, monkeypatch):
+    """bf16a: every kind (the kernel rounding in fp32, oneDNN's bf16 GEMM, the MKL
+    fallback) computes what a bf16 GEMM does. Against the float64 reference that rounds
+    the same way: a value may land one bf16 step (2^-8 relative) away where fp32 and
+    float64 sums straddle a rounding boundary, so the largest error stays below 2^-7 of
+    the output range and at most 3% of the values differ by more than 1e-6 of it; at
+    least 3x closer to it than to the weight-only bf16 reference (the activations
+    really are rounded). One frame alone gives what it gives among 42."""
+    if kind == "values":
+        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
+    layer = make(router, k, activation, "bf16a", packed=True if kind == "values" else kind)
+    x = torch.randn(2, 21, DIM)
+    with torch.inference_mode():
+        assert layer._packed(x.view(-1, DIM))[0] == kind
+        got = layer(x, EMPTY).double()
+        one = layer(x[:1, :1], EMPTY).double()
+    want = bf16a_reference(layer, x)
+    weight_only = reference(layer, x, "bf16")
+    span = want.abs().max().item()
+    err = (got - want).abs()
+    assert err.max().item() < 2 ** -7 * span, (err.max().item(), span)
+    assert (err > 1e-6 * span).double().mean().item() < 0.03
+    assert (one - want[:1, :1]).abs().max().item() < 2 ** -7 * span
+    assert 3 * err.max().item() < (got - weight_only).abs().max().item()
+
+
+@needs_kernel
+@needs_onednn
+def test_bf16a_takes_the_bf16_gemm_above_the_measured_rows(monkeypatch):
+    """packed_experts true with bf16a: the kernel up to `kernel_max_rows` rows per
+    expert, oneDNN's bf16 GEMM (bfloat16 packed weights) above it, at one thread too
+    (fp32 stays on the kernel at one thread)."""
+    monkeypatch.setenv("WENET_MOE_KERNEL_MAX_ROWS", "4")
+    layer = make("topk", 2, "swish", "bf16a")
+    with torch.inference_mode():
+        assert layer._packed(torch.zeros(1, DIM), 4.0)[0] == "kernel"
+        kind, packs = layer._packed(torch.zeros(1, DIM), 5.0)
+    assert kind == "onednn" and len(packs) == layer.n_expert
+    assert packs[0][0].dtype == torch.bfloat16 and packs[0][2].dtype == torch.bfloat16
+    monkeypatch.delenv("WENET_MOE_KERNEL_MAX_ROWS")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert moe_module.kernel_max_rows(DIM, HIDDEN, "swish", "fp32") == float("inf")
+        limit = moe_module.kernel_max_rows(DIM, HIDDEN, "swish", "bf16a")
+        assert limit in (0.0, float("inf")) or limit in moe_module._PROBE_ROWS
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_kernel
 def test_w8a8_kernel_is_exact_integer_arithmetic():
     """The kernel's w8a8 linear equals int64 sums of int8 rows x int8 weights times
@@ -195,7 +272,7 @@ def test_w8a8_without_vnni_warns_once(monkeypatch, caplog):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "w8a8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16a", "int8", "w8a8"])
 @pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
 def test_kernel_result_does_not_depend_on_threads(precision, activation):
     """1 and 2 torch threads give bit-equal outputs (each frame sums its k rows in slot
@@ -212,12 +289,12 @@ def test_kernel_result_does_not_depend_on_threads(precision, activation):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    want = reference(layer, x, precision)
-    tolerance = 5e-3 * want.abs().max().item() if precision == "w8a8" else 1e-4
+    want = bf16a_reference(layer, x) if precision == "bf16a" else reference(layer, x, precision)
+    tolerance = {"w8a8": 5e-3, "bf16a": 2 ** -7}.get(precision, 0.0) * want.abs().max().item() or 1e-4
     assert (one.double() - want).abs().max().item() < tolerance
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8", "w8a8"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16a", "int8", "w8a8"])
 def test_training_autograd_and_torchscript_keep_fp32(precision):
     """expert_precision only touches eager CPU inference: training mode, autograd and
     the scripted (ONNX) path compute with the fp32 parameters."""
@@ -238,7 +315,7 @@ def test_training_autograd_and_torchscript_keep_fp32(precision):
 
 
 @pytest.mark.parametrize("conf,message", [
-    ({"expert_precision": "fp16"}, r"moe_conf.expert_precision: expected one of fp32, bf16, int8, w8a8, got 'fp16'"),
+    ({"expert_precision": "fp16"}, r"moe_conf.expert_precision: expected one of fp32, bf16, bf16a, int8, w8a8, got 'fp16'"),
     ({"expert_precision": "bf16", "packed_experts": False}, r"moe_conf.expert_precision: bf16 applies to packed"),
 ])
 def test_bad_expert_precision_names_the_key(conf, message):

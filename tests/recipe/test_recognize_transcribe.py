@@ -154,6 +154,6 @@ def test_expert_precision_override(model_dir, tmp_path):
         dense[part]["mlp_type"] = "dense"
     with pytest.raises(ConfigError, match="--expert_precision int8: the model has no MoE layers"):
         with_expert_precision(dense, "int8")
-    with pytest.raises(ConfigError, match="--expert_precision: expected one of fp32, bf16, int8, w8a8"):
+    with pytest.raises(ConfigError, match="--expert_precision: expected one of fp32, bf16, bf16a, int8, w8a8"):
         with_expert_precision(dense, "fp8")
     assert with_expert_precision(dense, None) is dense

@@ -121,7 +121,8 @@ def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` whose MoE experts hold the weight values it computes with
     (`cpu_kernel.expert_weight_values` of each FFN's `expert_precision`, which the copy
     then runs as fp32: the same numbers), so that the exported graphs equal the eager
-    model; `model` itself when every MoE FFN is fp32."""
+    model (up to the activations that w8a8 and bf16a round and the fp32 graphs do
+    not); `model` itself when every MoE FFN is fp32."""
     import copy
 
     from wenet_moe.layers.cpu_kernel import expert_weight_values
@@ -142,7 +143,7 @@ def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
 def resolve_expert_precision(expert_precision: Optional[str], configs: Dict, fmt: str) -> str:
     """--expert_precision: fp32 or int8; by default int8 when the model's
     `moe_conf.expert_precision` is int8 or w8a8 (the graph's MatMulNBits quantizes its
-    activations itself; bf16 has no ONNX Runtime CPU kernel: fp32)."""
+    activations itself; bf16 and bf16a have no ONNX Runtime CPU kernel: fp32)."""
     if expert_precision is None:
         conf = str((configs.get("moe_conf") or {}).get("expert_precision", "fp32"))
         expert_precision = ("int8" if conf in ("int8", "w8a8") and has_moe_layers(configs)

@@ -8,7 +8,8 @@ renamed. Without a compiler, or with `WENET_MOE_CPU_KERNEL=0`, `library()` retur
 None and MoE layers use the oneDNN kernels instead (a warning says why, once).
 
 Expert weights may be packed as fp32, bf16 (round-to-nearest-even; widened to fp32 in
-registers), int8 (symmetric, one fp32 scale per output column; fp32 activations) or
+registers; bf16a rounds the experts' inputs, hidden units and outputs to bf16 too, as a
+bf16 GEMM computes them: `BF16_ROWS`), int8 (symmetric, one fp32 scale per output column; fp32 activations) or
 w8a8 (the int8 weights, and each input row quantized to int8 in the kernel: int32 dot
 products, by VNNI where the build has it, `int8_dot_kind`): `pack_expert_weight`;
 `expert_weight_values` gives the fp32 values each precision's weights stand for (for
@@ -44,10 +45,12 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
 LIBS = ["-lm"]      # after the source: expf of the router's softmax
-ABI_VERSION = 10
+ABI_VERSION = 11
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
-PRECISIONS = ("fp32", "bf16", "int8", "w8a8")       # moe_conf.expert_precision
+BF16_ROWS = 8       # ACT_BF16 of `wm_moe_forward`'s act: bf16a's rounding of the activations
+PRECISIONS = ("fp32", "bf16", "bf16a", "int8", "w8a8")       # moe_conf.expert_precision
+BF16_WEIGHTS = ("bf16", "bf16a")     # the precisions whose packed weights are bfloat16
 # packed weight dtype -> the kernel's element type (WT_F32, WT_BF16, WT_I8 in moe_cpu.c;
 # int8 in the 4-k groups of `pack_weight_q8` is WT_Q8 = 3)
 _WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -212,12 +215,12 @@ def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def expert_weight_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """(E, K, N) fp32 weights -> the fp32 values a kernel of `precision` multiplies with:
-    the weights themselves (fp32), rounded to bf16 (round to nearest even), or int8 q
-    times its column scale."""
+    the weights themselves (fp32), rounded to bf16 (round to nearest even; bf16, bf16a), or
+    int8 q times its column scale (int8, w8a8)."""
     w = weight.detach().float()
     if precision == "fp32":
         return w
-    if precision == "bf16":
+    if precision in BF16_WEIGHTS:
         return w.to(torch.bfloat16).float()
     if precision in ("int8", "w8a8"):
         q, scale = quantize_int8(w)
@@ -313,7 +316,7 @@ def _return_freed_memory() -> None:
 
 def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(E, K, N) fp32 expert weights -> (packed (E, N/16, K, 16), scale) for `precision`:
-    float32 (fp32), bfloat16 rounded to nearest even (bf16), or int8 with its float32
+    float32 (fp32), bfloat16 rounded to nearest even (bf16, bf16a), or int8 with its float32
     (E, N) column scales (int8, `quantize_int8`), or for w8a8 int8 in `pack_weight_q8`'s
     layout with (E, 2N) float32: the column scales, then the column sums of q as int32
     bits (the kernel's uint8-offset correction); scale is None for fp32 / bf16. The
@@ -326,7 +329,7 @@ def pack_expert_weight(weight: torch.Tensor, precision: str) -> Tuple[torch.Tens
         packed = packed.view(packed.size(0), packed.size(1), packed.size(2), -1)
         scale = torch.cat([scale, sums.view(torch.float32)], dim=1).contiguous()
     else:
-        if precision == "bf16":
+        if precision in BF16_WEIGHTS:
             w = w.to(torch.bfloat16)
         elif precision == "int8":
             w, scale = quantize_int8(w)
@@ -408,7 +411,8 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def _expert_constants(packs: Tuple[Any, ...], activation: str, k: int) -> Tuple[Any, ...]:
+def _expert_constants(packs: Tuple[Any, ...], activation: str, k: int,
+                      bf16_rows: bool = False) -> Tuple[Any, ...]:
     """`wm_moe_forward`'s arguments k .. act for the experts `packs` (checked; see
     `moe_forward`)."""
     n_expert, hidden = packs[1].shape
@@ -418,7 +422,8 @@ def _expert_constants(packs: Tuple[Any, ...], activation: str, k: int) -> Tuple[
     if wt2 != wt:
         raise ValueError(f"moe_forward: w1 is {packs[0].dtype} but w2 is {packs[2].dtype}")
     return (k, n_expert, hidden, packs[0].data_ptr(), scale1_ptr, packs[1].data_ptr(),
-            packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt, ACTIVATIONS[activation])
+            packs[2].data_ptr(), scale2_ptr, packs[3].data_ptr(), wt,
+            ACTIVATIONS[activation] | (BF16_ROWS if bf16_rows else 0))
 
 
 def _scratch(n_assign: int, dim: int, hidden: int, n_expert: int) -> Tuple[int, int, int, int, int]:
@@ -441,7 +446,7 @@ def _check_status(status: int, name: str, n_expert: int) -> None:
 
 
 def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
-                packs: Tuple[Any, ...], activation: str) -> torch.Tensor:
+                packs: Tuple[Any, ...], activation: str, bf16_rows: bool = False) -> torch.Tensor:
     """The whole MoE FFN in one call (sort, gather, experts, gated add-back).
 
     Args:
@@ -450,13 +455,15 @@ def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates:
             and optionally (scale1 (E, H), scale2 (E, D)) of int8 weights; the packed
             weights are float32, bfloat16 or int8 (`pack_weight`), both of one type.
         activation: "none", "relu" or "swish" (fused into the first linear).
+        bf16_rows: round each expert's input rows, hidden units and output rows to
+            bfloat16 (expert_precision bf16a; the gated sum stays fp32).
     Returns:
         (N, D) = sum_j gates[:, j] * expert_{top_idx[:, j]}(x).
     """
     x = x.contiguous()
     top_idx = top_idx.contiguous()
     gates = gates.contiguous()
-    constants = _expert_constants(packs, activation, top_idx.size(1))
+    constants = _expert_constants(packs, activation, top_idx.size(1), bf16_rows)
     out = torch.empty_like(x)
     scratch = _scratch(x.size(0) * top_idx.size(1), x.size(1), constants[2], constants[1])
     status = lib.wm_moe_forward(x.data_ptr(), x.size(0), x.size(1), top_idx.data_ptr(), gates.data_ptr(),
@@ -480,13 +487,14 @@ class RoutedMoE:
         k, renormalize: experts per frame; gates = softmax over the k chosen logits
             (True) or the full-softmax probabilities of the chosen experts (False).
         threads: threads of each call (`threads(lib)`).
+        bf16_rows: as `moe_forward` (expert_precision bf16a).
     The tensors are referenced, not copied: the caller rebuilds this object when they change.
     """
 
     def __init__(self, lib: ctypes.CDLL, packs: Tuple[Any, ...], activation: str,
                  router_weight_t: torch.Tensor, router_bias: Optional[torch.Tensor], k: int,
-                 renormalize: bool, threads: int):
-        self._experts = _expert_constants(packs, activation, k)
+                 renormalize: bool, threads: int, bf16_rows: bool = False):
+        self._experts = _expert_constants(packs, activation, k, bf16_rows)
         n_expert, hidden = packs[1].shape
         dim = packs[3].size(1)
         if (router_weight_t.dtype != torch.float32 or not router_weight_t.is_contiguous()
@@ -532,8 +540,8 @@ class RoutedMoE:
 
 def routed_moe_forward(lib: ctypes.CDLL, x: torch.Tensor, route_emb: torch.Tensor,
                        router_weight_t: torch.Tensor, router_bias: Optional[torch.Tensor], k: int,
-                       renormalize: bool, packs: Tuple[Any, ...], activation: str
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+                       renormalize: bool, packs: Tuple[Any, ...], activation: str,
+                       bf16_rows: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """`RoutedMoE` built for one call: ((N, D) output, (N, k) chosen experts)."""
     return RoutedMoE(lib, packs, activation, router_weight_t, router_bias, k, renormalize,
-                     threads(lib))(x, route_emb)
+                     threads(lib), bf16_rows)(x, route_emb)

@@ -31,6 +31,15 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     per row), so that the kernel multiplies int8 by int8 into int32 (VNNI where the CPU
     has it). The oneDNN kind and the no-kernel fallback run fp32 on the same rounded
     weights (and, for w8a8, the same rounded rows: `cpu_kernel.quantize_rows`).
+    bf16a takes the bf16 weights and rounds each expert's input rows, hidden units and
+    output rows to bf16: what a bf16 GEMM computes (bf16 operands, fp32 sums; an
+    activation oneDNN does not fuse, i.e. not relu / swish / gelu, gets the first
+    GEMM's bf16 output). Its
+    oneDNN kind IS a bf16 GEMM (AMX or AVX512-BF16 where the CPU has them: ~2x fp32
+    at 64+ rows per expert on AVX512-BF16), chosen above the rows per expert measured
+    at first use (`kernel_max_rows`, at every thread count); the kernel and the
+    fallback round in fp32, so every kind computes the same values up to the order of
+    the fp32 sums (a bf16 rounding may then differ by one step).
   * eager all-frames (`all_frames_rows`): when frames per used expert N*k/E_used are at
     most the threshold, every used expert runs on all N frames with zero gates where
     not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
@@ -90,9 +99,10 @@ _PROBE_BYTES = 16 << 20
 def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp32") -> float:
     """Rows per expert up to which `packed_experts: true` takes the C kernel rather than
     oneDNN, for experts D x H -> D at torch's current thread count, the kernel's weights
-    in `precision` (fp32 / bf16 / int8; oneDNN always runs fp32).
+    in `precision` (oneDNN runs fp32, or for bf16a a bf16 GEMM: AMX / AVX512-BF16).
 
-    One thread: inf (the kernel is the fastest at every size). Several: measured at
+    One thread: inf (the kernel is the fastest at every size), except for bf16a (the
+    bf16 GEMM does twice the fp32 FLOPs per cycle and more with AMX). Else: measured at
     first use in this process (~0.5 s): random experts holding `_PROBE_BYTES` of
     fp32 weights, so that they come from memory as a model's do (one expert stays in
     cache, which hid the bytes bf16 / int8 save: the kernel reads those, oneDNN the
@@ -109,7 +119,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
         except ValueError:
             raise ValueError(f"WENET_MOE_KERNEL_MAX_ROWS: expected a number of rows, "
                              f"got {fixed!r}") from None
-    if threads == 1 or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
+    if (threads == 1 and precision != "bf16a") or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
         return math.inf
     key = (dim, hidden, activation, threads, precision)
     if key in _KERNEL_MAX_ROWS:
@@ -123,14 +133,16 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     (p1, s1), (p2, s2) = (cpu_kernel.pack_expert_weight(w, precision) for w in (w1, w2))
     reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
     values = [cpu_kernel.expert_weight_values(w, precision) for w in (w1, w2)]
-    dnn = [(reorder(values[0][e].t().contiguous()), b1[e], reorder(values[1][e].t().contiguous()), b2[e])
-           for e in range(copies)]
+    dnn_dtype = torch.bfloat16 if precision == "bf16a" else torch.float32   # as `_packed`
+    dnn = [(reorder(values[0][e].t().contiguous().to(dnn_dtype)), b1[e],
+            reorder(values[1][e].t().contiguous().to(dnn_dtype)), b2[e]) for e in range(copies)]
     del w1, w2, values
     attr = activation if activation in ("relu", "swish") else "none"
     limit = 0.0
     with torch.inference_mode():
         for rows in _PROBE_ROWS:
             x = torch.randn(copies * rows, dim, generator=gen)
+            x_dnn = x.to(dnn_dtype)
             segments = cpu_kernel.segments_of([rows] * copies)
             hid, out = x.new_empty(copies * rows, hidden), x.new_empty(copies * rows, dim)
 
@@ -140,8 +152,8 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
 
             def by_onednn() -> None:
                 for e, (d1, c1, d2, c2) in enumerate(dnn):
-                    linear(linear(x[e * rows:(e + 1) * rows], d1, c1, attr, [], None), d2, c2,
-                           "none", [], None)
+                    linear(linear(x_dnn[e * rows:(e + 1) * rows], d1, c1, attr, [], None), d2, c2,
+                           "none", [], None).float()
             times: Dict[str, List[float]] = {"kernel": [], "onednn": []}
             for rep in range(6):
                 for name, fn in (("kernel", by_kernel), ("onednn", by_onednn))[::1 - 2 * (rep % 2)]:
@@ -158,6 +170,11 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
         limit = math.inf
     _KERNEL_MAX_ROWS[key] = limit
     return limit
+
+
+def _round_bf16_(t: torch.Tensor) -> torch.Tensor:
+    """t (float32) rounded to bfloat16 values in place (nearest, ties to even)."""
+    return t.copy_(t.to(torch.bfloat16))
 
 
 def _fused_activation(activation: nn.Module) -> Tuple[str, Optional[str]]:
@@ -189,8 +206,9 @@ class MoEFFN(nn.Module):
         all_frames_rows: eager all-frames dispatch threshold (module docstring).
         packed_experts: eager CPU fp32 inference on packed experts: True (C kernel
             for small batches, oneDNN above), "kernel", "onednn" or False.
-        expert_precision: "fp32", "bf16", "int8" or "w8a8": the packed experts' weights
-            (w8a8: int8 weights and int8 expert inputs, per-row scales); eager CPU
+        expert_precision: "fp32", "bf16", "bf16a", "int8" or "w8a8": the packed experts'
+            weights (bf16a: bf16 weights and bf16 expert inputs, hidden units and outputs;
+            w8a8: int8 weights and int8 expert inputs, per-row scales); eager CPU
             inference only (training, autograd and TorchScript use w1/w2).
         conf: the resolved moe_conf (loss weights), kept for `moe_aux_losses`.
     """
@@ -221,7 +239,7 @@ class MoEFFN(nn.Module):
         if expert_precision not in cpu_kernel.PRECISIONS:
             raise ValueError(f"MoEFFN: expert_precision must be one of {', '.join(cpu_kernel.PRECISIONS)}, "
                              f"got {expert_precision!r}")
-        # weights of the packed experts: "fp32" | "bf16" | "int8" | "w8a8" (see `_packed`)
+        # weights of the packed experts: "fp32" | "bf16" | "bf16a" | "int8" | "w8a8" (`_packed`)
         self.expert_precision = expert_precision
         self._fused_activation = _fused_activation(activation)
         # the activation the C kernel fuses ("relu" / "swish"), or "none" (torch's, unfused)
@@ -386,7 +404,7 @@ class MoEFFN(nn.Module):
         weight_t = gate.weight.detach().t().clone(memory_format=torch.contiguous_format)
         return cpu_kernel.RoutedMoE(lib, packed[1], self._kernel_activation, weight_t, bias,
                                     self.n_expert_activated, self.renormalize,
-                                    cpu_kernel.threads(lib)), max_rows
+                                    cpu_kernel.threads(lib), self.expert_precision == "bf16a"), max_rows
 
     @torch.jit.unused
     def _valid_frames(self, mask_pad: torch.Tensor, batch: int, time: int) -> Optional[torch.Tensor]:
@@ -432,7 +450,8 @@ class MoEFFN(nn.Module):
         packed = self._packed(x, n_assign / min(n_assign, self.n_expert))
         if packed is not None and packed[0] == "kernel" and self._kernel_activation != "none":
             return cpu_kernel.moe_forward(cpu_kernel.library(), x, top_idx, gates.to(x.dtype),
-                                          packed[1], self._kernel_activation)
+                                          packed[1], self._kernel_activation,
+                                          self.expert_precision == "bf16a")
         flat = top_idx.reshape(-1)
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()
         capped = self.training and self.capacity_factor > 0
@@ -487,9 +506,12 @@ class MoEFFN(nn.Module):
                 elif kept > 0:   # MKL addmm on the parameters, or on rounded copies ("values")
                     w1, b1, w2, b2 = (self.w1, self.b1, self.w2, self.b2) if packed is None else packed[1]
                     rows = self._round_rows(x_sorted[start:start + kept], packed is not None)
-                    h = self._activate_(torch.addmm(b1[e], rows, w1[e]))
+                    h = self._activate_(self._round_preactivation(torch.addmm(b1[e], rows, w1[e]),
+                                                                  packed is not None))
                     torch.addmm(b2[e], self._round_rows(self.dropout(h), packed is not None), w2[e],
                                 out=y_sorted[start:start + kept])
+                    if packed is not None and self.expert_precision == "bf16a":
+                        _round_bf16_(y_sorted[start:start + kept])
                 if end - start > kept:
                     y_sorted[start + kept:end].zero_()
                 start = end
@@ -535,7 +557,9 @@ class MoEFFN(nn.Module):
             kind = "values"
         else:
             return None
-        if not kernel and precision != "fp32" and precision not in _PRECISION_WARNED:
+        # (bf16a on oneDNN is its bf16 GEMM: nothing to warn about)
+        if (not kernel and precision != "fp32" and precision not in _PRECISION_WARNED
+                and not (precision == "bf16a" and kind == "onednn")):
             _PRECISION_WARNED.add(precision)
             why = ("packed_experts is 'onednn'" if mode == "onednn" else
                    f"D={self.idim} or H={self.hidden_units} is not a multiple of {cpu_kernel.BLOCK}"
@@ -569,8 +593,10 @@ class MoEFFN(nn.Module):
                         cached[1][kind] = (w1, b1, w2, b2)
                     else:
                         reorder = torch.ops.mkldnn._reorder_linear_weight
-                        cached[1][kind] = [(reorder(w1[e].t().contiguous()), b1[e].clone(),
-                                            reorder(w2[e].t().contiguous()), b2[e].clone())
+                        # bf16a: a bf16 GEMM (the values are bf16 already: exact)
+                        dtype = torch.bfloat16 if precision == "bf16a" else torch.float32
+                        cached[1][kind] = [(reorder(w1[e].t().contiguous().to(dtype)), b1[e].clone(),
+                                            reorder(w2[e].t().contiguous().to(dtype)), b2[e].clone())
                                            for e in range(self.n_expert)]
         return kind, cached[1][kind]
 
@@ -585,11 +611,17 @@ class MoEFFN(nn.Module):
         segments = cpu_kernel.segments_of(counts)
         hidden = x_sorted.new_empty(x_sorted.size(0), self.hidden_units)
         scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
+        bf16a = self.expert_precision == "bf16a"
+        x_sorted = self._round_rows(x_sorted, True)
         cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden,
                                   self._kernel_activation, scale1)
         if self._kernel_activation == "none":
-            hidden = self._activate_(hidden)
+            hidden = self._activate_(self._round_preactivation(hidden, True))
+        if bf16a:
+            _round_bf16_(hidden)
         cpu_kernel.segment_linear(lib, hidden, segments, packs[2], packs[3], out, "none", scale2)
+        if bf16a:
+            _round_bf16_(out)
 
     @torch.jit.unused
     def _activate_(self, h: torch.Tensor) -> torch.Tensor:
@@ -602,19 +634,38 @@ class MoEFFN(nn.Module):
 
     @torch.jit.unused
     def _round_rows(self, rows: torch.Tensor, packed: bool) -> torch.Tensor:
-        """rows as the w8a8 kernel multiplies them (each row rounded to int8 with its own
-        scale, `cpu_kernel.quantize_rows`) when `packed` and expert_precision is w8a8,
-        else rows itself."""
-        if not packed or self.expert_precision != "w8a8":
-            return rows
-        q, scale = cpu_kernel.quantize_rows(rows)
-        return q.mul_(scale)
+        """rows as the packed experts of `expert_precision` multiply them when `packed`:
+        w8a8 rounds each row to int8 with its own scale (`cpu_kernel.quantize_rows`),
+        bf16a every value to bf16; otherwise (and when not `packed`) rows itself."""
+        if packed and self.expert_precision == "w8a8":
+            q, scale = cpu_kernel.quantize_rows(rows)
+            return q.mul_(scale)
+        if packed and self.expert_precision == "bf16a":
+            return rows.to(torch.bfloat16).float()
+        return rows
+
+    @torch.jit.unused
+    def _round_preactivation(self, h: torch.Tensor, packed: bool) -> torch.Tensor:
+        """h (first linear's output, float32) rounded to bf16 in place when `packed`, the
+        precision is bf16a and oneDNN cannot fuse the activation (not relu, swish or
+        gelu): its bf16 GEMM then hands the activation bf16 values, and every kind does
+        the same; else h itself."""
+        if packed and self.expert_precision == "bf16a" and not self._fused_activation[0]:
+            return _round_bf16_(h)
+        return h
 
     @torch.jit.unused
     def _packed_expert(self, pack: Tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
         """Expert on rows (n, D) -> (n, D) with packed weights (as `expert`)."""
         linear = torch.ops.mkldnn._linear_pointwise
         attr, algorithm = self._fused_activation
+        if self.expert_precision == "bf16a":   # a bf16 GEMM: bf16 in, fp32 sums, bf16 out
+            rows = rows.to(torch.bfloat16)
+            if attr:
+                h = linear(rows, pack[0], pack[1], attr, [], algorithm)
+            else:
+                h = self.activation(linear(rows, pack[0], pack[1], "none", [], None).float())
+            return linear(h.to(torch.bfloat16), pack[2], pack[3], "none", [], None).float()
         rows = self._round_rows(rows, True)
         if attr:
             h = linear(rows, pack[0], pack[1], attr, [], algorithm)

@@ -59,6 +59,21 @@ enum { WT_F32 = 0, WT_BF16 = 1, WT_I8 = 2, WT_Q8 = 3 };
 static inline int wt_size(const int wt) { return wt == WT_F32 ? 4 : wt == WT_BF16 ? 2 : 1; }
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
+/* flag of wm_moe_forward's `act` (moe_conf.expert_precision bf16a): the experts' inputs,
+ * hidden units (after the activation) and outputs are rounded to bfloat16, as a bf16
+ * GEMM (oneDNN on AMX / AVX512-BF16) computes them: bf16 operands, fp32 sums, bf16 results */
+#define ACT_BF16 8
+
+/* n floats rounded to bfloat16 in place (to nearest, ties to even, as torch's
+ * float -> bfloat16; NaN stays NaN): the low 16 bits cleared */
+static void round_bf16(float *p, const int64_t n) {
+    uint32_t *u = (uint32_t *)p;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t v = u[i];
+        u[i] = (v & 0x7fffffffu) > 0x7f800000u ? (v | 0x00400000u) & 0xffff0000u
+                                                 : (v + 0x7fffu + ((v >> 16) & 1u)) & 0xffff0000u;
+    }
+}
 
 /* 16-float vectors are two registers on AVX2 and four on SSE / NEON: a helper GCC does
  * not inline passes them through memory, so the helpers are always inlined */
@@ -574,7 +589,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 10; }
+int wm_abi_version(void) { return 11; }
 
 /* the widest vector unit this build targets: 2 AVX-512, 1 AVX2 (x86), 0 other (the
  * generic vector code: NEON, or an x86-64 CPU without AVX2, where it is slow) */
@@ -689,7 +704,8 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
  *   out[t] = sum_j gates[t, j] * expert_{top_idx[t, j]}(x[t])   for j < k,
  *   expert_e(v) = act(v W1_e + b1_e) W2_e + b2_e   (W1_e: dim x hidden, W2_e: hidden x dim,
  *   both packed as above with elements of type wt, scale1 (n_expert x hidden) and scale2
- *   (n_expert x dim) their column scales for WT_I8; act is ACT_NONE, ACT_RELU or ACT_SILU).
+ *   (n_expert x dim) their column scales for WT_I8; act is ACT_NONE, ACT_RELU or ACT_SILU,
+ *   plus ACT_BF16 to round v, the hidden units and the expert's output to bfloat16).
  * The n_tok*k assignments are counting-sorted by expert (stable), their frames gathered
  * into expert-contiguous rows, each expert with rows runs its two linears on its slice,
  * and the gated rows are added back to their frames (each frame sums its k rows in
@@ -704,6 +720,8 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
                    int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
                    float *out, int threads) {
     if (!known_type(wt, dim, hidden)) return -3;
+    const int bf16_rows = (act & ACT_BF16) != 0;
+    act &= ~ACT_BF16;
     const int64_t n_assign = n_tok * k;
     int64_t *start = order + n_assign, *fill = start + n_expert, *where = fill + n_expert;
     for (int e = 0; e < n_expert; e++) start[e] = 0;
@@ -722,6 +740,7 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
     }
     for (int64_t i = 0; i < n_assign; i++)
         memcpy(x_sorted + i * dim, x + (order[i] / k) * dim, sizeof(float) * (size_t)dim);
+    if (bf16_rows) round_bf16(x_sorted, n_assign * dim);
     for (int e = 0; e < n_expert; e++) fill[e] -= start[e];    /* fill -> rows per expert */
     item_t *items = malloc(sizeof(item_t) * (size_t)(n_assign / MAX_TILE + n_expert + 1));
     if (items == NULL) return -2;
@@ -742,9 +761,11 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
             linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, (const char *)w1_packed + e * bytes,
                         expert_scale(scale1, e, hidden, wt), b1 + e * hidden, h + s * hidden,
                         hidden, act, wt, xt);
+            if (bf16_rows) round_bf16(h + s * hidden, rows * hidden);
             linear_rows(h + s * hidden, hidden, rows, hidden, dim, (const char *)w2_packed + e * bytes,
                         expert_scale(scale2, e, dim, wt), b2 + e * dim, y_sorted + s * dim, dim,
                         ACT_NONE, wt, xt);
+            if (bf16_rows) round_bf16(y_sorted + s * dim, rows * dim);
         }
         free(xt);
     }

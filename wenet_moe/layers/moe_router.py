@@ -50,7 +50,7 @@ MOE_CONF_DEFAULTS: Dict[str, Any] = {
     "router_bias": True,          # router linear layer with a bias
     "all_frames_rows": ALL_FRAMES_ROWS,  # eager all-frames dispatch threshold (0 = never)
     "packed_experts": True,       # CPU fp32 inference: packed expert weights (moe.py)
-    "expert_precision": "fp32",   # packed experts (inference): fp32 | bf16 | int8 | w8a8
+    "expert_precision": "fp32",   # packed experts (inference): fp32 | bf16 | bf16a | int8 | w8a8
 }
 
 

@@ -52,7 +52,7 @@ batch_size=16
 ctc_weight=0.5
 reverse_weight=0.5
 decode_threads=0
-decode_expert_precision= # fp32 | bf16 | int8 | w8a8: MoE experts of stage 5's CPU decode (default: moe_conf);
+decode_expert_precision= # fp32 | bf16 | bf16a | int8 | w8a8: MoE experts of stage 5's CPU decode (default: moe_conf);
                          # results go to decode_<set>@<precision>_<tag>
 
 export_chunk_size=16     # streaming ONNX export
