@@ -91,7 +91,7 @@ _KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int, str], float] = {}
 # expert precisions already warned about running without the C kernel (once each)
 _PRECISION_WARNED: set = set()
 # rows per expert tried by kernel_max_rows, ascending
-_PROBE_ROWS = (4, 16, 64, 256)
+_PROBE_ROWS = (4, 16, 32, 64, 256)
 # fp32 bytes of the experts kernel_max_rows cycles through (more than a core's caches)
 _PROBE_BYTES = 16 << 20
 
@@ -107,8 +107,9 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     fp32 weights, so that they come from memory as a model's do (one expert stays in
     cache, which hid the bytes bf16 / int8 save: the kernel reads those, oneDNN the
     fp32 values), each call running every expert at `_PROBE_ROWS` rows, both kernels
-    interleaved, median of 5; the limit is the largest size up to which the kernel was
-    never slower (oneDNN's multi-threaded GEMM wins once the experts are
+    interleaved, median of 5, oneDNN with the eager dispatch's gather and add-back
+    (the kernel's C call does its own); the limit is the largest size up to which the
+    kernel was never slower (oneDNN's multi-threaded GEMM wins once the experts are
     compute-bound, at a size that depends on the CPU). The environment variable
     `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
     threads = torch.get_num_threads()
@@ -142,18 +143,20 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     with torch.inference_mode():
         for rows in _PROBE_ROWS:
             x = torch.randn(copies * rows, dim, generator=gen)
-            x_dnn = x.to(dnn_dtype)
             segments = cpu_kernel.segments_of([rows] * copies)
             hid, out = x.new_empty(copies * rows, hidden), x.new_empty(copies * rows, dim)
+            order = torch.randperm(copies * rows, generator=gen)
 
-            def by_kernel() -> None:
+            def by_kernel() -> None:     # (the layer's C call sorts and adds back itself)
                 cpu_kernel.segment_linear(lib, x, segments, p1, b1, hid, attr, s1)
                 cpu_kernel.segment_linear(lib, hid, segments, p2, b2, out, "none", s2)
 
-            def by_onednn() -> None:
+            def by_onednn() -> None:     # with the eager dispatch's gather and add-back
+                x_dnn = x.index_select(0, order).to(dnn_dtype)    # bf16a: bf16 rows
                 for e, (d1, c1, d2, c2) in enumerate(dnn):
-                    linear(linear(x_dnn[e * rows:(e + 1) * rows], d1, c1, attr, [], None), d2, c2,
-                           "none", [], None).float()
+                    part = slice(e * rows, (e + 1) * rows)
+                    out[part] = linear(linear(x_dnn[part], d1, c1, attr, [], None), d2, c2, "none", [], None)
+                torch.zeros_like(out).index_add_(0, order, out)
             times: Dict[str, List[float]] = {"kernel": [], "onednn": []}
             for rep in range(6):
                 for name, fn in (("kernel", by_kernel), ("onednn", by_onednn))[::1 - 2 * (rep % 2)]:
