@@ -23,6 +23,8 @@ _NO_KERNEL = ("disabled by WENET_MOE_CPU_KERNEL=0" if os.environ.get("WENET_MOE_
 needs_kernel = pytest.mark.skipif(bool(_NO_KERNEL), reason=f"MoE CPU kernel: {_NO_KERNEL}")
 needs_onednn = pytest.mark.skipif(not moe_module._ONEDNN_LINEAR,
                                   reason="this torch build has no oneDNN linear ops")
+needs_bf16_gemm = pytest.mark.skipif(not moe_module._bf16_gemm_supported(),
+                                     reason="oneDNN has no native bf16 GEMM on this CPU")
 # dim 48 / hidden 80: 3 and 5 column blocks of 16 (odd: the kernel's single-block tail)
 DIM, HIDDEN = 48, 80
 
@@ -159,7 +161,8 @@ def bf16a_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param("kernel", marks=needs_kernel),
+                                  pytest.param("onednn", marks=[needs_onednn, needs_bf16_gemm]), "values"])
 @pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
 @pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 3), ("omni", 2)])
 def test_bf16a_rounds_weights_rows_hidden_and_outputs(kind, activation, router, k, monkeypatch):
@@ -191,6 +194,7 @@ def test_bf16a_rounds_weights_rows_hidden_and_outputs(kind, activation, router, 
 
 @needs_kernel
 @needs_onednn
+@needs_bf16_gemm
 def test_bf16a_takes_the_bf16_gemm_above_the_measured_rows(monkeypatch):
     """packed_experts true with bf16a: the kernel up to `kernel_max_rows` rows per
     expert, oneDNN's bf16 GEMM (bfloat16 packed weights) above it, at one thread too
@@ -211,6 +215,30 @@ def test_bf16a_takes_the_bf16_gemm_above_the_measured_rows(monkeypatch):
         assert limit in (0.0, float("inf")) or limit in moe_module._PROBE_ROWS
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_bf16a_without_a_bf16_gemm_stays_on_the_kernel(monkeypatch):
+    """A CPU where oneDNN has no native bf16 GEMM (AVX2 only: torch refuses its bf16
+    linear there): bf16a takes the kernel at every size and never probes; forced onto
+    oneDNN it falls back to fp32 MKL on rounded values, with the same numbers."""
+    monkeypatch.setattr(moe_module, "_bf16_gemm_supported", lambda: False)
+    monkeypatch.setattr(moe_module, "_KERNEL_MAX_ROWS", {})
+    monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", True)
+    assert moe_module.kernel_max_rows(DIM, HIDDEN, "swish", "bf16a") == float("inf")
+    assert moe_module._KERNEL_MAX_ROWS == {}
+    layer = make("topk", 2, "swish", "bf16a")
+    x = torch.randn(1, 300, DIM)
+    with torch.inference_mode():
+        assert layer._packed(x.view(-1, DIM), 120.0)[0] == "kernel"
+        got = layer(x, EMPTY).double()
+        layer.packed_experts = "onednn"
+        assert layer._packed(x.view(-1, DIM), 120.0)[0] == "values"
+        fallback = layer(x, EMPTY).double()
+    want = bf16a_reference(layer, x)
+    span = want.abs().max().item()
+    for out in (got, fallback):
+        assert (out - want).abs().max().item() < 2 ** -7 * span
 
 
 @needs_kernel

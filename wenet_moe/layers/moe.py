@@ -53,6 +53,7 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -79,6 +80,17 @@ _log = logging.getLogger(__name__)
 _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                   and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_gemm_supported() -> bool:
+    """Whether oneDNN runs bf16 GEMMs natively on this CPU (AMX, AVX512-BF16, or
+    AVX-512 BW/VL/DQ emulation; torch refuses its bf16 linear on AVX2-only CPUs): the
+    precondition of bf16a's oneDNN kind."""
+    try:
+        return _ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
@@ -121,6 +133,8 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
             raise ValueError(f"WENET_MOE_KERNEL_MAX_ROWS: expected a number of rows, "
                              f"got {fixed!r}") from None
     if (threads == 1 and precision != "bf16a") or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
+        return math.inf
+    if precision == "bf16a" and not _bf16_gemm_supported():
         return math.inf
     key = (dim, hidden, activation, threads, precision)
     if key in _KERNEL_MAX_ROWS:
@@ -550,7 +564,9 @@ class MoEFFN(nn.Module):
         precision = self.expert_precision
         kernel = (mode in (True, "kernel") and self.idim % cpu_kernel.BLOCK == 0
                   and self.hidden_units % cpu_kernel.BLOCK == 0 and cpu_kernel.library() is not None)
-        onednn = mode in (True, "onednn") and _ONEDNN_LINEAR
+        # bf16a's oneDNN kind is a bf16 GEMM: only where the CPU runs one (else the
+        # kernel, or with packed_experts 'onednn' the fallback, round in fp32)
+        onednn = mode in (True, "onednn") and _ONEDNN_LINEAR and (precision != "bf16a" or _bf16_gemm_supported())
         if kernel and (mode == "kernel" or not onednn or rows_per_expert <= kernel_max_rows(
                 self.idim, self.hidden_units, self._kernel_activation, precision)):
             kind = "kernel"
