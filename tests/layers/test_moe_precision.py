@@ -81,6 +81,23 @@ KINDS = [pytest.param("kernel", marks=needs_kernel), pytest.param("onednn", mark
          "values"]
 
 
+def outputs_by_kind(kind, router, k, activation, precision, monkeypatch):
+    """(layer, x (2, 21, D), its output, the output of x's first frame alone), float64,
+    of a `precision` layer whose packed experts are of `kind` (checked; "values" is the
+    fallback without the C kernel and oneDNN: MKL on rounded copies). 1..25 rows per
+    expert."""
+    if kind == "values":
+        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
+    layer = make(router, k, activation, precision, packed=True if kind == "values" else kind)
+    x = torch.randn(2, 21, DIM)
+    with torch.inference_mode():
+        assert layer._packed(x.view(-1, DIM))[0] == kind
+        got = layer(x, EMPTY).double()
+        one = layer(x[:1, :1], EMPTY).double()
+    return layer, x, got, one
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
@@ -92,15 +109,7 @@ def test_rounded_experts_match_float64_reference(precision, kind, activation, ro
     really applied), but within the rounding's reach (bf16 moves a weight by <= 2^-9 of
     itself, int8 by <= max|w| / 254: outputs by < 3% of their range here).
     "values" is the fallback without the C kernel and oneDNN (MKL on rounded copies)."""
-    if kind == "values":
-        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
-        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
-    layer = make(router, k, activation, precision, packed=True if kind == "values" else kind)
-    x = torch.randn(2, 21, DIM)                       # 1..25 rows per expert
-    with torch.inference_mode():
-        assert layer._packed(x.view(-1, DIM))[0] == kind
-        got = layer(x, EMPTY).double()
-        one = layer(x[:1, :1], EMPTY).double()
+    layer, x, got, one = outputs_by_kind(kind, router, k, activation, precision, monkeypatch)
     want = reference(layer, x, precision)
     unrounded = reference(layer, x, "fp32")
     span = unrounded.abs().max().item()
@@ -120,15 +129,7 @@ def test_w8a8_experts_round_weights_and_rows(kind, activation, router, k, monkey
     different integers moves one product by a row step: a few such flips stay below
     that), and at least 3x closer to it than to the weight-only int8 reference (the
     rows really are rounded)."""
-    if kind == "values":
-        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
-        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
-    layer = make(router, k, activation, "w8a8", packed=True if kind == "values" else kind)
-    x = torch.randn(2, 21, DIM)
-    with torch.inference_mode():
-        assert layer._packed(x.view(-1, DIM))[0] == kind
-        got = layer(x, EMPTY).double()
-        one = layer(x[:1, :1], EMPTY).double()
+    layer, x, got, one = outputs_by_kind(kind, router, k, activation, "w8a8", monkeypatch)
     want = reference(layer, x, "w8a8")
     weight_only = reference(layer, x, "int8")
     span = want.abs().max().item()
@@ -173,15 +174,7 @@ def test_bf16a_rounds_weights_rows_hidden_and_outputs(kind, activation, router, 
     the output range and at most 3% of the values differ by more than 1e-6 of it; at
     least 3x closer to it than to the weight-only bf16 reference (the activations
     really are rounded). One frame alone gives what it gives among 42."""
-    if kind == "values":
-        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
-        monkeypatch.setattr(moe_module, "_ONEDNN_LINEAR", False)
-    layer = make(router, k, activation, "bf16a", packed=True if kind == "values" else kind)
-    x = torch.randn(2, 21, DIM)
-    with torch.inference_mode():
-        assert layer._packed(x.view(-1, DIM))[0] == kind
-        got = layer(x, EMPTY).double()
-        one = layer(x[:1, :1], EMPTY).double()
+    layer, x, got, one = outputs_by_kind(kind, router, k, activation, "bf16a", monkeypatch)
     want = bf16a_reference(layer, x)
     weight_only = reference(layer, x, "bf16")
     span = want.abs().max().item()

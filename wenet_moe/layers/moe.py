@@ -34,12 +34,12 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     bf16a takes the bf16 weights and rounds each expert's input rows, hidden units and
     output rows to bf16: what a bf16 GEMM computes (bf16 operands, fp32 sums; an
     activation oneDNN does not fuse, i.e. not relu / swish / gelu, gets the first
-    GEMM's bf16 output). Its
-    oneDNN kind IS a bf16 GEMM (AMX or AVX512-BF16 where the CPU has them: ~2x fp32
-    at 64+ rows per expert on AVX512-BF16), chosen above the rows per expert measured
-    at first use (`kernel_max_rows`, at every thread count); the kernel and the
-    fallback round in fp32, so every kind computes the same values up to the order of
-    the fp32 sums (a bf16 rounding may then differ by one step).
+    GEMM's bf16 output). Its oneDNN kind IS a bf16 GEMM (AMX or AVX512-BF16 where the
+    CPU has them: 1.4-1.6x fp32 at 64+ rows per expert on AVX512-BF16), chosen above
+    the rows per expert measured at first use (`kernel_max_rows`, at every thread
+    count); the kernel and the fallback round in fp32, so every kind computes the same
+    values up to the order of the fp32 sums (a bf16 rounding may then differ by one
+    step).
   * eager all-frames (`all_frames_rows`): when frames per used expert N*k/E_used are at
     most the threshold, every used expert runs on all N frames with zero gates where
     not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
@@ -91,6 +91,8 @@ def _bf16_gemm_supported() -> bool:
         return _ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
 # MoEFFN -> (weight key, {kind: packed weights}) (see MoEFFN._packed); kept outside the
 # module so that state_dict, deepcopy and TorchScript never see the opaque tensors.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
@@ -631,7 +633,8 @@ class MoEFFN(nn.Module):
         hidden = x_sorted.new_empty(x_sorted.size(0), self.hidden_units)
         scale1, scale2 = (packs[4], packs[5]) if len(packs) > 4 else (None, None)
         bf16a = self.expert_precision == "bf16a"
-        x_sorted = self._round_rows(x_sorted, True)
+        if bf16a:       # (w8a8's rows are rounded by the kernel itself)
+            x_sorted = x_sorted.to(torch.bfloat16).float()
         cpu_kernel.segment_linear(lib, x_sorted, segments, packs[0], packs[1], hidden,
                                   self._kernel_activation, scale1)
         if self._kernel_activation == "none":
