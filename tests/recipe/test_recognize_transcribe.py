@@ -130,15 +130,16 @@ def test_pick_checkpoint(tmp_path):
 
 def test_expert_precision_override(model_dir, tmp_path):
     """--expert_precision / load_model_dir(expert_precision=...) set every MoE layer's
-    moe_conf.expert_precision for the decode (w8a8 moves the encoder output, by less than
-    5 % of its range); a dense model or an unknown value is a one-line error."""
+    moe_conf.expert_precision for the decode (w8a8 and bf16a move the encoder output, by
+    less than 5 % / 2 % of its range); a dense model or an unknown value is a one-line
+    error."""
     from wenet_moe.bin.transcribe import features, load_model_dir
     from wenet_moe.config import ConfigError
     from wenet_moe.layers.moe import MoEFFN
     from wenet_moe.model.loading import with_expert_precision
     d, wavs = model_dir
     outs = {}
-    for precision in (None, "w8a8"):
+    for precision in (None, "w8a8", "bf16a"):
         model, _, configs, _ = load_model_dir(str(d), str(d / "avg_1.pt"), expert_precision=precision)
         moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
         assert moes and all(m.expert_precision == (precision or "fp32") for m in moes)
@@ -146,9 +147,13 @@ def test_expert_precision_override(model_dir, tmp_path):
         with torch.inference_mode():
             outs[precision] = model.encode(x, torch.tensor([x.size(1)]))[0]
     span = outs[None].abs().max().item()
-    assert 1e-5 < (outs["w8a8"] - outs[None]).abs().max().item() < 0.05 * span
-    r = cli("transcribe", "--model_dir", d, "--mode", "ctc_greedy_search", "--expert_precision", "w8a8", wavs[0])
-    assert r.returncode == 0 and r.stdout.startswith("utt0\t"), r.stderr
+    moved = {p: (outs[p] - outs[None]).abs().max().item() for p in ("w8a8", "bf16a")}
+    assert 1e-5 < moved["w8a8"] < 0.05 * span
+    assert 1e-6 < moved["bf16a"] < 0.02 * span, (moved, span)
+    for precision in ("w8a8", "bf16a"):
+        r = cli("transcribe", "--model_dir", d, "--mode", "ctc_greedy_search", "--expert_precision", precision,
+                wavs[0])
+        assert r.returncode == 0 and r.stdout.startswith("utt0\t"), r.stderr
     dense = yaml.safe_load((d / "train.yaml").read_text(encoding="utf-8"))
     for part in ("encoder_conf", "decoder_conf"):
         dense[part]["mlp_type"] = "dense"
