@@ -30,8 +30,11 @@ DIM, HIDDEN = 48, 80
 
 
 def rounded_rows(x64: torch.Tensor, precision: str) -> torch.Tensor:
-    """Expert input rows as `precision` multiplies them: w8a8 rounds each row (in
-    float32) to int8 times its scale; other precisions keep them."""
+    """Expert activations as `precision` multiplies them: w8a8 rounds each row (in
+    float32) to int8 times its scale, bf16a every value (through float32) to bf16;
+    other precisions keep them."""
+    if precision == "bf16a":
+        return torch.from_numpy(bf16_round(x64.float()))
     if precision != "w8a8":
         return x64
     q, scale = int8_rows(x64.detach().float().numpy())
@@ -41,10 +44,14 @@ def rounded_rows(x64: torch.Tensor, precision: str) -> torch.Tensor:
 def reference(layer, x: torch.Tensor, precision: str) -> torch.Tensor:
     """float64 MoE output with the layer's own routing and its expert weights rounded to
     `precision` (fp32: unrounded; w8a8 also rounds each expert input row, both
-    linears'); activation by torch in float64."""
+    linears'; bf16a, as a bf16 GEMM computes the experts, the input rows, the hidden
+    units after the activation (before it too for an activation oneDNN does not fuse:
+    not relu, swish or gelu) and the expert outputs); activation by torch in float64,
+    gates and the gated sum in float64."""
     flat = x.reshape(-1, x.size(-1))
     _, top_idx, gates = layer.route(flat, EMPTY)
-    if precision == "bf16":
+    unfused = not isinstance(layer.activation, (torch.nn.ReLU, torch.nn.SiLU, torch.nn.GELU))
+    if precision in ("bf16", "bf16a"):
         w1, w2 = bf16_round(layer.w1), bf16_round(layer.w2)
     elif precision in ("int8", "w8a8"):
         w1, w2 = int8_round(layer.w1), int8_round(layer.w2)
@@ -54,8 +61,12 @@ def reference(layer, x: torch.Tensor, precision: str) -> torch.Tensor:
     x64 = flat.double()
     out = torch.zeros_like(x64)
     for e in range(layer.n_expert):
-        h = layer.activation(rounded_rows(x64, precision) @ w1[e] + layer.b1[e].double())
-        y = rounded_rows(h, precision) @ w2[e] + layer.b2[e].double()
+        pre = rounded_rows(x64, precision) @ w1[e] + layer.b1[e].double()
+        if precision == "bf16a" and unfused:
+            pre = rounded_rows(pre, precision)
+        y = rounded_rows(layer.activation(pre), precision) @ w2[e] + layer.b2[e].double()
+        if precision == "bf16a":
+            y = rounded_rows(y, precision)
         for j in range(top_idx.size(1)):
             chosen = (top_idx[:, j] == e).unsqueeze(1)
             out += torch.where(chosen, gates[:, j:j + 1].double() * y, torch.zeros_like(y))
@@ -139,29 +150,6 @@ def test_w8a8_experts_round_weights_and_rows(kind, activation, router, k, monkey
     assert 3 * err < (got - weight_only).abs().max().item()
 
 
-def bf16a_reference(layer, x: torch.Tensor) -> torch.Tensor:
-    """float64 MoE output as a bf16 GEMM computes the experts: weights, input rows,
-    hidden units (after the activation; before it too for an activation oneDNN does not
-    fuse: not relu, swish or gelu) and expert outputs rounded to bf16 (float64 sums,
-    each rounded through float32 first); gates and the gated sum in float64."""
-    fused = isinstance(layer.activation, (torch.nn.ReLU, torch.nn.SiLU, torch.nn.GELU))
-    flat = x.reshape(-1, x.size(-1))
-    _, top_idx, gates = layer.route(flat, EMPTY)
-    w1, w2 = (torch.from_numpy(bf16_round(w)) for w in (layer.w1, layer.w2))
-
-    def bf16(t: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(bf16_round(t.float()))
-    out = torch.zeros(flat.shape, dtype=torch.float64)
-    for e in range(layer.n_expert):
-        pre = bf16(flat) @ w1[e] + layer.b1[e].double()
-        h = bf16(layer.activation(pre if fused else bf16(pre)))
-        y = bf16(h @ w2[e] + layer.b2[e].double())
-        for j in range(top_idx.size(1)):
-            chosen = (top_idx[:, j] == e).unsqueeze(1)
-            out += torch.where(chosen, gates[:, j:j + 1].double() * y, torch.zeros_like(y))
-    return out.view(x.shape)
-
-
 @pytest.mark.parametrize("kind", [pytest.param("kernel", marks=needs_kernel),
                                   pytest.param("onednn", marks=[needs_onednn, needs_bf16_gemm]), "values"])
 @pytest.mark.parametrize("activation", ["relu", "swish", "gelu", "tanh"])
@@ -175,7 +163,7 @@ def test_bf16a_rounds_weights_rows_hidden_and_outputs(kind, activation, router, 
     least 3x closer to it than to the weight-only bf16 reference (the activations
     really are rounded). One frame alone gives what it gives among 42."""
     layer, x, got, one = outputs_by_kind(kind, router, k, activation, "bf16a", monkeypatch)
-    want = bf16a_reference(layer, x)
+    want = reference(layer, x, "bf16a")
     weight_only = reference(layer, x, "bf16")
     span = want.abs().max().item()
     err = (got - want).abs()
@@ -228,7 +216,7 @@ def test_bf16a_without_a_bf16_gemm_stays_on_the_kernel(monkeypatch):
         layer.packed_experts = "onednn"
         assert layer._packed(x.view(-1, DIM), 120.0)[0] == "values"
         fallback = layer(x, EMPTY).double()
-    want = bf16a_reference(layer, x)
+    want = reference(layer, x, "bf16a")
     span = want.abs().max().item()
     for out in (got, fallback):
         assert (out - want).abs().max().item() < 2 ** -7 * span
@@ -310,7 +298,7 @@ def test_kernel_result_does_not_depend_on_threads(precision, activation):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    want = bf16a_reference(layer, x) if precision == "bf16a" else reference(layer, x, precision)
+    want = reference(layer, x, precision)
     tolerance = {"w8a8": 5e-3, "bf16a": 2 ** -7}.get(precision, 0.0) * want.abs().max().item() or 1e-4
     assert (one.double() - want).abs().max().item() < tolerance
 
