@@ -148,11 +148,10 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     w2 = torch.randn(copies, hidden, dim, generator=gen) / math.sqrt(hidden)
     b1, b2 = torch.zeros(copies, hidden), torch.zeros(copies, dim)
     (p1, s1), (p2, s2) = (cpu_kernel.pack_expert_weight(w, precision) for w in (w1, w2))
-    reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    linear = torch.ops.mkldnn._linear_pointwise
     values = [cpu_kernel.expert_weight_values(w, precision) for w in (w1, w2)]
-    dnn_dtype = torch.bfloat16 if precision == "bf16a" else torch.float32   # as `_packed`
-    dnn = [(reorder(values[0][e].t().contiguous().to(dnn_dtype)), b1[e],
-            reorder(values[1][e].t().contiguous().to(dnn_dtype)), b2[e]) for e in range(copies)]
+    dnn = _onednn_experts(values[0], b1, values[1], b2, precision)
+    dnn_dtype = dnn[0][0].dtype
     del w1, w2, values
     attr = activation if activation in ("relu", "swish") else "none"
     limit = 0.0
@@ -189,6 +188,18 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
         limit = math.inf
     _KERNEL_MAX_ROWS[key] = limit
     return limit
+
+
+def _onednn_experts(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                    precision: str) -> List[Tuple[torch.Tensor, ...]]:
+    """[(w1, b1, w2, b2) per expert] for oneDNN's linear from fp32 weights (E, D, H) /
+    (E, H, D) holding `precision`'s values and biases (E, H) / (E, D): weights in
+    oneDNN's blocked layout, bfloat16 for bf16a (a bf16 GEMM; its values are bf16
+    already, so exact), else float32; biases copied."""
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    dtype = torch.bfloat16 if precision == "bf16a" else torch.float32
+    return [(reorder(w1[e].t().contiguous().to(dtype)), b1[e].clone(),
+             reorder(w2[e].t().contiguous().to(dtype)), b2[e].clone()) for e in range(w1.size(0))]
 
 
 def _round_bf16_(t: torch.Tensor) -> torch.Tensor:
@@ -613,12 +624,7 @@ class MoEFFN(nn.Module):
                     if kind == "values":
                         cached[1][kind] = (w1, b1, w2, b2)
                     else:
-                        reorder = torch.ops.mkldnn._reorder_linear_weight
-                        # bf16a: a bf16 GEMM (the values are bf16 already: exact)
-                        dtype = torch.bfloat16 if precision == "bf16a" else torch.float32
-                        cached[1][kind] = [(reorder(w1[e].t().contiguous().to(dtype)), b1[e].clone(),
-                                            reorder(w2[e].t().contiguous().to(dtype)), b2[e].clone())
-                                           for e in range(self.n_expert)]
+                        cached[1][kind] = _onednn_experts(w1, b1, w2, b2, precision)
         return kind, cached[1][kind]
 
     @torch.jit.unused
