@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine as host  # noqa: E402
 from wenet_moe.layers import cpu_kernel
 from wenet_moe.layers.ffn import PositionwiseFeedForward
+from wenet_moe.layers import moe as moe_module
 from wenet_moe.layers.moe import MoEFactory, MoEFFN
 
 
@@ -227,6 +228,8 @@ def main() -> int:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(cpu_kernel.PRECISIONS),
                         help="expert precisions timed (moe_conf.expert_precision); fp32 is always "
                              "the baseline `moe`, the others get the second table")
+    parser.add_argument("--accelerator-dispatch", default="auto", choices=["auto", "loop", "grouped", "dense"],
+                        help="MoE dispatch off the CPU (wenet_moe.layers.moe.ACCELERATOR_DISPATCH)")
     parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
                         help="T values of the ONNX Runtime table (CPU only; none = skip)")
     args = parser.parse_args()
@@ -235,6 +238,7 @@ def main() -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    moe_module.ACCELERATOR_DISPATCH = args.accelerator_dispatch
     torch.manual_seed(0)
 
     moe_conf = {"router": "topk"}

@@ -82,6 +82,14 @@ TARGETS = {"offline": 1.15, "chunk16": 1.3}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = "wall"
 CHUNK = 16
+DEVICE = torch.device("cpu")        # --device: where the PyTorch models run
+
+
+def now() -> float:
+    """CLOCK's reading after the device's queued work is done (CUDA runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return CLOCKS[CLOCK]()
 
 
 # ---------------------------------------------------------------------------- models
@@ -156,10 +164,17 @@ def speech_fbank(seconds: float) -> np.ndarray:
     return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
 
-def features(kind: str, seconds: float) -> np.ndarray:
+def features(kind: str, seconds: float, speech_file: str = "") -> np.ndarray:
+    """(frames, 80) features of `kind`; 'speech' from `speech_file` (.npy written by
+    --save-speech) when given, so that a machine without espeak-ng can use them."""
     frames = int(seconds * 100)
     if kind == "random":
         return np.random.default_rng(0).standard_normal((frames, 80)).astype(np.float32)
+    if speech_file:
+        feats = np.load(speech_file)
+        if feats.ndim != 2 or feats.shape[1] != 80 or feats.shape[0] < frames:
+            raise SystemExit(f"{speech_file}: expected (>= {frames}, 80) features, got {feats.shape}")
+        return feats[:frames].astype(np.float32)
     return speech_fbank(seconds)[:frames]
 
 
@@ -170,18 +185,17 @@ def interleaved(fns: Dict[str, Callable[[], None]], reps: int) -> Dict[str, floa
     for fn in fns.values():          # warm-up (packing, allocator, ORT arenas)
         fn()
     samples: Dict[str, List[float]] = defaultdict(list)
-    clock = CLOCKS[CLOCK]
     for rep in range(reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            start = clock()
+            start = now()
             fns[name]()
-            samples[name].append(clock() - start)
+            samples[name].append(now() - start)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def torch_cases(model, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
-    lens = torch.tensor([x.size(1)])
+    lens = torch.tensor([x.size(1)], device=x.device)
 
     def offline():
         model.encoder(x, lens, -1, -1)
@@ -231,10 +245,10 @@ def breakdown(model, x: torch.Tensor, mode: str, reps: int = 3) -> Dict[str, flo
 
     def timed_module(module, part):
         def pre(_m, _i):
-            module._bench_t0 = time.perf_counter()
+            module._bench_t0 = now()
 
         def post(_m, _i, _o):
-            acc[part] += time.perf_counter() - module._bench_t0
+            acc[part] += now() - module._bench_t0
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
 
@@ -242,11 +256,11 @@ def breakdown(model, x: torch.Tensor, mode: str, reps: int = 3) -> Dict[str, flo
         original = getattr(obj, name)
 
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = now()
             try:
                 return original(*args, **kwargs)
             finally:
-                acc[part] += time.perf_counter() - start
+                acc[part] += now() - start
         setattr(obj, name, wrapper)
         restore.append((obj, name))
 
@@ -268,9 +282,9 @@ def breakdown(model, x: torch.Tensor, mode: str, reps: int = 3) -> Dict[str, flo
         run()
         for _ in range(reps):
             acc.clear()
-            start = time.perf_counter()
+            start = now()
             run()
-            totals.append(time.perf_counter() - start)
+            totals.append(now() - start)
             parts.append(dict(acc))
     finally:
         for h in handles:
@@ -417,14 +431,32 @@ def main() -> int:
                    help="defaults become: dense_s, moe_topk, dense_l; random features; current "
                         "thread count; fp32 runtime; 3 reps; no memory probes (options given "
                         "explicitly still apply)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the PyTorch cases run; cuda: no runtime cases (ONNX Runtime runs "
+                        "on the CPU), no thread sweep; peak memory is the CUDA allocator's peak")
+    p.add_argument("--accelerator-dispatch", default="auto", choices=["auto", "loop", "grouped", "dense"],
+                   help="MoE dispatch off the CPU (wenet_moe.layers.moe.ACCELERATOR_DISPATCH)")
+    p.add_argument("--speech-features", default="", metavar="NPY",
+                   help="'speech' features from this .npy (written by --save-speech) instead of espeak-ng")
+    p.add_argument("--save-speech", metavar="NPY", help="write the 'speech' features of --seconds to NPY and exit")
     p.add_argument("--memory-backend", help=argparse.SUPPRESS)
     p.add_argument("--memory-conf", help=argparse.SUPPRESS)
     p.add_argument("--memory-export", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global CLOCK
+    global CLOCK, DEVICE
     CLOCK = args.clock
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device available")
+        from wenet_moe.layers import moe as moe_module
+        moe_module.ACCELERATOR_DISPATCH = args.accelerator_dispatch
+        args.precisions, args.threads, args.no_memory = [], [torch.get_num_threads()], True
     if args.memory_backend:
         return memory_worker(args)
+    if args.save_speech:
+        np.save(args.save_speech, features("speech", args.seconds))
+        return 0
     quick = args.quick
 
     def default(value, full, fast):
@@ -438,6 +470,8 @@ def main() -> int:
 
     print(machine.describe())
     print(f"torch {torch.__version__}, {sys.argv[0]} {' '.join(sys.argv[1:])}")
+    if DEVICE.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(DEVICE)}, MoE dispatch {args.accelerator_dispatch}")
     os.makedirs(args.work_dir, exist_ok=True)
     units = os.path.join(args.work_dir, "units.txt")
     write_units(units, args.vocab)
@@ -449,7 +483,7 @@ def main() -> int:
         confs = OrderedDict((n, c) for n, c in confs.items() if n in args.models)
     if args.runtime_only and not args.precisions:
         p.error("--runtime-only needs at least one --precisions value")
-    feats = {kind: features(kind, args.seconds) for kind in args.features}
+    feats = {kind: features(kind, args.seconds, args.speech_features) for kind in args.features}
     calib = torch.from_numpy(feats.get("speech", feats[args.features[0]]))[None]
 
     models: "OrderedDict[str, torch.nn.Module]" = OrderedDict()
@@ -487,6 +521,7 @@ def main() -> int:
     names = list(models)
     for name in names:
         print(f"  {name:<14} {params_m(models[name]):7.1f} M parameters")
+        models[name].to(DEVICE)
     # the ONNX / runtime models: every base model, and @int8 (fp32 graphs, int8 experts)
     exported = [n for n in names if n not in variants or n.endswith("@int8")]
 
@@ -521,7 +556,7 @@ def main() -> int:
                                    for n in exported if prec == "fp32" or n not in variants}
                             for prec in args.precisions}
             for kind, fe in feats.items():
-                x = torch.from_numpy(fe)[None]
+                x = torch.from_numpy(fe)[None].to(DEVICE)
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
                 case_names = list(torch_cases(models[names[0]], x))
                 if args.no_decode:
@@ -541,7 +576,9 @@ def main() -> int:
                         for n in rts:
                             results[n][case] = t[n]
                 title = (f"{threads} thread{'s' if threads > 1 else ''}, {kind} features, "
-                         f"batch 1, {args.seconds:g} s")
+                         f"batch 1, {args.seconds:g} s" if DEVICE.type == "cpu" else
+                         f"{torch.cuda.get_device_name(DEVICE)}, {kind} features, batch 1, "
+                         f"{args.seconds:g} s, MoE dispatch {args.accelerator_dispatch}")
                 print_table(title, results, names, args.seconds)
                 summary[(threads, kind)] = results
                 # where to look when the runtime MoE misses its target

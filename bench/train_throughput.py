@@ -11,7 +11,11 @@ seconds and random token sequences, the same list for both models. Every repetit
 runs one step of each model, in alternating order; the medians give steps per second
 and the ratio MoE / Dense-S (>= 0.97 is the target of issue 14).
 
-    python bench/train_throughput.py [--threads 2] [--steps 10] [--device cpu|cuda]
+`--dtype bf16` runs forward and loss under bf16 autocast (the trainer's `dtype: bf16`);
+`--accelerator-dispatch` picks the MoE dispatch off the CPU (loop / grouped / dense;
+auto: grouped GEMM for bf16 on CUDA 9.0+, else loop).
+
+    python bench/train_throughput.py [--threads 2] [--steps 10] [--device cpu|cuda] [--dtype bf16]
 """
 from __future__ import annotations
 
@@ -60,7 +64,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: keep)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype of forward + loss")
+    p.add_argument("--accelerator-dispatch", default="auto", choices=["auto", "loop", "grouped", "dense"],
+                   help="MoE dispatch off the CPU (wenet_moe.layers.moe.ACCELERATOR_DISPATCH)")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    from wenet_moe.layers import moe as moe_module
+    moe_module.ACCELERATOR_DISPATCH = args.accelerator_dispatch
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -70,7 +81,9 @@ def main() -> int:
     with open(units, "w", encoding="utf-8") as f:
         f.writelines(f"{chr(0x4E00 + i)} {i}\n" for i in range(args.vocab))
     print(machine.describe())
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, device {args.device} ({where}), dtype {args.dtype}, "
+          f"MoE dispatch off the CPU {args.accelerator_dispatch}")
 
     gen = torch.Generator().manual_seed(0)
     batches = []
@@ -98,7 +111,8 @@ def main() -> int:
     def step(name: str, batch) -> None:
         model, optim, clip = runs[name]
         optim.zero_grad(set_to_none=True)
-        loss = model(*batch)["loss"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            loss = model(*batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optim.step()
@@ -119,7 +133,8 @@ def main() -> int:
               f"{args.batch / t:6.2f} utterances/s")
     ratio = med["dense_s"] / med["moe"]
     print(f"SUMMARY training throughput MoE / Dense-S = {ratio:.3f} (target >= 0.97); "
-          f"batch {args.batch} x <= {args.seconds:g} s, {args.blocks or 'config'} encoder blocks")
+          f"batch {args.batch} x <= {args.seconds:g} s, {args.blocks or 'config'} encoder blocks, "
+          f"{args.device} {args.dtype}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes share this machine)")
     return 0

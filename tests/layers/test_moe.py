@@ -968,3 +968,146 @@ def test_packing_leaves_no_resident_temporaries(precision):
     packed_mib = sum(p.numel() * p.element_size() + (0 if s is None else s.numel() * 4)
                      for p, s in kept) / 2 ** 20
     assert grown < 1.4 * packed_mib + 8, (grown, packed_mib)
+
+
+# --- accelerator dispatch (grouped GEMM / dense experts): run here on the CPU ---------
+
+
+def _dispatch_with_grads(layer, fn, x, probe):
+    """fn(layer, x_flat, top_idx, gates) -> (out (N, D), grads of every parameter, of x)."""
+    xa = x.clone().requires_grad_(True)
+    flat = xa.reshape(-1, x.size(-1))
+    _, top_idx, gates = layer.route(flat, EMPTY)
+    out = fn(layer, flat, top_idx, gates).view_as(x)
+    (out * probe).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    return out.detach(), grads, xa.grad
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.parametrize("path", ["grouped", "dense"])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("omni", 3), ("speechmoe", 2)])
+def test_accelerator_dispatch_matches_reference_with_gradients(path, router, k):
+    """The grouped-GEMM and dense-experts dispatches (CUDA's, run here on the CPU):
+    outputs and the gradients of every parameter and of the input equal the
+    frame-by-frame reference; an expert no frame chose gets zero gradient."""
+    torch.manual_seed(2)
+    _, layer = make_layer(router, n_expert=6, k=k, dim=8, hidden=16)
+    x = torch.randn(3, 7, 8)
+    probe = torch.randn(3, 7, 8)
+    if path == "grouped":
+        fn = lambda m, xf, idx, g: m._dispatch_grouped(xf, idx, g)      # noqa: E731
+    else:
+        fn = lambda m, xf, idx, g: m._dispatch_dense(xf, idx, g)        # noqa: E731
+    got, got_grads, got_xgrad = _dispatch_with_grads(layer, fn, x, probe)
+    xb = x.clone().requires_grad_(True)
+    want = differentiable_reference(layer, xb)
+    (want * probe).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got_xgrad, xb.grad, atol=1e-5)
+    for (name, p), g in zip(layer.named_parameters(), got_grads):
+        assert torch.allclose(g, p.grad, atol=1e-5), name
+    # one expert that no frame chooses: its weights get exactly zero gradient
+    layer.zero_grad()
+    with torch.no_grad():
+        layer.router.gate.weight[5] = 0.0
+        layer.router.gate.bias[5] = -1e4
+    _, grads, _ = _dispatch_with_grads(layer, fn, x, probe)
+    named = dict(zip([n for n, _ in layer.named_parameters()], grads))
+    assert torch.equal(named["w1"][5], torch.zeros_like(named["w1"][5]))
+    assert named["w1"][:5].abs().sum() > 0
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("omni", 3)])
+def test_grouped_dispatch_capacity_matches_frame_loop(router, k):
+    """Training capacity in the grouped dispatch (kept slots decided on the device):
+    outputs and gradients equal the independent frame loop, padding is never kept,
+    and the result equals the sorted loop's (the CPU training path)."""
+    torch.manual_seed(1)
+    _, layer = make_layer(router, n_expert=5, k=k, dim=8, hidden=16, capacity_factor=0.6)
+    lengths = [4, 9, 2]
+    x, mask = _padded(lengths, 8, seed=3)
+    layer.train()
+    valid = mask.reshape(-1)
+    probe = torch.randn_like(x)
+    got, got_grads, _ = _dispatch_with_grads(
+        layer, lambda m, xf, idx, g: m._dispatch_grouped(xf, idx, g, valid), x, probe)
+    loop, loop_grads, _ = _dispatch_with_grads(
+        layer, lambda m, xf, idx, g: m._dispatch_eager(xf, idx, g, valid), x, probe)
+    want = capacity_reference(layer, x, lengths)
+    (want * probe).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got, loop, atol=1e-5)
+    for (name, p), g, gl in zip(layer.named_parameters(), got_grads, loop_grads):
+        assert torch.allclose(g, p.grad, atol=1e-5), name
+        assert torch.allclose(g, gl, atol=1e-5), name
+    for b, n in enumerate(lengths):
+        assert torch.equal(got[b, n:], torch.zeros_like(got[b, n:]))
+    # not vacuous: some valid assignment overflowed
+    layer.capacity_factor = 0.0
+    uncapped = layer._dispatch_grouped(*(lambda f: (f,) + layer.route(f, EMPTY)[1:])(x.reshape(-1, 8)), valid)
+    assert not torch.allclose(uncapped.view_as(x), got, atol=1e-3)
+
+
+def test_accelerator_path_choice(monkeypatch):
+    """auto: dense for inference on few frames, grouped where the fused grouped GEMM
+    runs (bf16 on CUDA 9.0+), else the loop; capacity never takes dense; the override
+    is obeyed; unaligned widths never take grouped."""
+    _, layer = make_layer("topk", n_expert=4, k=2, dim=8, hidden=16, capacity_factor=1.0)
+    small, big = torch.zeros(moe_module.DENSE_MAX_FRAMES, 8), torch.zeros(moe_module.DENSE_MAX_FRAMES + 1, 8)
+    monkeypatch.setattr(moe_module, "_grouped_mm_fast", lambda device, dtype: dtype == torch.bfloat16)
+    layer.eval()
+    assert layer._accelerator_path(small, None) == "dense"
+    assert layer._accelerator_path(big, None) == "loop"
+    assert layer._accelerator_path(big.bfloat16(), None) == "grouped"
+    layer.train()                                   # capacity in force
+    assert layer._accelerator_path(small, None) == "loop"
+    assert layer._accelerator_path(small.bfloat16(), None) == "grouped"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._accelerator_path(big, None) == "grouped"
+    monkeypatch.setattr(moe_module, "ACCELERATOR_DISPATCH", "dense")
+    assert layer._accelerator_path(big, None) == "loop"      # capped: dense cannot drop
+    layer.eval()
+    assert layer._accelerator_path(big, None) == "dense"
+    monkeypatch.setattr(moe_module, "ACCELERATOR_DISPATCH", "grouped")
+    _, odd = make_layer("topk", n_expert=4, k=2, dim=6, hidden=10)
+    assert odd._accelerator_path(big[:, :6], None) == "loop"
+    assert layer._accelerator_path(small, None) == "grouped"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("router,k", [("topk", 2), ("switch", 1), ("speechmoe", 2)])
+@pytest.mark.parametrize("frames", [5, 40, 600])
+def test_cuda_dispatch_matches_cpu(router, k, frames):
+    """On CUDA every dispatch (auto, loop, grouped, dense) in fp32 gives the CPU
+    layer's outputs and gradients; under bf16 autocast (auto: dense for few frames,
+    grouped for many) frames stay within bf16 rounding, but for the few whose top-k
+    choice a rounded logit may flip."""
+    torch.manual_seed(0)
+    factory, layer = make_layer(router, n_expert=8, k=k, dim=64, hidden=128,
+                                frame_embedding=router == "speechmoe")
+    layer.eval()                                   # (no dropout either way; auto may pick dense)
+    emb = torch.randn(1, frames, factory.router_in - 64) if layer.use_route_emb else EMPTY
+    x = torch.randn(1, frames, 64)
+    probe = torch.randn_like(x)
+    want = layer(x, emb)
+    (want * probe).sum().backward()
+    want_grads = [p.grad.clone() for p in layer.parameters()]
+    cuda = layer.cuda()
+    for path in ("auto", "loop", "grouped", "dense"):
+        moe_module.ACCELERATOR_DISPATCH = path
+        try:
+            cuda.zero_grad()
+            got = cuda(x.cuda(), emb.cuda())
+            (got * probe.cuda()).sum().backward()
+            assert torch.allclose(got.cpu(), want, atol=1e-4), path
+            for (name, p), g in zip(cuda.named_parameters(), want_grads):
+                assert torch.allclose(p.grad.cpu(), g, atol=1e-4), (path, name)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                low = cuda(x.cuda(), emb.cuda()).float().cpu()
+            rel = (low - want).norm(dim=-1) / want.norm(dim=-1)
+            assert rel.median() < 0.02 and (rel > 0.05).float().mean() <= 0.05, (path, rel.max())
+        finally:
+            moe_module.ACCELERATOR_DISPATCH = "auto"

@@ -108,6 +108,22 @@ _PRECISION_WARNED: set = set()
 _PROBE_ROWS = (4, 16, 32, 64, 256)
 # fp32 bytes of the experts kernel_max_rows cycles through (more than a core's caches)
 _PROBE_BYTES = 16 << 20
+# eager dispatch on accelerators (x not on the CPU): "auto" (`MoEFFN._accelerator_path`),
+# or one of "loop" (the sorted per-expert loop, as on CPU), "grouped" (two grouped
+# GEMMs, no host sync) and "dense" (every expert on every frame, zero gates); benches
+# set it to compare the three
+ACCELERATOR_DISPATCH = "auto"
+# CUDA frames (N) up to which "auto" takes "dense" in inference (launch-bound sizes)
+DENSE_MAX_FRAMES = 256
+
+
+def _grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM has its fused, sync-free kernel for `dtype` on
+    `device`: bf16 on CUDA compute capability 9.0+ (elsewhere it loops over the groups
+    with a host sync, no better than the sorted loop)."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp32") -> float:
@@ -476,6 +492,12 @@ class MoEFFN(nn.Module):
         order; the rest and every padding frame contribute zero (`_capacity`)."""
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign, dim = n_tok * k, x.size(1)
+        if x.device.type != "cpu":
+            path = self._accelerator_path(x, valid)
+            if path == "grouped":
+                return self._dispatch_grouped(x, top_idx, gates, valid)
+            if path == "dense":
+                return self._dispatch_dense(x, top_idx, gates)
         # inference on CPU fp32: packed experts (rows per expert if all get some)
         packed = self._packed(x, n_assign / min(n_assign, self.n_expert))
         if packed is not None and packed[0] == "kernel" and self._kernel_activation != "none":
@@ -700,6 +722,95 @@ class MoEFFN(nn.Module):
         else:
             h = self.activation(linear(rows, pack[0], pack[1], "none", [], None))
         return linear(self._round_rows(h, True), pack[2], pack[3], "none", [], None)
+
+    @torch.jit.unused
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the expert GEMMs run in: autocast's where it is on, else x's."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    @torch.jit.unused
+    def _accelerator_path(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> str:
+        """Eager dispatch off the CPU: `ACCELERATOR_DISPATCH`, or for "auto": "dense" for
+        inference on at most DENSE_MAX_FRAMES frames (every expert's two GEMMs batched:
+        a handful of kernel launches and no host sync, where launches, not FLOPs, take
+        the time); "grouped" where torch's fused grouped GEMM runs (bf16 on CUDA 9.0+,
+        e.g. autocast training); else "loop"."""
+        path = ACCELERATOR_DISPATCH
+        capped = self.training and self.capacity_factor > 0
+        aligned = self.idim % 8 == 0 and self.hidden_units % 8 == 0   # 16-byte strides
+        if path == "auto":
+            if not capped and not self.training and x.size(0) <= DENSE_MAX_FRAMES:
+                path = "dense"
+            elif aligned and _grouped_mm_fast(x.device, self._compute_dtype(x)):
+                path = "grouped"
+            else:
+                path = "loop"
+        if path == "dense" and capped:
+            return "loop"            # capacity needs the sorted assignments
+        if path == "grouped" and not (aligned and hasattr(torch, "_grouped_mm")):
+            return "loop"
+        return path
+
+    @torch.jit.unused
+    def _dispatch_grouped(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
+                          valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sorted dispatch without a host sync: the N*k assignments sorted by expert (stable,
+        so capacity keeps each expert's first assignments in frame order, as `_capacity`),
+        both expert linears as one grouped GEMM each over the expert-contiguous rows
+        (group ends from a cumulative bincount, on the device), the k gated rows of a frame
+        put back through the inverse permutation and summed (deterministic: no
+        scatter-add). Dropped assignments (capacity, padding) run with the last expert
+        and are zeroed. x (N, D), top_idx / gates (N, k) -> (N, D) in the compute dtype
+        (`_compute_dtype`; the gated sum in gates' dtype)."""
+        n_tok, k = top_idx.size(0), top_idx.size(1)
+        n_assign, n_expert = n_tok * k, self.n_expert
+        keys = top_idx.reshape(-1)
+        capped = self.training and self.capacity_factor > 0
+        if capped and valid is not None:
+            keys = keys.masked_fill(~valid.repeat_interleave(k), n_expert)
+        order = torch.argsort(keys, stable=True)
+        sorted_keys = keys.index_select(0, order)
+        counts = torch.bincount(keys, minlength=n_expert + 1)
+        ends = torch.cumsum(counts[:n_expert], 0)
+        ends[-1] = n_assign                        # key E (dropped) rows join the last group
+        keep = None
+        if capped:
+            n_valid = valid.sum() if valid is not None else torch.tensor(n_tok, device=x.device)
+            cap = torch.ceil(self.capacity_factor * n_valid.float() * k / n_expert)
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(n_assign, device=x.device) - starts.index_select(0, sorted_keys)
+            keep = (rank < cap) & (sorted_keys < n_expert)
+        expert_of = sorted_keys.clamp(max=n_expert - 1)
+        dtype = self._compute_dtype(x)
+        rows = x.index_select(0, torch.div(order, k, rounding_mode="floor")).to(dtype)
+        offs = ends.to(torch.int32)
+        h = torch._grouped_mm(rows, self.w1.to(dtype), offs=offs) + self.b1.to(dtype).index_select(0, expert_of)
+        h = self.dropout(self.activation(h))
+        y = torch._grouped_mm(h, self.w2.to(dtype), offs=offs) + self.b2.to(dtype).index_select(0, expert_of)
+        gate_sorted = gates.reshape(-1).index_select(0, order).unsqueeze(1)
+        y = y * gate_sorted
+        if keep is not None:
+            y = torch.where(keep.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_assign, device=order.device))
+        y = y.index_select(0, inverse)
+        return y.view(n_tok, k, -1).sum(1) if k > 1 else y
+
+    @torch.jit.unused
+    def _dispatch_dense(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Every expert on every frame as two batched GEMMs, the hidden units scaled by a
+        dense (N, E) gate matrix that is zero where an expert was not chosen: E/k times
+        the FLOPs of the sorted dispatch, but no sort, gather or host sync (for small N
+        on accelerators). Exact: a zero gate makes a (frame, expert) pair add 0.
+        x (N, D), top_idx / gates (N, k) -> (N, D)."""
+        n_tok = x.size(0)
+        dense_gates = torch.zeros(n_tok, self.n_expert, dtype=gates.dtype,
+                                  device=gates.device).scatter(1, top_idx, gates)
+        h = torch.baddbmm(self.b1.unsqueeze(1), x.unsqueeze(0).expand(self.n_expert, -1, -1), self.w1)
+        h = self.dropout(self.activation(h)) * dense_gates.t().unsqueeze(2).to(h.dtype)
+        y = torch.bmm(h, self.w2).sum(0)               # (N, D), sum over experts
+        return y + torch.mm(dense_gates.to(y.dtype), self.b2.to(y.dtype))
 
     @torch.jit.unused
     def _dispatch_all_frames(self, x: torch.Tensor, top_idx: torch.Tensor,
