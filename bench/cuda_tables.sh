@@ -5,15 +5,17 @@
 # each MoE number with the sorted per-expert loop ("loop") and the default ("auto":
 # dense experts for small inference batches, grouped GEMM for bf16 on CUDA 9.0+).
 # Needs only torch, numpy, PyYAML, tqdm and pytest (no virtual environment: a GPU
-# machine's own torch); logs go to $OUT (default /tmp/wm_cuda); SPEECH_NPY=file adds the
+# machine's own torch); logs go to $OUT (default /tmp/wm_cuda); DISPATCHES="auto" times
+# only the default; SPEECH_NPY=file adds the
 # speech-feature table (`bench/rtf.py --save-speech file` writes it where espeak-ng is).
 #     bash bench/cuda_tables.sh [quick]
 set -u
 OUT=${OUT:-/tmp/wm_cuda}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}
 reps=10; steps=8
+DISPATCHES=${DISPATCHES:-loop auto}     # the MoE dispatches compared
 [ "${1:-}" = quick ] && reps=3 && steps=3
 step() {   # step LOG LIMIT_S COMMAND...: run, log, never stop the script
   local log=$1 limit=$2; shift 2
@@ -27,18 +29,18 @@ cat "$OUT/env.log"
 step tests.log 240 $PY -m pytest -q -p no:cacheprovider tests/layers/test_moe.py -k "cuda or accelerator or grouped"
 tail -3 "$OUT/tests.log"
 for dtype in fp32 bf16; do
-  for d in loop auto; do
+  for d in $DISPATCHES; do
     step train.log 150 $PY bench/train_throughput.py --device cuda --blocks 12 --decoder-blocks 3 \
       --batch 32 --seconds 10 --tokens 40 --steps $steps --dtype $dtype --accelerator-dispatch $d
   done
 done
 grep -E "SUMMARY|ms/step" "$OUT/train.log"
-for d in loop auto; do
+for d in $DISPATCHES; do
   step layer.log 150 $PY bench/moe_layer.py --device cuda --frames 16 256 4096 --reps $((reps * 2)) \
     --ort-frames --accelerator-dispatch $d
 done
 grep -A5 "^    T\|^  *T " "$OUT/layer.log" | head -20
-for d in loop auto; do
+for d in $DISPATCHES; do
   step rtf.log 200 $PY bench/rtf.py --device cuda --models dense_s moe_topk dense_l --features random \
     --no-decode --reps $reps --accelerator-dispatch $d
 done

@@ -770,47 +770,44 @@ class MoEFFN(nn.Module):
         capped = self.training and self.capacity_factor > 0
         if capped and valid is not None:
             keys = keys.masked_fill(~valid.repeat_interleave(k), n_expert)
-        order = torch.argsort(keys, stable=True)
-        sorted_keys = keys.index_select(0, order)
-        counts = torch.bincount(keys, minlength=n_expert + 1)
-        ends = torch.cumsum(counts[:n_expert], 0)
-        ends[-1] = n_assign                        # key E (dropped) rows join the last group
+        sorted_keys, order = torch.sort(keys, stable=True)
+        counts = torch.bincount(keys, minlength=n_expert + 1 if capped else n_expert)
+        ends = torch.cumsum(counts[:n_expert], 0, dtype=torch.int32)
         keep = None
         if capped:
+            ends[-1] = n_assign                    # key E (dropped) rows join the last group
             n_valid = valid.sum() if valid is not None else torch.tensor(n_tok, device=x.device)
             cap = torch.ceil(self.capacity_factor * n_valid.float() * k / n_expert)
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(n_assign, device=x.device) - starts.index_select(0, sorted_keys)
             keep = (rank < cap) & (sorted_keys < n_expert)
-        expert_of = sorted_keys.clamp(max=n_expert - 1)
+            sorted_keys = sorted_keys.clamp(max=n_expert - 1)
         dtype = self._compute_dtype(x)
         rows = x.index_select(0, torch.div(order, k, rounding_mode="floor")).to(dtype)
-        offs = ends.to(torch.int32)
-        h = torch._grouped_mm(rows, self.w1.to(dtype), offs=offs) + self.b1.to(dtype).index_select(0, expert_of)
-        h = self.dropout(self.activation(h))
-        y = torch._grouped_mm(h, self.w2.to(dtype), offs=offs) + self.b2.to(dtype).index_select(0, expert_of)
-        gate_sorted = gates.reshape(-1).index_select(0, order).unsqueeze(1)
-        y = y * gate_sorted
+        h = torch._grouped_mm(rows, self.w1.to(dtype), offs=ends)
+        h = self.dropout(self.activation(h + self.b1.to(dtype).index_select(0, sorted_keys)))
+        y = torch._grouped_mm(h, self.w2.to(dtype), offs=ends) + self.b2.to(dtype).index_select(0, sorted_keys)
+        y = y * gates.reshape(-1).index_select(0, order).unsqueeze(1)
         if keep is not None:
             y = torch.where(keep.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_assign, device=order.device))
-        y = y.index_select(0, inverse)
+        y = y.index_select(0, torch.argsort(order))     # back to assignment order
         return y.view(n_tok, k, -1).sum(1) if k > 1 else y
 
     @torch.jit.unused
     def _dispatch_dense(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Every expert on every frame as two batched GEMMs, the hidden units scaled by a
-        dense (N, E) gate matrix that is zero where an expert was not chosen: E/k times
-        the FLOPs of the sorted dispatch, but no sort, gather or host sync (for small N
-        on accelerators). Exact: a zero gate makes a (frame, expert) pair add 0.
-        x (N, D), top_idx / gates (N, k) -> (N, D)."""
-        n_tok = x.size(0)
-        dense_gates = torch.zeros(n_tok, self.n_expert, dtype=gates.dtype,
-                                  device=gates.device).scatter(1, top_idx, gates)
-        h = torch.baddbmm(self.b1.unsqueeze(1), x.unsqueeze(0).expand(self.n_expert, -1, -1), self.w1)
-        h = self.dropout(self.activation(h)) * dense_gates.t().unsqueeze(2).to(h.dtype)
-        y = torch.bmm(h, self.w2).sum(0)               # (N, D), sum over experts
-        return y + torch.mm(dense_gates.to(y.dtype), self.b2.to(y.dtype))
+        """Every expert on every frame, as one dense FFN of E*H hidden units whose hidden
+        units are scaled by a dense (N, E) gate matrix that is zero where an expert was not
+        chosen: E/k times the FLOPs of the sorted dispatch, but eight kernel launches, no
+        sort, gather or host sync (small N on accelerators). Exact: a zero gate makes a
+        (frame, expert) pair add 0. x (N, D), top_idx / gates (N, k) -> (N, D)."""
+        n_tok, n_expert, hidden = x.size(0), self.n_expert, self.hidden_units
+        dense_gates = torch.zeros(n_tok, n_expert, dtype=gates.dtype,
+                                  device=gates.device).scatter_(1, top_idx, gates)
+        w1 = self.w1.permute(1, 0, 2).reshape(self.idim, n_expert * hidden)     # (D, E*H)
+        h = self.dropout(self.activation(torch.addmm(self.b1.reshape(-1), x, w1)))
+        h = (h.view(n_tok, n_expert, hidden) * dense_gates.unsqueeze(2).to(h.dtype)).view(n_tok, -1)
+        bias = torch.mm(dense_gates.to(h.dtype), self.b2.to(h.dtype))          # gate-weighted b2
+        return torch.addmm(bias, h, self.w2.reshape(n_expert * hidden, self.idim).to(h.dtype))
 
     @torch.jit.unused
     def _dispatch_all_frames(self, x: torch.Tensor, top_idx: torch.Tensor,
