@@ -5,7 +5,7 @@ train_u2++_conformer.yaml and MoE train_u2++_moe.yaml: the same active FFN compu
 frame), with `--blocks` encoder blocks and `--decoder-blocks` decoder blocks per
 direction (smaller than the paper's 12/3 so a CPU run takes minutes; 0 keeps the
 config's). Dropout, SpecAugment and the MoE auxiliary losses are as in training
-(`model.train()`, the config's `moe_conf`); the optimizer is Adam (lr 1e-3) with the
+(`model.train()`, the config's `moe_conf`); the optimizer is the trainer's Adam (lr 1e-3, fused) with the
 config's grad clipping. Batches: `--batch` utterances of random fbank of 2..`--seconds`
 seconds and random token sequences, the same list for both models. Every repetition
 runs one step of each model, in alternating order; the medians give steps per second
@@ -76,6 +76,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from wenet_moe.model import build_model
+    from wenet_moe.train.optim import build_optimizer
     import tempfile
     units = os.path.join(tempfile.mkdtemp(prefix="wm_train_bench_"), "units.txt")
     with open(units, "w", encoding="utf-8") as f:
@@ -102,7 +103,7 @@ def main() -> int:
         conf = prepared(path, args.vocab, args.blocks, args.decoder_blocks, units)
         torch.manual_seed(0)
         model = build_model(copy.deepcopy(conf)).to(device).train()
-        optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optim = build_optimizer(model, "adam", {"lr": 1e-3})     # the trainer's (fused) Adam
         clip = float(conf.get("grad_clip", 5.0))
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"  {name:<8} {path}: {params:.1f} M parameters")

@@ -1111,3 +1111,41 @@ def test_cuda_dispatch_matches_cpu(router, k, frames):
             assert rel.median() < 0.02 and (rel > 0.05).float().mean() <= 0.05, (path, rel.max())
         finally:
             moe_module.ACCELERATOR_DISPATCH = "auto"
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_bf16_training_rows_padded_to_a_multiple(multiple, monkeypatch):
+    """bf16 autocast training on the CPU pads each expert's rows to BF16_ROW_MULTIPLE
+    (every expert GEMM then has a row count that is a multiple of it): the outputs
+    and gradients equal those of the unpadded dispatch up to bf16 rounding and the
+    frame-by-frame float32 reference within bf16 error."""
+    torch.manual_seed(0)
+    _, layer = make_layer("topk", n_expert=4, k=2, dim=32, hidden=64)
+    x = torch.randn(2, 23, 32)
+    probe = torch.randn_like(x)
+
+    def run(mult):
+        monkeypatch.setattr(moe_module, "BF16_ROW_MULTIPLE", mult)
+        layer.zero_grad()
+        xa = x.clone().requires_grad_(True)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(xa, EMPTY)
+            (out.float() * probe).sum().backward()
+        # the experts' forward GEMMs: addmm(bias, rows (n, K), weight (K, N)), K, N in {D, H}
+        rows = [shapes[1][0] for e in prof.key_averages(group_by_input_shape=True)
+                if e.key == "aten::addmm" for shapes in [e.input_shapes] if len(shapes) >= 3
+                and len(shapes[2]) == 2 and set(shapes[2]) <= {32, 64}]
+        return out.float(), [p.grad.clone() for p in layer.parameters()], xa.grad.clone(), rows
+
+    got, grads, xgrad, rows = run(multiple)
+    plain, plain_grads, plain_xgrad, plain_rows = run(1)
+    assert rows and all(r % multiple == 0 for r in rows), rows
+    if multiple > 1:
+        assert any(r % multiple for r in plain_rows)   # the batch does need padding
+    scale = plain.abs().max()
+    assert (got - plain).abs().max() < 0.02 * scale
+    for g, h in zip(grads + [xgrad], plain_grads + [plain_xgrad]):
+        assert (g - h).abs().max() <= 0.02 * h.abs().max() + 1e-6
+    want = differentiable_reference(layer, x)
+    assert (got - want.detach()).abs().max() < 0.05 * scale

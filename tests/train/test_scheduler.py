@@ -114,3 +114,24 @@ def test_schedule_advice_flags_long_warmup_and_mismatched_cosine():
     cos = build_scheduler(opt, "cosine", {"warmup_steps": 10, "max_steps": 20000})
     assert "max_steps 20000 vs 2000 steps" in schedule_advice(cos, 50, 40)
     assert schedule_advice(build_scheduler(opt, "cosine", {"warmup_steps": 10, "max_steps": 2000}), 50, 40) == ""
+
+
+def test_optimizer_is_fused_and_matches_the_reference_update():
+    """build_optimizer takes torch's fused kernel for plain CPU parameters, and its
+    updates equal the per-tensor AdamW reference to float rounding over five steps."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    b.load_state_dict(a.state_dict())
+    start = a.weight.detach().clone()
+    opt_a = build_optimizer(a, "adamw", {"lr": 0.01})
+    assert opt_a.defaults["fused"] is True
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.01, betas=(0.9, 0.98), weight_decay=0.01)
+    for _ in range(5):
+        x = torch.randn(8, 64)
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    assert (a.weight - start).abs().max() > 1e-2          # the steps did move the weights
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)

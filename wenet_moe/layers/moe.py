@@ -115,6 +115,9 @@ _PROBE_BYTES = 16 << 20
 ACCELERATOR_DISPATCH = "auto"
 # CUDA frames (N) up to which "auto" takes "dense" in inference (launch-bound sizes)
 DENSE_MAX_FRAMES = 256
+# bf16 training on the CPU: each expert's rows are padded to a multiple of this
+# (oneDNN compiles a bf16 GEMM per new shape; see MoEFFN._dispatch_eager)
+BF16_ROW_MULTIPLE = 16
 
 
 def _grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
@@ -536,13 +539,25 @@ class MoEFFN(nn.Module):
                     sizes.append(end - start - kept)
                     owners.append(-1)
                 start = end
+            # bf16 on the CPU: oneDNN builds (JIT-compiles) a GEMM for every new row count,
+            # and an expert's row count changes every batch; rows padded with zeros to a
+            # multiple of BF16_ROW_MULTIPLE keep the shapes few, so the GEMMs come from
+            # oneDNN's cache (the padded rows' outputs are dropped: no value or gradient
+            # changes)
+            multiple = (BF16_ROW_MULTIPLE if x.device.type == "cpu"
+                        and self._compute_dtype(x) == torch.bfloat16 else 1)
             pieces: List[torch.Tensor] = []
             for e, rows in zip(owners, x_sorted.split(sizes, 0)):
                 if e < 0:
                     pieces.append(torch.zeros_like(rows))
                     continue
+                n_rows = rows.size(0)
+                pad = -n_rows % multiple
+                if pad:
+                    rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
                 h = self.dropout(self.activation(torch.addmm(b1[e], rows, w1[e])))
-                pieces.append(torch.addmm(b2[e], h, w2[e]))
+                out = torch.addmm(b2[e], h, w2[e])
+                pieces.append(out[:n_rows] if pad else out)
             y_sorted = torch.cat(pieces, 0) * gate_sorted
             return torch.zeros_like(x, dtype=y_sorted.dtype).index_add(0, token, y_sorted)
         y_sorted = x.new_empty(n_assign, dim)
