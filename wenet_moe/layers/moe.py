@@ -44,6 +44,17 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     most the threshold, every used expert runs on all N frames with zero gates where
     not chosen (no sort/gather/scatter). Measured (docs/moe.md): it only ties the
     sorted path at ~1 frame per used expert and loses above, hence the default 1.0.
+  * eager off the CPU (CUDA; `ACCELERATOR_DISPATCH`, default "auto"): every launch costs
+    host time and the sorted loop syncs with the host once per layer (its per-expert
+    row counts), so: inference on at most DENSE_MAX_FRAMES frames runs every expert as
+    one FFN of E*H hidden units whose hidden units are scaled by the dense (N, E) gate
+    matrix (zero where not chosen; eight launches, no sync); bf16 (autocast) runs both
+    linears as torch's grouped GEMM over the sorted rows, group ends on the device (no
+    sync; training capacity decided on the device too); otherwise the sorted loop.
+    Measured on an H200: docs/moe.md, "On a CUDA GPU".
+  * eager CPU bf16 training (autocast): each expert's rows are padded with zeros to a
+    multiple of BF16_ROW_MULTIPLE, so that oneDNN's bf16 GEMMs (compiled per shape)
+    come from its cache rather than being compiled for every batch's row counts.
   * TorchScript / ONNX: unique integer sort keys (so any sort gives the same order),
     tensor-valued slice bounds (kept dynamic by the scripted export, so every length
     works, experts with 0 frames included), the gated rows put back in assignment order
