@@ -1059,22 +1059,22 @@ def test_accelerator_path_choice(monkeypatch):
     small, big = torch.zeros(moe_module.DENSE_MAX_FRAMES, 8), torch.zeros(moe_module.DENSE_MAX_FRAMES + 1, 8)
     monkeypatch.setattr(moe_module, "_grouped_mm_fast", lambda device, dtype: dtype == torch.bfloat16)
     layer.eval()
-    assert layer._accelerator_path(small, None) == "dense"
-    assert layer._accelerator_path(big, None) == "loop"
-    assert layer._accelerator_path(big.bfloat16(), None) == "grouped"
+    assert layer._accelerator_path(small) == "dense"
+    assert layer._accelerator_path(big) == "loop"
+    assert layer._accelerator_path(big.bfloat16()) == "grouped"
     layer.train()                                   # capacity in force
-    assert layer._accelerator_path(small, None) == "loop"
-    assert layer._accelerator_path(small.bfloat16(), None) == "grouped"
+    assert layer._accelerator_path(small) == "loop"
+    assert layer._accelerator_path(small.bfloat16()) == "grouped"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._accelerator_path(big, None) == "grouped"
+        assert layer._accelerator_path(big) == "grouped"
     monkeypatch.setattr(moe_module, "ACCELERATOR_DISPATCH", "dense")
-    assert layer._accelerator_path(big, None) == "loop"      # capped: dense cannot drop
+    assert layer._accelerator_path(big) == "loop"      # capped: dense cannot drop
     layer.eval()
-    assert layer._accelerator_path(big, None) == "dense"
+    assert layer._accelerator_path(big) == "dense"
     monkeypatch.setattr(moe_module, "ACCELERATOR_DISPATCH", "grouped")
     _, odd = make_layer("topk", n_expert=4, k=2, dim=6, hidden=10)
-    assert odd._accelerator_path(big[:, :6], None) == "loop"
-    assert layer._accelerator_path(small, None) == "grouped"
+    assert odd._accelerator_path(big[:, :6]) == "loop"
+    assert layer._accelerator_path(small) == "grouped"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

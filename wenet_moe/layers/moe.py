@@ -507,7 +507,7 @@ class MoEFFN(nn.Module):
         n_tok, k = top_idx.size(0), top_idx.size(1)
         n_assign, dim = n_tok * k, x.size(1)
         if x.device.type != "cpu":
-            path = self._accelerator_path(x, valid)
+            path = self._accelerator_path(x)
             if path == "grouped":
                 return self._dispatch_grouped(x, top_idx, gates, valid)
             if path == "dense":
@@ -757,7 +757,7 @@ class MoEFFN(nn.Module):
         return x.dtype
 
     @torch.jit.unused
-    def _accelerator_path(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> str:
+    def _accelerator_path(self, x: torch.Tensor) -> str:
         """Eager dispatch off the CPU: `ACCELERATOR_DISPATCH`, or for "auto": "dense" for
         inference on at most DENSE_MAX_FRAMES frames (every expert's two GEMMs batched:
         a handful of kernel launches and no host sync, where launches, not FLOPs, take
