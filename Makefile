@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench bench-quick clean
+.PHONY: venv test test-fast demo bench bench-quick bench-cuda clean
 
 $(STAMP): requirements.txt pyproject.toml runtime/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py --quick
+
+# The CUDA tables (README "On a GPU"): with the machine's own torch, no virtual
+# environment (a GPU machine's torch is a CUDA build; the venv's is the CPU wheel).
+bench-cuda:
+	bash bench/cuda_tables.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
