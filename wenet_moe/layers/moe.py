@@ -537,7 +537,11 @@ class MoEFFN(nn.Module):
             # op materialises a zero tensor of the whole stack (E x D x H per expert and
             # parameter), which cost a third of a training step; unbind and split
             # assemble their gradients once
-            w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+            # under autocast: each stack cast once (one cast op, and the backward assembles
+            # the stacked gradient in the half-size dtype, then casts it once)
+            dtype = self._compute_dtype(x)
+            w1, b1, w2, b2 = ((p if p.dtype == dtype else p.to(dtype)).unbind(0)
+                              for p in (self.w1, self.b1, self.w2, self.b2))
             sizes: List[int] = []
             owners: List[int] = []      # expert of each piece, -1 for dropped rows
             start = 0
@@ -555,8 +559,7 @@ class MoEFFN(nn.Module):
             # multiple of BF16_ROW_MULTIPLE keep the shapes few, so the GEMMs come from
             # oneDNN's cache (the padded rows' outputs are dropped: no value or gradient
             # changes)
-            multiple = (BF16_ROW_MULTIPLE if x.device.type == "cpu"
-                        and self._compute_dtype(x) == torch.bfloat16 else 1)
+            multiple = BF16_ROW_MULTIPLE if x.device.type == "cpu" and dtype == torch.bfloat16 else 1
             pieces: List[torch.Tensor] = []
             for e, rows in zip(owners, x_sorted.split(sizes, 0)):
                 if e < 0:
