@@ -326,6 +326,15 @@ class MoEFFN(nn.Module):
         nn.init.uniform_(self.w2, -bound2, bound2)
         nn.init.uniform_(self.b2, -bound2, bound2)
 
+    def train(self, mode: bool = True) -> "MoEFFN":
+        """nn.Module.train, which also drops this layer's packed experts and prepared C
+        call: they are rebuilt when a weight's version counter moves, and some in-place
+        updates do not move it (torch's fused optimizers, writes through `.data`), so a
+        model that trained and is evaluated again must not keep them."""
+        _PACKED.pop(self, None)
+        _KERNEL_PLANS.pop(self, None)
+        return super().train(mode)
+
     def route(self, x: torch.Tensor, route_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D), route_emb (N, E_emb) or empty -> (logits (N,E), top_idx (N,k), gates (N,k))."""
         if self.use_route_emb:
