@@ -1175,3 +1175,14 @@ def test_packed_experts_dropped_on_train_eval(kind):
     assert torch.allclose(stale, before)           # the cache could not see the change ...
     assert torch.allclose(after, want, atol=1e-5)  # ... train() / eval() dropped it
     assert not torch.allclose(after, before, atol=1e-3)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.parametrize("k", [1, 2])
+def test_accelerator_dispatch_of_no_frames(k):
+    """No frames (an empty chunk): both accelerator dispatches return (0, D)."""
+    _, layer = make_layer("topk", n_expert=4, k=k, dim=8, hidden=16)
+    x = torch.zeros(0, 8)
+    _, top_idx, gates = layer.route(x, EMPTY)
+    assert layer._dispatch_grouped(x, top_idx, gates).shape == (0, 8)
+    assert layer._dispatch_dense(x, top_idx, gates).shape == (0, 8)

@@ -829,7 +829,7 @@ class MoEFFN(nn.Module):
         if keep is not None:
             y = torch.where(keep.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
         y = y.index_select(0, torch.argsort(order))     # back to assignment order
-        return y.view(n_tok, k, -1).sum(1) if k > 1 else y
+        return y.view(n_tok, k, self.idim).sum(1) if k > 1 else y
 
     @torch.jit.unused
     def _dispatch_dense(self, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -843,7 +843,7 @@ class MoEFFN(nn.Module):
                                   device=gates.device).scatter_(1, top_idx, gates)
         w1 = self.w1.permute(1, 0, 2).reshape(self.idim, n_expert * hidden)     # (D, E*H)
         h = self.dropout(self.activation(torch.addmm(self.b1.reshape(-1), x, w1)))
-        h = (h.view(n_tok, n_expert, hidden) * dense_gates.unsqueeze(2).to(h.dtype)).view(n_tok, -1)
+        h = (h.view(n_tok, n_expert, hidden) * dense_gates.unsqueeze(2).to(h.dtype)).view(n_tok, n_expert * hidden)
         bias = torch.mm(dense_gates.to(h.dtype), self.b2.to(h.dtype))          # gate-weighted b2
         return torch.addmm(bias, h, self.w2.reshape(n_expert * hidden, self.idim).to(h.dtype))
 
