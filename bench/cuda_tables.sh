@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's tables on a CUDA GPU (README "On a CUDA GPU"): the CUDA MoE dispatch tests,
+# Issue 14's tables on a CUDA GPU (README "On a GPU"; docs/moe.md "On a CUDA GPU"): the CUDA MoE dispatch tests,
 # per-layer inference (bench/moe_layer.py), whole encoders and decoding at batch 1
 # (bench/rtf.py), training step throughput fp32 and bf16 (bench/train_throughput.py),
 # each MoE number with the sorted per-expert loop ("loop") and the default ("auto":
@@ -8,6 +8,7 @@
 # machine's own torch); logs go to $OUT (default /tmp/wm_cuda); DISPATCHES="auto" times
 # only the default; SPEECH_NPY=file adds the
 # speech-feature table (`bench/rtf.py --save-speech file` writes it where espeak-ng is).
+# Where the host CPU has AMX, a last step times the CPU experts per precision (amx.log).
 #     bash bench/cuda_tables.sh [quick]
 set -u
 OUT=${OUT:-/tmp/wm_cuda}
@@ -47,3 +48,10 @@ done
 speech=(); [ -n "${SPEECH_NPY:-}" ] && speech=(speech --speech-features "$SPEECH_NPY")
 step rtf.log 300 $PY bench/rtf.py --device cuda --features random "${speech[@]}" --reps $((reps / 2 + 1))
 grep -E "^SUMMARY|^torch|^case" "$OUT/rtf.log"
+# The host CPU's AMX table, where it has AMX (the bf16a experts' oneDNN kind runs AMX
+# kernels there; issue 14 asks for it and the developer machine has none): one thread.
+if grep -q amx_bf16 /proc/cpuinfo; then
+  step amx.log 300 env OMP_NUM_THREADS=1 $PY bench/moe_layer.py --threads 1 --reps 15 \
+    --frames 16 64 256 1024 --precisions bf16 bf16a w8a8 --ort-frames
+  grep -E "^ *T |^ +[0-9]+ " "$OUT/amx.log" | head -20
+fi
