@@ -228,7 +228,7 @@ def main() -> int:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(cpu_kernel.PRECISIONS),
                         help="expert precisions timed (moe_conf.expert_precision); fp32 is always "
                              "the baseline `moe`, the others get the second table")
-    parser.add_argument("--accelerator-dispatch", default="auto", choices=["auto", "loop", "grouped", "dense"],
+    parser.add_argument("--accelerator-dispatch", default="auto", choices=list(moe_module.ACCELERATOR_PATHS),
                         help="MoE dispatch off the CPU (wenet_moe.layers.moe.ACCELERATOR_DISPATCH)")
     parser.add_argument("--ort-frames", type=int, nargs="*", default=[16],
                         help="T values of the ONNX Runtime table (CPU only; none = skip)")

@@ -70,6 +70,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 from wenet_moe.layers import cpu_kernel  # noqa: E402
+from wenet_moe.layers import moe as moe_module  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "examples", "aishell2", "s0", "conf")
@@ -433,8 +434,8 @@ def main() -> int:
                         "explicitly still apply)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the PyTorch cases run; cuda: no runtime cases (ONNX Runtime runs "
-                        "on the CPU), no thread sweep; peak memory is the CUDA allocator's peak")
-    p.add_argument("--accelerator-dispatch", default="auto", choices=["auto", "loop", "grouped", "dense"],
+                        "on the CPU), no thread sweep, no peak memory")
+    p.add_argument("--accelerator-dispatch", default="auto", choices=list(moe_module.ACCELERATOR_PATHS),
                    help="MoE dispatch off the CPU (wenet_moe.layers.moe.ACCELERATOR_DISPATCH)")
     p.add_argument("--speech-features", default="", metavar="NPY",
                    help="'speech' features from this .npy (written by --save-speech) instead of espeak-ng")
@@ -449,7 +450,6 @@ def main() -> int:
     if DEVICE.type == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device available")
-        from wenet_moe.layers import moe as moe_module
         moe_module.ACCELERATOR_DISPATCH = args.accelerator_dispatch
         args.precisions, args.threads, args.no_memory = [], [torch.get_num_threads()], True
     if args.memory_backend:

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
+from wenet_moe.layers import moe as moe_module  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "examples", "aishell2", "s0", "conf")
@@ -65,12 +66,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: keep)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype of forward + loss")
-    p.add_argument("--accelerator-dispatch", default="auto", choices=["auto", "loop", "grouped", "dense"],
+    p.add_argument("--accelerator-dispatch", default="auto", choices=list(moe_module.ACCELERATOR_PATHS),
                    help="MoE dispatch off the CPU (wenet_moe.layers.moe.ACCELERATOR_DISPATCH)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    from wenet_moe.layers import moe as moe_module
     moe_module.ACCELERATOR_DISPATCH = args.accelerator_dispatch
     if args.threads > 0:
         torch.set_num_threads(args.threads)

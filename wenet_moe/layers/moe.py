@@ -123,6 +123,7 @@ _PROBE_BYTES = 16 << 20
 # or one of "loop" (the sorted per-expert loop, as on CPU), "grouped" (two grouped
 # GEMMs, no host sync) and "dense" (every expert on every frame, zero gates); benches
 # set it to compare the three
+ACCELERATOR_PATHS = ("auto", "loop", "grouped", "dense")
 ACCELERATOR_DISPATCH = "auto"
 # CUDA frames (N) up to which "auto" takes "dense" in inference (launch-bound sizes)
 DENSE_MAX_FRAMES = 256
