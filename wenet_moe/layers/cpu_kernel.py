@@ -19,35 +19,28 @@ the fallbacks, the exports and the tests; w8a8 also rounds the activations, see
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import itertools
 import logging
-import mmap
 import os
 import platform
-import re
-import shutil
-import subprocess
-import tempfile
+import subprocess  # noqa: F401 (tests patch subprocess.run through this module)
 import threading
-from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+import numpy as np
 import torch
+from wenet_moe_runtime import native as _native
 
 __all__ = ["library", "pack_weight", "segment_linear", "moe_forward", "RoutedMoE", "routed_moe_forward",
            "disabled_reason", "pack_expert_weight", "quantize_int8", "quantize_rows", "expert_weight_values",
            "int8_dot_kind", "PRECISIONS"]
 
-SOURCE = Path(__file__).with_name("moe_cpu.c")
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
-# tried first: OpenMP, so that the kernel shares torch's threads (a compiler without it
-# builds the single-threaded kernel)
-OPENMP_FLAGS = ["-fopenmp"]
-LIBS = ["-lm"]      # after the source: expf of the router's softmax
-ABI_VERSION = 11
-BLOCK = 16          # column block of the packed layout (floats)
-ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
+# the kernel's source, build and loading live in the torch-free runtime (which runs it too)
+SOURCE = _native.SOURCE
+FLAGS, OPENMP_FLAGS, LIBS = _native.FLAGS, _native.OPENMP_FLAGS, _native.LIBS
+ABI_VERSION = _native.ABI_VERSION
+BLOCK = _native.BLOCK          # column block of the packed layout (floats)
+ACTIVATIONS = _native.ACTIVATIONS   # fused into the kernel's stores
 BF16_ROWS = 8       # ACT_BF16 of `wm_moe_forward`'s act: bf16a's rounding of the activations
 PRECISIONS = ("fp32", "bf16", "bf16a", "int8", "w8a8")       # moe_conf.expert_precision
 BF16_WEIGHTS = ("bf16", "bf16a")     # the precisions whose packed weights are bfloat16
@@ -62,103 +55,13 @@ _state: dict = {}   # "lib": CDLL or None, "reason": why it is None
 _scratch = threading.local()
 
 
-def _cpu_signature() -> str:
-    """Text that changes when the CPU model / instruction set does (for the cache key)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = [line for line in f if line.startswith(("flags", "Features"))]
-    except OSError:
-        flags = []
-    return flags[0] if flags else (platform.processor() or platform.machine())
+target_arch = _native.target_arch
+load = _native.load
+_slow_target_reason = _native.slow_target_reason
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("WENET_MOE_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wenet_moe"
-
-
-def target_arch() -> str:
-    """`-march` of the build: `$WENET_MOE_KERNEL_MARCH`, else native. Another value
-    (e.g. `haswell`: AVX2 + FMA, no AVX-512) builds the code paths of an older CPU on
-    this one, to measure them (`bench/moe_layer.py`)."""
-    march = os.environ.get("WENET_MOE_KERNEL_MARCH", "") or "native"
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):
-        raise RuntimeError(f"WENET_MOE_KERNEL_MARCH: not a -march value: {march!r}")
-    return march
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler '{compiler}' on PATH")
-    source = SOURCE.read_bytes()
-    for extra in (OPENMP_FLAGS, []):
-        flags = FLAGS + [f"-march={target_arch()}"] + extra
-        key = hashlib.sha256(source + " ".join([compiler] + flags + LIBS).encode()
-                             + _cpu_signature().encode()).hexdigest()[:16]
-        cache = _cache_dir()
-        target = cache / f"moe_cpu_{key}.so"
-        if target.exists():
-            break
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".moe_cpu_", suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True,
-                                  text=True)
-            if done.returncode == 0:
-                os.replace(tmp, target)
-                break
-            if extra:
-                continue    # no OpenMP: build the single-threaded kernel
-            first = (done.stderr.strip().splitlines() or ["?"])[0]
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return load(target)
-
-
-def load(target: Path) -> ctypes.CDLL:
-    """The built library at `target` with its function signatures declared (ABI checked)."""
-    lib = ctypes.CDLL(str(target))
-    if lib.wm_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{target} has ABI {lib.wm_abi_version()}, expected {ABI_VERSION}")
-    fn = lib.wm_segment_linear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    fn = lib.wm_moe_forward
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int]
-    fn = lib.wm_moe_routed_forward
-    fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-                   + lib.wm_moe_forward.argtypes[5:])
-    lib.wm_openmp.restype = ctypes.c_int
-    lib.wm_int8_dot_native.restype = ctypes.c_int
-    lib.wm_vector_isa.restype = ctypes.c_int
-    return lib
-
-
-def _slow_target_reason(lib: ctypes.CDLL) -> str:
-    """Why the native build should not be used, or "": on an x86-64 CPU without AVX2
-    (before Haswell / Excavator) the kernel is generic vector code that GCC splits and
-    partly scalarizes, ~50x slower than the AVX2 build (2 GFLOP/s on a 256 x 1024
-    expert), where oneDNN still runs SSE / AVX kernels. An explicit
-    `$WENET_MOE_KERNEL_MARCH` is built and used as asked (to measure it)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if x86 and lib.wm_vector_isa() == 0 and not os.environ.get("WENET_MOE_KERNEL_MARCH"):
-        return "x86-64 CPU without AVX2: the generic vector code is slower than oneDNN"
-    return ""
+def _build():
+    return _native.build(SOURCE)
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -263,7 +166,7 @@ def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv).clamp_(-127, 127), amax / 127.0
 
 
-HUGE_PAGE = 2 << 20     # bytes of an x86-64 transparent huge page
+HUGE_PAGE = _native.HUGE_PAGE
 
 
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
@@ -279,17 +182,10 @@ def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     contiguous intermediate, which glibc kept resident after it was freed (the packed
     experts then cost twice their size in RSS)."""
     nbytes = t.numel() * t.element_size()
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if nbytes < HUGE_PAGE or advice is None or os.environ.get("WENET_MOE_HUGE_PAGES", "1") == "0":
+    if nbytes < HUGE_PAGE or os.environ.get("WENET_MOE_HUGE_PAGES", "1") == "0":
         return t.contiguous()
-    try:
-        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(advice)
-    except (OSError, ValueError, AttributeError):
-        return t.contiguous()
-    raw = torch.frombuffer(region, dtype=torch.uint8)      # keeps `region` alive
-    start = (-raw.data_ptr()) % HUGE_PAGE                  # from a 2 MiB boundary
-    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    raw = torch.from_numpy(_native.huge_page_array((nbytes,), np.uint8))   # keeps its mapping alive
+    out = raw.view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
 
