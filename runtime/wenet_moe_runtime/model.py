@@ -18,10 +18,18 @@ The batched graph then also runs single streams (a batch of one: the same number
 weights are held once (loading both graphs cost the paper MoE 0.8 GB more RSS).
 `batch_encoder` is off by default (offline tools decode one stream at a time); the
 server turns it on.
+
+MoE FFNs in the C kernel: an fp32 MoE export also holds `encoder.kernel/` and
+`encoder_batch.kernel/` (the same streaming graphs cut at their MoE FFNs); where the
+kernel builds (a C compiler, `native.library()`), those run instead of the `.onnx`
+files: ONNX Runtime runs the pieces, the kernel each MoE FFN in one call
+(`expert_encoder`). `kernel_experts=False` (server `--no_kernel_experts`) keeps the
+`.onnx` graphs.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -31,10 +39,13 @@ from typing import Dict, List, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from . import native
+from .expert_encoder import ExpertSplitEncoder, kernel_dir
 from .features import FbankOptions
 from .prefix_tree import DECODER_TREE_INPUTS, decoder_tree_feeds
 from .symbols import SymbolTable
 
+LOG = logging.getLogger(__name__)
 MODEL_FILES = ("encoder", "ctc", "decoder")
 BATCH_ENCODER = "encoder_batch"
 DECODER_TREE = "decoder_tree"
@@ -184,7 +195,7 @@ class OnnxAsrModel:
 
     def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1,
                  batch_encoder: bool = False, max_encoder_batch: int = 16,
-                 tree_decoder: bool = True) -> None:
+                 tree_decoder: bool = True, kernel_experts: bool = True) -> None:
         self.model_dir = model_dir
         self.int8 = bool(int8)
         if int(max_encoder_batch) < 1:
@@ -221,11 +232,34 @@ class OnnxAsrModel:
                                  else f"{DECODER_TREE}.onnx")
         if tree_decoder and os.path.isfile(tree_path):
             names[names.index("decoder")] = DECODER_TREE
+        # why the encoder's MoE FFNs do not run in the C kernel ("" when they do)
+        self.kernel_experts = ""
         for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
                 raise ModelError(f"{path}: model file not found")
             self.paths[name] = path
+            split = kernel_dir(path)
+            if name in ("encoder", BATCH_ENCODER) and os.path.isdir(split):
+                if not kernel_experts:
+                    self.kernel_experts = "off (kernel_experts=False)"
+                elif self.int8:
+                    self.kernel_experts = "off (int8 graphs)"
+                elif native.library() is None:
+                    self.kernel_experts = f"off ({native.disabled_reason()})"
+                    LOG.warning("%s: MoE CPU kernel unavailable (%s); running %s", split,
+                                native.disabled_reason(), os.path.basename(path))
+                else:
+                    try:
+                        self.sessions[name] = ExpertSplitEncoder(split, opts, num_threads)
+                    except (ValueError, OSError) as exc:
+                        raise ModelError(str(exc)) from None
+                    except Exception as exc:  # onnxruntime raises several types
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                        raise ModelError(f"{split}: cannot load: {first}") from None
+                    self.paths[name] = split
+                    self.kernel_experts = "on"
+                    continue
             try:
                 self.sessions[name] = ort.InferenceSession(
                     path, sess_options=opts, providers=["CPUExecutionProvider"])

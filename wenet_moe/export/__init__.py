@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -96,12 +96,15 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
             onnx_export.export_encoder_batch(model, batch_path, chunk_size, left_chunks, meta)
             tree_path = os.path.join(stage, DECODER_TREE_FILE)
             onnx_export.export_decoder_tree(model, tree_path, meta)
+            kernel_graphs = _kernel_graphs(model, stage, chunk_size, left_chunks, meta,
+                                           expert_precision)
             if verify:
                 report.update(check.verify_onnx(model, stage, chunk_size, left_chunks,
                                                 reverse_weight))
                 report.update(check.verify_encoder_batch(model, batch_path, chunk_size,
                                                          left_chunks))
                 report.update(check.verify_decoder_tree(model, tree_path))
+                report.update(_verify_kernel_graphs(model, kernel_graphs, chunk_size, left_chunks))
             if quantize == "int8":
                 for name in ONNX_FILES + (DECODER_TREE_FILE,):
                     q8.quantize_onnx(os.path.join(stage, name),
@@ -114,6 +117,49 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
                                             int8_max_disagreement, reverse_weight, verify))
     for key, value in report.items():
         logging.info("export check %s: %.3g", key, value)
+    return report
+
+
+def _kernel_graphs(model: torch.nn.Module, stage: str, chunk_size: int, left_chunks: int,
+                   meta: Dict[str, str], expert_precision: str) -> List[str]:
+    """`encoder.kernel/` and `encoder_batch.kernel/` (`expert_split`: the streaming
+    encoders with their MoE FFNs run by the C kernel in the runtime) of an MoE model
+    whose layers the kernel runs; not with int8 experts (their `MatMulNBits` graphs are
+    faster). Returns the directories written."""
+    from wenet_moe.export import expert_split, onnx_export
+
+    if not expert_split.has_moe(model) or expert_precision == "int8":
+        return []
+    why = expert_split.unsupported(model)
+    if why:
+        logging.info("no encoder.kernel: %s", why)
+        return []
+    encoder = os.path.join(stage, "encoder.onnx")
+    batch = os.path.join(stage, BATCH_ENCODER_FILE)
+    return [
+        expert_split.write_kernel_graph(model, encoder, lambda m, p: onnx_export.export_encoder(
+            m, p, chunk_size, left_chunks, meta)),
+        expert_split.write_kernel_graph(model, batch, lambda m, p: onnx_export.export_encoder_batch(
+            m, p, chunk_size, left_chunks, meta)),
+    ]
+
+
+def _verify_kernel_graphs(model: torch.nn.Module, kernel_graphs: List[str], chunk_size: int,
+                          left_chunks: int) -> Dict[str, float]:
+    """The kernel graphs' streaming parity with PyTorch (`verify.verify_encoder` /
+    `verify_encoder_batch` through the runtime's `ExpertSplitEncoder`), where this
+    machine builds the kernel (else they are checked where they are served)."""
+    from wenet_moe.export import verify as check
+    from wenet_moe_runtime import native
+
+    if not kernel_graphs:
+        return {}
+    if native.library() is None:
+        logging.warning("encoder.kernel not verified here: MoE CPU kernel unavailable (%s)",
+                        native.disabled_reason())
+        return {}
+    report = check.verify_encoder(model, kernel_graphs[0], chunk_size, left_chunks)
+    report.update(check.verify_encoder_batch(model, kernel_graphs[1], chunk_size, left_chunks))
     return report
 
 

@@ -99,6 +99,18 @@ def write_symbol_tables(configs: Dict[str, Any], out_dir: str) -> None:
 # what an export directory may hold: graphs (+ external weights), TorchScript
 # files, symbol tables, and the recipe's completion marker
 EXPORT_FILE = re.compile(r"^(.+\.onnx(\.data)?|.+\.zip|units\.txt|tokens\.txt|\.done)$")
+# and `<graph>.kernel/` directories of those files (`expert_split`)
+KERNEL_DIR = re.compile(r"^.+\.kernel$")
+KERNEL_FILE = re.compile(r"^(piece_\d+\.onnx(\.data)?|manifest\.json|experts\.npz)$")
+
+
+def _export_entry(output_dir: str, name: str) -> bool:
+    path = os.path.join(output_dir, name)
+    if os.path.isfile(path):
+        return bool(EXPORT_FILE.match(name))
+    return (bool(KERNEL_DIR.match(name)) and os.path.isdir(path) and not os.path.islink(path)
+            and all(KERNEL_FILE.match(n) and os.path.isfile(os.path.join(path, n))
+                    for n in os.listdir(path)))
 
 
 def check_replaceable(output_dir: str) -> None:
@@ -109,8 +121,7 @@ def check_replaceable(output_dir: str) -> None:
         return
     if not os.path.isdir(output_dir):
         raise ConfigError(f"{output_dir}: exists and is not a directory")
-    foreign = sorted(n for n in os.listdir(output_dir)
-                     if not EXPORT_FILE.match(n) or not os.path.isfile(os.path.join(output_dir, n)))
+    foreign = sorted(n for n in os.listdir(output_dir) if not _export_entry(output_dir, n))
     if foreign:
         shown = ", ".join(foreign[:3])
         if len(foreign) > 3:

@@ -59,13 +59,17 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float = ATOL,
 
 
 def session(path: str):
-    """A single-threaded CPU onnxruntime session (quiet)."""
+    """A single-threaded CPU onnxruntime session (quiet); for a `<graph>.kernel`
+    directory, the runtime's `ExpertSplitEncoder` of it (the same interface)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if os.path.isdir(path):
+        from wenet_moe_runtime.expert_encoder import ExpertSplitEncoder
+        return ExpertSplitEncoder(path, opts, threads=1)
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 

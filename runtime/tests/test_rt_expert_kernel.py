@@ -1,0 +1,184 @@
+"""The streaming encoders with their MoE FFNs in the C kernel (`encoder.kernel/`,
+`encoder_batch.kernel/`): an MoE export writes them, the runtime runs them where the
+kernel builds, and they give what `encoder.onnx` / `encoder_batch.onnx` give (within
+float rounding: the kernel sums in another order) for every router, single streams
+and batches, fresh and long caches; without the kernel the runtime falls back to the
+`.onnx` graphs and says why."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import rt_tiny_model as T
+from rt_fixtures import tiny_moe_conf
+from wenet_moe.config import ConfigError
+from wenet_moe.export import export_loaded
+from wenet_moe.export.common import check_replaceable
+from wenet_moe.model import build_model
+from wenet_moe_runtime import native
+from wenet_moe_runtime.expert_encoder import ExpertSplitEncoder
+from wenet_moe_runtime.model import ModelError, OnnxAsrModel
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.skipif(native.library() is None,
+                                 reason=f"no MoE CPU kernel: {native.disabled_reason()}")]
+CHUNK = 4
+ATOL = 1e-4
+ROUTERS = {"topk": {"router": "topk"}, "switch": {"router": "switch"},
+           "speechmoe": {"router": "speechmoe", "embed_dim": 16, "embed_layers": 2},
+           "omni": {"router": "omni"}}
+
+
+def _export(root, router: str, left_chunks: int = -1, verify: bool = True) -> str:
+    (root / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    conf = tiny_moe_conf(str(root / "units.txt"), len(T.units()))
+    conf["moe_conf"] = dict(ROUTERS[router])
+    if router == "switch":
+        conf["encoder_conf"]["n_expert_activated"] = 1
+    torch.manual_seed(1)
+    model = build_model(copy.deepcopy(conf)).eval()
+    out = str(root / f"{router}{left_chunks}")
+    export_loaded(model, conf, conf, out, chunk_size=CHUNK, left_chunks=left_chunks, verify=verify)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """router -> export directory (chunk 4; topk also with 2 left chunks)."""
+    root = tmp_path_factory.mktemp("kernel")
+    dirs = {r: _export(root, r) for r in ROUTERS}
+    dirs["topk-left2"] = _export(root, "topk", left_chunks=2)
+    return dirs
+
+
+def _windows(model: OnnxAsrModel, seed: int, chunks: int):
+    """`chunks` chunk windows of random features, the last one short."""
+    rc, sub = model.info.right_context, model.info.subsampling_rate
+    window = (CHUNK - 1) * sub + rc + 1
+    rng = np.random.default_rng(seed)
+    sizes = [window] * (chunks - 1) + [rc + 1 + sub]
+    return [rng.standard_normal((n, 80)).astype(np.float32) for n in sizes]
+
+
+def _stream(model: OnnxAsrModel, windows):
+    state = model.new_state(CHUNK)
+    outs = [model.forward_encoder_chunk(w, state) for w in windows]
+    return outs, state
+
+
+@pytest.mark.parametrize("name", list(ROUTERS) + ["topk-left2"])
+def test_kernel_encoder_equals_the_onnx_graph(exports, name):
+    kernel = OnnxAsrModel(exports[name])
+    plain = OnnxAsrModel(exports[name], kernel_experts=False)
+    assert kernel.kernel_experts == "on" and isinstance(kernel.sessions["encoder"], ExpertSplitEncoder)
+    assert plain.kernel_experts.startswith("off") and not isinstance(plain.sessions["encoder"],
+                                                                     ExpertSplitEncoder)
+    windows = _windows(kernel, 0, 9)        # more chunks than 2 left chunks hold
+    got, got_state = _stream(kernel, windows)
+    want, want_state = _stream(plain, windows)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
+    np.testing.assert_allclose(got_state.att_cache, want_state.att_cache, atol=ATOL, rtol=ATOL)
+    np.testing.assert_allclose(got_state.cnn_cache, want_state.cnn_cache, atol=ATOL, rtol=ATOL)
+    assert np.abs(got[3]).max() > 0.1       # not a trivially small output
+
+
+@pytest.mark.parametrize("name", ["topk", "speechmoe", "topk-left2"])
+def test_batched_kernel_encoder_equals_streams_alone(exports, name):
+    batched = OnnxAsrModel(exports[name], batch_encoder=True)
+    alone = OnnxAsrModel(exports[name], kernel_experts=False)
+    assert batched.batched and isinstance(batched.sessions["encoder_batch"], ExpertSplitEncoder)
+    streams = [_windows(batched, seed, n) for seed, n in ((1, 5), (2, 2), (3, 7))]
+    states = [batched.new_state(CHUNK) for _ in streams]
+    got = [[] for _ in streams]
+    for step in range(max(len(s) for s in streams)):
+        live = [i for i, s in enumerate(streams) if step < len(s)]
+        outs = batched.forward_encoder_chunks([streams[i][step] for i in live], [states[i] for i in live])
+        for i, out in zip(live, outs):
+            got[i].append(out)
+    assert batched.batched_calls >= 3
+    for i, windows in enumerate(streams):
+        want, _ = _stream(alone, windows)
+        for g, w in zip(got[i], want):
+            np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
+
+
+def test_kernel_graph_layout(exports):
+    path = os.path.join(exports["topk"], "encoder.kernel")
+    with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    pieces = [s for s in manifest["steps"] if "piece" in s]
+    calls = [s for s in manifest["steps"] if "experts" in s]
+    assert len(calls) == 4 and len(pieces) == 5           # 2 blocks x 2 MoE FFNs (macaron)
+    assert [s.get("experts") for s in manifest["steps"][1::2]] == [0, 1, 2, 3]
+    assert manifest["inputs"] == ["chunk", "offset", "required_cache_size", "att_cache",
+                                  "cnn_cache", "att_mask"]
+    assert manifest["metadata"]["chunk_size"] == str(CHUNK)
+    # a piece hands on only what later steps read: the residual stream, the FFN's input
+    # rows, its layer's new caches (for the last piece's concatenation) and what every
+    # layer reads (positions, masks); never a weight or a constant
+    for piece in pieces[1:-1]:
+        assert 2 <= len(piece["outputs"]) <= 12, piece["outputs"]
+        assert not any(name.startswith("encoder.") or "Constant" in name for name in piece["outputs"])
+    with np.load(os.path.join(path, "experts.npz")) as weights:
+        assert weights["0.w1"].shape == (4, 32, 48) and weights["0.w2"].shape == (4, 48, 32)
+        assert weights["3.router_weight"].shape == (4, 32)
+    # the export directory, .kernel directories included, may be exported over again
+    check_replaceable(exports["topk"])
+
+
+def test_foreign_file_in_a_kernel_directory_blocks_reexport(exports, tmp_path):
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(exports["topk"], copy_dir)
+    (copy_dir / "encoder.kernel" / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError, match="encoder.kernel"):
+        check_replaceable(str(copy_dir))
+
+
+def test_without_the_kernel_the_runtime_runs_the_onnx_graph(exports, monkeypatch, caplog):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("WENET_MOE_CPU_KERNEL", "0")
+    with caplog.at_level(logging.WARNING):
+        model = OnnxAsrModel(exports["topk"])
+    assert model.kernel_experts == "off (disabled by WENET_MOE_CPU_KERNEL=0)"
+    assert not isinstance(model.sessions["encoder"], ExpertSplitEncoder)
+    assert "encoder.kernel" in caplog.text and "WENET_MOE_CPU_KERNEL=0" in caplog.text
+    assert OnnxAsrModel(exports["topk"], int8=False).forward_encoder_chunk(
+        _windows(model, 0, 2)[0], model.new_state(CHUNK)).shape == (CHUNK, 32)
+
+
+def test_bad_kernel_directory_names_the_file(exports, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["topk"], broken)
+    (broken / "encoder.kernel" / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"encoder\.kernel/manifest\.json: cannot read"):
+        OnnxAsrModel(str(broken))
+    shutil.copy(os.path.join(exports["topk"], "encoder.kernel", "manifest.json"),
+                broken / "encoder.kernel" / "manifest.json")
+    os.unlink(broken / "encoder.kernel" / "experts.npz")
+    with pytest.raises(ModelError, match=r"experts\.npz: cannot read"):
+        OnnxAsrModel(str(broken))
+
+
+def test_dense_and_int8_expert_exports_have_no_kernel_graphs(tmp_path):
+    (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    conf = tiny_moe_conf(str(tmp_path / "units.txt"), len(T.units()))
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(conf)).eval()
+    export_loaded(model, conf, conf, str(tmp_path / "int8x"), chunk_size=CHUNK,
+                  expert_precision="int8", verify=False)
+    assert not os.path.exists(tmp_path / "int8x" / "encoder.kernel")
+    dense = copy.deepcopy(conf)
+    for key in ("mlp_type", "n_expert", "n_expert_activated"):
+        dense["encoder_conf"].pop(key)
+    model = build_model(dense).eval()
+    export_loaded(model, dense, dense, str(tmp_path / "dense"), chunk_size=CHUNK, verify=False)
+    assert not os.path.exists(tmp_path / "dense" / "encoder.kernel")
