@@ -14,10 +14,13 @@ Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
                                with chunk 16 and all left chunks (caches)
   torch dec offline / chunk16  full decoding: encoder + CTC prefix beam (beam 10) +
                                attention rescoring (`ASRModel.decode`)
-  rt chunk16 fp32|int8         the ONNX export through the torch-free runtime:
-                               `wenet_moe_runtime.offline.encode_utterance` at chunk 16
-  rt offline fp32|int8         the same, the whole utterance in one encoder call
-  rt dec chunk16 fp32|int8     runtime encoder + CTC + prefix beam + rescoring
+  rt chunk16 PREC              the ONNX export through the torch-free runtime:
+                               `wenet_moe_runtime.offline.encode_utterance` at chunk 16;
+                               PREC fp32: as served (an MoE's FFNs in the C kernel,
+                               `encoder.kernel/`, where it builds), fp32-ort: every
+                               graph in ONNX Runtime, int8: the *.int8.onnx graphs
+  rt offline PREC              the same, the whole utterance in one encoder call
+  rt dec chunk16 PREC          runtime encoder + CTC + prefix beam + rescoring
 at each `--threads` value (torch intra-op threads and ONNX Runtime intra-op threads),
 for each feature kind:
   random   N(0, 1) features: every chunk spreads over nearly all experts (worst case)
@@ -315,7 +318,8 @@ def memory_worker(args) -> int:
     else:
         from wenet_moe_runtime.model import OnnxAsrModel
         from wenet_moe_runtime.offline import encode_utterance
-        rt = OnnxAsrModel(args.memory_export, int8=args.memory_backend == "int8", num_threads=1)
+        rt = OnnxAsrModel(args.memory_export, int8=args.memory_backend == "int8", num_threads=1,
+                          kernel_experts=args.memory_backend != "fp32-ort")
         encode_utterance(rt, feats, CHUNK)
     with open("/proc/self/status") as f:
         peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")),
@@ -405,8 +409,11 @@ def main() -> int:
     p.add_argument("--routers", nargs="+", choices=list(ROUTER_CONFIGS), help="default: all")
     p.add_argument("--threads", type=int, nargs="+", help="default: 1 2")
     p.add_argument("--features", nargs="+", choices=["random", "speech"], help="default: both")
-    p.add_argument("--precisions", nargs="*", choices=["fp32", "int8"],
-                   help="runtime precisions (default: both; none: no runtime cases)")
+    p.add_argument("--precisions", nargs="*", choices=["fp32", "fp32-ort", "int8"],
+                   help="runtime cases: fp32 (the MoE FFNs in the C kernel where the export has "
+                        "encoder.kernel/ and the kernel builds), fp32-ort (every graph in ONNX "
+                        "Runtime: kernel_experts=False), int8 (default: all three; none: no "
+                        "runtime cases)")
     p.add_argument("--expert_precision", nargs="+", default=["fp32"], choices=list(cpu_kernel.PRECISIONS),
                    help="moe_conf.expert_precision of the PyTorch MoE models: each value other than "
                         "fp32 adds a copy of every MoE model (shared parameters) named moe_<router>@<value>; "
@@ -464,7 +471,7 @@ def main() -> int:
     args.routers = default(args.routers, list(ROUTER_CONFIGS), ["topk"])
     args.threads = default(args.threads, [1, 2], [torch.get_num_threads()])
     args.features = default(args.features, ["random", "speech"], ["random"])
-    args.precisions = default(args.precisions, ["fp32", "int8"], ["fp32"])
+    args.precisions = default(args.precisions, ["fp32", "fp32-ort", "int8"], ["fp32", "fp32-ort"])
     args.reps = default(args.reps, 5, 3)
     args.no_memory = args.no_memory or quick
 
@@ -552,9 +559,13 @@ def main() -> int:
             runtimes = {}
             if exports:
                 from wenet_moe_runtime.model import OnnxAsrModel
-                runtimes = {prec: {n: OnnxAsrModel(exports[n], int8=prec == "int8", num_threads=threads)
+                runtimes = {prec: {n: OnnxAsrModel(exports[n], int8=prec == "int8", num_threads=threads,
+                                                   kernel_experts=prec != "fp32-ort")
                                    for n in exported if prec == "fp32" or n not in variants}
                             for prec in args.precisions}
+                for n, rt in runtimes.get("fp32", {}).items():
+                    if rt.kernel_experts:
+                        print(f"  {n} runtime fp32: MoE FFNs in the C kernel {rt.kernel_experts}")
             for kind, fe in feats.items():
                 x = torch.from_numpy(fe)[None].to(DEVICE)
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
@@ -597,7 +608,7 @@ def main() -> int:
                             for m in ("dense_s", n):
                                 print(f"    {m}: " + runtime_profile(exports[m], prec == "int8", chunk,
                                                                      fe, threads))
-                            if prec == "fp32" and mode == "chunk16" and "@" not in n:
+                            if prec == "fp32-ort" and mode == "chunk16" and "@" not in n:
                                 import runtime_expert_bytes
                                 gap = runtime_expert_bytes.split_gap(exports["dense_s"], exports[n], fe,
                                                                      CHUNK, threads, args.reps)

@@ -90,7 +90,7 @@ def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
     try:
         n_routers, expert_bytes = shared_expert_copies(moe_dir, work)
         # distinct experts per chunk and router, from the counting copy's TopK outputs
-        counter = OnnxAsrModel(os.path.join(work, "count"), num_threads=threads)
+        counter = OnnxAsrModel(os.path.join(work, "count"), num_threads=threads, kernel_experts=False)
         session, distinct = counter.sessions["encoder"], []
 
         class Counting:
@@ -102,9 +102,10 @@ def split_gap(dense_dir: str, moe_dir: str, feats: np.ndarray, chunk: int = 16,
         counter.sessions["encoder"] = Counting()
         encode_chunks(counter, feats, chunk)
         del counter
-        models = {"dense_s": OnnxAsrModel(dense_dir, num_threads=threads),
-                  "moe": OnnxAsrModel(moe_dir, num_threads=threads),
-                  "moe_shared": OnnxAsrModel(os.path.join(work, "shared"), num_threads=threads)}
+        models = {"dense_s": OnnxAsrModel(dense_dir, num_threads=threads, kernel_experts=False),
+                  "moe": OnnxAsrModel(moe_dir, num_threads=threads, kernel_experts=False),
+                  "moe_shared": OnnxAsrModel(os.path.join(work, "shared"), num_threads=threads,
+                                            kernel_experts=False)}
         times: Dict[str, List[float]] = {name: [] for name in models}
         for _ in range(reps):
             for name, model in models.items():

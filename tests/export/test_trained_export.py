@@ -255,10 +255,13 @@ def gate_feats(tmp):
 
 
 def snapshot(d):
+    """relative path -> bytes of every file under `d` (`.kernel/` directories too)."""
     out = {}
-    for name in sorted(os.listdir(d)):
-        with open(os.path.join(d, name), "rb") as f:
-            out[name] = f.read()
+    for root, _, files in os.walk(d):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, d)] = f.read()
     return out
 
 
@@ -344,7 +347,7 @@ def test_int8_gate_rejects_destroyed_onnx_weights(trained, tmp_path, monkeypatch
     assert [n for n in os.listdir(str(tmp_path)) if n.startswith(".export")] == []
 
     assert main(export_args(tmp, out, "--int8_max_disagreement", "1")) == 0
-    assert sorted(os.listdir(out)) == sorted(before)
+    assert sorted(snapshot(out)) == sorted(before)
     assert snapshot(out)["model.int8.onnx"] != before["model.int8.onnx"]
 
 
