@@ -34,7 +34,7 @@ def profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads:
     from wenet_moe_runtime.model import OnnxAsrModel
     from wenet_moe_runtime.offline import encode_utterance
 
-    model = OnnxAsrModel(export_dir, int8=int8, num_threads=threads)
+    model = OnnxAsrModel(export_dir, int8=int8, num_threads=threads, kernel_experts=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
