@@ -53,8 +53,10 @@ def _export(root, router: str, left_chunks: int = -1, verify: bool = True) -> st
 def exports(tmp_path_factory):
     """router -> export directory (chunk 4; topk also with 2 left chunks)."""
     root = tmp_path_factory.mktemp("kernel")
-    dirs = {r: _export(root, r) for r in ROUTERS}
-    dirs["topk-left2"] = _export(root, "topk", left_chunks=2)
+    # the export's own parity check (PyTorch vs the kernel graphs) on two routers; the
+    # tests below compare every export with its .onnx graphs
+    dirs = {r: _export(root, r, verify=r in ("topk", "speechmoe")) for r in ROUTERS}
+    dirs["topk-left2"] = _export(root, "topk", left_chunks=2, verify=False)
     return dirs
 
 
@@ -182,3 +184,37 @@ def test_dense_and_int8_expert_exports_have_no_kernel_graphs(tmp_path):
     model = build_model(dense).eval()
     export_loaded(model, dense, dense, str(tmp_path / "dense"), chunk_size=CHUNK, verify=False)
     assert not os.path.exists(tmp_path / "dense" / "encoder.kernel")
+
+
+def test_to_bf16_rounds_as_torch():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 3,
+                        np.array([0.0, -0.0, 1e-40, 3.4e38, -3.4e38, np.inf, -np.inf], np.float32)])
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(native.to_bf16(x), want)
+    assert native.to_bf16(np.array([np.nan], np.float32))[0] & 0x7FFF > 0x7F80      # still NaN
+
+
+def test_bf16_expert_weights(tmp_path):
+    """--expert_precision bf16: the graphs hold the bf16 values in fp32, the kernel
+    graphs hold them in bf16; both compute the same numbers."""
+    (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    conf = tiny_moe_conf(str(tmp_path / "units.txt"), len(T.units()))
+    torch.manual_seed(2)
+    model = build_model(copy.deepcopy(conf)).eval()
+    out = str(tmp_path / "bf16")
+    export_loaded(model, conf, conf, out, chunk_size=CHUNK, expert_precision="bf16")
+    with open(os.path.join(out, "encoder.kernel", "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["expert_weights"] == "bf16"
+    with np.load(os.path.join(out, "encoder.kernel", "experts.npz")) as weights:
+        w1 = weights["0.w1"]
+    assert not (w1.view(np.uint32) & 0xFFFF).any()          # bf16 values
+    kernel, plain = OnnxAsrModel(out), OnnxAsrModel(out, kernel_experts=False)
+    assert kernel.sessions["encoder"].expert_weights == "bf16"
+    windows = _windows(kernel, 5, 6)
+    for g, w in zip(_stream(kernel, windows)[0], _stream(plain, windows)[0]):
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
+    # and they are not the fp32 model's weights
+    with np.load(os.path.join(_export(tmp_path, "topk", verify=False), "encoder.kernel",
+                              "experts.npz")) as weights:
+        assert (weights["0.w1"].view(np.uint32) & 0xFFFF).any()

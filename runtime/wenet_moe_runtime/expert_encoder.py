@@ -70,6 +70,12 @@ class ExpertSplitEncoder:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path}: not a '{FORMAT}' manifest")
         self.path = path
+        held = manifest.get("expert_weights", "fp32")
+        if held not in native.WEIGHT_TYPES:
+            raise ValueError(f"{manifest_path}: expert_weights {held!r} is not one of "
+                             f"{', '.join(native.WEIGHT_TYPES)}")
+        # how the experts are held: "fp32" or "bf16" (exact: the export rounded them)
+        self.expert_weights = held
         self._inputs = [_Arg(n) for n in manifest["inputs"]]
         self._outputs = [_Arg(n) for n in manifest["outputs"]]
         self._meta = _Meta(dict(manifest.get("metadata", {})))
@@ -94,7 +100,8 @@ class ExpertSplitEncoder:
                     raise ValueError(f"{weights_path}: no array {exc} (step {i} of {manifest_path})") from None
                 call = native.RoutedExperts(lib, arrays["router_weight"], arrays["router_bias"],
                                             arrays["w1"], arrays["b1"], arrays["w2"], arrays["b2"],
-                                            step["k"], step["renormalize"], step["activation"], threads)
+                                            step["k"], step["renormalize"], step["activation"], threads,
+                                            held)
                 self._steps.append(("experts", call, [step["x"], step["route_emb"]], [step["output"]]))
 
     def get_inputs(self) -> List[_Arg]:

@@ -40,6 +40,7 @@ ABI_VERSION = 11
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 HUGE_PAGE = 2 << 20     # bytes of an x86-64 transparent huge page
+WEIGHT_TYPES = {"fp32": 0, "bf16": 1}    # WT_F32, WT_BF16 of moe_cpu.c
 
 _log = logging.getLogger(__name__)
 _state: dict = {}   # "lib": CDLL or None, "reason": why it is None
@@ -184,14 +185,23 @@ def huge_page_array(shape, dtype=np.float32) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def pack_weight(weight: np.ndarray) -> np.ndarray:
+def to_bf16(weight: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (NaN stays NaN)."""
+    bits = np.ascontiguousarray(weight, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return np.where(np.isnan(weight), 0x7FC0, rounded).astype(np.uint16)
+
+
+def pack_weight(weight: np.ndarray, weights: str = "fp32") -> np.ndarray:
     """(E, K, N) float32 expert weights (y = x W) -> the kernel's packed layout
-    (E, N/16, K, 16), in huge pages where possible."""
+    (E, N/16, K, 16), float32 or bfloat16 bits (`weights` "bf16", `to_bf16`), in huge
+    pages where possible."""
     n_expert, k_dim, n_dim = weight.shape
     if n_dim % BLOCK:
         raise ValueError(f"packed expert weights need N % {BLOCK} == 0, got N={n_dim}")
-    out = huge_page_array((n_expert, n_dim // BLOCK, k_dim, BLOCK), np.float32)
-    out[...] = weight.reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).transpose(0, 2, 1, 3)
+    values = to_bf16(weight) if weights == "bf16" else weight
+    out = huge_page_array((n_expert, n_dim // BLOCK, k_dim, BLOCK), values.dtype)
+    out[...] = values.reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).transpose(0, 2, 1, 3)
     return out
 
 
@@ -215,16 +225,20 @@ class RoutedExperts:
         w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D): float32 expert weights.
         k, renormalize, activation ("relu" | "swish"): as the model's layer.
         threads: threads of each call (1 without OpenMP).
+        weights: "fp32", or "bf16": w1 / w2 held as bfloat16 (rounded to nearest even;
+            widened to fp32 in the kernel's registers), half the bytes to read.
     """
 
     def __init__(self, lib: ctypes.CDLL, router_weight: np.ndarray, router_bias: Optional[np.ndarray],
                  w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, k: int,
-                 renormalize: bool, activation: str, threads: int = 1) -> None:
+                 renormalize: bool, activation: str, threads: int = 1, weights: str = "fp32") -> None:
         n_expert, dim, hidden = w1.shape
         if activation not in ("relu", "swish"):
             raise ValueError(f"routed experts: activation must be relu or swish, got {activation!r}")
         if dim % BLOCK or hidden % BLOCK:
             raise ValueError(f"routed experts: D={dim} and H={hidden} must be multiples of {BLOCK}")
+        if weights not in WEIGHT_TYPES:
+            raise ValueError(f"routed experts: weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
         if not 1 <= k <= n_expert or n_expert > 256:
             raise ValueError(f"routed experts: k={k} of {n_expert} experts (at most 256)")
         self.dim, self.hidden, self.n_expert, self.k = dim, hidden, n_expert, int(k)
@@ -232,13 +246,14 @@ class RoutedExperts:
         self.router_t = np.ascontiguousarray(_f32(router_weight, (n_expert, self.emb_dim + dim),
                                                   "router weight").T)
         self.router_b = None if router_bias is None else _f32(router_bias, (n_expert,), "router bias")
-        self.w1 = pack_weight(_f32(w1, (n_expert, dim, hidden), "w1"))
-        self.w2 = pack_weight(_f32(w2, (n_expert, hidden, dim), "w2"))
+        self.w1 = pack_weight(_f32(w1, (n_expert, dim, hidden), "w1"), weights)
+        self.w2 = pack_weight(_f32(w2, (n_expert, hidden, dim), "w2"), weights)
         self.b1 = _f32(b1, (n_expert, hidden), "b1")
         self.b2 = _f32(b2, (n_expert, dim), "b2")
         self._fixed = (int(bool(renormalize)),)
         self._experts = (self.k, n_expert, hidden, self.w1.ctypes.data, None, self.b1.ctypes.data,
-                         self.w2.ctypes.data, None, self.b2.ctypes.data, 0, ACTIVATIONS[activation])
+                         self.w2.ctypes.data, None, self.b2.ctypes.data, WEIGHT_TYPES[weights],
+                         ACTIVATIONS[activation])
         self._threads = max(1, int(threads)) if lib.wm_openmp() else 1
         self._call = lib.wm_moe_routed_forward
         self._scratch = threading.local()

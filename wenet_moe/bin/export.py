@@ -42,11 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 accuracy gate (wenet_moe/export/gate.py): the export fails, "
                              "writing nothing, when int8 differs from fp32 on more than this "
                              "share of the frames fp32 decides (best token ahead by >= 1 nat)")
-    parser.add_argument("--expert_precision", default=None, choices=["fp32", "int8"],
+    parser.add_argument("--expert_precision", default=None, choices=["fp32", "bf16", "int8"],
                         help="MoE experts of the fp32 ONNX graphs: int8 stores them as 8-bit "
                              "weights (com.microsoft::MatMulNBits, gated like --quantize int8; "
-                             "all else fp32). Default: int8 when moe_conf.expert_precision "
-                             "is int8, else fp32")
+                             "all else fp32); bf16 rounds them to bfloat16 values, which the "
+                             "runtime's kernel graphs (encoder.kernel/) hold in half the bytes. "
+                             "Default: int8 when moe_conf.expert_precision is int8 or w8a8, "
+                             "bf16 when it is bf16 or bf16a, else fp32")
     parser.add_argument("--int8_verify_data", default=None,
                         help="data.list, wav.scp or audio file whose first 20 utterances the "
                              "int8 gate runs on (default: random CMVN-centred features)")

@@ -30,7 +30,7 @@ ONNX_FILES = ("encoder.onnx", "ctc.onnx", "decoder.onnx", "model.onnx", "model_s
 BATCH_ENCODER_FILE = "encoder_batch.onnx"
 # attention rescoring on the n-best's prefix trees (and its int8 copy with --quantize int8)
 DECODER_TREE_FILE = "decoder_tree.onnx"
-EXPERT_PRECISIONS = ("fp32", "int8")     # --expert_precision of the fp32 ONNX graphs
+EXPERT_PRECISIONS = ("fp32", "bf16", "int8")     # --expert_precision of the fp32 ONNX graphs
 
 
 def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, output_dir: str,
@@ -62,7 +62,10 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
         raise ValueError(f"--reverse_weight must be in [0, 1], got {reverse_weight}")
     if not model.is_bidirectional_decoder():
         reverse_weight = 0.0
-    model = experts_as_computed(model.float().eval())
+    model = model.float().eval()
+    if expert_precision == "bf16":
+        model = experts_in(model, "bf16")
+    model = experts_as_computed(model)
     onnx_export.set_feature_dim(model, int(configs["input_dim"]))
     meta = export_metadata(model, configs, raw_configs, chunk_size, left_chunks, reverse_weight)
     # the runtimes size the cnn cache as (blocks, 1, D, cnn_module_kernel - 1)
@@ -124,8 +127,9 @@ def _kernel_graphs(model: torch.nn.Module, stage: str, chunk_size: int, left_chu
                    meta: Dict[str, str], expert_precision: str) -> List[str]:
     """`encoder.kernel/` and `encoder_batch.kernel/` (`expert_split`: the streaming
     encoders with their MoE FFNs run by the C kernel in the runtime) of an MoE model
-    whose layers the kernel runs; not with int8 experts (their `MatMulNBits` graphs are
-    faster). Returns the directories written."""
+    whose layers the kernel runs, its experts stored as fp32 or bf16 (`expert_precision`;
+    the model's expert weights then hold bf16 values); not with int8 experts (their
+    `MatMulNBits` graphs are faster). Returns the directories written."""
     from wenet_moe.export import expert_split, onnx_export
 
     if not expert_split.has_moe(model) or expert_precision == "int8":
@@ -138,9 +142,9 @@ def _kernel_graphs(model: torch.nn.Module, stage: str, chunk_size: int, left_chu
     batch = os.path.join(stage, BATCH_ENCODER_FILE)
     return [
         expert_split.write_kernel_graph(model, encoder, lambda m, p: onnx_export.export_encoder(
-            m, p, chunk_size, left_chunks, meta)),
+            m, p, chunk_size, left_chunks, meta), expert_precision),
         expert_split.write_kernel_graph(model, batch, lambda m, p: onnx_export.export_encoder_batch(
-            m, p, chunk_size, left_chunks, meta)),
+            m, p, chunk_size, left_chunks, meta), expert_precision),
     ]
 
 
@@ -161,6 +165,22 @@ def _verify_kernel_graphs(model: torch.nn.Module, kernel_graphs: List[str], chun
     report = check.verify_encoder(model, kernel_graphs[0], chunk_size, left_chunks)
     report.update(check.verify_encoder_batch(model, kernel_graphs[1], chunk_size, left_chunks))
     return report
+
+
+def experts_in(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A copy of `model` whose fp32 MoE FFNs compute with `precision` experts (bf16:
+    `--expert_precision bf16` of an fp32 model); `model` itself when none is fp32."""
+    import copy
+
+    from wenet_moe.layers.moe import MoEFFN
+
+    if not any(isinstance(m, MoEFFN) and m.expert_precision == "fp32" for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, MoEFFN) and m.expert_precision == "fp32":
+            m.expert_precision = precision
+    return model
 
 
 def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
@@ -187,18 +207,20 @@ def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def resolve_expert_precision(expert_precision: Optional[str], configs: Dict, fmt: str) -> str:
-    """--expert_precision: fp32 or int8; by default int8 when the model's
+    """--expert_precision: fp32, bf16 or int8; by default int8 when the model's
     `moe_conf.expert_precision` is int8 or w8a8 (the graph's MatMulNBits quantizes its
-    activations itself; bf16 and bf16a have no ONNX Runtime CPU kernel: fp32)."""
+    activations itself), bf16 when it is bf16 or bf16a (ONNX Runtime has no bf16 CPU
+    kernel: the graphs hold the bf16 values in fp32, the kernel graphs read bf16)."""
     if expert_precision is None:
         conf = str((configs.get("moe_conf") or {}).get("expert_precision", "fp32"))
-        expert_precision = ("int8" if conf in ("int8", "w8a8") and has_moe_layers(configs)
-                            and fmt == "onnx" else "fp32")
+        moe = has_moe_layers(configs) and fmt == "onnx"
+        expert_precision = ("int8" if conf in ("int8", "w8a8") and moe
+                            else "bf16" if conf in ("bf16", "bf16a") and moe else "fp32")
     if expert_precision not in EXPERT_PRECISIONS:
         raise ValueError(f"--expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, "
                          f"got '{expert_precision}'")
-    if expert_precision == "int8" and fmt != "onnx":
-        raise ValueError("--expert_precision int8 applies to --format onnx (TorchScript "
+    if expert_precision != "fp32" and fmt != "onnx":
+        raise ValueError(f"--expert_precision {expert_precision} applies to --format onnx (TorchScript "
                          "computes in fp32 with the expert values of moe_conf.expert_precision)")
     return expert_precision
 
@@ -267,8 +289,10 @@ def export_model(config: str, checkpoint: str, output_dir: str, fmt: str = "onnx
         expert_precision: "int8" stores the MoE experts of the fp32 ONNX graphs as
             8-bit weights (`com.microsoft::MatMulNBits`; the PyTorch kernel's int8
             values, activations quantized per row inside ONNX Runtime's int8 kernel),
-            gated like int8 copies; everything else stays fp32. Default: int8 when
-            `moe_conf.expert_precision` is int8, else fp32.
+            gated like int8 copies; everything else stays fp32. "bf16" rounds them to
+            bfloat16 values (fp32 in the .onnx graphs; the runtime's kernel graphs,
+            `encoder.kernel/`, hold them in bf16: half the bytes). Default: int8 when
+            `moe_conf.expert_precision` is int8 or w8a8, bf16 when bf16 or bf16a, else fp32.
         reverse_weight: rescoring weight recorded in the metadata (default
             model_conf.reverse_weight; 0 without a bidirectional decoder).
     """

@@ -11,7 +11,8 @@ into pieces that ONNX Runtime runs, and the runtime (`wenet_moe_runtime.expert_e
 runs the pieces in order with one kernel call between two of them.
 
 Directory `<graph>.kernel/` beside `<graph>.onnx` (encoder, encoder_batch):
-    manifest.json   format, the graph's inputs / outputs and metadata, and `steps`:
+    manifest.json   format, expert_weights ("fp32" | "bf16": how the runtime holds the
+                    experts), the graph's inputs / outputs and metadata, and `steps`:
                     {"piece": file, "inputs": [...], "outputs": [...]} or
                     {"experts": j, "x": name, "route_emb": name | "", "output": name,
                      "k", "renormalize", "activation"}
@@ -46,6 +47,7 @@ FORMAT = "wenet-moe expert-split 1"
 MANIFEST = "manifest.json"
 WEIGHTS = "experts.npz"
 WEIGHT_NAMES = ("router_weight", "router_bias", "w1", "b1", "w2", "b2")
+EXPERT_WEIGHTS = ("fp32", "bf16")     # how the runtime holds w1 / w2 (manifest "expert_weights")
 
 
 def kernel_dir(graph_path: str) -> str:
@@ -292,10 +294,13 @@ def partition(proto: onnx.ModelProto) -> Tuple[List[Tuple[onnx.ModelProto, List[
 
 
 def write_kernel_graph(model: nn.Module, graph_path: str,
-                       export: Callable[[nn.Module, str], None]) -> str:
+                       export: Callable[[nn.Module, str], None], expert_weights: str = "fp32") -> str:
     """Export `model` with `export(model, path)` (the function that wrote `graph_path`)
     with its MoE FFNs as calls, split it, and write `kernel_dir(graph_path)`; returns
-    that directory."""
+    that directory. `expert_weights` "bf16": the runtime keeps the experts in bfloat16
+    (half the bytes; the weights must hold bf16 values, `experts_as_computed`)."""
+    if expert_weights not in EXPERT_WEIGHTS:
+        raise ValueError(f"expert weights: one of {', '.join(EXPERT_WEIGHTS)}, got {expert_weights!r}")
     out_dir = kernel_dir(graph_path)
     os.makedirs(out_dir, exist_ok=True)
     raw = os.path.join(out_dir, ".graph.onnx")
@@ -318,7 +323,7 @@ def write_kernel_graph(model: nn.Module, graph_path: str,
             steps.append(dict(calls[i], experts=i))
     np.savez(os.path.join(out_dir, WEIGHTS),
              **{f"{j}.{key}": value for j, arrays in enumerate(weights) for key, value in arrays.items()})
-    manifest = {"format": FORMAT,
+    manifest = {"format": FORMAT, "expert_weights": expert_weights,
                 "inputs": [i.name for i in proto.graph.input
                            if i.name not in {t.name for t in proto.graph.initializer}],
                 "outputs": [o.name for o in proto.graph.output],
