@@ -44,8 +44,9 @@ of the PyTorch encoder is printed.
 `--expert_precision bf16 int8 w8a8` adds, per MoE model, a copy sharing its parameters
 with moe_conf.expert_precision set (`moe_<router>@bf16`): bf16 / int8 / w8a8 packed
 experts in the eager PyTorch cases; `@int8` is also exported with `--expert_precision int8` (fp32
-graphs whose experts are 8-bit `MatMulNBits`) and run in the fp32 runtime cases (ONNX
-Runtime has no bf16 CPU kernels: `@bf16` has no runtime cases). The SUMMARY line gives
+graphs whose experts are 8-bit `MatMulNBits`) and run in the fp32 runtime cases; `@bf16` is exported with `--expert_precision bf16`
+(bf16 values in the fp32 graphs, bf16 weights in the kernel graphs that the runtime's
+fp32 cases run). The SUMMARY line gives
 their MoE/Dense-S ratios too. When a runtime ratio misses its target, the ONNX Runtime
 node profile of both encoders (op types, ms per call) says which ops run; its per-node
 times inflate small nodes and do not add up to the wall time, so for a fp32 chunk-16
@@ -529,8 +530,9 @@ def main() -> int:
     for name in names:
         print(f"  {name:<14} {params_m(models[name]):7.1f} M parameters")
         models[name].to(DEVICE)
-    # the ONNX / runtime models: every base model, and @int8 (fp32 graphs, int8 experts)
-    exported = [n for n in names if n not in variants or n.endswith("@int8")]
+    # the ONNX / runtime models: every base model, @int8 (fp32 graphs, int8 experts) and
+    # @bf16 (bf16 values in the fp32 graphs; the kernel graphs hold bf16)
+    exported = [n for n in names if n not in variants or n.endswith(("@int8", "@bf16"))]
 
     exports: Dict[str, str] = {}
     if args.precisions:
@@ -546,7 +548,7 @@ def main() -> int:
                 if os.path.exists(stamp):       # the export only replaces what it writes
                     os.unlink(stamp)
                 export_model(models[name], confs[base], out, want_int8,
-                             "int8" if name in variants else "fp32")
+                             name.split("@")[1] if name in variants else "fp32")
                 with open(stamp, "w", encoding="utf-8") as f:
                     f.write(export_code_digest())
                 print(f"  exported {name} to {out} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -678,7 +680,7 @@ def main() -> int:
                              f"{res[variant]['torch offline'] / res['dense_s']['torch offline']:.2f}, chunk16 "
                              f"{res[variant]['torch chunk16'] / res['dense_s']['torch chunk16']:.2f}")
             if base == moe and "rt chunk16 fp32" in res.get(variant, {}):
-                cells.append(f"runtime fp32 with int8 experts: MoE/Dense-S chunk16 "
+                cells.append(f"runtime fp32 with {variant.split('@')[1]} experts: MoE/Dense-S chunk16 "
                              f"{res[variant]['rt chunk16 fp32'] / res['dense_s']['rt chunk16 fp32']:.2f} "
                              f"offline {res[variant]['rt offline fp32'] / res['dense_s']['rt offline fp32']:.2f}")
         print(f"SUMMARY {moe}, {threads} thread(s), {kind}: " + "; ".join(cells))

@@ -157,6 +157,12 @@ def test_without_the_kernel_the_runtime_runs_the_onnx_graph(exports, monkeypatch
         _windows(model, 0, 2)[0], model.new_state(CHUNK)).shape == (CHUNK, 32)
 
 
+def test_kernel_graphs_run_at_one_thread_only(exports):
+    model = OnnxAsrModel(exports["topk"], num_threads=2)
+    assert model.kernel_experts.startswith("off (num_threads 2")
+    assert not isinstance(model.sessions["encoder"], ExpertSplitEncoder)
+
+
 def test_bad_kernel_directory_names_the_file(exports, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exports["topk"], broken)

@@ -51,7 +51,10 @@ class ExpertSplitEncoder:
     Args:
         path: the `.kernel` directory.
         options: ONNX Runtime session options of the pieces.
-        threads: threads of each kernel call (1 without OpenMP).
+        threads: threads of each kernel call (1 without OpenMP). `OnnxAsrModel` uses
+            this class with one thread only: every piece's session has its own ONNX
+            Runtime thread pool, and with 2 threads their spinning workers (and
+            OpenMP's) made the paper MoE's encoder 12-14x slower on 2 cores.
     Raises:
         ValueError naming the file for a bad manifest or weights; RuntimeError when the
         kernel is unavailable (`native.disabled_reason()`).

@@ -245,13 +245,18 @@ class OnnxAsrModel:
                     self.kernel_experts = "off (kernel_experts=False)"
                 elif self.int8:
                     self.kernel_experts = "off (int8 graphs)"
+                elif opts.intra_op_num_threads > 1:
+                    # 25 pieces = 25 ONNX Runtime thread pools on the same cores: spinning,
+                    # they ran the paper MoE 12x slower at 2 threads; not spinning, still
+                    # 1.27x slower than encoder.onnx (the kernel's calls on one thread)
+                    self.kernel_experts = f"off (num_threads {opts.intra_op_num_threads}: the pieces' thread pools)"
                 elif native.library() is None:
                     self.kernel_experts = f"off ({native.disabled_reason()})"
                     LOG.warning("%s: MoE CPU kernel unavailable (%s); running %s", split,
                                 native.disabled_reason(), os.path.basename(path))
                 else:
                     try:
-                        self.sessions[name] = ExpertSplitEncoder(split, opts, num_threads)
+                        self.sessions[name] = ExpertSplitEncoder(split, opts, threads=1)
                     except (ValueError, OSError) as exc:
                         raise ModelError(str(exc)) from None
                     except Exception as exc:  # onnxruntime raises several types
