@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -140,23 +140,33 @@ def slow_target_reason(lib: ctypes.CDLL) -> str:
     return ""
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The kernel for the runtime, or None (disabled by `WENET_MOE_CPU_KERNEL=0`, no
-    compiler, a failed build, a CPU without AVX2): `disabled_reason()` says why."""
-    if "lib" not in _state:
+def cached_library(state: dict, source: Path = SOURCE,
+                   warn: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL]:
+    """The kernel built from `source`, or None (disabled by `WENET_MOE_CPU_KERNEL=0`,
+    no compiler, a failed build, a CPU without AVX2), decided once and kept in `state`
+    ("lib", and "reason": why it is None); `warn(reason)` is called when it could not
+    be built or is not used (not when disabled)."""
+    if "lib" not in state:
         lib, reason = None, ""
         if os.environ.get("WENET_MOE_CPU_KERNEL", "1") == "0":
             reason = "disabled by WENET_MOE_CPU_KERNEL=0"
         else:
             try:
-                lib = build()
+                lib = build(source)
                 reason = slow_target_reason(lib)
                 if reason:
                     lib = None
             except (OSError, RuntimeError) as err:
                 reason = str(err)
-        _state["lib"], _state["reason"] = lib, reason
-    return _state["lib"]
+            if reason and warn is not None:
+                warn(reason)
+        state["lib"], state["reason"] = lib, reason
+    return state["lib"]
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The kernel for the runtime (`cached_library`); `disabled_reason()` says why not."""
+    return cached_library(_state)
 
 
 def disabled_reason() -> str:

@@ -206,16 +206,21 @@ def test_exports_take_the_expert_values_the_model_computes_with():
 
 def test_w8a8_models_export_their_int8_weights():
     """moe_conf.expert_precision w8a8: ONNX exports default to int8 experts (MatMulNBits
-    rounds the activations itself), other formats and bf16 to fp32; the exported
-    weights are the int8 values the eager kernel multiplies with."""
+    rounds the activations itself), other formats to fp32, bf16 / bf16a models to bf16
+    experts (the kernel graphs hold bf16); the exported weights are the int8 values the
+    eager kernel multiplies with."""
     from export_tiny import tiny_model
     from wenet_moe.export import experts_as_computed, resolve_expert_precision
     from wenet_moe.layers.moe import MoEFFN
     conf = {"encoder_conf": {"mlp_type": "moe"}, "moe_conf": {"expert_precision": "w8a8"}}
     assert resolve_expert_precision(None, conf, "onnx") == "int8"
     assert resolve_expert_precision(None, conf, "torchscript") == "fp32"
-    conf["moe_conf"]["expert_precision"] = "bf16"
-    assert resolve_expert_precision(None, conf, "onnx") == "fp32"
+    for precision in ("bf16", "bf16a"):
+        conf["moe_conf"]["expert_precision"] = precision
+        assert resolve_expert_precision(None, conf, "onnx") == "bf16"
+        assert resolve_expert_precision(None, conf, "torchscript") == "fp32"
+    with pytest.raises(ValueError, match="applies to --format onnx"):
+        resolve_expert_precision("bf16", conf, "torchscript")
     model, _ = tiny_model("topk")
     moe = next(m for m in model.modules() if isinstance(m, MoEFFN))
     moe.expert_precision = "w8a8"

@@ -60,28 +60,11 @@ load = _native.load
 _slow_target_reason = _native.slow_target_reason
 
 
-def _build():
-    return _native.build(SOURCE)
-
-
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel library, or None when it is disabled or cannot be built."""
-    if "lib" not in _state:
-        lib, reason = None, ""
-        if os.environ.get("WENET_MOE_CPU_KERNEL", "1") == "0":
-            reason = "disabled by WENET_MOE_CPU_KERNEL=0"
-        else:
-            try:
-                lib = _build()
-                reason = _slow_target_reason(lib)
-                if reason:
-                    lib = None
-                    _log.warning("MoE CPU kernel not used (%s); using oneDNN kernels", reason)
-            except (OSError, RuntimeError) as err:
-                reason = str(err)
-                _log.warning("MoE CPU kernel unavailable (%s); using oneDNN kernels", reason)
-        _state["lib"], _state["reason"] = lib, reason
-    return _state["lib"]
+    """The compiled kernel library (of `SOURCE`), or None when it is disabled or cannot
+    be built (a warning says why, once; the MoE layers then use oneDNN kernels)."""
+    return _native.cached_library(_state, SOURCE, lambda reason: _log.warning(
+        "MoE CPU kernel not used (%s); using oneDNN kernels", reason))
 
 
 def int8_dot_kind() -> str:
