@@ -250,9 +250,13 @@ def partition(proto: onnx.ModelProto) -> Tuple[List[Tuple[onnx.ModelProto, List[
             raise ValueError(f"no type for {name} in the exported graph")
         info = onnx.ValueInfoProto(name=name)
         info.type.CopyFrom(types[name])
-        # element type only: a size the shape inference took from the export's example
-        # would make ONNX Runtime refuse other chunk lengths and batch sizes at the input
-        info.type.tensor_type.ClearField("shape")
+        # rank only: a size the shape inference took from the export's example would
+        # make ONNX Runtime refuse other chunk lengths and batch sizes at the input
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            rank = len(tensor.shape.dim)
+            tensor.ClearField("shape")
+            tensor.shape.dim.extend(onnx.TensorShapeProto.Dimension() for _ in range(rank))
         return info
 
     def with_constants(names: Sequence[str]) -> List[onnx.NodeProto]:
