@@ -224,3 +224,31 @@ def test_bf16_expert_weights(tmp_path):
     with np.load(os.path.join(_export(tmp_path, "topk", verify=False), "encoder.kernel",
                               "experts.npz")) as weights:
         assert (weights["0.w1"].view(np.uint32) & 0xFFFF).any()
+
+
+def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path):
+    """--quantize int8: `encoder.int8.kernel/` (int8 pieces, w8a8 experts) is gated with
+    the other int8 graphs and serves the int8 runtime; its outputs stay near fp32's."""
+    (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    conf = tiny_moe_conf(str(tmp_path / "units.txt"), len(T.units()))
+    torch.manual_seed(3)
+    model = build_model(copy.deepcopy(conf)).eval()
+    out = str(tmp_path / "q")
+    report = export_loaded(model, conf, conf, out, chunk_size=CHUNK, quantize="int8")
+    assert any("encoder.int8.kernel" in key for key in report), sorted(report)
+    with open(os.path.join(out, "encoder.int8.kernel", "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["expert_weights"] == "w8a8"
+    assert not os.path.exists(os.path.join(out, "encoder_batch.int8.kernel"))
+    int8 = OnnxAsrModel(out, int8=True)
+    assert int8.kernel_experts == "on" and isinstance(int8.sessions["encoder"], ExpertSplitEncoder)
+    fp32 = OnnxAsrModel(out, kernel_experts=False)
+    windows = _windows(int8, 7, 6)
+    got, want = _stream(int8, windows)[0], _stream(fp32, windows)[0]
+    for g, w in zip(got, want):
+        scale = np.abs(w).max()
+        assert np.abs(g - w).max() < 0.1 * scale             # int8 rounding, not a wrong graph
+    # the pieces are int8 graphs
+    import onnx
+    piece = onnx.load(os.path.join(out, "encoder.int8.kernel", "piece_01.onnx"))
+    assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear")
+               for n in piece.graph.node)

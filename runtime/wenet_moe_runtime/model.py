@@ -20,7 +20,8 @@ weights are held once (loading both graphs cost the paper MoE 0.8 GB more RSS).
 server turns it on.
 
 MoE FFNs in the C kernel: an fp32 MoE export also holds `encoder.kernel/` and
-`encoder_batch.kernel/` (the same streaming graphs cut at their MoE FFNs); where the
+`encoder_batch.kernel/` (the same streaming graphs cut at their MoE FFNs; with
+`--quantize int8` also `encoder.int8.kernel/`: int8 pieces, w8a8 experts); where the
 kernel builds (a C compiler, `native.library()`), those run instead of the `.onnx`
 files: ONNX Runtime runs the pieces, the kernel each MoE FFN in one call
 (`expert_encoder`). `kernel_experts=False` (server `--no_kernel_experts`) keeps the
@@ -243,8 +244,6 @@ class OnnxAsrModel:
             if name in ("encoder", BATCH_ENCODER) and os.path.isdir(split):
                 if not kernel_experts:
                     self.kernel_experts = "off (kernel_experts=False)"
-                elif self.int8:
-                    self.kernel_experts = "off (int8 graphs)"
                 elif opts.intra_op_num_threads > 1:
                     # 25 pieces = 25 ONNX Runtime thread pools on the same cores: spinning,
                     # they ran the paper MoE 12x slower at 2 threads; not spinning, still

@@ -40,7 +40,7 @@ ABI_VERSION = 11
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 HUGE_PAGE = 2 << 20     # bytes of an x86-64 transparent huge page
-WEIGHT_TYPES = {"fp32": 0, "bf16": 1}    # WT_F32, WT_BF16 of moe_cpu.c
+WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "w8a8": 3}    # WT_F32, WT_BF16, WT_Q8 of moe_cpu.c
 
 _log = logging.getLogger(__name__)
 _state: dict = {}   # "lib": CDLL or None, "reason": why it is None
@@ -202,17 +202,37 @@ def to_bf16(weight: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(weight), 0x7FC0, rounded).astype(np.uint16)
 
 
-def pack_weight(weight: np.ndarray, weights: str = "fp32") -> np.ndarray:
-    """(E, K, N) float32 expert weights (y = x W) -> the kernel's packed layout
-    (E, N/16, K, 16), float32 or bfloat16 bits (`weights` "bf16", `to_bf16`), in huge
-    pages where possible."""
+def quantize_int8(weight: np.ndarray):
+    """(E, K, N) float32 -> (q int8 (E, K, N), scale float32 (E, N)): symmetric per output
+    column, scale = max_k |W| / 127 (1 for an all-zero column), q = round(W / scale)
+    (half to even); the same numbers as `wenet_moe.layers.cpu_kernel.quantize_int8`."""
+    w = np.asarray(weight, dtype=np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.round(w / scale[:, None, :]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def pack_weight(weight: np.ndarray, weights: str = "fp32"):
+    """(E, K, N) float32 expert weights (y = x W) -> (packed, scale) in the kernel's
+    layouts, in huge pages where possible: fp32 / bf16 (`to_bf16` bits) as
+    (E, N/16, K, 16) with scale None; w8a8 (`quantize_int8`) as (E, N/16, K/4, 16, 4)
+    int8 (groups of 4 k per column) with (E, 2N) words: the column scales, then the
+    column sums of q as int32 bits."""
     n_expert, k_dim, n_dim = weight.shape
-    if n_dim % BLOCK:
-        raise ValueError(f"packed expert weights need N % {BLOCK} == 0, got N={n_dim}")
+    if n_dim % BLOCK or (weights == "w8a8" and k_dim % BLOCK):
+        raise ValueError(f"packed expert weights need N % {BLOCK} == 0 (and K for w8a8), "
+                         f"got K={k_dim} N={n_dim}")
+    if weights == "w8a8":
+        q, scale = quantize_int8(weight)
+        out = huge_page_array((n_expert, n_dim // BLOCK, k_dim // 4, BLOCK, 4), np.int8)
+        out[...] = q.reshape(n_expert, k_dim // 4, 4, n_dim // BLOCK, BLOCK).transpose(0, 3, 1, 4, 2)
+        sums = q.sum(axis=1, dtype=np.int32)
+        return out, np.ascontiguousarray(np.concatenate([scale, sums.view(np.float32)], axis=1))
     values = to_bf16(weight) if weights == "bf16" else weight
     out = huge_page_array((n_expert, n_dim // BLOCK, k_dim, BLOCK), values.dtype)
     out[...] = values.reshape(n_expert, k_dim, n_dim // BLOCK, BLOCK).transpose(0, 2, 1, 3)
-    return out
+    return out, None
 
 
 def _f32(a: np.ndarray, shape, what: str) -> np.ndarray:
@@ -235,8 +255,10 @@ class RoutedExperts:
         w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D): float32 expert weights.
         k, renormalize, activation ("relu" | "swish"): as the model's layer.
         threads: threads of each call (1 without OpenMP).
-        weights: "fp32", or "bf16": w1 / w2 held as bfloat16 (rounded to nearest even;
-            widened to fp32 in the kernel's registers), half the bytes to read.
+        weights: "fp32"; "bf16": w1 / w2 held as bfloat16 (rounded to nearest even;
+            widened to fp32 in the kernel's registers), half the bytes to read; "w8a8":
+            int8 weights (per output column) times each row quantized to int8 (per
+            row), int32 dot products (VNNI where the build has it), a quarter.
     """
 
     def __init__(self, lib: ctypes.CDLL, router_weight: np.ndarray, router_bias: Optional[np.ndarray],
@@ -256,13 +278,14 @@ class RoutedExperts:
         self.router_t = np.ascontiguousarray(_f32(router_weight, (n_expert, self.emb_dim + dim),
                                                   "router weight").T)
         self.router_b = None if router_bias is None else _f32(router_bias, (n_expert,), "router bias")
-        self.w1 = pack_weight(_f32(w1, (n_expert, dim, hidden), "w1"), weights)
-        self.w2 = pack_weight(_f32(w2, (n_expert, hidden, dim), "w2"), weights)
+        self.w1, self.scale1 = pack_weight(_f32(w1, (n_expert, dim, hidden), "w1"), weights)
+        self.w2, self.scale2 = pack_weight(_f32(w2, (n_expert, hidden, dim), "w2"), weights)
         self.b1 = _f32(b1, (n_expert, hidden), "b1")
         self.b2 = _f32(b2, (n_expert, dim), "b2")
         self._fixed = (int(bool(renormalize)),)
-        self._experts = (self.k, n_expert, hidden, self.w1.ctypes.data, None, self.b1.ctypes.data,
-                         self.w2.ctypes.data, None, self.b2.ctypes.data, WEIGHT_TYPES[weights],
+        scale1, scale2 = (None if a is None else a.ctypes.data for a in (self.scale1, self.scale2))
+        self._experts = (self.k, n_expert, hidden, self.w1.ctypes.data, scale1, self.b1.ctypes.data,
+                         self.w2.ctypes.data, scale2, self.b2.ctypes.data, WEIGHT_TYPES[weights],
                          ACTIVATIONS[activation])
         self._threads = max(1, int(threads)) if lib.wm_openmp() else 1
         self._call = lib.wm_moe_routed_forward

@@ -112,6 +112,9 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
                 for name in ONNX_FILES + (DECODER_TREE_FILE,):
                     q8.quantize_onnx(os.path.join(stage, name),
                                      os.path.join(stage, q8.int8_name(name)))
+                if kernel_graphs:       # the int8 runtime's encoder (no int8 batched graph)
+                    from wenet_moe.export import expert_split
+                    expert_split.write_int8_kernel_graph(kernel_graphs[0], q8.quantize_onnx)
                 if verify:
                     report.update(q8.verify_int8(model, stage, chunk_size, left_chunks, inputs,
                                                  int8_max_disagreement, reverse_weight))

@@ -10,7 +10,8 @@ graph is cut instead: each MoE FFN becomes a `wenet_moe::RoutedExperts` node (ro
 into pieces that ONNX Runtime runs, and the runtime (`wenet_moe_runtime.expert_encoder`)
 runs the pieces in order with one kernel call between two of them.
 
-Directory `<graph>.kernel/` beside `<graph>.onnx` (encoder, encoder_batch):
+Directory `<graph>.kernel/` beside `<graph>.onnx` (encoder, encoder_batch; with
+`--quantize int8` also `encoder.int8.kernel/`: int8 pieces, w8a8 experts):
     manifest.json   format, expert_weights ("fp32" | "bf16": how the runtime holds the
                     experts), the graph's inputs / outputs and metadata, and `steps`:
                     {"piece": file, "inputs": [...], "outputs": [...]} or
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
@@ -47,7 +49,8 @@ FORMAT = "wenet-moe expert-split 1"
 MANIFEST = "manifest.json"
 WEIGHTS = "experts.npz"
 WEIGHT_NAMES = ("router_weight", "router_bias", "w1", "b1", "w2", "b2")
-EXPERT_WEIGHTS = ("fp32", "bf16")     # how the runtime holds w1 / w2 (manifest "expert_weights")
+EXPERT_WEIGHTS = ("fp32", "bf16")     # how the runtime holds w1 / w2 (manifest "expert_weights";
+                                      # "w8a8" in the int8 copies, `write_int8_kernel_graph`)
 
 
 def kernel_dir(graph_path: str) -> str:
@@ -336,6 +339,26 @@ def write_kernel_graph(model: nn.Module, graph_path: str,
                 "outputs": [o.name for o in proto.graph.output],
                 "metadata": {p.key: p.value for p in proto.metadata_props},
                 "steps": steps}
+    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return out_dir
+
+
+def write_int8_kernel_graph(kernel_path: str, quantize: Callable[[str, str], None]) -> str:
+    """`<graph>.int8.kernel/` beside the fp32 `kernel_path` (`<graph>.kernel`): its pieces
+    int8-quantized by `quantize(src, dst)` (as `--quantize int8` quantizes the graphs)
+    and its experts run as w8a8 (int8 weights per output column, each row quantized to
+    int8: the runtime quantizes `experts.npz` when it loads them); returns that
+    directory."""
+    with open(os.path.join(kernel_path, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    out_dir = kernel_path[:-len(".kernel")] + ".int8.kernel"
+    os.makedirs(out_dir, exist_ok=True)
+    for step in manifest["steps"]:
+        if "piece" in step:
+            quantize(os.path.join(kernel_path, step["piece"]), os.path.join(out_dir, step["piece"]))
+    shutil.copyfile(os.path.join(kernel_path, WEIGHTS), os.path.join(out_dir, WEIGHTS))
+    manifest["expert_weights"] = "w8a8"
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return out_dir

@@ -241,9 +241,36 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
                 tree.add(outs[0][1][0], outs[1][1][0])
     report: Dict[str, float] = {}
     tallies = [offline, runtime, sherpa, decoder] + ([tree] if "decoder_tree" in sessions else [])
+    tallies += _kernel_agreement(model, out_dir, inputs, chunk, required, variant)
     for tally in tallies:
         report.update(tally.check(max_disagreement, inputs))
     return report
+
+
+def _kernel_agreement(model: torch.nn.Module, out_dir: str, inputs: GateInputs, chunk: int,
+                      required: int, variant: Callable[[str], str]) -> List[Agreement]:
+    """The int8 runtime's kernel encoder (`encoder.int8.kernel/` + `ctc.int8.onnx`)
+    against `encoder.onnx` + `ctc.onnx`, streaming as the runtime does; [] when the
+    export has none (or this machine has no kernel to run it: a warning)."""
+    from wenet_moe.export.onnx_export import ENCODER_INPUTS
+    from wenet_moe_runtime import native
+
+    path = os.path.join(out_dir, "encoder.int8.kernel")
+    if variant is not int8_name or not os.path.isdir(path):
+        return []
+    if native.library() is None:
+        logging.warning("encoder.int8.kernel not gated here: MoE CPU kernel unavailable (%s)",
+                        native.disabled_reason())
+        return []
+    tally = Agreement("encoder.int8.kernel + ctc.int8.onnx", blank_id=int(model.blank_id))
+    kernel, encoder = session(path), session(os.path.join(out_dir, "encoder.onnx"))
+    ctc = [session(os.path.join(out_dir, n)) for n in ("ctc.onnx", "ctc.int8.onnx")]
+    for feat in inputs.feats:
+        hidden = [stream_onnx(s, ENCODER_INPUTS, feat, chunk, required, model) for s in (encoder, kernel)]
+        if hidden[0].shape[0] == 0:
+            continue
+        tally.add(*(s.run(None, {"hidden": h[None]})[0][0] for s, h in zip(ctc, hidden)))
+    return [tally]
 
 
 # -- int8 experts in the fp32 graphs (`--expert_precision int8`) ---------------------
