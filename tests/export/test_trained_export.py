@@ -484,7 +484,9 @@ def test_int8_gate_rejects_destroyed_expert_weights(trained, tmp_path, monkeypat
                 t.CopyFrom(numpy_helper.from_array(
                     rng.permutation(w.reshape(-1)).reshape(w.shape), t.name))
                 hit += 1
-        assert hit > 0 or "ctc" in os.path.basename(dst)
+        # ctc.onnx and the kernel graphs' pieces (their experts run in the C kernel,
+        # as w8a8) have no expert weights
+        assert hit > 0 or "ctc" in os.path.basename(dst) or ".kernel" in dst
         onnx.save(proto, dst)
     monkeypatch.setattr(q8, "quantize_onnx", experts_destroyed)
     out = str(tmp_path / "onnx")
