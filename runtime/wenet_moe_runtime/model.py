@@ -256,11 +256,12 @@ class OnnxAsrModel:
                 else:
                     try:
                         self.sessions[name] = ExpertSplitEncoder(split, opts, threads=1)
-                    except (ValueError, OSError) as exc:
-                        raise ModelError(str(exc)) from None
                     except Exception as exc:  # onnxruntime raises several types
                         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                        raise ModelError(f"{split}: cannot load: {first}") from None
+                        if not isinstance(exc, (ValueError, OSError)):
+                            first = f"{split}: cannot load: {first}"
+                        raise ModelError(f"{first} (kernel_experts=False / --no_kernel_experts "
+                                         f"runs {os.path.basename(path)})") from None
                     self.paths[name] = split
                     self.kernel_experts = "on"
                     continue
