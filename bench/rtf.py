@@ -19,6 +19,8 @@ Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
                                PREC fp32: as served (an MoE's FFNs in the C kernel,
                                `encoder.kernel/`, where it builds), fp32-ort: every
                                graph in ONNX Runtime, int8: the *.int8.onnx graphs
+                               (an MoE encoder's FFNs as w8a8 in the kernel,
+                               `encoder.int8.kernel/`, where it builds)
   rt offline PREC              the same, the whole utterance in one encoder call
   rt dec chunk16 PREC          runtime encoder + CTC + prefix beam + rescoring
 at each `--threads` value (torch intra-op threads and ONNX Runtime intra-op threads),
