@@ -23,9 +23,12 @@ import onnxruntime as ort
 
 from . import native
 
+# the artefact (`wenet_moe.export.expert_split` writes it with these names)
 FORMAT = "wenet-moe expert-split 1"
 MANIFEST = "manifest.json"
 WEIGHTS = "experts.npz"
+# arrays of call j in WEIGHTS: f"{j}.{name}"
+WEIGHT_NAMES = ("router_weight", "router_bias", "w1", "b1", "w2", "b2")
 
 
 def kernel_dir(graph_path: str) -> str:
@@ -97,8 +100,7 @@ class ExpertSplitEncoder:
                     continue
                 j = step["experts"]
                 try:
-                    arrays = {key: weights[f"{j}.{key}"] for key in
-                              ("router_weight", "router_bias", "w1", "b1", "w2", "b2")}
+                    arrays = {key: weights[f"{j}.{key}"] for key in WEIGHT_NAMES}
                 except KeyError as exc:
                     raise ValueError(f"{weights_path}: no array {exc} (step {i} of {manifest_path})") from None
                 call = native.RoutedExperts(lib, arrays["router_weight"], arrays["router_bias"],

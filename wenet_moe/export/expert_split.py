@@ -42,20 +42,13 @@ from torch import nn
 
 from wenet_moe.layers.moe import MoEFFN
 from wenet_moe.layers.moe_router import Router
+# the artefact's names and layout, as the runtime reads them
+from wenet_moe_runtime.expert_encoder import FORMAT, MANIFEST, WEIGHT_NAMES, WEIGHTS, kernel_dir
 
 DOMAIN = "wenet_moe"
 OP = "RoutedExperts"
-FORMAT = "wenet-moe expert-split 1"
-MANIFEST = "manifest.json"
-WEIGHTS = "experts.npz"
-WEIGHT_NAMES = ("router_weight", "router_bias", "w1", "b1", "w2", "b2")
 EXPERT_WEIGHTS = ("fp32", "bf16")     # how the runtime holds w1 / w2 (manifest "expert_weights";
                                       # "w8a8" in the int8 copies, `write_int8_kernel_graph`)
-
-
-def kernel_dir(graph_path: str) -> str:
-    """`encoder.onnx` -> `encoder.kernel` (beside it)."""
-    return os.path.splitext(graph_path)[0] + ".kernel"
 
 
 def _routed_experts(x: torch.Tensor, route_emb: torch.Tensor, router_weight: torch.Tensor,
