@@ -99,6 +99,7 @@ class RoutedExpertsFFN(nn.Module):
 
     def __init__(self, moe: MoEFFN):
         super().__init__()
+        _register()
         gate = moe.router.gate
         self.idim = moe.idim
         self.k = moe.n_expert_activated
@@ -146,7 +147,6 @@ def has_moe(model: nn.Module) -> bool:
 @contextmanager
 def experts_as_calls(model: nn.Module) -> Iterator[None]:
     """Within: every MoE FFN of the encoder is a `RoutedExpertsFFN` (restored after)."""
-    _register()
     swapped: List[Tuple[nn.Module, str, nn.Module]] = []
     try:
         for parent in list(model.encoder.modules()):
