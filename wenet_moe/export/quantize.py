@@ -177,7 +177,8 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
 
     * model.int8.onnx: offline, one utterance per call;
     * encoder.int8.onnx + ctc.int8.onnx: streaming at the export's chunk and left
-      chunks (the runtime's `--int8` path);
+      chunks (the runtime's `--int8` path without the kernel), and the same with
+      `encoder.int8.kernel/` when the export has it (with the kernel);
     * model_streaming.int8.onnx: streaming, sherpa-onnx's zero cache;
     * decoder.int8.onnx: teacher-forced on the fp32 greedy hypothesis, given the
       encoder output of its own precision (per-position best token compared);
@@ -212,6 +213,10 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
     if other("decoder_tree") != "decoder_tree.onnx":
         names.append("decoder_tree")
     sessions = {n: pair(n) for n in names}
+    # the int8 runtime's encoder when the export has `encoder.int8.kernel/`, with
+    # ctc.int8.onnx, against the same fp32 encoder + CTC
+    kernel = _int8_kernel_encoder(out_dir, variant)
+    kernel_runtime = Agreement(f"encoder.int8.kernel + {other('ctc')}", blank_id=blank)
     rw = float(reverse_weight) if model.is_bidirectional_decoder() else 0.0
     for feat in inputs.feats:
         feeds = {"x": feat[None].astype(np.float32),
@@ -225,6 +230,9 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
             continue
         lp = [s.run(None, {"hidden": h[None]})[0][0] for s, h in zip(sessions["ctc"], hidden)]
         runtime.add(lp[0], lp[1])
+        if kernel is not None:
+            h = stream_onnx(kernel, ENCODER_INPUTS, feat, chunk, required, model)
+            kernel_runtime.add(lp[0], sessions["ctc"][1].run(None, {"hidden": h[None]})[0][0])
         sherpa.add(*(stream_onnx(s, STREAMING_INPUTS, feat, chunk, sherpa_required, model,
                                  scalar_offsets=False) for s in sessions["model_streaming"]))
         hyp = greedy_collapse(lp[0].argmax(-1).tolist(), blank)
@@ -241,36 +249,26 @@ def verify_int8(model: torch.nn.Module, out_dir: str, chunk_size: int, left_chun
                 tree.add(outs[0][1][0], outs[1][1][0])
     report: Dict[str, float] = {}
     tallies = [offline, runtime, sherpa, decoder] + ([tree] if "decoder_tree" in sessions else [])
-    tallies += _kernel_agreement(model, out_dir, inputs, chunk, required, variant)
+    if kernel is not None:
+        tallies.append(kernel_runtime)
     for tally in tallies:
         report.update(tally.check(max_disagreement, inputs))
     return report
 
 
-def _kernel_agreement(model: torch.nn.Module, out_dir: str, inputs: GateInputs, chunk: int,
-                      required: int, variant: Callable[[str], str]) -> List[Agreement]:
-    """The int8 runtime's kernel encoder (`encoder.int8.kernel/` + `ctc.int8.onnx`)
-    against `encoder.onnx` + `ctc.onnx`, streaming as the runtime does; [] when the
-    export has none (or this machine has no kernel to run it: a warning)."""
-    from wenet_moe.export.onnx_export import ENCODER_INPUTS
+def _int8_kernel_encoder(out_dir: str, variant: Callable[[str], str]):
+    """The int8 runtime's kernel encoder (`encoder.int8.kernel/`) as a session, or None
+    when the export has none or this machine has no kernel to run it (a warning)."""
     from wenet_moe_runtime import native
 
     path = os.path.join(out_dir, "encoder.int8.kernel")
     if variant is not int8_name or not os.path.isdir(path):
-        return []
+        return None
     if native.library() is None:
         logging.warning("encoder.int8.kernel not gated here: MoE CPU kernel unavailable (%s)",
                         native.disabled_reason())
-        return []
-    tally = Agreement("encoder.int8.kernel + ctc.int8.onnx", blank_id=int(model.blank_id))
-    kernel, encoder = session(path), session(os.path.join(out_dir, "encoder.onnx"))
-    ctc = [session(os.path.join(out_dir, n)) for n in ("ctc.onnx", "ctc.int8.onnx")]
-    for feat in inputs.feats:
-        hidden = [stream_onnx(s, ENCODER_INPUTS, feat, chunk, required, model) for s in (encoder, kernel)]
-        if hidden[0].shape[0] == 0:
-            continue
-        tally.add(*(s.run(None, {"hidden": h[None]})[0][0] for s, h in zip(ctc, hidden)))
-    return [tally]
+        return None
+    return session(path)
 
 
 # -- int8 experts in the fp32 graphs (`--expert_precision int8`) ---------------------
