@@ -235,6 +235,29 @@ def pack_weight(weight: np.ndarray, weights: str = "fp32"):
     return out, None
 
 
+def scratch_sizes(n_assign: int, dim: int, hidden: int, n_expert: int):
+    """(floats, int64 words) of `wm_moe_forward`'s work space for n_assign = frames x k:
+    x_sorted, h and y_sorted, plus `wm_moe_routed_forward`'s gates; the order words."""
+    return n_assign * (2 * dim + hidden + 1), 2 * n_assign + 2 * n_expert
+
+
+def scratch_pointers(base: int, n_assign: int, dim: int, hidden: int):
+    """(x_sorted, h, y_sorted, gates) addresses in a float work space at `base`."""
+    h = base + 4 * n_assign * dim
+    y_sorted = h + 4 * n_assign * hidden
+    return base, h, y_sorted, y_sorted + 4 * n_assign * dim
+
+
+def check_status(status: int, name: str, n_expert: int) -> None:
+    """Raise for a nonzero status of `wm_moe_forward` / `wm_moe_routed_forward`."""
+    if status == -1:
+        raise ValueError(f"{name}: an expert id in top_idx is outside [0, {n_expert})")
+    if status == -4:
+        raise ValueError(f"{name}: the kernel routes at most 256 experts, k of them (1 <= k <= experts)")
+    if status != 0:
+        raise MemoryError(f"{name}: the kernel could not allocate its tile buffer")
+
+
 def _f32(a: np.ndarray, shape, what: str) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float32)
     if a.shape != tuple(shape):
@@ -295,8 +318,8 @@ class RoutedExperts:
         """This thread's scratch (floats: x_sorted, h, y_sorted, gates; int64: order and
         top_idx), grown to the largest call."""
         n_assign = n_tok * self.k
-        floats = n_assign * (2 * self.dim + self.hidden + 1)
-        ints = 3 * n_assign + 2 * self.n_expert
+        floats, words = scratch_sizes(n_assign, self.dim, self.hidden, self.n_expert)
+        ints = words + n_assign      # the order words, then top_idx
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf[0].size < floats or buf[1].size < ints:
             buf = (np.empty(max(floats, 1), np.float32), np.empty(ints, np.int64))
@@ -320,15 +343,11 @@ class RoutedExperts:
             return out
         floats, ints = self._work(n_tok)
         n_assign = n_tok * self.k
-        base = floats.ctypes.data
-        x_sorted, h = base, base + 4 * n_assign * self.dim
-        y_sorted = h + 4 * n_assign * self.hidden
-        gates = y_sorted + 4 * n_assign * self.dim
-        top_idx = ints.ctypes.data + 8 * (2 * n_assign + 2 * self.n_expert)
+        x_sorted, h, y_sorted, gates = scratch_pointers(floats.ctypes.data, n_assign, self.dim, self.hidden)
+        top_idx = ints.ctypes.data + 8 * scratch_sizes(n_assign, self.dim, self.hidden, self.n_expert)[1]
         status = self._call(x.ctypes.data, n_tok, self.dim, emb_ptr, self.emb_dim, self.router_t.ctypes.data,
                             None if self.router_b is None else self.router_b.ctypes.data, *self._fixed,
                             top_idx, gates, *self._experts, x_sorted, h, y_sorted, ints.ctypes.data,
                             out.ctypes.data, self._threads)
-        if status != 0:
-            raise MemoryError(f"routed experts: the kernel failed (status {status})")
+        check_status(status, "routed experts", self.n_expert)
         return out

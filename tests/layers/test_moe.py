@@ -870,7 +870,7 @@ def test_kernel_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu_kernel, "_state", {})
     calls = []
-    monkeypatch.setattr(cpu_kernel.subprocess, "run", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(cpu_kernel._native.subprocess, "run", lambda *a, **k: calls.append(a))  # the build
     assert cpu_kernel.library() is not None and calls == []   # reused, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp
 

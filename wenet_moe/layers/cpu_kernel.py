@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 import platform
-import subprocess  # noqa: F401 (tests patch subprocess.run through this module)
 import threading
 from typing import Any, List, Optional, Tuple
 
@@ -308,20 +307,14 @@ def _expert_constants(packs: Tuple[Any, ...], activation: str, k: int,
 def _scratch(n_assign: int, dim: int, hidden: int, n_expert: int) -> Tuple[int, int, int, int, int]:
     """Pointers to this thread's scratch for `wm_moe_forward`: (x_sorted, h, y_sorted,
     order, gates of `wm_moe_routed_forward`)."""
-    work = _workspace("float", n_assign * (2 * dim + hidden + 1), torch.float32)
-    order = _workspace("index", 2 * n_assign + 2 * n_expert, torch.int64)
-    base = work.data_ptr()
-    return (base, base + 4 * n_assign * dim, base + 4 * n_assign * (dim + hidden), order.data_ptr(),
-            base + 4 * n_assign * (2 * dim + hidden))
+    floats, words = _native.scratch_sizes(n_assign, dim, hidden, n_expert)
+    work = _workspace("float", floats, torch.float32)
+    order = _workspace("index", words, torch.int64)
+    x_sorted, h, y_sorted, gates = _native.scratch_pointers(work.data_ptr(), n_assign, dim, hidden)
+    return x_sorted, h, y_sorted, order.data_ptr(), gates
 
 
-def _check_status(status: int, name: str, n_expert: int) -> None:
-    if status == -1:
-        raise ValueError(f"{name}: an expert id in top_idx is outside [0, {n_expert})")
-    if status == -4:
-        raise ValueError(f"{name}: the kernel routes at most 256 experts, k of them (1 <= k <= experts)")
-    if status != 0:
-        raise MemoryError(f"{name}: the kernel could not allocate its tile buffer")
+_check_status = _native.check_status
 
 
 def moe_forward(lib: ctypes.CDLL, x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor,
