@@ -133,6 +133,9 @@ def test_kernel_graph_layout(exports):
     with np.load(os.path.join(path, "experts.npz")) as weights:
         assert weights["0.w1"].shape == (4, 32, 48) and weights["0.w2"].shape == (4, 48, 32)
         assert weights["3.router_weight"].shape == (4, 32)
+    # one copy of the experts on disk: encoder_batch.kernel/ links encoder.kernel/'s
+    assert os.path.samefile(os.path.join(path, "experts.npz"),
+                            os.path.join(exports["topk"], "encoder_batch.kernel", "experts.npz"))
     # the export directory, .kernel directories included, may be exported over again
     check_replaceable(exports["topk"])
 
@@ -239,6 +242,8 @@ def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path):
     with open(os.path.join(out, "encoder.int8.kernel", "manifest.json"), encoding="utf-8") as f:
         assert json.load(f)["expert_weights"] == "w8a8"
     assert not os.path.exists(os.path.join(out, "encoder_batch.int8.kernel"))
+    assert os.path.samefile(os.path.join(out, "encoder.int8.kernel", "experts.npz"),
+                            os.path.join(out, "encoder.kernel", "experts.npz"))
     int8 = OnnxAsrModel(out, int8=True)
     assert int8.kernel_experts == "on" and isinstance(int8.sessions["encoder"], ExpertSplitEncoder)
     fp32 = OnnxAsrModel(out, kernel_experts=False)

@@ -143,12 +143,12 @@ def _kernel_graphs(model: torch.nn.Module, stage: str, chunk_size: int, left_chu
         return []
     encoder = os.path.join(stage, "encoder.onnx")
     batch = os.path.join(stage, BATCH_ENCODER_FILE)
-    return [
-        expert_split.write_kernel_graph(model, encoder, lambda m, p: onnx_export.export_encoder(
-            m, p, chunk_size, left_chunks, meta), expert_precision),
-        expert_split.write_kernel_graph(model, batch, lambda m, p: onnx_export.export_encoder_batch(
-            m, p, chunk_size, left_chunks, meta), expert_precision),
-    ]
+    first = expert_split.write_kernel_graph(model, encoder, lambda m, p: onnx_export.export_encoder(
+        m, p, chunk_size, left_chunks, meta), expert_precision)
+    # the same experts: one experts.npz on disk, linked from both directories
+    return [first, expert_split.write_kernel_graph(
+        model, batch, lambda m, p: onnx_export.export_encoder_batch(m, p, chunk_size, left_chunks, meta),
+        expert_precision, weights_from=os.path.join(first, expert_split.WEIGHTS))]
 
 
 def _verify_kernel_graphs(model: torch.nn.Module, kernel_graphs: List[str], chunk_size: int,

@@ -296,12 +296,34 @@ def partition(proto: onnx.ModelProto) -> Tuple[List[Tuple[onnx.ModelProto, List[
     return pieces, specs, arrays
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """`dst` as a hard link to `src` (one copy on disk; the export directory is written
+    once and then only read), a copy where the file system has no hard links."""
+    if os.path.lexists(dst):
+        os.unlink(dst)      # never write through a link into the other directory's file
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _same_arrays(path: str, arrays: Dict[str, np.ndarray]) -> bool:
+    """Whether the `.npz` at `path` holds exactly `arrays` (names, dtypes, values)."""
+    with np.load(path) as saved:
+        return (set(saved.files) == set(arrays)
+                and all(saved[k].dtype == v.dtype and np.array_equal(saved[k], v)
+                        for k, v in arrays.items()))
+
+
 def write_kernel_graph(model: nn.Module, graph_path: str,
-                       export: Callable[[nn.Module, str], None], expert_weights: str = "fp32") -> str:
+                       export: Callable[[nn.Module, str], None], expert_weights: str = "fp32",
+                       weights_from: str = "") -> str:
     """Export `model` with `export(model, path)` (the function that wrote `graph_path`)
     with its MoE FFNs as calls, split it, and write `kernel_dir(graph_path)`; returns
     that directory. `expert_weights` "bf16": the runtime keeps the experts in bfloat16
-    (half the bytes; the weights must hold bf16 values, `experts_as_computed`)."""
+    (half the bytes; the weights must hold bf16 values, `experts_as_computed`).
+    `weights_from`: another kernel directory's `experts.npz` (the same model's other
+    graph), hard-linked instead of a second copy when it holds the same arrays."""
     if expert_weights not in EXPERT_WEIGHTS:
         raise ValueError(f"expert weights: one of {', '.join(EXPERT_WEIGHTS)}, got {expert_weights!r}")
     out_dir = kernel_dir(graph_path)
@@ -324,8 +346,11 @@ def write_kernel_graph(model: nn.Module, graph_path: str,
         steps.append({"piece": name, "inputs": inputs, "outputs": outputs})
         if i < len(calls):
             steps.append(dict(calls[i], experts=i))
-    np.savez(os.path.join(out_dir, WEIGHTS),
-             **{f"{j}.{key}": value for j, arrays in enumerate(weights) for key, value in arrays.items()})
+    flat = {f"{j}.{key}": value for j, arrays in enumerate(weights) for key, value in arrays.items()}
+    if weights_from and _same_arrays(weights_from, flat):
+        link_or_copy(weights_from, os.path.join(out_dir, WEIGHTS))
+    else:
+        np.savez(os.path.join(out_dir, WEIGHTS), **flat)
     manifest = {"format": FORMAT, "expert_weights": expert_weights,
                 "inputs": [i.name for i in proto.graph.input
                            if i.name not in {t.name for t in proto.graph.initializer}],
@@ -341,8 +366,8 @@ def write_int8_kernel_graph(kernel_path: str, quantize: Callable[[str, str], Non
     """`<graph>.int8.kernel/` beside the fp32 `kernel_path` (`<graph>.kernel`): its pieces
     int8-quantized by `quantize(src, dst)` (as `--quantize int8` quantizes the graphs)
     and its experts run as w8a8 (int8 weights per output column, each row quantized to
-    int8: the runtime quantizes `experts.npz` when it loads them); returns that
-    directory."""
+    int8: the runtime quantizes `experts.npz`, hard-linked to the fp32 one, when it loads
+    them); returns that directory."""
     with open(os.path.join(kernel_path, MANIFEST), encoding="utf-8") as f:
         manifest = json.load(f)
     out_dir = kernel_path[:-len(".kernel")] + ".int8.kernel"
@@ -350,7 +375,7 @@ def write_int8_kernel_graph(kernel_path: str, quantize: Callable[[str, str], Non
     for step in manifest["steps"]:
         if "piece" in step:
             quantize(os.path.join(kernel_path, step["piece"]), os.path.join(out_dir, step["piece"]))
-    shutil.copyfile(os.path.join(kernel_path, WEIGHTS), os.path.join(out_dir, WEIGHTS))
+    link_or_copy(os.path.join(kernel_path, WEIGHTS), os.path.join(out_dir, WEIGHTS))
     manifest["expert_weights"] = "w8a8"
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
