@@ -21,6 +21,11 @@ on the same wavs; printed per N are server CPU seconds per audio second, p95 fin
 latency and CER against each export's own offline decoding, and the ratio B / A.
 `--batch_encoder both` measures each N without and with cross-stream batching
 (`encoder_batch.onnx`), and reports how many streams a batched call advanced.
+Random-weight exports emit as many characters as chance gives them on the test wavs
+(rescoring and the prefix search cost follow), so two of them differ in more than the
+encoder: `--calibrate_blank 0.7` serves copies (`EXPORT.blank70`, every file
+hard-linked but the CTC graphs) whose CTC blank bias is moved so that 70 % of the test
+wavs' frames are blank-best for each, which makes their outputs about as long.
 """
 from __future__ import annotations
 
@@ -39,9 +44,9 @@ import numpy as np
 from common import edit_distance, write_json_atomic  # bench/common.py
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decode import read_scp
-from wenet_moe_runtime.decoder import DecodeOptions
+from wenet_moe_runtime.decoder import DecodeOptions, resolve_chunk_size
 from wenet_moe_runtime.model import OnnxAsrModel
-from wenet_moe_runtime.offline import decode_samples
+from wenet_moe_runtime.offline import decode_samples, encode_chunks, utterance_fbank
 from wenet_moe_runtime.wavio import read_wav
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -242,6 +247,62 @@ def synthetic_wavs() -> List[Tuple[str, np.ndarray]]:
     return [(f"syn{i}", T.synth(s, seed=i)) for i, s in enumerate(seqs)]
 
 
+CTC_GRAPHS = ("ctc.onnx", "ctc.int8.onnx")
+
+
+def blank_shift(model_dir: str, wavs, fraction: float) -> float:
+    """How far to raise the CTC blank logit of the export so that `fraction` of the
+    frames of `wavs` are blank-best (streaming, the export's chunk size, fp32 graphs):
+    that quantile of max(non-blank log-posterior) - blank log-posterior."""
+    model = OnnxAsrModel(model_dir)
+    chunk = resolve_chunk_size(model, 0)
+    margins = []
+    for _, samples in wavs:
+        chunks = encode_chunks(model, utterance_fbank(model, samples), chunk)
+        if chunks:
+            logp = model.ctc_log_probs(np.concatenate(chunks, axis=0))
+            margins.append(logp[:, 1:].max(axis=1) - logp[:, 0])
+    if not margins:
+        raise SystemExit(f"{model_dir}: the test wavs gave no encoder frames to calibrate on")
+    return float(np.quantile(np.concatenate(margins), fraction))
+
+
+def blank_calibrated(model_dir: str, wavs, fraction: float) -> str:
+    """`<model_dir>.blank<percent>`: the export with its CTC blank bias raised by
+    `blank_shift` (in `ctc.onnx` and `ctc.int8.onnx`), every other file hard-linked
+    (a copy where links fail); rewritten on every call. Returns its path."""
+    import onnx
+    from onnx import numpy_helper
+    from wenet_moe.export.expert_split import link_or_copy
+    shift = blank_shift(model_dir, wavs, fraction)
+    out = f"{os.path.abspath(model_dir).rstrip('/')}.blank{round(100 * fraction)}"
+    for root, _, files in os.walk(model_dir):
+        rel = os.path.relpath(root, model_dir)
+        os.makedirs(os.path.join(out, rel), exist_ok=True)
+        for name in files:
+            src, dst = os.path.join(root, name), os.path.join(out, rel, name)
+            if rel != "." or name not in CTC_GRAPHS:
+                link_or_copy(src, dst)
+                continue
+            proto = onnx.load(src)
+            # the output layer's bias: the 1-D initializer added just before LogSoftmax
+            made_by = {out: node for node in proto.graph.node for out in node.output}
+            add = [made_by.get(n.input[0]) for n in proto.graph.node if n.op_type == "LogSoftmax"]
+            names = set(add[0].input) if len(add) == 1 and add[0] and add[0].op_type == "Add" else set()
+            bias = [t for t in proto.graph.initializer if t.name in names and len(t.dims) == 1]
+            if len(bias) != 1:
+                raise SystemExit(f"{src}: no bias added before LogSoftmax to calibrate")
+            value = numpy_helper.to_array(bias[0]).copy()
+            value[0] += shift
+            bias[0].CopyFrom(numpy_helper.from_array(value, bias[0].name))
+            if os.path.lexists(dst):
+                os.unlink(dst)
+            onnx.save(proto, dst)
+    print(f"{out}: CTC blank logit {shift:+.3f}, {100 * fraction:.0f} % of the test wavs' "
+          f"frames blank-best", flush=True)
+    return out
+
+
 def offline_reference(model_dir: str, wavs, int8: bool) -> Dict[str, str]:
     model = OnnxAsrModel(model_dir, int8=int8)
     return {k: decode_samples(model, w, DecodeOptions())[0]["sentence"] for k, w in wavs}
@@ -254,6 +315,8 @@ def compare_exports(args, dir_a: str, dir_b: str) -> int:
     print(describe(), flush=True)
     wavs = ([(k, read_wav(path)[0]) for k, path in read_scp(args.wav_scp)] if args.wav_scp
             else synthetic_wavs())
+    if args.calibrate_blank:
+        dir_a, dir_b = (blank_calibrated(d, wavs, args.calibrate_blank) for d in (dir_a, dir_b))
     refs = {d: offline_reference(d, wavs, args.int8) for d in (dir_a, dir_b)}
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.batch_encoder]
     rows = []
@@ -328,7 +391,12 @@ def main() -> int:
                    help="with --random_export: write the export and stop")
     p.add_argument("--compare", nargs=2, metavar=("EXPORT_A", "EXPORT_B"),
                    help="server cost of export B against export A at each --concurrency")
+    p.add_argument("--calibrate_blank", type=float, default=0.0, metavar="FRACTION",
+                   help="with --compare: serve copies of the exports whose CTC blank bias "
+                        "makes FRACTION of the test wavs' frames blank-best (0: as exported)")
     args = p.parse_args()
+    if not 0.0 <= args.calibrate_blank < 1.0:
+        p.error(f"--calibrate_blank must be in [0, 1), got {args.calibrate_blank}")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime", "tests"))
     if args.standin:
         import rt_tiny_model as T
