@@ -56,7 +56,7 @@ DEFAULT_BATCHED_MAX_BATCH = 16   # --max_batch 0 with encoder_batch.onnx loaded
 # cores, paper Dense-S vs MoE): 150 ms cut MoE/Dense-S CPU per audio second from
 # 1.16-1.19 to 1.07 and p95 final latency rose from 130 / 180-290 ms to 250 / 367 ms.
 # With the MoE FFNs in the C kernel and outputs of equal length (--calibrate_blank 0.7)
-# 0 ms gives 1.06-1.11 (runtime/README.md, "Many streams").
+# 0 ms gives 1.06-1.11 (README, "Many streams"; runtime/README.md).
 DEFAULT_BATCH_WAIT_MS = 0.0
 
 
