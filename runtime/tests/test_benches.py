@@ -1,6 +1,9 @@
-"""bench/server_load.py's `--calibrate_blank`: the served copy of an export has its CTC
+"""Benchmark helpers that decide what a bench compares.
+
+bench/server_load.py's `--calibrate_blank`: the served copy of an export has its CTC
 blank bias moved so that the asked fraction of the test wavs' frames is blank-best,
-and shares every other file with the export."""
+and shares every other file with the export. bench/trained_rtf.py's dense twin of an
+MoE config has the MoE's active FFN compute per frame."""
 from __future__ import annotations
 
 import os
@@ -45,3 +48,31 @@ def test_calibrated_copy_has_the_asked_blank_fraction(tmp_path, fraction):
     before = open(os.path.join(out, "ctc.onnx"), "rb").read()
     server_load.blank_calibrated(export, wavs, fraction)
     assert open(os.path.join(out, "ctc.onnx"), "rb").read() == before
+
+
+@pytest.mark.parametrize("decoder_moe", [False, True])
+def test_dense_twin_has_the_active_compute_of_the_moe(tmp_path, decoder_moe):
+    import copy
+
+    from rt_fixtures import tiny_moe_conf
+    from wenet_moe.layers.moe import MoEFFN
+    from wenet_moe.model import build_model
+    trained_rtf = pytest.importorskip("trained_rtf")
+    (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    conf = tiny_moe_conf(str(tmp_path / "units.txt"), len(T.units()), decoder_moe=decoder_moe)
+    twin = trained_rtf.dense_twin(conf)
+    assert conf["encoder_conf"]["mlp_type"] == "moe"            # the input is left as it was
+    moe, dense = build_model(copy.deepcopy(conf)), build_model(copy.deepcopy(twin))
+    assert not any(isinstance(m, MoEFFN) for m in dense.modules())
+    layers = [m for m in moe.modules() if isinstance(m, MoEFFN)]
+    assert len(layers) == (2 * 2 + (2 if decoder_moe else 0))  # macaron x blocks (+ decoders)
+    # per frame: k experts of (D x H + H x D) weights = one dense FFN of k * H units
+    k, hidden = 2, 48
+    def ffn_weights(part):
+        return [p.numel() for n, p in dense.named_parameters()
+                if n.startswith(part) and n.endswith(("w_1.weight", "w_2.weight"))]
+    assert ffn_weights("encoder.") == [32 * k * hidden] * 8          # 2 blocks x macaron x 2
+    # the decoders (1 + 1 layers) change only where they were MoE
+    assert ffn_weights("decoder.") == [32 * (k * hidden if decoder_moe else hidden)] * 4
+    for layer in layers:
+        assert layer.w1.shape == (4, 32, hidden) and layer.w2.shape == (4, hidden, 32)
