@@ -27,8 +27,8 @@ demo: $(STAMP)
 # Whole-model RTF table (Dense-S / MoE per router / Dense-L, PyTorch and runtime, and
 # each MoE with int8 / w8a8 experts; tens of minutes on 2 cores), the runtime's chunk-16
 # gap split into dispatch and expert bytes, attention rescoring (padded vs prefix trees),
-# then the per-layer MoE benchmark and the
-# experts a streaming chunk reads.
+# then the per-layer MoE benchmark, the experts a streaming chunk reads and, after
+# `make demo`, the trained demo MoE against its dense twin (bench/trained_rtf.py).
 BENCH_WORK ?= /tmp/wenet_moe_rtf
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py --expert_precision fp32 int8 w8a8 \
@@ -40,6 +40,9 @@ bench: $(STAMP)
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/moe_layer.py
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/expert_reads.py \
 		--config examples/aishell2/s0/conf/train_u2++_moe.yaml
+	if [ -f demo/exp/demo_moe/avg_3.pt ]; then \
+		PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/trained_rtf.py \
+			--checkpoint demo/exp/demo_moe/avg_3.pt --wav_scp demo/data/test/wav.scp; fi
 
 bench-quick: $(STAMP)
 	PYTHONPATH=$(CURDIR):$(CURDIR)/runtime $(PY) bench/rtf.py --quick
