@@ -286,7 +286,7 @@ def blank_calibrated(model_dir: str, wavs, fraction: float) -> str:
                 continue
             proto = onnx.load(src)
             # the output layer's bias: the 1-D initializer added just before LogSoftmax
-            made_by = {out: node for node in proto.graph.node for out in node.output}
+            made_by = {tensor: node for node in proto.graph.node for tensor in node.output}
             add = [made_by.get(n.input[0]) for n in proto.graph.node if n.op_type == "LogSoftmax"]
             names = set(add[0].input) if len(add) == 1 and add[0] and add[0].op_type == "Add" else set()
             bias = [t for t in proto.graph.initializer if t.name in names and len(t.dims) == 1]

@@ -347,10 +347,13 @@ def write_kernel_graph(model: nn.Module, graph_path: str,
         if i < len(calls):
             steps.append(dict(calls[i], experts=i))
     flat = {f"{j}.{key}": value for j, arrays in enumerate(weights) for key, value in arrays.items()}
+    weights_path = os.path.join(out_dir, WEIGHTS)
     if weights_from and _same_arrays(weights_from, flat):
-        link_or_copy(weights_from, os.path.join(out_dir, WEIGHTS))
+        link_or_copy(weights_from, weights_path)
     else:
-        np.savez(os.path.join(out_dir, WEIGHTS), **flat)
+        if os.path.lexists(weights_path):
+            os.unlink(weights_path)     # it may be a link to another directory's experts
+        np.savez(weights_path, **flat)
     manifest = {"format": FORMAT, "expert_weights": expert_weights,
                 "inputs": [i.name for i in proto.graph.input
                            if i.name not in {t.name for t in proto.graph.initializer}],
