@@ -62,10 +62,8 @@ def export_loaded(model: torch.nn.Module, configs: Dict, raw_configs: Dict, outp
         raise ValueError(f"--reverse_weight must be in [0, 1], got {reverse_weight}")
     if not model.is_bidirectional_decoder():
         reverse_weight = 0.0
-    model = model.float().eval()
-    if expert_precision == "bf16":
-        model = experts_in(model, "bf16")
-    model = experts_as_computed(model)
+    # `--expert_precision bf16`: the fp32 MoE FFNs take bf16 values
+    model = experts_as_computed(model.float().eval(), "bf16" if expert_precision == "bf16" else "fp32")
     onnx_export.set_feature_dim(model, int(configs["input_dim"]))
     meta = export_metadata(model, configs, raw_configs, chunk_size, left_chunks, reverse_weight)
     # the runtimes size the cnn cache as (blocks, 1, D, cnn_module_kernel - 1)
@@ -170,41 +168,29 @@ def _verify_kernel_graphs(model: torch.nn.Module, kernel_graphs: List[str], chun
     return report
 
 
-def experts_in(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """A copy of `model` whose fp32 MoE FFNs compute with `precision` experts (bf16:
-    `--expert_precision bf16` of an fp32 model); `model` itself when none is fp32."""
-    import copy
-
-    from wenet_moe.layers.moe import MoEFFN
-
-    if not any(isinstance(m, MoEFFN) and m.expert_precision == "fp32" for m in model.modules()):
-        return model
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, MoEFFN) and m.expert_precision == "fp32":
-            m.expert_precision = precision
-    return model
-
-
-def experts_as_computed(model: torch.nn.Module) -> torch.nn.Module:
+def experts_as_computed(model: torch.nn.Module, fp32_experts: str = "fp32") -> torch.nn.Module:
     """A copy of `model` whose MoE experts hold the weight values it computes with
     (`cpu_kernel.expert_weight_values` of each FFN's `expert_precision`, which the copy
     then runs as fp32: the same numbers), so that the exported graphs equal the eager
     model (up to the activations that w8a8 and bf16a round and the fp32 graphs do
-    not); `model` itself when every MoE FFN is fp32."""
+    not); `fp32_experts` ("bf16": `--expert_precision bf16` of an fp32 model) is the
+    precision whose values the fp32 FFNs take. `model` itself when nothing changes."""
     import copy
 
     from wenet_moe.layers.cpu_kernel import expert_weight_values
     from wenet_moe.layers.moe import MoEFFN
 
-    if not any(isinstance(m, MoEFFN) and m.expert_precision != "fp32" for m in model.modules()):
+    def values_of(m: MoEFFN) -> str:
+        return fp32_experts if m.expert_precision == "fp32" else m.expert_precision
+
+    if not any(isinstance(m, MoEFFN) and values_of(m) != "fp32" for m in model.modules()):
         return model
     model = copy.deepcopy(model)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, MoEFFN) and m.expert_precision != "fp32":
+            if isinstance(m, MoEFFN) and values_of(m) != "fp32":
                 for weight in (m.w1, m.w2):
-                    weight.copy_(expert_weight_values(weight, m.expert_precision))
+                    weight.copy_(expert_weight_values(weight, values_of(m)))
                 m.expert_precision = "fp32"
     return model
 
