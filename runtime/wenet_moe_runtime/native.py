@@ -314,12 +314,9 @@ class RoutedExperts:
         self._call = lib.wm_moe_routed_forward
         self._scratch = threading.local()
 
-    def _work(self, n_tok: int):
-        """This thread's scratch (floats: x_sorted, h, y_sorted, gates; int64: order and
-        top_idx), grown to the largest call."""
-        n_assign = n_tok * self.k
-        floats, words = scratch_sizes(n_assign, self.dim, self.hidden, self.n_expert)
-        ints = words + n_assign      # the order words, then top_idx
+    def _work(self, floats: int, ints: int):
+        """This thread's scratch (`floats` float32: x_sorted, h, y_sorted, gates; `ints`
+        int64: order and top_idx), grown to the largest call."""
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf[0].size < floats or buf[1].size < ints:
             buf = (np.empty(max(floats, 1), np.float32), np.empty(ints, np.int64))
@@ -341,10 +338,11 @@ class RoutedExperts:
         out = np.empty_like(x)
         if n_tok == 0:
             return out
-        floats, ints = self._work(n_tok)
         n_assign = n_tok * self.k
+        n_floats, words = scratch_sizes(n_assign, self.dim, self.hidden, self.n_expert)
+        floats, ints = self._work(n_floats, words + n_assign)   # the order words, then top_idx
         x_sorted, h, y_sorted, gates = scratch_pointers(floats.ctypes.data, n_assign, self.dim, self.hidden)
-        top_idx = ints.ctypes.data + 8 * scratch_sizes(n_assign, self.dim, self.hidden, self.n_expert)[1]
+        top_idx = ints.ctypes.data + 8 * words
         status = self._call(x.ctypes.data, n_tok, self.dim, emb_ptr, self.emb_dim, self.router_t.ctypes.data,
                             None if self.router_b is None else self.router_b.ctypes.data, *self._fixed,
                             top_idx, gates, *self._experts, x_sorted, h, y_sorted, ints.ctypes.data,
