@@ -50,8 +50,9 @@ def distinct_experts(model: torch.nn.Module, feats: List[np.ndarray], chunk: int
     return counts
 
 
-def wav_features(model_conf: dict, wav_scp: str, utts: int) -> List[np.ndarray]:
-    """Fbank of the first `utts` wavs of a wav.scp with the model's fbank_conf (no dither)."""
+def wav_features(model_conf: dict, wav_scp: str, utts: int, frames: int = 0) -> List[np.ndarray]:
+    """Fbank of the first `utts` wavs (< 0: no limit) of a wav.scp with the model's
+    fbank_conf (no dither); with `frames` > 0, no more wavs once they hold that many frames."""
     from wenet_moe.data.features import fbank_options
     from wenet_moe_runtime.features import compute_fbank
     from wenet_moe_runtime.wavio import read_wav
@@ -68,7 +69,7 @@ def wav_features(model_conf: dict, wav_scp: str, utts: int) -> List[np.ndarray]:
             if np.issubdtype(samples.dtype, np.integer):
                 samples = samples.astype(np.float32) / 32768.0
             out.append(np.asarray(compute_fbank(samples, rate, opts), np.float32))
-            if len(out) == utts:
+            if len(out) == utts or 0 < frames <= sum(f.shape[0] for f in out):
                 break
     if not out:
         raise SystemExit(f"{wav_scp}: no utterances")

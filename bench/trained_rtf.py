@@ -55,12 +55,7 @@ def utterance(conf: dict, wav_scp: str, seconds: float) -> np.ndarray:
     """(frames, bins) fbank of the first wavs of `wav_scp` (the model's fbank options,
     no dither), joined and cut to `seconds` (100 frames per second)."""
     frames = int(seconds * 100)
-    feats, utts = [], 8
-    while True:
-        feats = expert_reads.wav_features(conf, wav_scp, utts)
-        if sum(f.shape[0] for f in feats) >= frames or len(feats) < utts:
-            break
-        utts *= 2
+    feats = expert_reads.wav_features(conf, wav_scp, utts=-1, frames=frames)
     joined = np.concatenate(feats, axis=0)[:frames]
     if joined.shape[0] < frames:
         print(f"{wav_scp}: only {joined.shape[0] / 100:.1f} s of speech; timing that")
