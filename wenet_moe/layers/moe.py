@@ -221,6 +221,19 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     return limit
 
 
+def _member(module: nn.Module, name: str) -> Any:
+    """`module.<name>` for a parameter, buffer or submodule, without nn.Module.__getattr__'s
+    Python fallback (~1 us each: a sizeable part of a one-frame layer call). A plain
+    attribute comes first: FSDP swaps the unsharded tensors in as attributes."""
+    found = module.__dict__.get(name)
+    if found is not None:
+        return found
+    for table in (module._parameters, module._modules, module._buffers):
+        if name in table:
+            return table[name]
+    return getattr(module, name)     # (raises the usual AttributeError)
+
+
 def _onednn_experts(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                     precision: str) -> List[Tuple[torch.Tensor, ...]]:
     """[(w1, b1, w2, b2) per expert] for oneDNN's linear from fp32 weights (E, D, H) /
@@ -433,17 +446,18 @@ class MoEFFN(nn.Module):
         as `route` up to float rounding (its sums run in another order). The prepared
         call is kept per layer and rebuilt when a weight (expert or router) changes, or
         the precision, packing mode or thread count."""
-        router = self.router
+        router = _member(self, "router")
         if (self.training or not isinstance(router, Router) or self._kernel_activation == "none"
                 or router._forward_hooks or router._forward_pre_hooks
                 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
                 or torch.is_autocast_enabled("cpu")):
             return None
-        # the attributes, not `_parameters`: FSDP swaps in the unsharded tensors as attributes
-        gate = router.gate
-        bias = gate.bias
+        gate = _member(router, "gate")
+        bias = _member(gate, "bias")
         key = ((torch.get_num_threads(), self.expert_precision, self.packed_experts)
-               + tuple((t.data_ptr(), t._version) for t in (self.w1, self.b1, self.w2, self.b2, gate.weight))
+               + tuple((t.data_ptr(), t._version) for t in (_member(self, "w1"), _member(self, "b1"),
+                                                           _member(self, "w2"), _member(self, "b2"),
+                                                           _member(gate, "weight")))
                + (None if bias is None else (bias.data_ptr(), bias._version),))
         plan = _KERNEL_PLANS.get(self)
         if plan is None or plan[0] != key:
@@ -453,7 +467,7 @@ class MoEFFN(nn.Module):
         call, max_rows = plan[1], plan[2]
         if call is None or n_assign / min(n_assign, self.n_expert) > max_rows:
             return None
-        return call(x, emb if self.use_route_emb else x[:0])
+        return call(x, emb)    # (read only with a route embedding)
 
     @torch.jit.unused
     def _kernel_plan(self, x: torch.Tensor) -> Tuple[Optional[cpu_kernel.RoutedMoE], float]:
