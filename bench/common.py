@@ -7,6 +7,8 @@ import os
 import tempfile
 from typing import Sequence
 
+import numpy as np
+
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
     """Levenshtein distance between two strings or token sequences."""
@@ -30,3 +32,19 @@ def write_json_atomic(path: str, obj) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def blank_shift(scores: np.ndarray, fraction: float) -> float:
+    """How far to raise the CTC blank score (index 0) of (frames, vocab) logits or
+    log-posteriors so that `fraction` of the frames are blank-best: that quantile of
+    max(non-blank) - blank (the same for logits and their log-softmax)."""
+    return float(np.quantile(scores[:, 1:].max(axis=1) - scores[:, 0], fraction))
+
+
+def raise_blank_(model, feats, fraction: float, chunk: int) -> None:
+    """Raises the CTC blank bias of a (random-weight) `ASRModel` by `blank_shift` of its
+    logits on `feats` (1, T, 80), encoded at `chunk`, so that its outputs are peaky."""
+    import torch
+    with torch.no_grad():
+        enc, _ = model.encoder(feats, torch.tensor([feats.size(1)]), chunk, -1)
+        model.ctc.ctc_lo.bias[0] += blank_shift(model.ctc.ctc_lo(enc)[0].numpy(), fraction)

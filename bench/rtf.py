@@ -75,6 +75,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
+from common import raise_blank_  # noqa: E402
 from wenet_moe.layers import cpu_kernel  # noqa: E402
 from wenet_moe.layers import moe as moe_module  # noqa: E402
 
@@ -135,11 +136,7 @@ def build_random(conf: dict, feats: torch.Tensor) -> torch.nn.Module:
     from wenet_moe.model import build_model
     torch.manual_seed(0)
     model = build_model(copy.deepcopy(conf)).eval()
-    with torch.no_grad():
-        enc, _ = model.encoder(feats, torch.tensor([feats.size(1)]), CHUNK, -1)
-        logits = model.ctc.ctc_lo(enc)[0]
-        margin = logits[:, 1:].max(dim=1).values - logits[:, 0]
-        model.ctc.ctc_lo.bias[0] += float(torch.quantile(margin, 0.7))
+    raise_blank_(model, feats, 0.7, CHUNK)
     return model
 
 

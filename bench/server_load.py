@@ -41,7 +41,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from common import edit_distance, write_json_atomic  # bench/common.py
+from common import blank_shift, edit_distance, raise_blank_, write_json_atomic  # bench/common.py
 from wenet_moe_runtime.client import stream_samples
 from wenet_moe_runtime.decode import read_scp
 from wenet_moe_runtime.decoder import DecodeOptions, resolve_chunk_size
@@ -231,11 +231,7 @@ def make_random_export(config: str, out_dir: str, vocab: int, chunk: int) -> Non
     from wenet_moe_runtime.features import FbankOptions, compute_fbank
     wav = T.synth([2, 3, 4, 5, 6, 7], seed=0).astype(np.float32) / 32768.0
     feats = torch.from_numpy(compute_fbank(wav, 16000, FbankOptions()))[None]
-    with torch.no_grad():
-        enc, _ = model.encoder(feats, torch.tensor([feats.shape[1]]), 16, -1)
-        logits = model.ctc.ctc_lo(enc)[0]
-        margin = logits[:, 1:].max(dim=1).values - logits[:, 0]
-        model.ctc.ctc_lo.bias[0] += float(torch.quantile(margin, 0.7))
+    raise_blank_(model, feats, 0.7, 16)
     export_loaded(model, copy.deepcopy(conf), copy.deepcopy(conf), out_dir, chunk_size=chunk,
                   left_chunks=-1, quantize="int8", verify=False)
 
@@ -250,31 +246,30 @@ def synthetic_wavs() -> List[Tuple[str, np.ndarray]]:
 CTC_GRAPHS = ("ctc.onnx", "ctc.int8.onnx")
 
 
-def blank_shift(model_dir: str, wavs, fraction: float) -> float:
+def export_blank_shift(model_dir: str, wavs, fraction: float) -> float:
     """How far to raise the CTC blank logit of the export so that `fraction` of the
     frames of `wavs` are blank-best (streaming, the export's chunk size, fp32 graphs):
     that quantile of max(non-blank log-posterior) - blank log-posterior."""
     model = OnnxAsrModel(model_dir)
     chunk = resolve_chunk_size(model, 0)
-    margins = []
+    scores = []
     for _, samples in wavs:
         chunks = encode_chunks(model, utterance_fbank(model, samples), chunk)
         if chunks:
-            logp = model.ctc_log_probs(np.concatenate(chunks, axis=0))
-            margins.append(logp[:, 1:].max(axis=1) - logp[:, 0])
-    if not margins:
+            scores.append(model.ctc_log_probs(np.concatenate(chunks, axis=0)))
+    if not scores:
         raise SystemExit(f"{model_dir}: the test wavs gave no encoder frames to calibrate on")
-    return float(np.quantile(np.concatenate(margins), fraction))
+    return blank_shift(np.concatenate(scores), fraction)
 
 
 def blank_calibrated(model_dir: str, wavs, fraction: float) -> str:
     """`<model_dir>.blank<percent>`: the export with its CTC blank bias raised by
-    `blank_shift` (in `ctc.onnx` and `ctc.int8.onnx`), every other file hard-linked
+    `export_blank_shift` (in `ctc.onnx` and `ctc.int8.onnx`), every other file hard-linked
     (a copy where links fail); rewritten on every call. Returns its path."""
     import onnx
     from onnx import numpy_helper
     from wenet_moe.export.expert_split import link_or_copy
-    shift = blank_shift(model_dir, wavs, fraction)
+    shift = export_blank_shift(model_dir, wavs, fraction)
     out = f"{os.path.abspath(model_dir).rstrip('/')}.blank{round(100 * fraction)}"
     for root, _, files in os.walk(model_dir):
         rel = os.path.relpath(root, model_dir)

@@ -76,3 +76,33 @@ def test_dense_twin_has_the_active_compute_of_the_moe(tmp_path, decoder_moe):
     assert ffn_weights("decoder.") == [32 * (k * hidden if decoder_moe else hidden)] * 4
     for layer in layers:
         assert layer.w1.shape == (4, 32, hidden) and layer.w2.shape == (4, hidden, 32)
+
+
+def test_blank_shift_is_the_margin_quantile():
+    common = pytest.importorskip("common")
+    # margins max(non-blank) - blank: 1, 3, 2, -1
+    scores = np.array([[0.0, 1.0, -2.0], [1.0, 4.0, 0.0], [0.5, 0.0, 2.5], [2.0, 1.0, 0.0]])
+    assert common.blank_shift(scores, 0.5) == pytest.approx(1.5)
+    assert common.blank_shift(scores, 1.0) == pytest.approx(3.0)
+    # raised by the 0.75 quantile (2.25), frames 0, 2 and 3 become blank-best
+    shifted = scores.copy()
+    shifted[:, 0] += common.blank_shift(scores, 0.75)
+    assert list(shifted.argmax(axis=1)) == [0, 1, 0, 0]
+
+
+def test_random_model_blank_raised_to_the_fraction(tmp_path):
+    import torch
+
+    from rt_fixtures import tiny_moe_conf
+    from wenet_moe.model import build_model
+    common = pytest.importorskip("common")
+    (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    model = build_model(tiny_moe_conf(str(tmp_path / "units.txt"), len(T.units()))).eval()
+    feats = torch.randn(1, 400, 80)
+    common.raise_blank_(model, feats, 0.7, 8)
+    with torch.no_grad():
+        enc, _ = model.encoder(feats, torch.tensor([400]), 8, -1)
+        best = model.ctc.ctc_lo(enc)[0].argmax(dim=1)
+    assert enc.size(1) >= 90
+    assert abs(float((best == 0).float().mean()) - 0.7) < 0.03
