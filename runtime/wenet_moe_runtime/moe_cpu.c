@@ -793,22 +793,58 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
  *   full-softmax probabilities of the chosen experts. Sums run over the input in order,
  *   so the routing does not depend on `threads`. */
 #define MAX_ROUTED_EXPERTS 256
+#define ROUTE_FRAMES 4
+/* logit[m][e] for the nb (<= ROUTE_FRAMES, a constant after inlining) frames from
+ * frame t0, in experts of 8 lanes: each weight row of 8 experts is loaded once for the
+ * nb frames (nb independent FMA chains; one frame at a time, the chain's latency made
+ * the routing of 1024 frames 0.57 ms, 2.5 % of the layer). Each logit is summed in
+ * input order (bias, emb, x) whatever nb, so a frame's routing does not depend on the
+ * frames beside it or on `threads`. */
+static INLINE void router_logits(const float *x, const int64_t t0, const int nb, int dim,
+                                 const float *emb, int emb_dim, const float *wt_router,
+                                 const float *b, int n_expert, float logit[][MAX_ROUTED_EXPERTS]) {
+    int e0 = 0;
+    for (; e0 + 8 <= n_expert; e0 += 8) {
+        const vec8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+        vec8 acc[ROUTE_FRAMES];
+        for (int m = 0; m < nb; m++) acc[m] = b == NULL ? zero : load8(b + e0);
+        for (int d = 0; d < emb_dim; d++) {
+            const vec8 w = load8(wt_router + (int64_t)d * n_expert + e0);
+            for (int m = 0; m < nb; m++) acc[m] += emb[(t0 + m) * emb_dim + d] * w;
+        }
+        for (int d = 0; d < dim; d++) {
+            const vec8 w = load8(wt_router + (int64_t)(emb_dim + d) * n_expert + e0);
+            for (int m = 0; m < nb; m++) acc[m] += x[(t0 + m) * dim + d] * w;
+        }
+        for (int m = 0; m < nb; m++) store8(logit[m] + e0, acc[m]);
+    }
+    for (int m = 0; m < nb; m++) {      /* experts past the last group of 8 */
+        const float *xt = x + (t0 + m) * dim, *et = emb_dim ? emb + (t0 + m) * emb_dim : NULL;
+        float *l = logit[m];
+        for (int e = e0; e < n_expert; e++) l[e] = b == NULL ? 0.0f : b[e];
+        for (int d = 0; d < emb_dim; d++)
+            for (int e = e0; e < n_expert; e++) l[e] += et[d] * wt_router[(int64_t)d * n_expert + e];
+        for (int d = 0; d < dim; d++)
+            for (int e = e0; e < n_expert; e++) l[e] += xt[d] * wt_router[(int64_t)(emb_dim + d) * n_expert + e];
+    }
+}
+
 static void route(const float *x, int64_t n_tok, int dim, const float *emb, int emb_dim,
                   const float *wt_router, const float *b, int n_expert, int k, int renormalize,
                   int64_t *top_idx, float *gates) {
-    float logit[MAX_ROUTED_EXPERTS];
+    float logits[ROUTE_FRAMES][MAX_ROUTED_EXPERTS];
     for (int64_t t = 0; t < n_tok; t++) {
-        for (int e = 0; e < n_expert; e++) logit[e] = b == NULL ? 0.0f : b[e];
-        for (int d = 0; d < emb_dim; d++) {
-            const float v = emb[t * emb_dim + d];
-            const float *w = wt_router + (int64_t)d * n_expert;
-            for (int e = 0; e < n_expert; e++) logit[e] += v * w[e];
+        const int64_t m = t % ROUTE_FRAMES;
+        if (m == 0) {
+            const int64_t nb = n_tok - t < ROUTE_FRAMES ? n_tok - t : ROUTE_FRAMES;
+            switch (nb) {
+            case 4: router_logits(x, t, 4, dim, emb, emb_dim, wt_router, b, n_expert, logits); break;
+            case 3: router_logits(x, t, 3, dim, emb, emb_dim, wt_router, b, n_expert, logits); break;
+            case 2: router_logits(x, t, 2, dim, emb, emb_dim, wt_router, b, n_expert, logits); break;
+            default: router_logits(x, t, 1, dim, emb, emb_dim, wt_router, b, n_expert, logits); break;
+            }
         }
-        for (int d = 0; d < dim; d++) {
-            const float v = x[t * dim + d];
-            const float *w = wt_router + (int64_t)(emb_dim + d) * n_expert;
-            for (int e = 0; e < n_expert; e++) logit[e] += v * w[e];
-        }
+        const float *logit = logits[m];
         int64_t *idx = top_idx + t * k;
         float *g = gates + t * k;
         for (int j = 0; j < k; j++) {     /* selection: k is small */

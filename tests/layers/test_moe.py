@@ -768,16 +768,19 @@ def test_kernel_moe_forward_matches_loop_and_rejects_bad_ids():
 
 
 @needs_kernel
-@pytest.mark.parametrize("router,k,frame_embedding", [("topk", 2, False), ("topk", 1, False),
-                                                      ("switch", 1, False), ("omni", 2, False),
-                                                      ("speechmoe", 2, True)])
-def test_kernel_routing_in_c_matches_naive(router, k, frame_embedding):
+@pytest.mark.parametrize("router,k,frame_embedding,n_expert", [
+    ("topk", 2, False, 8), ("topk", 1, False, 8), ("switch", 1, False, 8), ("omni", 2, False, 8),
+    ("speechmoe", 2, True, 8), ("topk", 2, False, 6), ("switch", 1, False, 12),
+    ("speechmoe", 2, True, 12)])
+def test_kernel_routing_in_c_matches_naive(router, k, frame_embedding, n_expert):
     """Eval CPU fp32 inference routes in C and runs the experts in the same call
     (`_kernel_forward`): outputs, chosen experts (largest logit first) and recorded
     routing against the frame-by-frame reference, for every router, k = 1 and 2, and
-    the SpeechMoE router input [embedding, x]; routing by torch (`route`) agrees."""
+    the SpeechMoE router input [embedding, x]; routing by torch (`route`) agrees. The
+    C router takes experts 8 at a time and frames 4 at a time: 6 and 12 experts and
+    2 x 37 frames reach its remainders."""
     torch.manual_seed(11)
-    factory, layer = make_layer(router, n_expert=8, k=k, dim=32, hidden=48,
+    factory, layer = make_layer(router, n_expert=n_expert, k=k, dim=32, hidden=48,
                                 frame_embedding=frame_embedding)
     layer.eval()
     for frames in (1, 4, 16, 37):
