@@ -387,7 +387,7 @@ class RoutedMoE:
         self._call = lib.wm_moe_routed_forward
 
     def __call__(self, x: torch.Tensor, route_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x (N, D) float32, route_emb (N, E_emb) float32 or empty (E_emb = 0) ->
+        """x (N, D) float32, route_emb (N, E_emb) float32 (not read when E_emb = 0) ->
         ((N, D) output, (N, k) int64 chosen experts, largest logit first)."""
         x = x.contiguous()
         n_tok = x.size(0)
