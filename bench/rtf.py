@@ -7,7 +7,9 @@ Models (random weights unless `--checkpoint`; 80-dim fbank input, `--vocab` outp
   dense_l      the dense config with FFN = n_expert x expert hidden of train_u2++_moe.yaml
                (8192: the MoE's total parameters)
 Random-weight models get their CTC blank bias raised so that ~70% of frames are blank
-(peaky posteriors, so the prefix beam search and rescoring see realistic n-best lists).
+(peaky posteriors, so the prefix beam search and rescoring see realistic n-best lists),
+for the decoding cases of each feature kind on its own (`kind_blank_shift`), so that
+the models compared emit about as many tokens.
 
 Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
   torch offline / chunk16      encoder only: full context, or `forward_chunk_by_chunk`
@@ -75,7 +77,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
-from common import raise_blank_  # noqa: E402
+from common import blank_shift, raise_blank_  # noqa: E402
 from wenet_moe.layers import cpu_kernel  # noqa: E402
 from wenet_moe.layers import moe as moe_module  # noqa: E402
 
@@ -138,6 +140,15 @@ def build_random(conf: dict, feats: torch.Tensor) -> torch.nn.Module:
     model = build_model(copy.deepcopy(conf)).eval()
     raise_blank_(model, feats, 0.7, CHUNK)
     return model
+
+
+def kind_blank_shift(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """How far this random-weight model's CTC blank must rise for ~70 % of the frames of
+    `x` (1, T, 80) to be blank-best: `build_random` calibrated it on one kind of
+    features; the decoding cases of another kind apply this shift, so that every model
+    emits about as many tokens on every kind (what decoding costs follows that count)."""
+    enc, _ = model.encoder(x, torch.tensor([x.size(1)], device=x.device), CHUNK, -1)
+    return blank_shift(model.ctc.ctc_lo(enc)[0].float().cpu().numpy(), 0.7)
 
 
 def params_m(model: torch.nn.Module) -> float:
@@ -217,7 +228,7 @@ def torch_cases(model, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
             "torch dec offline": dec_offline, "torch dec chunk16": dec_chunk16}
 
 
-def runtime_cases(rt, feats: np.ndarray, label: str) -> Dict[str, Callable[[], None]]:
+def runtime_cases(rt, feats: np.ndarray, label: str, blank_raise: float = 0.0) -> Dict[str, Callable[[], None]]:
     from wenet_moe_runtime.ctc_search import ctc_prefix_beam_search
     from wenet_moe_runtime.decoder import DecodeOptions, rescore
     from wenet_moe_runtime.offline import encode_chunks, encode_utterance
@@ -232,6 +243,10 @@ def runtime_cases(rt, feats: np.ndarray, label: str) -> Dict[str, Callable[[], N
     def dec():
         chunks = encode_chunks(rt, feats, CHUNK)
         log_probs = np.concatenate([rt.ctc_log_probs(h) for h in chunks], axis=0)
+        # the blank raised by `blank_raise` (kind_blank_shift): adding to the blank's
+        # log-posterior ranks every prefix as raising its logit would (the two differ by
+        # a per-frame constant that every path pays once)
+        log_probs[:, rt.symbols.blank_id] += blank_raise
         hyps = ctc_prefix_beam_search(log_probs, 10, rt.symbols.blank_id)
         rescore(rt, hyps, np.concatenate(chunks, axis=0), opts)
     return {f"rt chunk16 {label}": enc, f"rt offline {label}": enc_offline,
@@ -570,6 +585,18 @@ def main() -> int:
             for kind, fe in feats.items():
                 x = torch.from_numpy(fe)[None].to(DEVICE)
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
+                # random-weight models: the blank of this kind's decoding cases at 70 %
+                # (the @P variants share their base model's CTC layer and export)
+                shifts = {n: kind_blank_shift(models[n], x) if not args.no_decode else 0.0
+                          for n in names if n not in trained and n not in variants}
+                shifts.update({v: shifts.get(b, 0.0) for v, b in variants.items()})
+                if any(abs(v) > 0.01 for v in shifts.values()):
+                    print(f"  {kind} features: CTC blank raised by "
+                          + ", ".join(f"{n} {shifts[n]:+.2f}" for n in names if n in shifts and n not in variants)
+                          + " in the decoding cases (calibrated on another kind)")
+                for n in shifts:
+                    if n not in variants:
+                        models[n].ctc.ctc_lo.bias[0] += shifts[n]
                 case_names = list(torch_cases(models[names[0]], x))
                 if args.no_decode:
                     case_names = [c for c in case_names if " dec " not in c]
@@ -579,12 +606,15 @@ def main() -> int:
                     t = interleaved({n: torch_cases(models[n], x)[case] for n in names}, args.reps)
                     for n in names:
                         results[n][case] = t[n]
+                for n in shifts:
+                    if n not in variants:
+                        models[n].ctc.ctc_lo.bias[0] -= shifts[n]
                 for prec, rts in runtimes.items():
                     for case in runtime_cases(rts[names[0]], fe, prec):
                         if args.no_decode and " dec " in case:
                             continue
-                        t = interleaved({n: runtime_cases(rts[n], fe, prec)[case] for n in rts},
-                                        args.reps)
+                        t = interleaved({n: runtime_cases(rts[n], fe, prec, shifts.get(n, 0.0))[case]
+                                         for n in rts}, args.reps)
                         for n in rts:
                             results[n][case] = t[n]
                 title = (f"{threads} thread{'s' if threads > 1 else ''}, {kind} features, "

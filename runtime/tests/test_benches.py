@@ -106,3 +106,29 @@ def test_random_model_blank_raised_to_the_fraction(tmp_path):
         best = model.ctc.ctc_lo(enc)[0].argmax(dim=1)
     assert enc.size(1) >= 90
     assert abs(float((best == 0).float().mean()) - 0.7) < 0.03
+
+
+def test_raising_blank_log_posterior_ranks_as_raising_its_logit():
+    """bench/rtf.py's runtime decoding cases raise the blank of the runtime's
+    log-posteriors instead of re-exporting the CTC layer: the prefix beam search then
+    returns the hypotheses, in the order, that raising the blank logit gives, with
+    scores apart by one constant."""
+    from wenet_moe_runtime.ctc_search import ctc_prefix_beam_search
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=2.0, size=(40, 7))
+    shift = 1.7
+    raised = logits.copy()
+    raised[:, 0] += shift
+    want = ctc_prefix_beam_search(log_softmax(raised), 6, 0)
+    approx = log_softmax(logits)
+    approx[:, 0] += shift
+    got = ctc_prefix_beam_search(approx, 6, 0)
+    assert [h[0] for h in got] == [h[0] for h in want]
+    assert len({tuple(h[0]) for h in want}) == 6 and any(len(h[0]) > 3 for h in want)
+    gaps = [g[1] - w[1] for g, w in zip(got, want)]
+    assert max(gaps) - min(gaps) < 1e-6 and abs(gaps[0]) > 1.0
