@@ -583,19 +583,24 @@ static INLINE void transpose16(vec16 v[16]) {
     TRANSPOSE_ROUND(1);
 }
 
-/* xt[k * rows + m] = x[m * ldx + k] for m < rows (<= 16), k < K: from 4 rows on, 16 k at
- * a time through `transpose16` (the element-wise loop was ~7 % of a 1024-frame call:
- * 2 x rows x K scalar loads and stores per tile). Each transposed row of 16 is stored whole at
+/* xt[k * rows + m] = x[m * ldx + k] for m < rows (<= 16), k < K: on AVX-512 from 4 rows
+ * on, 16 k at a time through `transpose16` (the element-wise loop was ~7 % of a
+ * 1024-frame call there: 2 x rows x K scalar loads and stores per tile). Each transposed row of 16 is stored whole at
  * xt + k * rows; its lanes past `rows` land on the next k's entries, which the next
  * store overwrites: xt needs 16 floats of room past rows x K. */
 static void transpose_rows(const float *x, const int64_t ldx, const int rows, const int K, float *xt) {
     int k0 = 0;
-    for (; rows > 3 && k0 + 16 <= K; k0 += 16) {    /* (1-3 rows: the loop below is cheaper) */
+#if defined(__AVX512F__)
+    /* AVX-512 only: elsewhere the 16-lane shuffles are split into many narrower ones
+     * (AVX2: +18 % per layer call at 256-1024 frames, where the loop below is at MKL's
+     * rate); 1-3 rows: the loop below is cheaper */
+    for (; rows > 3 && k0 + 16 <= K; k0 += 16) {
         vec16 v[16];
         for (int m = 0; m < 16; m++) v[m] = m < rows ? load16(x + m * ldx + k0) : splat(0.0f);
         transpose16(v);
         for (int j = 0; j < 16; j++) store16(xt + (int64_t)(k0 + j) * rows, v[j]);
     }
+#endif
     for (int m = 0; m < rows; m++)
         for (int k = k0; k < K; k++) xt[(int64_t)k * rows + m] = x[m * ldx + k];
 }
