@@ -558,9 +558,10 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, void *xq
 #define Q8_CASE(R) case R: tile_q8((const uint32_t *)xq, sx, R, K, N, w, scale, b, y, ldy, act); break;
 #endif
 
-/* A 16 x 16 block transposed in registers: four rounds of two-input shuffles, round s
- * swapping s x s sub-blocks between rows i and i + s (64 shuffles, one instruction each
- * on AVX-512) */
+#if defined(__AVX512F__)
+/* A 16 x 16 block transposed in registers: four rounds of two-source permutes
+ * (`vpermt2ps`, in GCC and clang alike), round s swapping s x s sub-blocks between rows
+ * i and i + s; lane l of a round's index picks source a (0-15) or b (16-31) */
 #define TRANSPOSE_ROUND(S)                                                                   \
     do {                                                                                     \
         ivec16 pick_a, pick_b;                                                               \
@@ -568,11 +569,12 @@ static void quantize_rows(const float *x, int64_t ldx, int rows, int K, void *xq
             pick_a[l] = (l & (S)) == 0 ? l : 16 + l - (S);                                   \
             pick_b[l] = (l & (S)) == 0 ? l + (S) : 16 + l;                                   \
         }                                                                                    \
+        const __m512i ia = (__m512i)pick_a, ib = (__m512i)pick_b;                            \
         for (int i = 0; i < 16; i++) {                                                       \
             if (i & (S)) continue;                                                           \
-            const vec16 a = v[i], b = v[i + (S)];                                            \
-            v[i] = __builtin_shuffle(a, b, pick_a);                                          \
-            v[i + (S)] = __builtin_shuffle(a, b, pick_b);                                    \
+            const __m512 a = (__m512)v[i], b = (__m512)v[i + (S)];                           \
+            v[i] = (vec16)_mm512_permutex2var_ps(a, ia, b);                                  \
+            v[i + (S)] = (vec16)_mm512_permutex2var_ps(a, ib, b);                            \
         }                                                                                    \
     } while (0)
 
@@ -582,18 +584,20 @@ static INLINE void transpose16(vec16 v[16]) {
     TRANSPOSE_ROUND(2);
     TRANSPOSE_ROUND(1);
 }
+#endif
 
 /* xt[k * rows + m] = x[m * ldx + k] for m < rows (<= 16), k < K: on AVX-512 from 4 rows
  * on, 16 k at a time through `transpose16` (the element-wise loop was ~7 % of a
- * 1024-frame call there: 2 x rows x K scalar loads and stores per tile). Each transposed row of 16 is stored whole at
- * xt + k * rows; its lanes past `rows` land on the next k's entries, which the next
- * store overwrites: xt needs 16 floats of room past rows x K. */
+ * 1024-frame call there: 2 x rows x K scalar loads and stores per tile). Each
+ * transposed row of 16 is stored whole at xt + k * rows; its lanes past `rows` land on
+ * the next k's entries, which the next store (or the loop below) overwrites: xt needs
+ * 16 floats of room past rows x K. */
 static void transpose_rows(const float *x, const int64_t ldx, const int rows, const int K, float *xt) {
     int k0 = 0;
 #if defined(__AVX512F__)
-    /* AVX-512 only: elsewhere the 16-lane shuffles are split into many narrower ones
-     * (AVX2: +18 % per layer call at 256-1024 frames, where the loop below is at MKL's
-     * rate); 1-3 rows: the loop below is cheaper */
+    /* AVX-512 only: the same transpose in 16-lane generic shuffles, split into narrower
+     * ones on AVX2, made a layer call 18 % slower there at 256-1024 frames (where the loop
+     * below is at MKL's rate); 1-3 rows: the loop below is cheaper */
     for (; rows > 3 && k0 + 16 <= K; k0 += 16) {
         vec16 v[16];
         for (int m = 0; m < 16; m++) v[m] = m < rows ? load16(x + m * ldx + k0) : splat(0.0f);
