@@ -41,10 +41,19 @@ def blank_shift(scores: np.ndarray, fraction: float) -> float:
     return float(np.quantile(scores[:, 1:].max(axis=1) - scores[:, 0], fraction))
 
 
-def raise_blank_(model, feats, fraction: float, chunk: int) -> None:
-    """Raises the CTC blank bias of a (random-weight) `ASRModel` by `blank_shift` of its
-    logits on `feats` (1, T, 80), encoded at `chunk`, so that its outputs are peaky."""
+def model_blank_shift(model, feats, fraction: float, chunk: int) -> float:
+    """`blank_shift` of an `ASRModel`'s CTC logits on `feats` (1, T, bins), encoded at
+    `chunk`."""
     import torch
     with torch.no_grad():
-        enc, _ = model.encoder(feats, torch.tensor([feats.size(1)]), chunk, -1)
-        model.ctc.ctc_lo.bias[0] += blank_shift(model.ctc.ctc_lo(enc)[0].numpy(), fraction)
+        enc, _ = model.encoder(feats, torch.tensor([feats.size(1)], device=feats.device), chunk, -1)
+        return blank_shift(model.ctc.ctc_lo(enc)[0].float().cpu().numpy(), fraction)
+
+
+def raise_blank_(model, feats, fraction: float, chunk: int) -> None:
+    """Raises the CTC blank bias of a (random-weight) `ASRModel` by `model_blank_shift`
+    on `feats`, so that its outputs are peaky."""
+    import torch
+    shift = model_blank_shift(model, feats, fraction, chunk)
+    with torch.no_grad():
+        model.ctc.ctc_lo.bias[0] += shift

@@ -8,8 +8,8 @@ Models (random weights unless `--checkpoint`; 80-dim fbank input, `--vocab` outp
                (8192: the MoE's total parameters)
 Random-weight models get their CTC blank bias raised so that ~70% of frames are blank
 (peaky posteriors, so the prefix beam search and rescoring see realistic n-best lists),
-for the decoding cases of each feature kind on its own (`kind_blank_shift`), so that
-the models compared emit about as many tokens.
+and again for the decoding cases of each feature kind on its own, so that the models
+compared emit about as many tokens on every kind (what decoding costs follows that count).
 
 Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
   torch offline / chunk16      encoder only: full context, or `forward_chunk_by_chunk`
@@ -77,7 +77,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
-from common import blank_shift, raise_blank_  # noqa: E402
+from common import model_blank_shift, raise_blank_  # noqa: E402
 from wenet_moe.layers import cpu_kernel  # noqa: E402
 from wenet_moe.layers import moe as moe_module  # noqa: E402
 
@@ -142,13 +142,12 @@ def build_random(conf: dict, feats: torch.Tensor) -> torch.nn.Module:
     return model
 
 
-def kind_blank_shift(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """How far this random-weight model's CTC blank must rise for ~70 % of the frames of
-    `x` (1, T, 80) to be blank-best: `build_random` calibrated it on one kind of
-    features; the decoding cases of another kind apply this shift, so that every model
-    emits about as many tokens on every kind (what decoding costs follows that count)."""
-    enc, _ = model.encoder(x, torch.tensor([x.size(1)], device=x.device), CHUNK, -1)
-    return blank_shift(model.ctc.ctc_lo(enc)[0].float().cpu().numpy(), 0.7)
+def move_blanks(models, shifts: Dict[str, float], variants: Dict[str, str], sign: int) -> None:
+    """Adds sign x shifts[n] to the CTC blank bias of each base model n (a variant shares
+    its base model's bias)."""
+    for n, shift in shifts.items():
+        if n not in variants:
+            models[n].ctc.ctc_lo.bias[0] += sign * shift
 
 
 def params_m(model: torch.nn.Module) -> float:
@@ -243,7 +242,7 @@ def runtime_cases(rt, feats: np.ndarray, label: str, blank_raise: float = 0.0) -
     def dec():
         chunks = encode_chunks(rt, feats, CHUNK)
         log_probs = np.concatenate([rt.ctc_log_probs(h) for h in chunks], axis=0)
-        # the blank raised by `blank_raise` (kind_blank_shift): adding to the blank's
+        # the blank raised by `blank_raise` (the kind's own calibration): adding to the blank's
         # log-posterior ranks every prefix as raising its logit would (the two differ by
         # a per-frame constant that every path pays once)
         log_probs[:, rt.symbols.blank_id] += blank_raise
@@ -586,17 +585,16 @@ def main() -> int:
                 x = torch.from_numpy(fe)[None].to(DEVICE)
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
                 # random-weight models: the blank of this kind's decoding cases at 70 %
-                # (the @P variants share their base model's CTC layer and export)
-                shifts = {n: kind_blank_shift(models[n], x) if not args.no_decode else 0.0
+                # (`build_random` calibrated it on one kind; the @P variants share their
+                # base model's CTC layer and export)
+                shifts = {n: model_blank_shift(models[n], x, 0.7, CHUNK) if not args.no_decode else 0.0
                           for n in names if n not in trained and n not in variants}
                 shifts.update({v: shifts.get(b, 0.0) for v, b in variants.items()})
                 if any(abs(v) > 0.01 for v in shifts.values()):
                     print(f"  {kind} features: CTC blank raised by "
                           + ", ".join(f"{n} {shifts[n]:+.2f}" for n in names if n in shifts and n not in variants)
                           + " in the decoding cases (calibrated on another kind)")
-                for n in shifts:
-                    if n not in variants:
-                        models[n].ctc.ctc_lo.bias[0] += shifts[n]
+                move_blanks(models, shifts, variants, +1)
                 case_names = list(torch_cases(models[names[0]], x))
                 if args.no_decode:
                     case_names = [c for c in case_names if " dec " not in c]
@@ -606,9 +604,7 @@ def main() -> int:
                     t = interleaved({n: torch_cases(models[n], x)[case] for n in names}, args.reps)
                     for n in names:
                         results[n][case] = t[n]
-                for n in shifts:
-                    if n not in variants:
-                        models[n].ctc.ctc_lo.bias[0] -= shifts[n]
+                move_blanks(models, shifts, variants, -1)
                 for prec, rts in runtimes.items():
                     for case in runtime_cases(rts[names[0]], fe, prec):
                         if args.no_decode and " dec " in case:
