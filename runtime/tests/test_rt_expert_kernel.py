@@ -60,6 +60,13 @@ def exports(tmp_path_factory):
     return dirs
 
 
+def _one_thread():
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return options
+
+
 def _windows(model: OnnxAsrModel, seed: int, chunks: int):
     """`chunks` chunk windows of random features, the last one short."""
     rc, sub = model.info.right_context, model.info.subsampling_rate
@@ -136,6 +143,19 @@ def test_kernel_graph_layout(exports):
     # one copy of the experts on disk: encoder_batch.kernel/ links encoder.kernel/'s
     assert os.path.samefile(os.path.join(path, "experts.npz"),
                             os.path.join(exports["topk"], "encoder_batch.kernel", "experts.npz"))
+    # the whole graph: the pieces joined, each call a node of the kernel's custom op
+    # whose weights the runtime supplies (empty in the file)
+    import onnx
+    assert manifest["whole"] == "whole.onnx"
+    whole = onnx.load(os.path.join(path, "whole.onnx"))
+    ops = [n for n in whole.graph.node if n.domain == "wenet_moe.kernel"]
+    assert [n.op_type for n in ops] == ["RoutedExperts"] * 4
+    assert [n.output[0] for n in ops] == [c["output"] for c in calls]
+    supplied = {t.name: t for t in whole.graph.initializer if t.name.split(".")[0] in "0123"
+                or t.name == "kernel_threads"}
+    assert len(supplied) == 4 * 8 + 1 and all(list(t.dims) == [0] for t in supplied.values())
+    assert [i.name for i in whole.graph.input] == manifest["inputs"]
+    assert {p.key: p.value for p in whole.metadata_props} == manifest["metadata"]
     # the export directory, .kernel directories included, may be exported over again
     check_replaceable(exports["topk"])
 
@@ -160,10 +180,43 @@ def test_without_the_kernel_the_runtime_runs_the_onnx_graph(exports, monkeypatch
         _windows(model, 0, 2)[0], model.new_state(CHUNK)).shape == (CHUNK, 32)
 
 
-def test_kernel_graphs_run_at_one_thread_only(exports):
-    model = OnnxAsrModel(exports["topk"], num_threads=2)
-    assert model.kernel_experts.startswith("off (num_threads 2")
-    assert not isinstance(model.sessions["encoder"], ExpertSplitEncoder)
+def test_whole_graph_runs_at_two_threads(exports):
+    """The joined graph is one session whose op shares the experts out on its thread
+    pool: 2 threads run it too, and give what encoder.onnx gives."""
+    two = OnnxAsrModel(exports["speechmoe"], num_threads=2)
+    assert two.kernel_experts == "on" and two.sessions["encoder"].mode == "whole"
+    plain = OnnxAsrModel(exports["speechmoe"], num_threads=2, kernel_experts=False)
+    windows = _windows(two, 4, 6)
+    for g, w in zip(_stream(two, windows)[0], _stream(plain, windows)[0]):
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
+
+
+def _without_whole_graphs(src: str, dst) -> str:
+    """A copy of export `src` as exports were before `whole.onnx` (pieces only)."""
+    shutil.copytree(src, dst)
+    for kernel in ("encoder.kernel", "encoder_batch.kernel"):
+        path = os.path.join(dst, kernel, "manifest.json")
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        os.unlink(os.path.join(dst, kernel, manifest.pop("whole")))
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
+    return str(dst)
+
+
+def test_pieces_without_a_whole_graph(exports, tmp_path):
+    """An export without `whole.onnx` runs its pieces at one thread (the same numbers as
+    the whole graph) and its `.onnx` graph at two (each piece would have its own pool)."""
+    old = _without_whole_graphs(exports["topk"], tmp_path / "old")
+    pieces, whole = OnnxAsrModel(old), OnnxAsrModel(exports["topk"])
+    assert pieces.kernel_experts == "on" and pieces.sessions["encoder"].mode == "pieces"
+    assert whole.sessions["encoder"].mode == "whole"
+    windows = _windows(whole, 6, 5)
+    for g, w in zip(_stream(pieces, windows)[0], _stream(whole, windows)[0]):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-6)
+    two = OnnxAsrModel(old, num_threads=2)
+    assert two.kernel_experts.startswith("off (num_threads 2")
+    assert not isinstance(two.sessions["encoder"], ExpertSplitEncoder)
 
 
 def test_bad_kernel_directory_names_the_file(exports, tmp_path):
@@ -245,7 +298,13 @@ def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path):
     assert os.path.samefile(os.path.join(out, "encoder.int8.kernel", "experts.npz"),
                             os.path.join(out, "encoder.kernel", "experts.npz"))
     int8 = OnnxAsrModel(out, int8=True)
-    assert int8.kernel_experts == "on" and isinstance(int8.sessions["encoder"], ExpertSplitEncoder)
+    assert int8.kernel_experts == "on" and int8.sessions["encoder"].mode == "whole"
+    pieces = OnnxAsrModel(out, int8=True)
+    pieces.sessions["encoder"] = ExpertSplitEncoder(os.path.join(out, "encoder.int8.kernel"),
+                                                    _one_thread(), whole_graph=False)
+    windows = _windows(int8, 8, 4)
+    for g, w in zip(_stream(int8, windows)[0], _stream(pieces, windows)[0]):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-6)
     fp32 = OnnxAsrModel(out, kernel_experts=False)
     windows = _windows(int8, 7, 6)
     got, want = _stream(int8, windows)[0], _stream(fp32, windows)[0]

@@ -242,9 +242,10 @@ class OnnxAsrModel:
             self.paths[name] = path
             split = kernel_dir(path)
             if name in ("encoder", BATCH_ENCODER) and os.path.isdir(split):
+                whole = ExpertSplitEncoder.has_whole_graph(split)
                 if not kernel_experts:
                     self.kernel_experts = "off (kernel_experts=False)"
-                elif opts.intra_op_num_threads > 1:
+                elif opts.intra_op_num_threads > 1 and not whole:
                     # 25 pieces = 25 ONNX Runtime thread pools on the same cores: spinning,
                     # they ran the paper MoE 12x slower at 2 threads; not spinning, still
                     # 1.27x slower than encoder.onnx (the kernel's calls on one thread)

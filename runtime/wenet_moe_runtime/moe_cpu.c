@@ -39,6 +39,9 @@
  * run on torch's own OpenMP thread pool instead of competing with it.
  */
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -639,7 +642,7 @@ static void linear_rows(const float *x, int64_t ldx, int64_t rows, int K, int N,
     }
 }
 
-int wm_abi_version(void) { return 11; }
+int wm_abi_version(void) { return 12; }
 
 /* the widest vector unit this build targets: 2 AVX-512, 1 AVX2 (x86), 0 other (the
  * generic vector code: NEON, or an x86-64 CPU without AVX2, where it is slow) */
@@ -750,6 +753,73 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
     return status;
 }
 
+/* One call's expert loop: work item i runs an expert's two linears on its rows. */
+typedef struct {
+    const item_t *items;
+    int64_t n_items;
+    int dim, hidden, wt, act, bf16_rows;
+    const void *w1, *w2;
+    const float *scale1, *b1, *scale2, *b2;
+    float *x_sorted, *h, *y_sorted;
+    int failed;     /* set (atomically) when a thread had no tile buffer */
+} expert_call_t;
+
+/* floats of a thread's tile buffer (xt of linear_rows) for this call */
+static size_t tile_floats(const expert_call_t *c) {
+    return MAX_TILE * (size_t)(c->dim > c->hidden ? c->dim : c->hidden) + 16;
+}
+
+static void expert_item(const expert_call_t *c, const int64_t i, float *xt) {
+    const int64_t e = c->items[i].expert, s = c->items[i].first, rows = c->items[i].rows;
+    const int64_t bytes = (int64_t)c->dim * c->hidden * wt_size(c->wt);   /* one expert's matrix */
+    linear_rows(c->x_sorted + s * c->dim, c->dim, rows, c->dim, c->hidden, (const char *)c->w1 + e * bytes,
+                expert_scale(c->scale1, e, c->hidden, c->wt), c->b1 + e * c->hidden, c->h + s * c->hidden,
+                c->hidden, c->act, c->wt, xt);
+    if (c->bf16_rows) round_bf16(c->h + s * c->hidden, rows * c->hidden);
+    linear_rows(c->h + s * c->hidden, c->hidden, rows, c->hidden, c->dim, (const char *)c->w2 + e * bytes,
+                expert_scale(c->scale2, e, c->dim, c->wt), c->b2 + e * c->dim, c->y_sorted + s * c->dim,
+                c->dim, ACT_NONE, c->wt, xt);
+    if (c->bf16_rows) round_bf16(c->y_sorted + s * c->dim, rows * c->dim);
+}
+
+/* Another thread pool than OpenMP's (ONNX Runtime's, for the custom op below):
+ * run(state, fn, n, arg) calls fn(arg, i) once for each i < n, on any of its threads,
+ * and returns when all are done (0, or nonzero when it could not). */
+typedef void (*task_fn_t)(void *arg, size_t i);
+typedef struct {
+    int (*run)(void *state, task_fn_t fn, size_t n, void *arg);
+    void *state;
+} worker_pool_t;
+
+/* per-thread buffers kept between calls, freed when the thread ends: slot BUF_TILE a
+ * pool thread's tile buffer, BUF_WORK the custom op's work space in the calling thread */
+enum { BUF_TILE = 0, BUF_WORK = 1, N_BUFFERS = 2 };
+static pthread_key_t buffer_key[N_BUFFERS];
+static pthread_once_t buffer_keys_once = PTHREAD_ONCE_INIT;
+static void make_buffer_keys(void) {
+    for (int i = 0; i < N_BUFFERS; i++) pthread_key_create(&buffer_key[i], free);
+}
+
+/* this thread's buffer `slot` of at least `bytes` (64-byte aligned), NULL when out of memory */
+static void *thread_buffer(const int slot, const size_t bytes) {
+    pthread_once(&buffer_keys_once, make_buffer_keys);
+    char *buf = pthread_getspecific(buffer_key[slot]);
+    /* its size is kept in the first 64 bytes */
+    if (buf != NULL && *(size_t *)buf >= bytes) return buf + 64;
+    free(buf);
+    buf = aligned_alloc(64, (bytes + 127) / 64 * 64);
+    if (buf != NULL) *(size_t *)buf = bytes;
+    pthread_setspecific(buffer_key[slot], buf);
+    return buf == NULL ? NULL : buf + 64;
+}
+
+static void expert_task(void *arg, size_t i) {
+    expert_call_t *c = arg;
+    float *xt = thread_buffer(BUF_TILE, sizeof(float) * tile_floats(c));
+    if (xt == NULL) __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
+    else expert_item(c, (int64_t)i, xt);
+}
+
 /* The whole MoE FFN for n_tok frames (inference), in one call:
  *   out[t] = sum_j gates[t, j] * expert_{top_idx[t, j]}(x[t])   for j < k,
  *   expert_e(v) = act(v W1_e + b1_e) W2_e + b2_e   (W1_e: dim x hidden, W2_e: hidden x dim,
@@ -764,11 +834,11 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
  * an unknown wt.
  * Work space: x_sorted and y_sorted n_tok*k*dim floats each, h n_tok*k*hidden floats,
  * order 2*n_tok*k + 2*n_expert int64. */
-int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
-                   int k, int n_expert, int hidden, const void *w1_packed, const float *scale1,
-                   const float *b1, const void *w2_packed, const float *scale2, const float *b2,
-                   int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
-                   float *out, int threads) {
+static int moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
+                       int k, int n_expert, int hidden, const void *w1_packed, const float *scale1,
+                       const float *b1, const void *w2_packed, const float *scale2, const float *b2,
+                       int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
+                       float *out, int threads, const worker_pool_t *pool) {
     if (!known_type(wt, dim, hidden)) return -3;
     const int bf16_rows = (act & ACT_BF16) != 0;
     act &= ~ACT_BF16;
@@ -794,30 +864,28 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
     for (int e = 0; e < n_expert; e++) fill[e] -= start[e];    /* fill -> rows per expert */
     item_t *items = malloc(sizeof(item_t) * (size_t)(n_assign / MAX_TILE + n_expert + 1));
     if (items == NULL) return -2;
-    const int64_t n_items = make_items(start, fill, n_expert, threads, items);
+    expert_call_t call = {
+        .items = items, .n_items = make_items(start, fill, n_expert, threads, items), .dim = dim,
+        .hidden = hidden, .w1 = w1_packed, .scale1 = scale1, .b1 = b1, .w2 = w2_packed, .scale2 = scale2,
+        .b2 = b2, .wt = wt, .act = act, .bf16_rows = bf16_rows, .x_sorted = x_sorted, .h = h,
+        .y_sorted = y_sorted, .failed = 0};
     int status = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1 && n_items > 1)
-    {
-        float *xt = malloc(sizeof(float) * (MAX_TILE * (size_t)(dim > hidden ? dim : hidden) + 16));
-        if (xt == NULL) {
+    if (pool != NULL) {
+        if (pool->run(pool->state, expert_task, (size_t)call.n_items, &call) != 0) status = -5;
+        else if (call.failed) status = -2;
+    } else {
+#pragma omp parallel num_threads(threads) if (threads > 1 && call.n_items > 1)
+        {
+            float *xt = malloc(sizeof(float) * tile_floats(&call));
+            if (xt == NULL) {
 #pragma omp atomic write
-            status = -2;
-        }
+                status = -2;
+            }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_items; i++) {
-            if (xt == NULL) continue;
-            const int64_t e = items[i].expert, s = items[i].first, rows = items[i].rows;
-            const int64_t bytes = (int64_t)dim * hidden * wt_size(wt);   /* one expert's matrix */
-            linear_rows(x_sorted + s * dim, dim, rows, dim, hidden, (const char *)w1_packed + e * bytes,
-                        expert_scale(scale1, e, hidden, wt), b1 + e * hidden, h + s * hidden,
-                        hidden, act, wt, xt);
-            if (bf16_rows) round_bf16(h + s * hidden, rows * hidden);
-            linear_rows(h + s * hidden, hidden, rows, hidden, dim, (const char *)w2_packed + e * bytes,
-                        expert_scale(scale2, e, dim, wt), b2 + e * dim, y_sorted + s * dim, dim,
-                        ACT_NONE, wt, xt);
-            if (bf16_rows) round_bf16(y_sorted + s * dim, rows * dim);
+            for (int64_t i = 0; i < call.n_items; i++)
+                if (xt != NULL) expert_item(&call, i, xt);
+            free(xt);
         }
-        free(xt);
     }
     free(items);
     if (status != 0) return status;
@@ -833,6 +901,15 @@ int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_id
         }
     }
     return 0;
+}
+
+int wm_moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
+                   int k, int n_expert, int hidden, const void *w1_packed, const float *scale1,
+                   const float *b1, const void *w2_packed, const float *scale2, const float *b2,
+                   int wt, int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
+                   float *out, int threads) {
+    return moe_forward(x, n_tok, dim, top_idx, gates, k, n_expert, hidden, w1_packed, scale1, b1,
+                       w2_packed, scale2, b2, wt, act, x_sorted, h, y_sorted, order, out, threads, NULL);
 }
 
 /* The router of an MoE FFN (inference), for n_tok frames:
@@ -921,6 +998,19 @@ static void route(const float *x, int64_t n_tok, int dim, const float *emb, int 
 /* wm_moe_forward with the routing done here first (`route` above): the chosen experts
  * and their gates are written to top_idx and gates (n_tok x k each). Returns as
  * wm_moe_forward, or -4 when n_expert > MAX_ROUTED_EXPERTS or k is not in 1..n_expert. */
+static int moe_routed_forward(const float *x, int64_t n_tok, int dim, const float *emb, int emb_dim,
+                              const float *wt_router, const float *b_router, int renormalize,
+                              int64_t *top_idx, float *gates, int k, int n_expert, int hidden,
+                              const void *w1_packed, const float *scale1, const float *b1,
+                              const void *w2_packed, const float *scale2, const float *b2, int wt,
+                              int act, float *x_sorted, float *h, float *y_sorted, int64_t *order,
+                              float *out, int threads, const worker_pool_t *pool) {
+    if (n_expert > MAX_ROUTED_EXPERTS || k < 1 || k > n_expert) return -4;
+    route(x, n_tok, dim, emb, emb_dim, wt_router, b_router, n_expert, k, renormalize, top_idx, gates);
+    return moe_forward(x, n_tok, dim, top_idx, gates, k, n_expert, hidden, w1_packed, scale1, b1,
+                       w2_packed, scale2, b2, wt, act, x_sorted, h, y_sorted, order, out, threads, pool);
+}
+
 int wm_moe_routed_forward(const float *x, int64_t n_tok, int dim, const float *emb, int emb_dim,
                           const float *wt_router, const float *b_router, int renormalize,
                           int64_t *top_idx, float *gates, int k, int n_expert, int hidden,
@@ -928,8 +1018,262 @@ int wm_moe_routed_forward(const float *x, int64_t n_tok, int dim, const float *e
                           const void *w2_packed, const float *scale2, const float *b2, int wt, int act,
                           float *x_sorted, float *h, float *y_sorted, int64_t *order, float *out,
                           int threads) {
-    if (n_expert > MAX_ROUTED_EXPERTS || k < 1 || k > n_expert) return -4;
-    route(x, n_tok, dim, emb, emb_dim, wt_router, b_router, n_expert, k, renormalize, top_idx, gates);
-    return wm_moe_forward(x, n_tok, dim, top_idx, gates, k, n_expert, hidden, w1_packed, scale1, b1,
-                          w2_packed, scale2, b2, wt, act, x_sorted, h, y_sorted, order, out, threads);
+    return moe_routed_forward(x, n_tok, dim, emb, emb_dim, wt_router, b_router, renormalize, top_idx,
+                              gates, k, n_expert, hidden, w1_packed, scale1, b1, w2_packed, scale2, b2,
+                              wt, act, x_sorted, h, y_sorted, order, out, threads, NULL);
+}
+
+/* ---- ONNX Runtime custom op ---------------------------------------------------------
+ * `wenet_moe.kernel::RoutedExperts`: wm_moe_routed_forward as one node of an ONNX
+ * Runtime session, so that a whole streaming encoder runs in one session (no pieces,
+ * one thread pool) and the expert loop runs on that session's intra-op threads
+ * (KernelContext_ParallelFor) instead of OpenMP's. ONNX Runtime loads this library
+ * with SessionOptions.register_custom_ops_library and calls RegisterCustomOps.
+ *   inputs  0 x (..., D) float          1 route_emb (..., E_emb) float (E_emb may be 0)
+ *           2 router_t (E_emb + D, E)    3 router_b (E,)
+ *           4 w1: the packed (E, D, H) experts' bytes (uint8, any shape)
+ *           5 scale1: column scales of w1 (WT_I8: E x H floats, WT_Q8: E x 2H words,
+ *             else empty)               6 b1 (E, H)
+ *           7 w2: packed (E, H, D) bytes 8 scale2                     9 b2 (E, D)
+ *           10 threads: int64, the session's intra-op threads (above 1 the expert loop
+ *             is shared out on them; the runtime supplies it with the weights)
+ *   attributes k, renormalize (0 / 1), activation (ACT_*), weights (WT_*)
+ *   output  (..., D) float
+ * The wheel ships no C headers, so the few parts of ONNX Runtime's C ABI used here are
+ * declared below: OrtApi is a table of function pointers that only grows between
+ * releases (the slots are their positions in it), OrtCustomOp a struct of callbacks
+ * read up to its `version`. */
+typedef struct ort_status ort_status_t;
+typedef void (*ort_fn_t)(void);
+typedef struct {
+    const ort_fn_t *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} ort_api_base_t;
+
+#define ORT_API_WANTED 18      /* ONNX Runtime 1.18: has every slot below */
+enum {
+    ORT_CreateStatus = 0, ORT_CreateCustomOpDomain = 26, ORT_CustomOpDomain_Add = 27,
+    ORT_AddCustomOpDomain = 28, ORT_GetTensorMutableData = 51, ORT_GetDimensionsCount = 61,
+    ORT_GetDimensions = 62, ORT_GetTensorTypeAndShape = 65, ORT_KernelInfoGetAttribute_int64 = 86,
+    ORT_KernelContext_GetInput = 90, ORT_KernelContext_GetOutput = 91, ORT_ReleaseStatus = 93,
+    ORT_ReleaseTensorTypeAndShapeInfo = 99, ORT_KernelContext_ParallelFor = 274,
+};
+enum { ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };      /* OrtErrorCode */
+enum { ORT_FLOAT = 1, ORT_UINT8 = 2, ORT_INT64 = 7 };                             /* ONNXTensorElementDataType */
+
+static const ort_fn_t *ort_api;
+
+typedef ort_status_t *(*create_status_t)(int code, const char *msg);
+typedef ort_status_t *(*get_input_t)(const void *ctx, size_t index, const void **value);
+typedef ort_status_t *(*get_output_t)(void *ctx, size_t index, const int64_t *dims, size_t rank, void **value);
+typedef ort_status_t *(*tensor_data_t)(const void *value, void **data);
+typedef ort_status_t *(*type_and_shape_t)(const void *value, void **info);
+typedef ort_status_t *(*dims_count_t)(const void *info, size_t *rank);
+typedef ort_status_t *(*dims_t)(const void *info, int64_t *dims, size_t rank);
+typedef void (*release_t)(void *object);
+typedef ort_status_t *(*attr_int64_t)(const void *info, const char *name, int64_t *value);
+typedef ort_status_t *(*parallel_for_t)(const void *ctx, task_fn_t fn, size_t total, size_t batches, void *arg);
+typedef ort_status_t *(*create_domain_t)(const char *name, void **domain);
+typedef ort_status_t *(*domain_add_t)(void *domain, const void *op);
+typedef ort_status_t *(*add_domain_t)(void *options, void *domain);
+#define ORT(slot, type) ((type)ort_api[ORT_##slot])
+
+#define OP_MAX_RANK 8
+enum { IN_X, IN_EMB, IN_ROUTER_T, IN_ROUTER_B, IN_W1, IN_SCALE1, IN_B1, IN_W2, IN_SCALE2, IN_B2, IN_THREADS,
+       N_INPUTS };
+
+typedef struct { int64_t k, renormalize, act, wt; } op_kernel_t;
+
+#define OP_NAME "wenet_moe.kernel::RoutedExperts"
+
+/* an error status: OP_NAME, ": " and the formatted message */
+static ort_status_t *op_error(const int code, const char *fmt, ...) {
+    char msg[320];
+    int n = snprintf(msg, sizeof msg, "%s: ", OP_NAME);
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, args);
+    va_end(args);
+    return ORT(CreateStatus, create_status_t)(code, msg);
+}
+
+/* value's shape into dims (rank <= OP_MAX_RANK) and its data */
+static ort_status_t *tensor_view(const void *value, int64_t *dims, size_t *rank, void **data) {
+    void *info = NULL;
+    ort_status_t *st = ORT(GetTensorTypeAndShape, type_and_shape_t)(value, &info);
+    if (st == NULL) st = ORT(GetDimensionsCount, dims_count_t)(info, rank);
+    if (st == NULL && *rank > OP_MAX_RANK)
+        st = op_error(ORT_INVALID_ARGUMENT, "an input of rank %zu (at most %d)", *rank, OP_MAX_RANK);
+    if (st == NULL) st = ORT(GetDimensions, dims_t)(info, dims, *rank);
+    if (info != NULL) ORT(ReleaseTensorTypeAndShapeInfo, release_t)(info);
+    if (st == NULL) st = ORT(GetTensorMutableData, tensor_data_t)(value, data);
+    return st;
+}
+
+static int64_t elements(const int64_t *dims, const size_t rank) {
+    int64_t n = 1;
+    for (size_t i = 0; i < rank; i++) n *= dims[i];
+    return n;
+}
+
+static int ort_pool_run(void *ctx, task_fn_t fn, size_t n, void *arg) {
+    ort_status_t *st = ORT(KernelContext_ParallelFor, parallel_for_t)(ctx, fn, n, 0, arg);
+    if (st == NULL) return 0;
+    ORT(ReleaseStatus, release_t)(st);
+    return 1;
+}
+
+static ort_status_t *op_compute(void *kernel, void *ctx) {
+    const op_kernel_t *kn = kernel;
+    int64_t dims[N_INPUTS][OP_MAX_RANK];
+    size_t rank[N_INPUTS];
+    void *data[N_INPUTS];
+    for (int i = 0; i < N_INPUTS; i++) {
+        const void *value = NULL;
+        ort_status_t *st = ORT(KernelContext_GetInput, get_input_t)(ctx, (size_t)i, &value);
+        if (st == NULL && value == NULL) st = op_error(ORT_INVALID_ARGUMENT, "input %d is missing", i);
+        if (st == NULL) st = tensor_view(value, dims[i], &rank[i], &data[i]);
+        if (st != NULL) return st;
+    }
+    if (rank[IN_X] < 1 || rank[IN_ROUTER_T] != 2 || rank[IN_ROUTER_B] != 1 || rank[IN_B1] != 2 || rank[IN_B2] != 2)
+        return op_error(ORT_INVALID_ARGUMENT, "x, router_t, router_b, b1, b2 must have rank >= 1, 2, 1, 2, 2; "
+                        "got %zu, %zu, %zu, %zu, %zu", rank[IN_X], rank[IN_ROUTER_T], rank[IN_ROUTER_B],
+                        rank[IN_B1], rank[IN_B2]);
+    const int64_t dim = dims[IN_X][rank[IN_X] - 1], n_expert = dims[IN_ROUTER_B][0], hidden = dims[IN_B1][1];
+    const int64_t n_tok = dim > 0 ? elements(dims[IN_X], rank[IN_X]) / dim : 0;
+    const int64_t emb_dim = dims[IN_ROUTER_T][0] - dim;
+    if (dim <= 0 || dim % 16 || hidden <= 0 || hidden % 16)
+        return op_error(ORT_INVALID_ARGUMENT, "D = %lld and H = %lld must be positive multiples of 16",
+                        (long long)dim, (long long)hidden);
+    if (n_expert < 1 || n_expert > MAX_ROUTED_EXPERTS || kn->k > n_expert)
+        return op_error(ORT_INVALID_ARGUMENT, "%lld experts with k = %lld (at most %d experts, k of them)",
+                        (long long)n_expert, (long long)kn->k, MAX_ROUTED_EXPERTS);
+    if (emb_dim < 0 || dims[IN_ROUTER_T][1] != n_expert)
+        return op_error(ORT_INVALID_ARGUMENT, "router_t must be (E_emb + %lld, %lld), got (%lld, %lld)",
+                        (long long)dim, (long long)n_expert, (long long)dims[IN_ROUTER_T][0],
+                        (long long)dims[IN_ROUTER_T][1]);
+    if (elements(dims[IN_EMB], rank[IN_EMB]) != n_tok * emb_dim)
+        return op_error(ORT_INVALID_ARGUMENT, "route_emb must hold %lld x %lld values", (long long)n_tok,
+                        (long long)emb_dim);
+    if (dims[IN_B1][0] != n_expert || dims[IN_B2][0] != n_expert || dims[IN_B2][1] != dim)
+        return op_error(ORT_INVALID_ARGUMENT, "b1 must be (%lld, H) and b2 (%lld, %lld)", (long long)n_expert,
+                        (long long)n_expert, (long long)dim);
+    const int64_t matrix = n_expert * dim * hidden * wt_size((int)kn->wt);
+    if (elements(dims[IN_W1], rank[IN_W1]) != matrix || elements(dims[IN_W2], rank[IN_W2]) != matrix)
+        return op_error(ORT_INVALID_ARGUMENT, "w1 and w2 must hold %lld bytes each (%lld x %lld x %lld x %d)",
+                        (long long)matrix, (long long)n_expert, (long long)dim, (long long)hidden,
+                        wt_size((int)kn->wt));
+    const int64_t per_col = kn->wt == WT_Q8 ? 2 : kn->wt == WT_I8 ? 1 : 0;
+    if (elements(dims[IN_THREADS], rank[IN_THREADS]) != 1 || *(const int64_t *)data[IN_THREADS] < 1)
+        return op_error(ORT_INVALID_ARGUMENT, "threads must be one number >= 1");
+    const int64_t threads = *(const int64_t *)data[IN_THREADS];
+    if (elements(dims[IN_SCALE1], rank[IN_SCALE1]) != n_expert * hidden * per_col
+        || elements(dims[IN_SCALE2], rank[IN_SCALE2]) != n_expert * dim * per_col)
+        return op_error(ORT_INVALID_ARGUMENT, "scale1 and scale2 must hold %lld words per column of each expert",
+                        (long long)per_col);
+    void *out_value = NULL, *out = NULL;
+    ort_status_t *st = ORT(KernelContext_GetOutput, get_output_t)(ctx, 0, dims[IN_X], rank[IN_X], &out_value);
+    if (st == NULL) st = ORT(GetTensorMutableData, tensor_data_t)(out_value, &out);
+    if (st != NULL || n_tok == 0) return st;
+    const int64_t n_assign = n_tok * kn->k;
+    const size_t float_bytes = ((size_t)n_assign * (size_t)(2 * dim + hidden + 1) * sizeof(float) + 63) / 64 * 64;
+    const size_t words = (size_t)(3 * n_assign + 2 * n_expert);    /* order, then top_idx */
+    char *work = thread_buffer(BUF_WORK, float_bytes + words * sizeof(int64_t));
+    if (work == NULL)
+        return op_error(ORT_RUNTIME_EXCEPTION, "out of memory for the work space of %lld rows", (long long)n_assign);
+    float *x_sorted = (float *)work, *h = x_sorted + n_assign * dim, *y_sorted = h + n_assign * hidden;
+    float *gates = y_sorted + n_assign * dim;
+    int64_t *order = (int64_t *)(work + float_bytes), *top_idx = order + 2 * n_assign + 2 * n_expert;
+    const worker_pool_t pool = {ort_pool_run, ctx};
+    const int status = moe_routed_forward(
+        data[IN_X], n_tok, (int)dim, data[IN_EMB], (int)emb_dim, data[IN_ROUTER_T], data[IN_ROUTER_B],
+        (int)kn->renormalize, top_idx, gates, (int)kn->k, (int)n_expert, (int)hidden, data[IN_W1],
+        per_col ? data[IN_SCALE1] : NULL, data[IN_B1], data[IN_W2], per_col ? data[IN_SCALE2] : NULL,
+        data[IN_B2], (int)kn->wt, (int)kn->act, x_sorted, h, y_sorted, order, out, (int)threads,
+        threads > 1 ? &pool : NULL);
+    if (status == -2) return op_error(ORT_RUNTIME_EXCEPTION, "out of memory for the tile buffers");
+    if (status != 0) return op_error(ORT_RUNTIME_EXCEPTION, "the kernel failed (status %d)", status);
+    return NULL;
+}
+
+static ort_status_t *op_create(const void *op, const void *api, const void *info, void **kernel) {
+    (void)op, (void)api;
+    static const char *names[] = {"k", "renormalize", "activation", "weights"};
+    int64_t v[4];
+    for (int i = 0; i < 4; i++) {
+        ort_status_t *st = ORT(KernelInfoGetAttribute_int64, attr_int64_t)(info, names[i], &v[i]);
+        if (st != NULL) return st;
+    }
+    if (v[0] < 1 || (v[1] != 0 && v[1] != 1) || v[2] < ACT_NONE || v[2] > ACT_SILU
+        || !(v[3] == WT_F32 || v[3] == WT_BF16 || v[3] == WT_I8 || v[3] == WT_Q8))
+        return op_error(ORT_INVALID_ARGUMENT, "bad attributes k=%lld renormalize=%lld activation=%lld "
+                        "weights=%lld", (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3]);
+    op_kernel_t *kn = malloc(sizeof *kn);
+    if (kn == NULL) return op_error(ORT_RUNTIME_EXCEPTION, "out of memory");
+    *kn = (op_kernel_t){.k = v[0], .renormalize = v[1], .act = v[2], .wt = v[3]};
+    *kernel = kn;
+    return NULL;
+}
+
+static void op_destroy(void *kernel) { free(kernel); }
+static const char *op_name(const void *op) { (void)op; return "RoutedExperts"; }
+static const char *op_provider(const void *op) { (void)op; return "CPUExecutionProvider"; }
+static int op_input_type(const void *op, size_t i) {
+    (void)op;
+    return i == IN_W1 || i == IN_W2 ? ORT_UINT8 : i == IN_THREADS ? ORT_INT64 : ORT_FLOAT;
+}
+static size_t op_input_count(const void *op) { (void)op; return N_INPUTS; }
+static int op_output_type(const void *op, size_t i) { (void)op, (void)i; return ORT_FLOAT; }
+static size_t op_output_count(const void *op) { (void)op; return 1; }
+static int op_required(const void *op, size_t i) { (void)op, (void)i; return 0; }     /* INPUT_OUTPUT_REQUIRED */
+static int op_default_memory(const void *op, size_t i) { (void)op, (void)i; return 0; }
+static int op_one(const void *op) { (void)op; return 1; }
+
+/* OrtCustomOp up to the callbacks of version 16 (CreateKernelV2 / KernelComputeV2 return
+ * a status); the later members exist and are NULL */
+typedef struct {
+    uint32_t version;
+    void *(*CreateKernel)(const void *op, const void *api, const void *info);
+    const char *(*GetName)(const void *op);
+    const char *(*GetExecutionProviderType)(const void *op);
+    int (*GetInputType)(const void *op, size_t i);
+    size_t (*GetInputTypeCount)(const void *op);
+    int (*GetOutputType)(const void *op, size_t i);
+    size_t (*GetOutputTypeCount)(const void *op);
+    void (*KernelCompute)(void *kernel, void *ctx);
+    void (*KernelDestroy)(void *kernel);
+    int (*GetInputCharacteristic)(const void *op, size_t i);
+    int (*GetOutputCharacteristic)(const void *op, size_t i);
+    int (*GetInputMemoryType)(const void *op, size_t i);
+    int (*GetVariadicInputMinArity)(const void *op);
+    int (*GetVariadicInputHomogeneity)(const void *op);
+    int (*GetVariadicOutputMinArity)(const void *op);
+    int (*GetVariadicOutputHomogeneity)(const void *op);
+    ort_status_t *(*CreateKernelV2)(const void *op, const void *api, const void *info, void **kernel);
+    ort_status_t *(*KernelComputeV2)(void *kernel, void *ctx);
+    void *later[8];     /* InferOutputShapeFn ... : not used */
+} ort_custom_op_t;
+
+static const ort_custom_op_t routed_experts_op = {
+    .version = 16, .CreateKernel = NULL, .GetName = op_name, .GetExecutionProviderType = op_provider,
+    .GetInputType = op_input_type, .GetInputTypeCount = op_input_count, .GetOutputType = op_output_type,
+    .GetOutputTypeCount = op_output_count, .KernelCompute = NULL, .KernelDestroy = op_destroy,
+    .GetInputCharacteristic = op_required, .GetOutputCharacteristic = op_required,
+    .GetInputMemoryType = op_default_memory, .GetVariadicInputMinArity = op_one,
+    .GetVariadicInputHomogeneity = op_one, .GetVariadicOutputMinArity = op_one,
+    .GetVariadicOutputHomogeneity = op_one, .CreateKernelV2 = op_create, .KernelComputeV2 = op_compute,
+};
+
+/* what ONNX Runtime calls when a session's options load this library: the op's domain
+ * "wenet_moe.kernel" added to `options` (NULL: done; an ONNX Runtime older than
+ * ORT_API_WANTED gets no op, and a graph using it then fails to load, naming it) */
+ort_status_t *RegisterCustomOps(void *options, const ort_api_base_t *base) {
+    const ort_fn_t *api = base->GetApi(ORT_API_WANTED);
+    if (api == NULL) return NULL;
+    ort_api = api;
+    void *domain = NULL;
+    ort_status_t *st = ORT(CreateCustomOpDomain, create_domain_t)("wenet_moe.kernel", &domain);
+    if (st == NULL) st = ORT(CustomOpDomain_Add, domain_add_t)(domain, &routed_experts_op);
+    if (st == NULL) st = ORT(AddCustomOpDomain, add_domain_t)(options, domain);
+    return st;
 }

@@ -36,7 +36,7 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast"]
 # without it builds the single-threaded kernel)
 OPENMP_FLAGS = ["-fopenmp"]
 LIBS = ["-lm"]      # after the source: expf of the router's softmax
-ABI_VERSION = 11
+ABI_VERSION = 12
 BLOCK = 16          # column block of the packed layout (floats)
 ACTIVATIONS = {"none": 0, "relu": 1, "swish": 2}   # fused into the kernel's stores
 HUGE_PAGE = 2 << 20     # bytes of an x86-64 transparent huge page
@@ -313,6 +313,18 @@ class RoutedExperts:
         self._threads = max(1, int(threads)) if lib.wm_openmp() else 1
         self._call = lib.wm_moe_routed_forward
         self._scratch = threading.local()
+
+    def op_inputs(self):
+        """The weights as the custom op `wenet_moe.kernel::RoutedExperts` reads them
+        (`moe_cpu.c`), in its input order, without copies of the packed experts:
+        router_t (E_emb + D, E), router_b (E,), w1 bytes, scale1 (words; empty unless
+        w8a8), b1 (E, H), w2 bytes, scale2, b2 (E, D)."""
+        none = np.zeros(0, np.float32)
+        router_b = np.zeros(self.n_expert, np.float32) if self.router_b is None else self.router_b
+        return (self.router_t, router_b, self.w1.reshape(-1).view(np.uint8),
+                none if self.scale1 is None else self.scale1.reshape(-1), self.b1,
+                self.w2.reshape(-1).view(np.uint8), none if self.scale2 is None else self.scale2.reshape(-1),
+                self.b2)
 
     def _work(self, floats: int, ints: int):
         """This thread's scratch (`floats` float32: x_sorted, h, y_sorted, gates; `ints`

@@ -101,7 +101,7 @@ def write_symbol_tables(configs: Dict[str, Any], out_dir: str) -> None:
 EXPORT_FILE = re.compile(r"^(.+\.onnx(\.data)?|.+\.zip|units\.txt|tokens\.txt|\.done)$")
 # and `<graph>.kernel/` directories of those files (`expert_split`)
 KERNEL_DIR = re.compile(r"^.+\.kernel$")
-KERNEL_FILE = re.compile(r"^(piece_\d+\.onnx(\.data)?|manifest\.json|experts\.npz)$")
+KERNEL_FILE = re.compile(r"^(piece_\d+\.onnx(\.data)?|whole\.onnx(\.data)?|manifest\.json|experts\.npz)$")
 
 
 def _export_entry(output_dir: str, name: str) -> bool:

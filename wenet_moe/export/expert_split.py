@@ -29,6 +29,7 @@ copied into each piece that reads them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -43,7 +44,9 @@ from torch import nn
 from wenet_moe.layers.moe import MoEFFN
 from wenet_moe.layers.moe_router import Router
 # the artefact's names and layout, as the runtime reads them
-from wenet_moe_runtime.expert_encoder import FORMAT, MANIFEST, WEIGHT_NAMES, WEIGHTS, kernel_dir
+from wenet_moe_runtime.expert_encoder import (FORMAT, MANIFEST, OP_DOMAIN, OP_TYPE, OP_WEIGHT_NAMES,
+                                              THREADS_INPUT, WEIGHT_NAMES, WEIGHTS, WHOLE, kernel_dir)
+from wenet_moe_runtime.native import ACTIVATIONS, WEIGHT_TYPES
 
 DOMAIN = "wenet_moe"
 OP = "RoutedExperts"
@@ -328,6 +331,8 @@ def write_kernel_graph(model: nn.Module, graph_path: str,
         raise ValueError(f"expert weights: one of {', '.join(EXPERT_WEIGHTS)}, got {expert_weights!r}")
     out_dir = kernel_dir(graph_path)
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, WHOLE)):
+        os.unlink(os.path.join(out_dir, WHOLE))     # rewritten from the new pieces below
     raw = os.path.join(out_dir, ".graph.onnx")
     try:
         with experts_as_calls(model):
@@ -362,7 +367,17 @@ def write_kernel_graph(model: nn.Module, graph_path: str,
                 "steps": steps}
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    _whole_or_pieces(out_dir)
     return out_dir
+
+
+def _whole_or_pieces(kernel_path: str) -> None:
+    """`write_whole_graph` for `kernel_path`; where its pieces cannot be joined, the
+    runtime runs them as they are (logged)."""
+    try:
+        write_whole_graph(kernel_path)
+    except ValueError as exc:
+        logging.warning("%s: pieces only: %s", kernel_path, exc)
 
 
 def write_int8_kernel_graph(kernel_path: str, quantize: Callable[[str, str], None]) -> str:
@@ -380,6 +395,153 @@ def write_int8_kernel_graph(kernel_path: str, quantize: Callable[[str, str], Non
             quantize(os.path.join(kernel_path, step["piece"]), os.path.join(out_dir, step["piece"]))
     link_or_copy(os.path.join(kernel_path, WEIGHTS), os.path.join(out_dir, WEIGHTS))
     manifest["expert_weights"] = "w8a8"
+    manifest.pop("whole", None)     # written below from these pieces
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    _whole_or_pieces(out_dir)
     return out_dir
+
+
+def supplied_initializer(name: str, dtype: int) -> onnx.TensorProto:
+    """An empty initializer of `dtype` that the runtime replaces by its own array
+    (`SessionOptions.add_initializer`, which ONNX Runtime reads in place)."""
+    return onnx.TensorProto(name=name, data_type=dtype, dims=[0])
+
+
+def kernel_op(j: int, x: str, route_emb: str, output: str, k: int, renormalize: bool, activation: str,
+              expert_weights: str) -> Tuple[onnx.NodeProto, List[onnx.TensorProto]]:
+    """Call j as a `wenet_moe.kernel::RoutedExperts` node (the kernel's ONNX Runtime
+    custom op, `moe_cpu.c`) reading x, route_emb, the call's weights f"{j}.{name}" and
+    THREADS_INPUT, and the empty initializers of its weights (the runtime supplies them
+    packed as `expert_weights` says: "fp32" | "bf16" | "w8a8")."""
+    weights = [f"{j}.{name}" for name in OP_WEIGHT_NAMES]
+    node = helper.make_node(OP_TYPE, [x, route_emb] + weights + [THREADS_INPUT], [output], name=f"experts_{j}",
+                            domain=OP_DOMAIN, k=int(k), renormalize=int(bool(renormalize)),
+                            activation=ACTIVATIONS[activation], weights=WEIGHT_TYPES[expert_weights])
+    stubs = [supplied_initializer(w, onnx.TensorProto.UINT8 if name in ("w1", "w2") else onnx.TensorProto.FLOAT)
+             for w, name in zip(weights, OP_WEIGHT_NAMES)]
+    return node, stubs
+
+
+def _rename(graph: onnx.GraphProto, mapping: Dict[str, str]) -> None:
+    """Rename values of `graph` and its subgraphs (If / Loop bodies) by `mapping`, in place."""
+    if not mapping:
+        return
+    for n in graph.node:
+        n.input[:] = [mapping.get(x, x) for x in n.input]
+        n.output[:] = [mapping.get(x, x) for x in n.output]
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _rename(sub, mapping)
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        v.name = mapping.get(v.name, v.name)
+    for t in graph.initializer:
+        t.name = mapping.get(t.name, t.name)
+
+
+def _join_piece(g: onnx.GraphProto, tag: str, inits: Dict[str, onnx.TensorProto],
+                nodes: Dict[str, onnx.NodeProto], order: List[onnx.NodeProto]) -> None:
+    """Add piece graph `g`'s initializers and nodes to the joined graph (`inits`, `nodes`
+    by output, `order`): what an earlier piece defined alike is skipped, a name it
+    defined differently is renamed in `g` (`<name>@<tag>`)."""
+    interface = {v.name for v in list(g.input) + list(g.output)}
+    mapping: Dict[str, str] = {}
+    taken = set(inits) | set(nodes)
+
+    def fresh(name: str) -> str:
+        if name in interface:
+            raise ValueError(f"{tag}: {name} is defined differently by two pieces")
+        new, i = f"{name}@{tag}", 1
+        while new in taken:
+            new, i = f"{name}@{tag}.{i}", i + 1
+        taken.add(new)
+        return new
+
+    keep_inits = []
+    for t in g.initializer:
+        if t.name in inits:
+            if inits[t.name].SerializeToString() == t.SerializeToString():
+                continue
+            mapping[t.name] = fresh(t.name)
+        keep_inits.append(t)
+    keep_nodes = []
+    for n in g.node:
+        renamed = onnx.NodeProto()
+        renamed.CopyFrom(n)
+        holder = helper.make_graph([renamed], "n", [], [])
+        _rename(holder, mapping)
+        renamed = holder.node[0]
+        known = [o for o in renamed.output if o in nodes]
+        if known and all(nodes[o].SerializeToString() == renamed.SerializeToString() for o in known):
+            continue        # an earlier piece's copy of this node
+        for o in known:
+            mapping[o] = fresh(o)
+        keep_nodes.append(n)
+    _rename(g, mapping)
+    for t in keep_inits:
+        inits[t.name] = t
+    named = {n.name for n in order}
+    for n in keep_nodes:
+        if n.name and n.name in named:     # node names are unique in a graph (or empty)
+            base, i = f"{n.name}@{tag}", 1
+            n.name = base
+            while n.name in named:
+                n.name, i = f"{base}.{i}", i + 1
+        named.add(n.name)
+        for o in n.output:
+            nodes[o] = n
+        order.append(n)
+
+
+def write_whole_graph(kernel_path: str) -> str:
+    """Join the pieces of `kernel_path` (a `<graph>.kernel` or `.int8.kernel` directory)
+    and its calls into one graph, `WHOLE` in it (and "whole" in its manifest): each
+    call a `wenet_moe.kernel::RoutedExperts` node (the kernel's ONNX Runtime custom
+    op), its weights stub initializers the runtime supplies packed. One session then
+    runs the encoder: no piece boundaries, and one thread pool for the experts and the
+    rest. Returns the file's path. Raises ValueError when two pieces define one name
+    differently (the pieces are then used as they are)."""
+    manifest_path = os.path.join(kernel_path, MANIFEST)
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    held = manifest.get("expert_weights", "fp32")
+    nodes: Dict[str, onnx.NodeProto] = {}      # by output: pieces share copied constants
+    order: List[onnx.NodeProto] = []
+    inits: Dict[str, onnx.TensorProto] = {}
+    typed: Dict[str, onnx.ValueInfoProto] = {}
+    opsets: Dict[str, int] = {}
+    ir_version = 0
+    for step in manifest["steps"]:
+        if "piece" in step:
+            piece = onnx.load(os.path.join(kernel_path, step["piece"]))
+            ir_version = max(ir_version, piece.ir_version)
+            for o in piece.opset_import:
+                opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+            g = piece.graph
+            for v in list(g.input) + list(g.output):
+                typed.setdefault(v.name, v)
+            _join_piece(g, f"{step['piece']}", inits, nodes, order)
+            continue
+        j = step["experts"]
+        emb = step["route_emb"]
+        if not emb:
+            emb = f"{j}.no_route_emb"
+            inits[emb] = numpy_helper.from_array(np.zeros(0, np.float32), emb)
+        node, stubs = kernel_op(j, step["x"], emb, step["output"], step["k"], step["renormalize"],
+                                step["activation"], held)
+        inits.update((t.name, t) for t in stubs)
+        order.append(node)
+    inits[THREADS_INPUT] = supplied_initializer(THREADS_INPUT, onnx.TensorProto.INT64)
+    graph = helper.make_graph(order, "whole", [typed[n] for n in manifest["inputs"]],
+                              [typed[n] for n in manifest["outputs"]], list(inits.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()]
+                              + [helper.make_opsetid(OP_DOMAIN, 1)], ir_version=ir_version)
+    for key, value in manifest.get("metadata", {}).items():
+        model.metadata_props.add(key=key, value=value)
+    from wenet_moe.export.onnx_export import save_onnx
+    path = os.path.join(kernel_path, WHOLE)
+    save_onnx(model, path, check=False)
+    manifest["whole"] = WHOLE
+    with open(manifest_path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return path
