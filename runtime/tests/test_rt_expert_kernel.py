@@ -219,6 +219,25 @@ def test_pieces_without_a_whole_graph(exports, tmp_path):
     assert not isinstance(two.sessions["encoder"], ExpertSplitEncoder)
 
 
+def test_a_whole_graph_that_does_not_load_falls_back(exports, tmp_path, caplog):
+    """A whole graph ONNX Runtime refuses (here: not a model; an ONNX Runtime without the
+    op's C API would refuse its nodes): the pieces at one thread, the .onnx graph at two,
+    and the log says which file and why."""
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["topk"], broken)
+    (broken / "encoder.kernel" / "whole.onnx").write_bytes(b"not a model")
+    with caplog.at_level(logging.WARNING):
+        one = OnnxAsrModel(str(broken))
+    assert one.kernel_experts == "on" and one.sessions["encoder"].mode == "pieces"
+    assert "encoder.kernel/whole.onnx: cannot load" in caplog.text
+    two = OnnxAsrModel(str(broken), num_threads=2)
+    assert two.kernel_experts.startswith("off (") and "whole.onnx: cannot load" in two.kernel_experts
+    assert not isinstance(two.sessions["encoder"], ExpertSplitEncoder)
+    windows = _windows(one, 2, 3)
+    for g, w in zip(_stream(one, windows)[0], _stream(two, windows)[0]):
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
+
+
 def test_bad_kernel_directory_names_the_file(exports, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exports["topk"], broken)

@@ -19,6 +19,7 @@ any two builds); the whole graph and the pieces give the same numbers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,6 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from . import native
+
+_log = logging.getLogger(__name__)
 
 # the artefact (`wenet_moe.export.expert_split` writes it with these names)
 FORMAT = "wenet-moe expert-split 1"
@@ -148,10 +151,18 @@ class ExpertSplitEncoder:
                                                   arrays["w1"], arrays["b1"], arrays["w2"], arrays["b2"],
                                                   step["k"], step["renormalize"], step["activation"], threads,
                                                   held))
+        # why the pieces run ("" when the whole graph does)
+        self.pieces_reason = "" if whole else ("whole_graph=False" if not whole_graph else "no whole graph")
         if whole:
-            self._session, self._held = kernel_op_session(os.path.join(path, whole), calls, options, lib)
-            self.mode = "whole"
-            return
+            try:
+                self._session, self._held = kernel_op_session(os.path.join(path, whole), calls, options, lib)
+                self.mode = "whole"
+                return
+            except Exception as exc:  # onnxruntime raises several types
+                # e.g. an ONNX Runtime without the C API the op needs: the pieces compute the same
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.pieces_reason = f"{os.path.join(path, whole)}: cannot load: {first}"
+                _log.warning("%s; running the pieces", self.pieces_reason)
         self.mode = "pieces"
         for step in manifest["steps"]:
             if "piece" in step:

@@ -256,16 +256,20 @@ class OnnxAsrModel:
                                 native.disabled_reason(), os.path.basename(path))
                 else:
                     try:
-                        self.sessions[name] = ExpertSplitEncoder(split, opts, threads=1)
+                        encoder = ExpertSplitEncoder(split, opts, threads=1)
                     except Exception as exc:  # onnxruntime raises several types
                         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                         if not isinstance(exc, (ValueError, OSError)):
                             first = f"{split}: cannot load: {first}"
                         raise ModelError(f"{first} (kernel_experts=False / --no_kernel_experts "
                                          f"runs {os.path.basename(path)})") from None
-                    self.paths[name] = split
-                    self.kernel_experts = "on"
-                    continue
+                    if encoder.mode == "whole" or opts.intra_op_num_threads == 1:
+                        self.sessions[name] = encoder
+                        self.paths[name] = split
+                        self.kernel_experts = "on"
+                        continue
+                    # the whole graph did not load: pieces at 2+ threads are slower than the .onnx
+                    self.kernel_experts = f"off ({encoder.pieces_reason})"
             try:
                 self.sessions[name] = ort.InferenceSession(
                     path, sess_options=opts, providers=["CPUExecutionProvider"])
