@@ -19,7 +19,7 @@ Cases (batch 1, one `--seconds` utterance; RTF = wall time / audio seconds):
   rt chunk16 PREC              the ONNX export through the torch-free runtime:
                                `wenet_moe_runtime.offline.encode_utterance` at chunk 16;
                                PREC fp32: as served (an MoE's FFNs in the C kernel,
-                               `encoder.kernel/`, where it builds), fp32-ort: every
+                               `encoder.kernel/whole.onnx`, where it builds), fp32-ort: every
                                graph in ONNX Runtime, int8: the *.int8.onnx graphs
                                (an MoE encoder's FFNs as w8a8 in the kernel,
                                `encoder.int8.kernel/`, where it builds)

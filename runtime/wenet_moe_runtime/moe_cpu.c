@@ -713,6 +713,29 @@ static int64_t make_items(const int64_t *start, const int64_t *count, int64_t n,
     return n_items;
 }
 
+/* per-thread buffers kept between calls, freed when the thread ends: slot BUF_TILE a
+ * worker's tile buffer (OpenMP's or the pool's threads), BUF_WORK the custom op's work
+ * space in the calling thread */
+enum { BUF_TILE = 0, BUF_WORK = 1, N_BUFFERS = 2 };
+static pthread_key_t buffer_key[N_BUFFERS];
+static pthread_once_t buffer_keys_once = PTHREAD_ONCE_INIT;
+static void make_buffer_keys(void) {
+    for (int i = 0; i < N_BUFFERS; i++) pthread_key_create(&buffer_key[i], free);
+}
+
+/* this thread's buffer `slot` of at least `bytes` (64-byte aligned), NULL when out of memory */
+static void *thread_buffer(const int slot, const size_t bytes) {
+    pthread_once(&buffer_keys_once, make_buffer_keys);
+    char *buf = pthread_getspecific(buffer_key[slot]);
+    /* its size is kept in the first 64 bytes */
+    if (buf != NULL && *(size_t *)buf >= bytes) return buf + 64;
+    free(buf);
+    buf = aligned_alloc(64, (bytes + 127) / 64 * 64);
+    if (buf != NULL) *(size_t *)buf = bytes;
+    pthread_setspecific(buffer_key[slot], buf);
+    return buf == NULL ? NULL : buf + 64;
+}
+
 /* For each segment s: rows [start[s], start[s] + count[s]) of x (ldx floats apart) go
  * through expert expert[s]: y rows = act(x rows W_e + b_e), W_e = w_packed + e*K*N
  * elements of type wt (packed as above; WT_I8: times scale + e*N per column),
@@ -730,16 +753,13 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
     if (items == NULL) return -2;
     const int64_t n_items = make_items(start, count, n_segments, threads, items);
     int status = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1 && n_items > 1)
-    {
-        float *xt = malloc(sizeof(float) * (MAX_TILE * (size_t)K + 16));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && n_items > 1)
+    for (int64_t i = 0; i < n_items; i++) {
+        float *xt = thread_buffer(BUF_TILE, sizeof(float) * (MAX_TILE * (size_t)K + 16));
         if (xt == NULL) {
 #pragma omp atomic write
             status = -2;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_items; i++) {
-            if (xt == NULL) continue;
+        } else {
             const int64_t s = items[i].expert, e = expert[s];
             const int64_t first = items[i].first;
             linear_rows(x + first * ldx, ldx, items[i].rows, K, N,
@@ -747,7 +767,6 @@ int wm_segment_linear(const float *x, int64_t ldx, const int64_t *start, const i
                         expert_scale(scale, e, N, wt), bias + e * (int64_t)N,
                         y + first * ldy, ldy, act, wt, xt);
         }
-        free(xt);
     }
     free(items);
     return status;
@@ -791,28 +810,6 @@ typedef struct {
     void *state;
 } worker_pool_t;
 
-/* per-thread buffers kept between calls, freed when the thread ends: slot BUF_TILE a
- * pool thread's tile buffer, BUF_WORK the custom op's work space in the calling thread */
-enum { BUF_TILE = 0, BUF_WORK = 1, N_BUFFERS = 2 };
-static pthread_key_t buffer_key[N_BUFFERS];
-static pthread_once_t buffer_keys_once = PTHREAD_ONCE_INIT;
-static void make_buffer_keys(void) {
-    for (int i = 0; i < N_BUFFERS; i++) pthread_key_create(&buffer_key[i], free);
-}
-
-/* this thread's buffer `slot` of at least `bytes` (64-byte aligned), NULL when out of memory */
-static void *thread_buffer(const int slot, const size_t bytes) {
-    pthread_once(&buffer_keys_once, make_buffer_keys);
-    char *buf = pthread_getspecific(buffer_key[slot]);
-    /* its size is kept in the first 64 bytes */
-    if (buf != NULL && *(size_t *)buf >= bytes) return buf + 64;
-    free(buf);
-    buf = aligned_alloc(64, (bytes + 127) / 64 * 64);
-    if (buf != NULL) *(size_t *)buf = bytes;
-    pthread_setspecific(buffer_key[slot], buf);
-    return buf == NULL ? NULL : buf + 64;
-}
-
 static void expert_task(void *arg, size_t i) {
     expert_call_t *c = arg;
     float *xt = thread_buffer(BUF_TILE, sizeof(float) * tile_floats(c));
@@ -831,7 +828,8 @@ static void expert_task(void *arg, size_t i) {
  * and the gated rows are added back to their frames (each frame sums its k rows in
  * slot order, so the result does not depend on `threads`). Returns 0, -1 if an expert
  * id is outside [0, n_expert), -2 when out of memory (out is then not written), -3 for
- * an unknown wt.
+ * an unknown wt. The expert loop runs on `threads` OpenMP threads, or on `pool` when
+ * given (-5 when the pool could not run it).
  * Work space: x_sorted and y_sorted n_tok*k*dim floats each, h n_tok*k*hidden floats,
  * order 2*n_tok*k + 2*n_expert int64. */
 static int moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *top_idx, const float *gates,
@@ -872,21 +870,11 @@ static int moe_forward(const float *x, int64_t n_tok, int dim, const int64_t *to
     int status = 0;
     if (pool != NULL) {
         if (pool->run(pool->state, expert_task, (size_t)call.n_items, &call) != 0) status = -5;
-        else if (call.failed) status = -2;
     } else {
-#pragma omp parallel num_threads(threads) if (threads > 1 && call.n_items > 1)
-        {
-            float *xt = malloc(sizeof(float) * tile_floats(&call));
-            if (xt == NULL) {
-#pragma omp atomic write
-                status = -2;
-            }
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < call.n_items; i++)
-                if (xt != NULL) expert_item(&call, i, xt);
-            free(xt);
-        }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && call.n_items > 1)
+        for (int64_t i = 0; i < call.n_items; i++) expert_task(&call, (size_t)i);
     }
+    if (status == 0 && call.failed) status = -2;
     free(items);
     if (status != 0) return status;
     for (int64_t t = 0; t < n_tok; t++) {   /* each frame: its k gated rows, in slot order */

@@ -1,14 +1,14 @@
-"""The streaming encoders with their MoE FFNs outside ONNX Runtime (`<graph>.kernel/`).
+"""The streaming encoders with their MoE FFNs in the C kernel (`<graph>.kernel/`).
 
 At a streaming chunk the fp32 MoE encoder in ONNX Runtime spends most of its extra
 time in the experts (MLAS GEMMs of a few rows each, plus the exported dispatch's
 sort / gather / scatter nodes). The C kernel of the PyTorch path routes and runs a
-whole MoE FFN in one call at the memory's speed. ONNX Runtime cannot call it (a
-custom-op library needs its C API headers, which the wheel does not ship), so the
-graph is cut instead: each MoE FFN becomes a `wenet_moe::RoutedExperts` node (router
+whole MoE FFN in one call at the memory's speed. The graph is cut for it: each MoE FFN becomes a `wenet_moe::RoutedExperts` node (router
 + top-k + gated experts, its weights as inputs), the graph is split at those nodes
 into pieces that ONNX Runtime runs, and the runtime (`wenet_moe_runtime.expert_encoder`)
-runs the pieces in order with one kernel call between two of them.
+runs the pieces in order with one kernel call between two of them; or, since the
+kernel registers itself as an ONNX Runtime custom op after all (`moe_cpu.c`), the
+pieces joined again into one graph with the calls as that op's nodes (`whole.onnx`).
 
 Directory `<graph>.kernel/` beside `<graph>.onnx` (encoder, encoder_batch; with
 `--quantize int8` also `encoder.int8.kernel/`: int8 pieces, w8a8 experts):
@@ -21,6 +21,10 @@ Directory `<graph>.kernel/` beside `<graph>.onnx` (encoder, encoder_batch; with
                     steps' outputs by name)
     experts.npz     per call j: `j.router_weight` (E, E_emb + D), `j.router_bias` (E,),
                     `j.w1` (E, D, H), `j.b1`, `j.w2` (E, H, D), `j.b2` (fp32)
+    whole.onnx      (manifest "whole") the pieces joined again, each call a node of the
+                    kernel's ONNX Runtime custom op `wenet_moe.kernel::RoutedExperts`
+                    (`write_whole_graph`); the runtime runs it as one session and
+                    supplies the packed experts
 Each node is placed in the last piece before its first reader, so a piece hands on
 only what later steps read (the layer's output, the FFN's input rows, and the
 tensors every layer reads: positions, masks, caches). Constants and initializers are
