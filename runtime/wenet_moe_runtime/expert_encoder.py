@@ -46,6 +46,8 @@ OP_DOMAIN = "wenet_moe.kernel"
 OP_TYPE = "RoutedExperts"
 OP_WEIGHT_NAMES = ("router_t", "router_b", "w1", "scale1", "b1", "w2", "scale2", "b2")
 THREADS_INPUT = "kernel_threads"
+# session config entries of the runtime's options that the whole graph's session keeps
+SESSION_CONFIG_KEYS = ("session.force_spinning_stop", "session.intra_op.allow_spinning")
 
 
 def kernel_dir(graph_path: str) -> str:
@@ -62,8 +64,14 @@ def kernel_op_session(graph, calls: Sequence["native.RoutedExperts"], options: o
     session reads: keep it as long as the session)."""
     own = ort.SessionOptions()      # the library and initializers are this session's only
     for attr in ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "log_severity_level",
-                 "enable_mem_pattern", "enable_cpu_mem_arena", "graph_optimization_level"):
+                 "enable_mem_pattern", "enable_cpu_mem_arena", "graph_optimization_level",
+                 "enable_profiling", "profile_file_prefix"):
         setattr(own, attr, getattr(options, attr))
+    for key in SESSION_CONFIG_KEYS:
+        try:
+            own.add_session_config_entry(key, options.get_session_config_entry(key))
+        except RuntimeError:  # not set in `options`
+            pass
     own.register_custom_ops_library(lib._name)
     names, arrays = [THREADS_INPUT], [np.array(max(1, options.intra_op_num_threads), np.int64)]
     for j, call in enumerate(calls):

@@ -223,6 +223,10 @@ class OnnxAsrModel:
         # then only add memory (a 30-min session: RSS/stream 1.27x -> 1.02x the first
         # minute's) for about 2 % more encoder time (bench/server_abuse.py --memory).
         opts.enable_mem_pattern = False
+        if opts.intra_op_num_threads > 1:
+            # every session has its own pool, whose workers spin for a while after its run
+            # returns: stopped, they leave the cores to the next session's run
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions: Dict[str, ort.InferenceSession] = {}
         self.paths: Dict[str, str] = {}
         names = list(MODEL_FILES)
