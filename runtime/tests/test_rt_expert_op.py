@@ -128,3 +128,30 @@ def test_join_renames_what_pieces_define_differently():
     run = lambda flag: session.run(None, {"x": np.array(x), "flag": np.array(flag)})[0]  # noqa: E731
     assert run(True) == pytest.approx((x * 3 + 3) * 5 + 5)
     assert run(False) == pytest.approx((x + 2 + 3) + 2 + 5)
+
+
+def test_op_runs_concurrently_on_one_session():
+    """The op's work space is per calling thread: two threads running one session at once
+    (as ONNX Runtime allows) each get their own inputs' results."""
+    import threading
+    call = _call("fp32", 16)
+    session, _ = _session(call, "fp32", 2)
+    rng = np.random.default_rng(5)
+    inputs = [(rng.standard_normal((n, D)).astype(np.float32), rng.standard_normal((n, 16)).astype(np.float32))
+              for n in (7, 40) for _ in range(6)]
+    want = [call(x, e) for x, e in inputs]
+    got = [[None] * len(inputs) for _ in range(2)]
+
+    def worker(w: int) -> None:
+        for _ in range(5):
+            for i in (range(len(inputs)) if w == 0 else reversed(range(len(inputs)))):
+                got[w][i] = session.run(None, {"x": inputs[i][0], "emb": inputs[i][1]})[0]
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w in range(2):
+        for g, v in zip(got[w], want):
+            np.testing.assert_array_equal(g, v)
