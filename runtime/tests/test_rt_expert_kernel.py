@@ -301,7 +301,7 @@ def test_bf16_expert_weights(tmp_path):
         assert (weights["0.w1"].view(np.uint32) & 0xFFFF).any()
 
 
-def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path):
+def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path, monkeypatch):
     """--quantize int8: `encoder.int8.kernel/` (int8 pieces, w8a8 experts) is gated with
     the other int8 graphs and serves the int8 runtime; its outputs stay near fp32's."""
     (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
@@ -316,6 +316,10 @@ def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path):
     assert not os.path.exists(os.path.join(out, "encoder_batch.int8.kernel"))
     assert os.path.samefile(os.path.join(out, "encoder.int8.kernel", "experts.npz"),
                             os.path.join(out, "encoder.kernel", "experts.npz"))
+    if native.int8_dot_native(native.library()) < 2:        # a CPU without VNNI
+        int8 = OnnxAsrModel(out, int8=True)
+        assert int8.kernel_experts == "off (int8 experts: the kernel's build has no VNNI)"
+        monkeypatch.setattr(native, "int8_dot_native", lambda lib: 2)
     int8 = OnnxAsrModel(out, int8=True)
     assert int8.kernel_experts == "on" and int8.sessions["encoder"].mode == "whole"
     pieces = OnnxAsrModel(out, int8=True)
@@ -335,3 +339,20 @@ def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path):
     piece = onnx.load(os.path.join(out, "encoder.int8.kernel", "piece_01.onnx"))
     assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear")
                for n in piece.graph.node)
+
+
+def test_int8_kernel_graphs_need_vnni(exports, tmp_path, monkeypatch):
+    """Without VNNI the kernel's w8a8 runs at about the fp32 rate, so the int8 runtime
+    keeps ONNX Runtime's int8 experts (`encoder.int8.onnx`)."""
+    out = str(tmp_path / "q")
+    (tmp_path / "units.txt").write_text("\n".join(T.units()) + "\n", encoding="utf-8")
+    conf = tiny_moe_conf(str(tmp_path / "units.txt"), len(T.units()))
+    torch.manual_seed(3)
+    export_loaded(build_model(copy.deepcopy(conf)).eval(), conf, conf, out, chunk_size=CHUNK,
+                  quantize="int8", verify=False)
+    monkeypatch.setattr(native, "int8_dot_native", lambda lib: 1)
+    int8 = OnnxAsrModel(out, int8=True)
+    assert int8.kernel_experts == "off (int8 experts: the kernel's build has no VNNI)"
+    assert not isinstance(int8.sessions["encoder"], ExpertSplitEncoder)
+    assert int8.paths["encoder"].endswith("encoder.int8.onnx")
+    assert OnnxAsrModel(out).kernel_experts == "on"        # fp32 experts: the kernel either way

@@ -174,6 +174,12 @@ def disabled_reason() -> str:
     return _state.get("reason", "")
 
 
+def int8_dot_native(lib: ctypes.CDLL) -> int:
+    """How `lib` multiplies w8a8 rows: 2 VNNI (`vpdpbusd`), 1 AVX2 `vpmaddwd` (about the
+    fp32 rate: slower than ONNX Runtime's int8 GEMMs), 0 generic shifts."""
+    return int(lib.wm_int8_dot_native())
+
+
 def huge_page_array(shape, dtype=np.float32) -> np.ndarray:
     """An uninitialised C-contiguous array in memory that Linux is asked to back with
     2 MiB transparent huge pages (`madvise(MADV_HUGEPAGE)` before first touch): a
