@@ -50,6 +50,12 @@ THREADS_INPUT = "kernel_threads"
 SESSION_CONFIG_KEYS = ("session.force_spinning_stop", "session.intra_op.allow_spinning")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (ONNX Runtime's run to many), else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def kernel_dir(graph_path: str) -> str:
     """`encoder.onnx` -> `encoder.kernel` (beside it)."""
     return os.path.splitext(graph_path)[0] + ".kernel"
@@ -168,8 +174,7 @@ class ExpertSplitEncoder:
                 return
             except Exception as exc:  # onnxruntime raises several types
                 # e.g. an ONNX Runtime without the C API the op needs: the pieces compute the same
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.pieces_reason = f"{os.path.join(path, whole)}: cannot load: {first}"
+                self.pieces_reason = f"{os.path.join(path, whole)}: cannot load: {first_line(exc)}"
                 _log.warning("%s; running the pieces", self.pieces_reason)
         self.mode = "pieces"
         for step in manifest["steps"]:

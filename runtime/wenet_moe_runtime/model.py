@@ -41,7 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import native
-from .expert_encoder import ExpertSplitEncoder, kernel_dir
+from .expert_encoder import ExpertSplitEncoder, first_line, kernel_dir
 from .features import FbankOptions
 from .prefix_tree import DECODER_TREE_INPUTS, decoder_tree_feeds
 from .symbols import SymbolTable
@@ -266,7 +266,7 @@ class OnnxAsrModel:
                     try:
                         encoder = ExpertSplitEncoder(split, opts, threads=1)
                     except Exception as exc:  # onnxruntime raises several types
-                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                        first = first_line(exc)
                         if not isinstance(exc, (ValueError, OSError)):
                             first = f"{split}: cannot load: {first}"
                         raise ModelError(f"{first} (kernel_experts=False / --no_kernel_experts "
@@ -282,7 +282,7 @@ class OnnxAsrModel:
                 self.sessions[name] = ort.InferenceSession(
                     path, sess_options=opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises several types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise ModelError(f"{path}: cannot load: {first}") from None
         enc_name = BATCH_ENCODER if BATCH_ENCODER in self.sessions else "encoder"
         enc_path = self.paths[enc_name]
