@@ -27,14 +27,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
 
-def profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads: int
-            ) -> Tuple[Dict[str, float], Counter, int]:
-    """(ms by op type summed over the timed calls, nodes by op type per call, calls)."""
+def profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads: int,
+            as_served: bool = False) -> Tuple[Dict[str, float], Counter, int]:
+    """(ms by op type summed over the timed calls, nodes by op type per call, calls).
+    `as_served`: the encoder the runtime serves (an MoE's `.kernel/whole.onnx`, its
+    experts as `RoutedExperts` nodes, where the kernel builds), else the `.onnx` graph."""
     import onnxruntime as ort
+    from wenet_moe_runtime.expert_encoder import ExpertSplitEncoder
     from wenet_moe_runtime.model import OnnxAsrModel
     from wenet_moe_runtime.offline import encode_utterance
 
-    model = OnnxAsrModel(export_dir, int8=int8, num_threads=threads, kernel_experts=False)
+    model = OnnxAsrModel(export_dir, int8=int8, num_threads=threads, kernel_experts=as_served)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -43,9 +46,15 @@ def profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads:
     opts.log_severity_level = 3
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort_profile_"), "enc")
-    sess = ort.InferenceSession(model.paths["encoder"], sess_options=opts,
-                                providers=["CPUExecutionProvider"])
-    model.sessions["encoder"] = sess
+    served = model.sessions["encoder"]
+    if isinstance(served, ExpertSplitEncoder) and served.mode == "whole":
+        encoder = ExpertSplitEncoder(served.path, opts)
+        sess = encoder.session
+    else:   # the .onnx graph (the pieces of an older export are not one session: its .onnx)
+        sess = encoder = ort.InferenceSession(model.paths["encoder"] if not isinstance(served, ExpertSplitEncoder)
+                                              else served.path[:-len(".kernel")] + ".onnx",
+                                              sess_options=opts, providers=["CPUExecutionProvider"])
+    model.sessions["encoder"] = encoder
     encode_utterance(model, feats, chunk)                    # warm-up, not counted
     encode_utterance(model, feats, chunk)
     path = sess.end_profiling()
@@ -74,6 +83,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("export_dirs", nargs="+")
     p.add_argument("--int8", action="store_true", help="profile encoder.int8.onnx")
+    p.add_argument("--as_served", action="store_true",
+                   help="profile the encoder the runtime serves (an MoE's .kernel/whole.onnx)")
     p.add_argument("--chunk", type=int, default=16, help="decoding chunk (-1: offline)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1)
@@ -85,14 +96,15 @@ def main() -> int:
     print(machine.describe())
     frames = int(args.seconds * 100)
     feats = np.random.default_rng(0).standard_normal((frames, 80)).astype(np.float32)
-    results = {d: profile(d, args.int8, args.chunk, feats, args.threads) for d in args.export_dirs}
+    results = {d: profile(d, args.int8, args.chunk, feats, args.threads, args.as_served)
+               for d in args.export_dirs}
     ops = Counter()
     for ms, _, _ in results.values():
         for op, v in ms.items():
             ops[op] = max(ops[op], v)
     shown = [op for op, _ in ops.most_common(args.top)]
     names = [os.path.basename(os.path.normpath(d)) for d in args.export_dirs]
-    print(f"\nencoder{'.int8' if args.int8 else ''}.onnx, chunk {args.chunk}, "
+    print(f"\nencoder{'.int8' if args.int8 else ''}{' as served' if args.as_served else '.onnx'}, chunk {args.chunk}, "
           f"{args.seconds:g} s random features, {args.threads} thread(s): node ms summed over "
           f"all calls (nodes run per call)")
     width = max(26, max(len(n) for n in names) + 2)

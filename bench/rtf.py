@@ -390,10 +390,11 @@ def export_model(model, conf: dict, out_dir: str, int8: bool, expert_precision: 
 
 
 def runtime_profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads: int,
-                    top: int = 6) -> str:
-    """'op ms, ...' per encoder call of the top op types (ONNX Runtime node profile)."""
+                    as_served: bool, top: int = 6) -> str:
+    """'op ms, ...' per encoder call of the top op types (ONNX Runtime node profile; of
+    the encoder as served, an MoE's experts as `RoutedExperts` nodes, or the .onnx one)."""
     import ort_profile
-    ms, nodes, calls = ort_profile.profile(export_dir, int8, chunk, feats, threads)
+    ms, nodes, calls = ort_profile.profile(export_dir, int8, chunk, feats, threads, as_served)
     ranked = sorted(ms.items(), key=lambda kv: -kv[1])
     total = sum(ms.values()) / max(calls, 1)
     cells = [f"{op} {v / max(calls, 1):.1f}" for op, v in ranked[:top]]
@@ -634,7 +635,7 @@ def main() -> int:
                                   f"encoder profile (ms per call summed by op type)")
                             for m in ("dense_s", n):
                                 print(f"    {m}: " + runtime_profile(exports[m], prec == "int8", chunk,
-                                                                     fe, threads))
+                                                                     fe, threads, prec != "fp32-ort"))
                             if prec == "fp32-ort" and mode == "chunk16" and "@" not in n:
                                 import runtime_expert_bytes
                                 gap = runtime_expert_bytes.split_gap(exports["dense_s"], exports[n], fe,

@@ -356,3 +356,16 @@ def test_int8_kernel_graphs_need_vnni(exports, tmp_path, monkeypatch):
     assert not isinstance(int8.sessions["encoder"], ExpertSplitEncoder)
     assert int8.paths["encoder"].endswith("encoder.int8.onnx")
     assert OnnxAsrModel(out).kernel_experts == "on"        # fp32 experts: the kernel either way
+
+
+def test_profile_of_the_encoder_as_served(exports):
+    """`bench/ort_profile.py --as_served` profiles the whole graph the runtime serves (its
+    MoE FFNs as the op's nodes); without it, `encoder.onnx` (the exported dispatch)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+    import ort_profile
+    feats = np.random.default_rng(0).standard_normal((60, 80)).astype(np.float32)
+    served, nodes, calls = ort_profile.profile(exports["topk"], False, CHUNK, feats, 1, as_served=True)
+    assert nodes["RoutedExperts"] == 4 and served["RoutedExperts"] > 0 and calls >= 2
+    plain, nodes, _ = ort_profile.profile(exports["topk"], False, CHUNK, feats, 1)
+    assert "RoutedExperts" not in plain and nodes["MatMul"] > 0

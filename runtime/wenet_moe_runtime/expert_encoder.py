@@ -186,6 +186,11 @@ class ExpertSplitEncoder:
                 call = calls[step["experts"]]
                 self._steps.append(("experts", call, [step["x"], step["route_emb"]], [step["output"]]))
 
+    @property
+    def session(self) -> Optional[ort.InferenceSession]:
+        """The whole graph's session (None when the pieces run)."""
+        return self._session
+
     @staticmethod
     def has_whole_graph(path: str) -> bool:
         """Whether the `.kernel` directory at `path` holds the whole graph (WHOLE, named
