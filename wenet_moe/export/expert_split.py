@@ -3,12 +3,13 @@
 At a streaming chunk the fp32 MoE encoder in ONNX Runtime spends most of its extra
 time in the experts (MLAS GEMMs of a few rows each, plus the exported dispatch's
 sort / gather / scatter nodes). The C kernel of the PyTorch path routes and runs a
-whole MoE FFN in one call at the memory's speed. The graph is cut for it: each MoE FFN becomes a `wenet_moe::RoutedExperts` node (router
-+ top-k + gated experts, its weights as inputs), the graph is split at those nodes
-into pieces that ONNX Runtime runs, and the runtime (`wenet_moe_runtime.expert_encoder`)
-runs the pieces in order with one kernel call between two of them; or, since the
-kernel registers itself as an ONNX Runtime custom op after all (`moe_cpu.c`), the
-pieces joined again into one graph with the calls as that op's nodes (`whole.onnx`).
+whole MoE FFN in one call at the memory's speed. The graph is cut for it: each MoE
+FFN becomes a `wenet_moe::RoutedExperts` node (router + top-k + gated experts, its
+weights as inputs), the graph is split at those nodes into pieces that ONNX Runtime
+runs, and the pieces are joined again into one graph whose calls are nodes of the
+kernel's own ONNX Runtime custom op (`whole.onnx`; `moe_cpu.c` registers the op). The
+runtime (`wenet_moe_runtime.expert_encoder`) runs the whole graph as one session, or
+(an older export) the pieces in order with one kernel call between two of them.
 
 Directory `<graph>.kernel/` beside `<graph>.onnx` (encoder, encoder_batch; with
 `--quantize int8` also `encoder.int8.kernel/`: int8 pieces, w8a8 experts):
@@ -503,8 +504,10 @@ def write_whole_graph(kernel_path: str) -> str:
     call a `wenet_moe.kernel::RoutedExperts` node (the kernel's ONNX Runtime custom
     op), its weights stub initializers the runtime supplies packed. One session then
     runs the encoder: no piece boundaries, and one thread pool for the experts and the
-    rest. Returns the file's path. Raises ValueError when two pieces define one name
-    differently (the pieces are then used as they are)."""
+    rest. What several pieces copied (constants) is kept once; a name two pieces define
+    differently (the int8 quantizer names its scales per piece) is renamed in the later
+    one. Returns the file's path. Raises ValueError when a piece's input or output is
+    defined differently by two pieces (the pieces are then used as they are)."""
     manifest_path = os.path.join(kernel_path, MANIFEST)
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
@@ -546,6 +549,7 @@ def write_whole_graph(kernel_path: str) -> str:
     path = os.path.join(kernel_path, WHOLE)
     save_onnx(model, path, check=False)
     manifest["whole"] = WHOLE
-    with open(manifest_path, "w", encoding="utf-8") as f:
+    with open(manifest_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)      # the graph first, then its name
     return path
