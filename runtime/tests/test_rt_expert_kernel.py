@@ -213,7 +213,9 @@ def test_pieces_without_a_whole_graph(exports, tmp_path):
     assert whole.sessions["encoder"].mode == "whole"
     windows = _windows(whole, 6, 5)
     for g, w in zip(_stream(pieces, windows)[0], _stream(whole, windows)[0]):
-        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-6)
+        # the same kernel and graph nodes (equal on the machines measured; ONNX Runtime
+        # may fuse differently within a piece than across the whole graph)
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
     two = OnnxAsrModel(old, num_threads=2)
     assert two.kernel_experts.startswith("off (num_threads 2")
     assert not isinstance(two.sessions["encoder"], ExpertSplitEncoder)
@@ -327,7 +329,9 @@ def test_int8_export_has_a_gated_int8_kernel_encoder(tmp_path, monkeypatch):
                                                     _one_thread(), whole_graph=False)
     windows = _windows(int8, 8, 4)
     for g, w in zip(_stream(int8, windows)[0], _stream(pieces, windows)[0]):
-        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-6)
+        # equal on the machines measured; a fusion that moved one activation by an ulp
+        # could move its int8 rounding by one step, not more
+        assert np.abs(g - w).max() <= 0.02 * np.abs(w).max()
     fp32 = OnnxAsrModel(out, kernel_experts=False)
     windows = _windows(int8, 7, 6)
     got, want = _stream(int8, windows)[0], _stream(fp32, windows)[0]
