@@ -211,13 +211,14 @@ def test_pieces_without_a_whole_graph(exports, tmp_path):
     pieces, whole = OnnxAsrModel(old), OnnxAsrModel(exports["topk"])
     assert pieces.kernel_experts == "on" and pieces.sessions["encoder"].mode == "pieces"
     assert whole.sessions["encoder"].mode == "whole"
+    assert (pieces.kernel_graph, whole.kernel_graph) == ("pieces", "whole")     # also in /health
     windows = _windows(whole, 6, 5)
     for g, w in zip(_stream(pieces, windows)[0], _stream(whole, windows)[0]):
         # the same kernel and graph nodes (equal on the machines measured; ONNX Runtime
         # may fuse differently within a piece than across the whole graph)
         np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL)
     two = OnnxAsrModel(old, num_threads=2)
-    assert two.kernel_experts.startswith("off (num_threads 2")
+    assert two.kernel_experts.startswith("off (num_threads 2") and two.kernel_graph == ""
     assert not isinstance(two.sessions["encoder"], ExpertSplitEncoder)
 
 

@@ -167,6 +167,7 @@ def test_disconnect_mid_stream_then_50_concurrent_clients(test_wavs, server):
     health = json.loads(urllib.request.urlopen(server.url.replace("ws:", "http:") + "/health",
                                                timeout=10).read())
     assert health["status"] == "ok" and health["active_connections"] == 0
+    assert health["kernel_graph"] == "" and health["kernel_experts"] == ""      # a dense model
 
 
 def test_idle_timeout(server):

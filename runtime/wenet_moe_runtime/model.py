@@ -239,6 +239,8 @@ class OnnxAsrModel:
             names[names.index("decoder")] = DECODER_TREE
         # why the encoder's MoE FFNs do not run in the C kernel ("" when they do)
         self.kernel_experts = ""
+        # how they do: "whole" (`whole.onnx`, one session) or "pieces" ("" when they do not)
+        self.kernel_graph = ""
         for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
@@ -274,7 +276,7 @@ class OnnxAsrModel:
                     if encoder.mode == "whole" or opts.intra_op_num_threads == 1:
                         self.sessions[name] = encoder
                         self.paths[name] = split
-                        self.kernel_experts = "on"
+                        self.kernel_experts, self.kernel_graph = "on", encoder.mode
                         continue
                     # the whole graph did not load: pieces at 2+ threads are slower than the .onnx
                     self.kernel_experts = f"off ({encoder.pieces_reason})"

@@ -175,6 +175,7 @@ class AsrServer:
                                "sample_rate": 16000,
                                "batched_encoder": self.model.batched,
                                "kernel_experts": self.model.kernel_experts,
+                               "kernel_graph": self.model.kernel_graph,
                                "max_batch": self.workers.max_batch,
                                "batch_wait_ms": 1000.0 * self.workers.batch_wait_s,
                                "held_batches": self.workers.held_batches,
