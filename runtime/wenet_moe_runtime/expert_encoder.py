@@ -75,9 +75,10 @@ def kernel_op_session(graph, calls: Sequence["native.RoutedExperts"], options: o
         setattr(own, attr, getattr(options, attr))
     for key in SESSION_CONFIG_KEYS:
         try:
-            own.add_session_config_entry(key, options.get_session_config_entry(key))
+            value = options.get_session_config_entry(key)
         except RuntimeError:  # not set in `options`
-            pass
+            continue
+        own.add_session_config_entry(key, value)
     own.register_custom_ops_library(lib._name)
     names, arrays = [THREADS_INPUT], [np.array(max(1, options.intra_op_num_threads), np.int64)]
     for j, call in enumerate(calls):
@@ -150,7 +151,7 @@ class ExpertSplitEncoder:
             raise ValueError(f"{weights_path}: cannot read: {exc}") from None
         self._steps: List = []
         self._session: Optional[ort.InferenceSession] = None
-        whole = manifest.get("whole", "") if whole_graph and self.has_whole_graph(path) else ""
+        whole = self._whole_file(path, manifest) if whole_graph else ""
         with weights:
             calls = []
             for i, step in enumerate(manifest["steps"]):
@@ -192,15 +193,22 @@ class ExpertSplitEncoder:
         return self._session
 
     @staticmethod
+    def _whole_file(path: str, manifest) -> str:
+        """The whole graph's file name that `manifest` (of the directory at `path`) names
+        and that exists there, else ""."""
+        whole = manifest.get("whole", "") if isinstance(manifest, dict) else ""
+        return whole if whole and os.path.isfile(os.path.join(path, whole)) else ""
+
+    @staticmethod
     def has_whole_graph(path: str) -> bool:
         """Whether the `.kernel` directory at `path` holds the whole graph (WHOLE, named
         by its manifest)."""
         try:
             with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
-                whole = json.load(f).get("whole", "")
-        except (OSError, ValueError, AttributeError):
+                manifest = json.load(f)
+        except (OSError, ValueError):
             return False
-        return bool(whole) and os.path.isfile(os.path.join(path, whole))
+        return bool(ExpertSplitEncoder._whole_file(path, manifest))
 
     def get_inputs(self) -> List[_Arg]:
         return list(self._inputs)

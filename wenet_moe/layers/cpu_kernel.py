@@ -74,7 +74,7 @@ def int8_dot_kind() -> str:
     lib = library()
     if lib is None:
         return ""
-    return {2: "vnni", 1: "avx2"}.get(lib.wm_int8_dot_native(), "generic")
+    return {2: "vnni", 1: "avx2"}.get(_native.int8_dot_native(lib), "generic")
 
 
 def threads(lib: ctypes.CDLL) -> int:
