@@ -2,6 +2,7 @@
 import math
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -672,27 +673,25 @@ def test_packed_true_uses_onednn_when_kernel_cannot_run(monkeypatch):
 @needs_kernel
 @needs_onednn
 def test_packed_true_picks_the_kernel_by_threads_and_rows(monkeypatch):
-    """One torch thread: always the kernel; several: the kernel up to the measured
-    `kernel_max_rows` rows per expert, oneDNN above; WENET_MOE_KERNEL_MAX_ROWS fixes
-    the limit; the measurement is made once per shape and thread count."""
+    """At every thread count: the kernel up to the measured `kernel_max_rows` rows per
+    expert, oneDNN above; WENET_MOE_KERNEL_MAX_ROWS fixes the limit; the measurement
+    is made once per shape and thread count."""
     _, layer = make_layer("topk", n_expert=4, k=2, dim=16, hidden=32)
     layer.eval()
     x = torch.randn(3, 16)
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():
-            torch.set_num_threads(1)
             act = layer._kernel_activation
-            assert moe_module.kernel_max_rows(16, 32, act) == math.inf
-            assert layer._packed(x, 500.0)[0] == "kernel"
-            torch.set_num_threads(2)
-            limit = moe_module.kernel_max_rows(16, 32, act)
-            assert limit in (0.0, math.inf) or limit in moe_module._PROBE_ROWS
-            assert moe_module._KERNEL_MAX_ROWS[(16, 32, act, 2, "fp32")] == limit
-            if limit > 0:
-                assert layer._packed(x, min(limit, 500.0))[0] == "kernel"
-            if limit < math.inf:
-                assert layer._packed(x, limit + 1)[0] == "onednn"
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                limit = moe_module.kernel_max_rows(16, 32, act)
+                assert limit in (0.0, math.inf) or limit in moe_module._PROBE_ROWS
+                assert moe_module._KERNEL_MAX_ROWS[(16, 32, act, n, "fp32")] == limit
+                if limit > 0:
+                    assert layer._packed(x, min(limit, 500.0))[0] == "kernel"
+                if limit < math.inf:
+                    assert layer._packed(x, limit + 1)[0] == "onednn"
             monkeypatch.setenv("WENET_MOE_KERNEL_MAX_ROWS", "8")
             assert layer._packed(x, 8.0)[0] == "kernel"
             assert layer._packed(x, 9.0)[0] == "onednn"
@@ -700,6 +699,31 @@ def test_packed_true_picks_the_kernel_by_threads_and_rows(monkeypatch):
             assert layer._packed(x, 500.0)[0] == "kernel"
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+@needs_onednn
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_max_rows_stops_where_the_kernel_is_slower(monkeypatch, threads):
+    """The limit is the last probed size before the one where the kernel is slower than
+    oneDNN by more than the margin: a kernel made 30 ms slower from `slow_from` rows per
+    expert on gives a limit below it (0.0 from the first size), at 1 and 2 threads."""
+    real = cpu_kernel.segment_linear
+
+    def slowed(lib, x, segments, *args, **kwargs):
+        real(lib, x, segments, *args, **kwargs)
+        if int(segments[1, 0]) >= slow_from:
+            time.sleep(0.03)
+    monkeypatch.setattr(cpu_kernel, "segment_linear", slowed)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for slow_from, allowed in ((moe_module._PROBE_ROWS[0], (0.0,)),
+                                   (64, tuple(r for r in (0.0,) + moe_module._PROBE_ROWS if r < 64))):
+            monkeypatch.setattr(moe_module, "_KERNEL_MAX_ROWS", {})
+            assert moe_module.kernel_max_rows(16, 32, "relu") in allowed
+    finally:
+        torch.set_num_threads(previous)
 
 
 @needs_kernel

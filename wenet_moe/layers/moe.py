@@ -12,14 +12,14 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
     without autograd the expert outputs are written in place into one buffer.
   * eager CPU fp32 inference (`packed_experts`, default on), on weights packed once
     (built on first use, rebuilt when a weight changes: tensor version / storage):
-    - with one torch thread, or up to `kernel_max_rows` rows per expert (measured
-      at first use on this CPU): the C kernel of moe_cpu.c (cpu_kernel.py; compiled
+    - up to `kernel_max_rows` rows per expert (measured at first use on this CPU at
+      torch's thread count): the C kernel of moe_cpu.c (cpu_kernel.py; compiled
       on first use, oneDNN if it cannot be; torch's OpenMP threads): for relu/swish
       experts the whole layer is one C call (counting sort, gather, both linears with
       the activation fused, gated add-back);
       it streams each expert's weights once, prefetching ahead (~2x oneDNN at 4 rows,
       as fast as MKL's large GEMM at 256 rows);
-    - otherwise (several threads and large batches), or without the kernel: the same
+    - otherwise (large batches where oneDNN measured faster), or without the kernel: the same
       sorted dispatch with each expert as two oneDNN linear calls on weights in
       oneDNN's blocked layout (activation fused).
     MKL's GEMM re-packs the weight matrix on every call, which dominates at the few
@@ -116,7 +116,12 @@ _KERNEL_MAX_ROWS: Dict[Tuple[int, int, str, int, str], float] = {}
 # expert precisions already warned about running without the C kernel (once each)
 _PRECISION_WARNED: set = set()
 # rows per expert tried by kernel_max_rows, ascending
-_PROBE_ROWS = (4, 16, 32, 64, 256)
+_PROBE_ROWS = (4, 16, 32, 64, 256, 1024)
+# most rows of one probe call (past it, fewer experts: the large sizes are compute-bound)
+_PROBE_TOTAL_ROWS = 2048
+# how much faster oneDNN must be at a size to take it (past the sizes where the kernel
+# wins, the two are within a few per cent, and a noisy probe flipped between them)
+_PROBE_MARGIN = 0.05
 # fp32 bytes of the experts kernel_max_rows cycles through (more than a core's caches)
 _PROBE_BYTES = 16 << 20
 # eager dispatch on accelerators (x not on the CPU): "auto" (`MoEFFN._accelerator_path`),
@@ -146,16 +151,19 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     oneDNN, for experts D x H -> D at torch's current thread count, the kernel's weights
     in `precision` (oneDNN runs fp32, or for bf16a a bf16 GEMM: AMX / AVX512-BF16).
 
-    One thread: inf (the kernel is the fastest at every size), except for bf16a (the
-    bf16 GEMM does twice the fp32 FLOPs per cycle and more with AMX). Else: measured at
-    first use in this process (~0.5 s): random experts holding `_PROBE_BYTES` of
-    fp32 weights, so that they come from memory as a model's do (one expert stays in
-    cache, which hid the bytes bf16 / int8 save: the kernel reads those, oneDNN the
-    fp32 values), each call running every expert at `_PROBE_ROWS` rows, both kernels
-    interleaved, median of 5, oneDNN with the eager dispatch's gather and add-back
-    (the kernel's C call does its own); the limit is the largest size up to which the
-    kernel was never slower (oneDNN's multi-threaded GEMM wins once the experts are
-    compute-bound, at a size that depends on the CPU). The environment variable
+    Measured at first use in this process for each (D, H, activation, threads,
+    precision), at one thread too (0.1-0.5 s; on the development machine's Zen 4 the
+    kernel wins at every size with one thread, which another CPU's GEMMs need not
+    allow): random experts holding `_PROBE_BYTES` of fp32 weights, so that they come
+    from memory as a model's do (one expert stays in cache, which hid the bytes bf16 /
+    int8 save: the kernel reads those, oneDNN the fp32 values), each call running
+    `_PROBE_ROWS` rows on each of as many experts as `_PROBE_TOTAL_ROWS` allows (at
+    least one), both kernels interleaved, median of 5, oneDNN with the eager dispatch's
+    gather and add-back (the kernel's C call does its own); the limit is the largest
+    size up to which oneDNN was never faster by more than `_PROBE_MARGIN` (oneDNN's
+    GEMM wins once the experts are compute-bound, at a size that depends on the CPU,
+    the thread count and the precision), inf when that is every size tried. inf without oneDNN's linear or the kernel, and for
+    bf16a where the CPU has no bf16 GEMM. The environment variable
     `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
     threads = torch.get_num_threads()
     fixed = os.environ.get("WENET_MOE_KERNEL_MAX_ROWS")
@@ -165,7 +173,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
         except ValueError:
             raise ValueError(f"WENET_MOE_KERNEL_MAX_ROWS: expected a number of rows, "
                              f"got {fixed!r}") from None
-    if (threads == 1 and precision != "bf16a") or not _ONEDNN_LINEAR or cpu_kernel.library() is None:
+    if not _ONEDNN_LINEAR or cpu_kernel.library() is None:
         return math.inf
     if precision == "bf16a" and not _bf16_gemm_supported():
         return math.inf
@@ -188,10 +196,11 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     limit = 0.0
     with torch.inference_mode():
         for rows in _PROBE_ROWS:
-            x = torch.randn(copies * rows, dim, generator=gen)
-            segments = cpu_kernel.segments_of([rows] * copies)
-            hid, out = x.new_empty(copies * rows, hidden), x.new_empty(copies * rows, dim)
-            order = torch.randperm(copies * rows, generator=gen)
+            n = max(1, min(copies, _PROBE_TOTAL_ROWS // rows))      # experts run this size
+            x = torch.randn(n * rows, dim, generator=gen)
+            segments = cpu_kernel.segments_of([rows] * n)
+            hid, out = x.new_empty(n * rows, hidden), x.new_empty(n * rows, dim)
+            order = torch.randperm(n * rows, generator=gen)
 
             def by_kernel() -> None:     # (the layer's C call sorts and adds back itself)
                 cpu_kernel.segment_linear(lib, x, segments, p1, b1, hid, attr, s1)
@@ -199,7 +208,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
 
             def by_onednn() -> None:     # with the eager dispatch's gather and add-back
                 x_dnn = x.index_select(0, order).to(dnn_dtype)    # bf16a: bf16 rows
-                for e, (d1, c1, d2, c2) in enumerate(dnn):
+                for e, (d1, c1, d2, c2) in enumerate(dnn[:n]):
                     part = slice(e * rows, (e + 1) * rows)
                     out[part] = linear(linear(x_dnn[part], d1, c1, attr, [], None), d2, c2, "none", [], None)
                 torch.zeros_like(out).index_add_(0, order, out)
@@ -212,7 +221,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
                         times[name].append(time.perf_counter() - start)
             kernel_t = sorted(times["kernel"])[2]
             onednn_t = sorted(times["onednn"])[2]
-            if kernel_t > onednn_t:
+            if kernel_t > onednn_t * (1 + _PROBE_MARGIN):
                 break
             limit = float(rows)
     if limit == float(_PROBE_ROWS[-1]):
@@ -631,7 +640,7 @@ class MoEFFN(nn.Module):
             layout, weights of `expert_precision` (int8 adds their column scales), for
             the C kernel (torch's threads through OpenMP): with `packed_experts` true
             when experts get at most `kernel_max_rows` rows on average
-            (`rows_per_expert`; every size with one thread); always with "kernel";
+            (`rows_per_expert`); always with "kernel";
           ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
             (multi-threaded large batches, or when the kernel cannot run: no C
             compiler, D or H not multiples of 16);
