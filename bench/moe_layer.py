@@ -285,6 +285,12 @@ def main() -> int:
           f"all_frames_rows {moes[0].all_frames_rows:g}; packed experts: {args.packed} "
           f"(`path` says which kernels each T used)"
           + (f"; expert precisions {', '.join(extra)} (second table)" if extra else ""))
+    if args.device == "cpu" and args.packed == "auto" and packed is not None:
+        limits = {p: moe_module.kernel_max_rows(args.dim, args.hidden, moes[0]._kernel_activation, p)
+                  for p in ["fp32"] + extra}
+        print("first-use probe (`kernel_max_rows`): the C kernel up to "
+              + ", ".join(f"{v:g} ({p})" for p, v in limits.items())
+              + " rows per expert, oneDNN above")
     header = (f"{'T':>5} {'path':>10} {'moe ms':>8} {'allfr ms':>8} {'dense ms':>8} "
               f"{'loop ms':>8} {'gemm ms':>8} {'floor ms':>8} {'GB/s':>6} {'GFLOP/s':>7} "
               f"{'moe/dense':>9} {'loop/moe':>8} {'moe/floor':>9} {'moe/gemm':>8} "
