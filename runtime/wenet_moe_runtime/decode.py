@@ -21,6 +21,7 @@ import sys
 import tempfile
 from typing import List, Optional, Tuple
 
+from . import encoder_choice
 from .context import add_context_arguments, context_from_args
 from .decoder import MODES, DecodeOptions
 from .model import ModelError, OnnxAsrModel
@@ -70,9 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="R2L decoder weight; default: the export's")
     parser.add_argument("--int8", action="store_true", help="use the *.int8.onnx models")
     parser.add_argument("--num_threads", type=int, default=1)
-    parser.add_argument("--no_kernel_experts", action="store_true",
-                        help="run encoder.onnx even when the export has encoder.kernel/ (MoE FFNs "
-                             "in the C kernel, used by default where it builds)")
+    encoder_choice.add_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=1,
                         help="utterances decoded together (their encoder chunks in one "
                              "encoder_batch.onnx call; fp32 exports that have it)")
@@ -116,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
         model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads,
                              batch_encoder=args.batch_size > 1, max_encoder_batch=args.batch_size,
-                             kernel_experts=not args.no_kernel_experts)
+                             kernel_experts=encoder_choice.from_arguments(args))
         if args.batch_size > 1 and not model.batched:
             print(f"note: {args.model_dir} has no {'fp32 ' if args.int8 else ''}batched encoder "
                   "(encoder_batch.onnx); utterances run one by one", file=sys.stderr)

@@ -24,8 +24,10 @@ MoE FFNs in the C kernel: an fp32 MoE export also holds `encoder.kernel/` and
 `--quantize int8` also `encoder.int8.kernel/`: int8 pieces, w8a8 experts); where the
 kernel builds (a C compiler, `native.library()`), those run instead of the `.onnx`
 files: ONNX Runtime runs the pieces, the kernel each MoE FFN in one call
-(`expert_encoder`). `kernel_experts=False` (server `--no_kernel_experts`) keeps the
-`.onnx` graphs.
+(`expert_encoder`). `kernel_experts` "auto" (the default) times the kernel graph
+against the `.onnx` graph once on this CPU and keeps the faster (`encoder_choice`;
+the decision is cached), "on" takes the kernel graph without measuring, "off" /
+False (server `--no_kernel_experts`) keeps the `.onnx` graphs.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from . import native
+from . import encoder_choice, native
 from .expert_encoder import ExpertSplitEncoder, first_line, kernel_dir
 from .features import FbankOptions
 from .prefix_tree import DECODER_TREE_INPUTS, decoder_tree_feeds
@@ -192,12 +194,20 @@ class OnnxAsrModel:
             n-best is decoded once (`prefix_tree`); else `decoder.onnx`, one padded
             row per hypothesis. fp32 graphs give the same scores (within float
             rounding); int8 ones quantize the activations of each call's rows.
+        kernel_experts: "auto" (True: `$WENET_MOE_KERNEL_EXPERTS`, else "auto") runs
+            the MoE FFNs in the C kernel (`<graph>.kernel/`) unless the `.onnx` graph
+            measured faster on this CPU (`encoder_choice`: measured once, cached);
+            "on": the kernel graph without measuring; "off" / False: the `.onnx` graph.
+    Raises:
+        ModelError naming the file for a missing or bad graph, ValueError for a bad
+        argument.
     """
 
     def __init__(self, model_dir: str, int8: bool = False, num_threads: int = 1,
                  batch_encoder: bool = False, max_encoder_batch: int = 16,
-                 tree_decoder: bool = True, kernel_experts: bool = True) -> None:
+                 tree_decoder: bool = True, kernel_experts=True) -> None:
         self.model_dir = model_dir
+        policy = encoder_choice.policy(kernel_experts)
         self.int8 = bool(int8)
         if int(max_encoder_batch) < 1:
             raise ValueError(f"max_encoder_batch must be >= 1, got {max_encoder_batch}")
@@ -241,6 +251,10 @@ class OnnxAsrModel:
         self.kernel_experts = ""
         # how they do: "whole" (`whole.onnx`, one session) or "pieces" ("" when they do not)
         self.kernel_graph = ""
+        # the measurement that chose between the kernel graph and the .onnx graph ("" when
+        # none was made: kernel_experts "on" / "off", or no kernel graph)
+        self.encoder_choice = ""
+        onnx_paths: Dict[str, str] = {}     # the .onnx graph of a session run as a kernel graph
         for name in names:
             path = os.path.join(model_dir, f"{name}.int8.onnx" if int8 else f"{name}.onnx")
             if not os.path.isfile(path):
@@ -249,8 +263,9 @@ class OnnxAsrModel:
             split = kernel_dir(path)
             if name in ("encoder", BATCH_ENCODER) and os.path.isdir(split):
                 whole = ExpertSplitEncoder.has_whole_graph(split)
-                if not kernel_experts:
-                    self.kernel_experts = "off (kernel_experts=False)"
+                if policy == "off":
+                    self.kernel_experts = ("off (kernel_experts=False)" if kernel_experts is not True
+                                           else f"off ({encoder_choice.ENV}=off)")
                 elif opts.intra_op_num_threads > 1 and not whole:
                     # 25 pieces = 25 ONNX Runtime thread pools on the same cores: spinning,
                     # they ran the paper MoE 12x slower at 2 threads; not spinning, still
@@ -276,16 +291,12 @@ class OnnxAsrModel:
                     if encoder.mode == "whole" or opts.intra_op_num_threads == 1:
                         self.sessions[name] = encoder
                         self.paths[name] = split
+                        onnx_paths[name] = path
                         self.kernel_experts, self.kernel_graph = "on", encoder.mode
                         continue
                     # the whole graph did not load: pieces at 2+ threads are slower than the .onnx
                     self.kernel_experts = f"off ({encoder.pieces_reason})"
-            try:
-                self.sessions[name] = ort.InferenceSession(
-                    path, sess_options=opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises several types
-                first = first_line(exc)
-                raise ModelError(f"{path}: cannot load: {first}") from None
+            self.sessions[name] = self._load_session(path, opts)
         enc_name = BATCH_ENCODER if BATCH_ENCODER in self.sessions else "encoder"
         enc_path = self.paths[enc_name]
         meta = self.sessions[enc_name].get_modelmeta().custom_metadata_map
@@ -317,6 +328,53 @@ class OnnxAsrModel:
             if got != list(BATCH_ENCODER_INPUTS):
                 raise ModelError(f"{batch_path}: inputs {got}, expected "
                                  f"{list(BATCH_ENCODER_INPUTS)}")
+        if policy == "auto" and enc_name in onnx_paths:
+            self._choose_encoder(enc_name, onnx_paths[enc_name], opts)
+
+    def _choose_encoder(self, name: str, graph: str, opts: ort.SessionOptions) -> None:
+        """Keep the kernel graph of session `name` or replace it by its `.onnx` graph
+        `graph`, whichever `encoder_choice` measured (or cached) as faster here."""
+        split = self.paths[name]
+        key = encoder_choice.choice_key(graph, split, opts.intra_op_num_threads)
+        choice = encoder_choice.cached_choice(key)
+        plain = None
+        if choice is None:
+            plain = self._load_session(graph, opts)
+            kernel = self.sessions[name]
+            graphs = {"kernel": kernel, "onnx": plain}
+            run = encoder_choice.workload(self)
+
+            def run_graph(kind: str) -> None:
+                self.sessions[name] = graphs[kind]
+                run()
+            try:
+                choice = encoder_choice.decide(encoder_choice.measure(run_graph))
+            finally:
+                self.sessions[name] = kernel
+                self.reset_counters()
+            encoder_choice.write_cache(key, choice, graph)
+        self.encoder_choice = choice.describe()
+        LOG.info("%s: the %s graph runs (%s)", graph, "kernel" if choice.graph == "kernel" else ".onnx",
+                 self.encoder_choice)
+        if choice.graph == "onnx":
+            self.sessions[name] = plain if plain is not None else self._load_session(graph, opts)
+            self.paths[name] = graph
+            self.kernel_experts, self.kernel_graph = f"off ({self.encoder_choice})", ""
+            self._enc_inputs = [i.name for i in self.sessions[name].get_inputs()]
+
+    @staticmethod
+    def _load_session(path: str, opts: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several types
+            raise ModelError(f"{path}: cannot load: {first_line(exc)}") from None
+
+    def reset_counters(self) -> None:
+        """Zero the encoder call counters and `session_cpu_s`."""
+        with self._count_lock:
+            self.batched_calls = self.batched_streams = self.single_calls = 0
+            for part in self.session_cpu_s:
+                self.session_cpu_s[part] = 0.0
 
     @property
     def batched(self) -> bool:

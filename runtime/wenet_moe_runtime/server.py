@@ -38,6 +38,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from . import encoder_choice
 from .batching import InferenceWorkers
 from .context import (ContextError, ContextLimits, add_context_arguments,
                       build_context_graph, context_from_args)
@@ -176,6 +177,7 @@ class AsrServer:
                                "batched_encoder": self.model.batched,
                                "kernel_experts": self.model.kernel_experts,
                                "kernel_graph": self.model.kernel_graph,
+                               "encoder_choice": self.model.encoder_choice,
                                "max_batch": self.workers.max_batch,
                                "batch_wait_ms": 1000.0 * self.workers.batch_wait_s,
                                "held_batches": self.workers.held_batches,
@@ -486,9 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_batch_encoder", action="store_true",
                    help="ignore encoder_batch.onnx: run every stream's chunks through "
                         "encoder.onnx one at a time")
-    p.add_argument("--no_kernel_experts", action="store_true",
-                   help="run encoder.onnx / encoder_batch.onnx even when the export has their "
-                        ".kernel/ versions (MoE FFNs in the C kernel, used by default where it builds)")
+    encoder_choice.add_arguments(p)
     p.add_argument("--num_threads", type=int, default=1, help="ONNX Runtime threads per call")
     p.add_argument("--chunk_size", type=int, default=0, help="0: the export's chunk size")
     p.add_argument("--int8", action="store_true", help="serve the *.int8.onnx models")
@@ -549,7 +549,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--max_batch must be >= 0, got {args.max_batch}")
         model = OnnxAsrModel(args.model_dir, int8=args.int8, num_threads=args.num_threads,
                              batch_encoder=not args.no_batch_encoder,
-                             kernel_experts=not args.no_kernel_experts)
+                             kernel_experts=encoder_choice.from_arguments(args))
         endpoint = EndpointConfig(args.blank_threshold, args.rule1_silence_ms,
                                   args.rule2_silence_ms, args.rule3_max_utterance_ms)
         from .decode import lm_from_args
