@@ -579,9 +579,11 @@ def main() -> int:
                                                    kernel_experts=prec != "fp32-ort")
                                    for n in exported if prec == "fp32" or n not in variants}
                             for prec in args.precisions}
-                for n, rt in runtimes.get("fp32", {}).items():
-                    if rt.kernel_experts:
-                        print(f"  {n} runtime fp32: MoE FFNs in the C kernel {rt.kernel_experts}")
+                for prec in ("fp32", "int8"):
+                    for n, rt in runtimes.get(prec, {}).items():
+                        if rt.kernel_experts:
+                            chosen = f" ({rt.encoder_choice})" if rt.kernel_experts == "on" and rt.encoder_choice else ""
+                            print(f"  {n} runtime {prec}: MoE FFNs in the C kernel {rt.kernel_experts}{chosen}")
             for kind, fe in feats.items():
                 x = torch.from_numpy(fe)[None].to(DEVICE)
                 results: Dict[str, Dict[str, float]] = {n: {} for n in names}
