@@ -163,3 +163,16 @@ def test_measure_interleaves_and_takes_medians(monkeypatch):
     assert times == {"kernel": 3.0, "onnx": 2.0}
     assert encoder_choice.decide(times).graph == "onnx"
     assert encoder_choice.decide({"kernel": 1.0, "onnx": 0.96}).graph == "kernel"
+
+
+def test_a_failing_measurement_is_a_model_error_naming_the_graphs(export, auto, monkeypatch):
+    from wenet_moe_runtime.model import ModelError
+
+    def broken(run, kinds=("kernel", "onnx"), reps=encoder_choice.MEASURE_REPS):
+        run("kernel")
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : boom\nmore lines")
+    monkeypatch.setattr(encoder_choice, "measure", broken)
+    with pytest.raises(ModelError, match=r"encoder.kernel: timing it against encoder.onnx failed: "
+                                         r"\[ONNXRuntimeError\] : 6 : RUNTIME_EXCEPTION : boom \(kernel_experts"):
+        OnnxAsrModel(export)
+    assert not os.path.exists(auto / encoder_choice.CHOICES_FILE)

@@ -349,6 +349,10 @@ class OnnxAsrModel:
                 run()
             try:
                 choice = encoder_choice.decide(encoder_choice.measure(run_graph))
+            except Exception as exc:  # onnxruntime raises several types
+                raise ModelError(f"{split}: timing it against {os.path.basename(graph)} failed: "
+                                 f"{first_line(exc)} (kernel_experts 'on' / 'off' does not time "
+                                 f"them)") from None
             finally:
                 self.sessions[name] = kernel
                 self.reset_counters()
