@@ -51,9 +51,8 @@ def profile(export_dir: str, int8: bool, chunk: int, feats: np.ndarray, threads:
         encoder = ExpertSplitEncoder(served.path, opts)
         sess = encoder.session
     else:   # the .onnx graph (the pieces of an older export are not one session: its .onnx)
-        sess = encoder = ort.InferenceSession(model.paths["encoder"] if not isinstance(served, ExpertSplitEncoder)
-                                              else served.path[:-len(".kernel")] + ".onnx",
-                                              sess_options=opts, providers=["CPUExecutionProvider"])
+        graph = os.path.join(export_dir, "encoder.int8.onnx" if int8 else "encoder.onnx")
+        sess = encoder = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
     model.sessions["encoder"] = encoder
     encode_utterance(model, feats, chunk)                    # warm-up, not counted
     encode_utterance(model, feats, chunk)

@@ -12,9 +12,6 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the runtime takes the kernel graphs of MoE exports without timing them against the
-# .onnx graphs (that choice depends on the CPU; test_rt_encoder_choice.py tests it)
-os.environ["WENET_MOE_KERNEL_EXPERTS"] = "on"
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 

@@ -176,3 +176,18 @@ def test_a_failing_measurement_is_a_model_error_naming_the_graphs(export, auto, 
                                          r"\[ONNXRuntimeError\] : 6 : RUNTIME_EXCEPTION : boom \(kernel_experts"):
         OnnxAsrModel(export)
     assert not os.path.exists(auto / encoder_choice.CHOICES_FILE)
+
+
+def test_a_malformed_cache_entry_is_measured_again(export, auto, monkeypatch, caplog):
+    """An entry without its times (or with another graph name) is logged by key and
+    replaced by a new measurement."""
+    key = encoder_choice.choice_key(os.path.join(export, "encoder.onnx"),
+                                    os.path.join(export, "encoder.kernel"), 1)
+    path = auto / encoder_choice.CHOICES_FILE
+    path.write_text(json.dumps({key: {"graph": "kernel"}}), encoding="utf-8")
+    calls = _given(monkeypatch, kernel_s=0.02, onnx_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="wenet_moe_runtime.encoder_choice"):
+        model = OnnxAsrModel(export)
+    assert len(calls) == 1 and model.kernel_experts.startswith("off (measured")
+    assert any(key in r.getMessage() and "malformed" in r.getMessage() for r in caplog.records)
+    assert json.loads(path.read_text(encoding="utf-8"))[key]["graph"] == "onnx"

@@ -124,6 +124,7 @@ def write_cache(key: str, choice: Choice, graph_path: str) -> None:
                     "file": graph_path, "when": time.time()}
     newest = sorted(entries.items(), key=lambda kv: kv[1].get("when", 0) if isinstance(kv[1], dict)
                     else 0)[-MAX_ENTRIES:]
+    tmp = ""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".encoder_choices_", suffix=".json", dir=os.path.dirname(path))
@@ -132,16 +133,22 @@ def write_cache(key: str, choice: Choice, graph_path: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         LOG.warning("%s: cannot write the encoder choice (%s)", path, exc)
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def cached_choice(key: str) -> Optional[Choice]:
     """The decision cached under `key`, or None."""
     entry = read_cache().get(key)
+    if entry is None:
+        return None
     try:
-        if entry and entry["graph"] in ("kernel", "onnx"):
-            return Choice(entry["graph"], float(entry["kernel_s"]), float(entry["onnx_s"]), cached=True)
+        choice = Choice(entry["graph"], float(entry["kernel_s"]), float(entry["onnx_s"]), cached=True)
     except (KeyError, TypeError, ValueError):
-        pass
+        choice = None
+    if choice is not None and choice.graph in ("kernel", "onnx"):
+        return choice
+    LOG.warning("%s: entry %s is malformed (%r); measuring again", _cache_path(), key, entry)
     return None
 
 

@@ -19,9 +19,9 @@ expert runs two GEMMs on its contiguous slice (the loop is over experts, E itera
       the activation fused, gated add-back);
       it streams each expert's weights once, prefetching ahead (~2x oneDNN at 4 rows,
       as fast as MKL's large GEMM at 256 rows);
-    - otherwise (large batches where oneDNN measured faster), or without the kernel: the same
-      sorted dispatch with each expert as two oneDNN linear calls on weights in
-      oneDNN's blocked layout (activation fused).
+    - otherwise (large batches where oneDNN measured faster), or without the kernel:
+      the same sorted dispatch with each expert as two oneDNN linear calls on weights
+      in oneDNN's blocked layout (activation fused).
     MKL's GEMM re-packs the weight matrix on every call, which dominates at the few
     rows an expert gets from a streaming chunk (numbers: docs/moe.md). Each packed
     copy holds as many bytes again as the experts.
@@ -152,7 +152,7 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     in `precision` (oneDNN runs fp32, or for bf16a a bf16 GEMM: AMX / AVX512-BF16).
 
     Measured at first use in this process for each (D, H, activation, threads,
-    precision), at one thread too (0.1-0.5 s; on the development machine's Zen 4 the
+    precision), at one thread too (0.1-1 s; on the development machine's Zen 4 the
     kernel wins at every size with one thread, which another CPU's GEMMs need not
     allow): random experts holding `_PROBE_BYTES` of fp32 weights, so that they come
     from memory as a model's do (one expert stays in cache, which hid the bytes bf16 /
@@ -162,9 +162,9 @@ def kernel_max_rows(dim: int, hidden: int, activation: str, precision: str = "fp
     gather and add-back (the kernel's C call does its own); the limit is the largest
     size up to which oneDNN was never faster by more than `_PROBE_MARGIN` (oneDNN's
     GEMM wins once the experts are compute-bound, at a size that depends on the CPU,
-    the thread count and the precision), inf when that is every size tried. inf without oneDNN's linear or the kernel, and for
-    bf16a where the CPU has no bf16 GEMM. The environment variable
-    `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
+    the thread count and the precision), inf when that is every size tried. inf
+    without oneDNN's linear or the kernel, and for bf16a where the CPU has no bf16
+    GEMM. The environment variable `WENET_MOE_KERNEL_MAX_ROWS` fixes it instead."""
     threads = torch.get_num_threads()
     fixed = os.environ.get("WENET_MOE_KERNEL_MAX_ROWS")
     if fixed:
@@ -642,7 +642,7 @@ class MoEFFN(nn.Module):
             when experts get at most `kernel_max_rows` rows on average
             (`rows_per_expert`); always with "kernel";
           ("onednn", [(w1, b1, w2, b2) per expert]) in oneDNN's blocked layout otherwise
-            (multi-threaded large batches, or when the kernel cannot run: no C
+            (large batches where oneDNN measured faster, or when the kernel cannot run: no C
             compiler, D or H not multiples of 16);
           ("values", (w1, b1, w2, b2)) fp32 (E, D, H) / (E, H, D) copies of the weights
             rounded to bf16 / int8, for MKL addmm, when `expert_precision` is not fp32
